@@ -1,0 +1,34 @@
+"""tokensteer: control what a language model generates, token by token, at inference time.
+
+    import tokensteer as ts
+    lm = ts.load()                                  # the bundled Gemma 3 270M
+    print(ts.generate(lm, "The lighthouse keeper", max_tokens=32).text)
+"""
+
+from __future__ import annotations
+
+import os
+
+# Nothing is ever downloaded from a model hub: a missing file must fail loudly, not fetch.
+for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_flag] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tokensteer.api import generate, load, stream  # noqa: E402
+from tokensteer.errors import UserError  # noqa: E402
+from tokensteer.hooks import Control, ResidualEdit  # noqa: E402
+from tokensteer.loop import Generation, TokenEvent  # noqa: E402
+from tokensteer.sampling import SamplingConfig  # noqa: E402
+
+__all__ = [
+    "Control",
+    "Generation",
+    "ResidualEdit",
+    "SamplingConfig",
+    "TokenEvent",
+    "UserError",
+    "generate",
+    "load",
+    "stream",
+]
+__version__ = "0.1.0"

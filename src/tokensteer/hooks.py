@@ -1,0 +1,108 @@
+"""The five hook points of the decode loop, and the ``Control`` base class that plugs into them.
+
+A control overrides only the hooks it needs:
+
+1. ``variants``      extra conditioning rows of the same batch (e.g. the prompt behind a prefix);
+2. ``residual_edits`` changes to the residual stream after chosen decoder layers;
+3. ``logprobs``      rewrites the next-token log-probabilities before sampling, seeing every row;
+4. ``mask``          a boolean mask of allowed next tokens;
+5. ``on_token``      a callback for every accepted token (advance a grammar, record a trace).
+
+Every method of generation in tokensteer (formulas, steering, constraints, penalties) is a Control,
+so there is one decode loop and no per-method loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from tokensteer.loop import LoopState
+
+Positions = Literal["all", "prompt", "generated"]
+
+
+@dataclass
+class EditContext:
+    """What a residual edit knows when it runs: the phase and the rows of the batch."""
+
+    phase: Literal["prefill", "decode"]
+    n_rows: int
+
+
+@dataclass
+class ResidualEdit:
+    """Hook point 2: change the hidden state leaving decoder layer ``layer`` (0-based).
+
+    ``vector`` is additive, shape [H] (every row) or [N, H] (one per row, zeros for rows left
+    alone); additive edits run on every backend. ``fn(hidden[N, T, H], ctx) -> hidden`` is a
+    general edit that only backends with the ``residual_fn`` capability can run.
+    """
+
+    layer: int
+    vector: torch.Tensor | None = None
+    fn: Callable[[torch.Tensor, EditContext], torch.Tensor] | None = None
+    positions: Positions = "all"
+
+    def __post_init__(self) -> None:
+        if (self.vector is None) == (self.fn is None):
+            raise ValueError("a ResidualEdit needs exactly one of vector or fn")
+
+    @property
+    def additive_uniform(self) -> bool:
+        """True when every row gets the same vector at every position (what llama.cpp can do)."""
+        return self.vector is not None and self.vector.dim() == 1 and self.positions == "all"
+
+
+class Control:
+    """Base class for anything that steers generation. Every hook defaults to doing nothing."""
+
+    #: capabilities a backend needs to run this control (see ``Backend.capabilities``)
+    requires: frozenset[str] = frozenset()
+
+    def variants(self, prompt: str) -> Sequence[str]:
+        """Hook 1: extra conditioning texts; each runs as one more row beside the prompt's row."""
+        return ()
+
+    def residual_edits(self, n_rows: int, rows_per_prompt: int) -> Sequence[ResidualEdit]:
+        """Hook 2: residual-stream edits for a batch of ``n_rows`` rows."""
+        return ()
+
+    def start(self, state: LoopState) -> None:
+        """Called once after prefill, before the first token is chosen."""
+
+    def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
+        """Hook 3: map [B, V] next-token log-probabilities to new ones; ``state.rows`` has all rows."""
+        return logprobs
+
+    def mask(self, state: LoopState) -> torch.Tensor | None:
+        """Hook 4: a bool [B, V] tensor of allowed tokens, or None for no restriction."""
+        return None
+
+    def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
+        """Hook 5: the [B] tokens just accepted (finished requests repeat their last token)."""
+
+
+@dataclass
+class RepetitionPenalty(Control):
+    """Repetition penalty as a plain hook-3 control.
+
+    Log-probabilities are never positive, so multiplying those of already-seen tokens by
+    ``penalty`` > 1 makes them less likely (CTRL's rule on the negative side), then renormalises.
+    """
+
+    penalty: float = 1.0
+    window: int | None = None
+
+    def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
+        if self.penalty == 1.0:
+            return logprobs
+        out = logprobs.clone()
+        for b, seq in enumerate(state.context_tokens(self.window)):
+            if seq:
+                ids = torch.tensor(sorted(set(seq)), dtype=torch.long)
+                out[b, ids] = out[b, ids] * self.penalty
+        return torch.log_softmax(out, dim=-1)

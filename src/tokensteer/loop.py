@@ -1,0 +1,253 @@
+"""The one decode loop: prompts in, tokens out, every control acting at a hook point.
+
+Each prompt owns ``R`` rows of the batch: its own row first, then the conditioning variants the
+controls ask for (hook 1). Every step the backend returns one logit row per batch row; the loop
+turns them into log-probabilities, lets the controls rewrite them (hook 3) and mask them (hook 4),
+samples one token per prompt, tells the controls (hook 5), and feeds that token to all R rows.
+Residual edits (hook 2) run inside the backend's forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from tokensteer.backends.base import Backend
+from tokensteer.errors import UserError
+from tokensteer.hooks import Control, RepetitionPenalty
+from tokensteer.sampling import SamplingConfig, make_sampler
+
+
+@dataclass
+class TokenEvent:
+    """One accepted token of one prompt, as the stream yields it."""
+
+    index: int  # which prompt
+    token: int
+    text: str  # new text that became final with this token (may be "")
+    logprob: float  # under the controlled distribution, before temperature and truncation
+    top: list[tuple[int, float]] = field(default_factory=list)  # top-n alternatives
+    finish_reason: str | None = None  # "eos", "stop" or "length" on the last event
+    t: float = 0.0  # seconds since the call started
+
+
+@dataclass
+class Generation:
+    """The finished result for one prompt."""
+
+    prompt: str
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    backend: str
+
+    @property
+    def tok_s(self) -> float:
+        """Decode speed: tokens after the first, per second of decoding."""
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+class LoopState:
+    """What controls can read while the loop runs."""
+
+    def __init__(self, backend: Backend, prompts: list[list[int]], rows_per_prompt: int) -> None:
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.prompt_tokens = prompts
+        self.generated: list[list[int]] = [[] for _ in prompts]
+        self.finished = [False] * len(prompts)
+        self.rows_per_prompt = rows_per_prompt
+        self.rows: torch.Tensor | None = None  # [B, R, V] log-probabilities of every row
+        self.step = 0
+        self.forward_calls = 0
+        self.offsets: dict[int, int] = {}  # id(control) -> first variant row of that control
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompt_tokens)
+
+    def variant_rows(self, control: Control) -> torch.Tensor:
+        """[B, k, V] log-probabilities of the variant rows that ``control`` asked for."""
+        start = self.offsets[id(control)]
+        k = len(control.variants(""))
+        return self.rows[:, start : start + k]
+
+    def context_tokens(self, window: int | None = None) -> list[list[int]]:
+        """Prompt plus generated tokens of each prompt, the last ``window`` of them if given."""
+        seqs = [p + g for p, g in zip(self.prompt_tokens, self.generated)]
+        return [s[-window:] for s in seqs] if window else seqs
+
+
+class _Detok:
+    """Incremental detokenisation that holds back text a stop string could still claim."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]) -> None:
+        self.tok, self.stops, self.emitted = tokenizer, stops, 0
+
+    def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        """Return the text that became final with these ids, and whether a stop string was hit."""
+        text = self.tok.decode(ids)
+        hits = [i for i in (text.find(s) for s in self.stops) if i != -1]
+        if hits:
+            safe = min(hits)
+        elif final:
+            safe = len(text)
+        else:
+            safe = len(text)
+            while safe > self.emitted and text[safe - 1] == "\ufffd":
+                safe -= 1  # an incomplete UTF-8 character: wait for its next byte
+            safe -= max((k for s in self.stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
+        new = text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return new, bool(hits)
+
+
+def stream(
+    backend: Backend,
+    prompts: Sequence[str],
+    cfg: SamplingConfig = SamplingConfig(),
+    controls: Sequence[Control] = (),
+) -> Iterator[TokenEvent]:
+    """Decode all prompts as one batch and yield each accepted token as it is chosen."""
+    t0 = time.perf_counter()
+    if not prompts:
+        raise UserError("no prompts given")
+    for p in prompts:
+        if not p.strip():
+            raise UserError("the prompt is empty; give some text to continue")
+    controls = list(controls)
+    if cfg.repetition_penalty != 1.0:
+        controls.append(RepetitionPenalty(cfg.repetition_penalty))
+    tok = backend.tokenizer
+    # Hook 1: each prompt's rows are its own text, then every control's variants in order.
+    offsets, texts_per_prompt = {}, []
+    for p in prompts:
+        texts, r = [p], 1
+        for c in controls:
+            vs = list(c.variants(p))
+            offsets[id(c)] = r
+            texts += vs
+            r += len(vs)
+        texts_per_prompt.append(texts)
+    R = len(texts_per_prompt[0])
+    if any(len(t) != R for t in texts_per_prompt):
+        raise UserError("every prompt must get the same number of conditioning variants")
+    rows = [tok.encode(t) for texts in texts_per_prompt for t in texts]
+    B = len(prompts)
+    state = LoopState(backend, rows[::R], R)
+    state.offsets = offsets
+    if cfg.max_tokens == 0:
+        return
+    edits = [e for c in controls for e in c.residual_edits(B * R, R)]
+    why = backend.unsupported(edits)
+    if why:
+        raise UserError(why)
+    for c in controls:
+        missing = c.requires - backend.capabilities
+        if missing:
+            raise UserError(f"{type(c).__name__} needs {', '.join(sorted(missing))}, which the {backend.name} backend lacks")
+
+    sampler = make_sampler(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % 2**63))
+    detoks = [_Detok(tok, cfg.stop) for _ in prompts]
+    eos = frozenset() if cfg.ignore_eos else tok.eos_ids
+    session = backend.session(edits)
+    try:
+        logits = session.prefill(rows)
+        state.forward_calls += 1
+        for c in controls:
+            c.start(state)
+        for step in range(cfg.max_tokens):
+            state.step = step
+            lp = torch.log_softmax(logits.float(), dim=-1).view(B, R, -1)
+            state.rows = lp
+            x = lp[:, 0]
+            for c in controls:  # hook 3
+                x = c.logprobs(state, x)
+            masked = False
+            for c in controls:  # hook 4
+                m = c.mask(state)
+                if m is not None:
+                    x, masked = x.masked_fill(~m, float("-inf")), True
+            if masked:
+                done = torch.tensor(state.finished)
+                if bool((torch.isinf(x).all(dim=-1) & ~done).any()):
+                    raise UserError("the constraints allow no next token: they contradict each other")
+                x = torch.log_softmax(torch.where(done[:, None], lp[:, 0], x), dim=-1)
+            tokens = sampler(x, gen)
+            chosen = x.gather(1, tokens[:, None]).squeeze(1)
+            top = torch.topk(x, cfg.top_logprobs, dim=-1) if cfg.top_logprobs else None
+            for b in range(B):  # finished prompts keep repeating their last token
+                if state.finished[b]:
+                    tokens[b] = (state.generated[b] or state.prompt_tokens[b])[-1]
+            for c in controls:  # hook 5
+                c.on_token(state, tokens)
+            now = time.perf_counter() - t0
+            last = step == cfg.max_tokens - 1
+            for b in range(B):
+                if state.finished[b]:
+                    continue
+                t = int(tokens[b])
+                alts = list(zip(top.indices[b].tolist(), top.values[b].tolist())) if top else []
+                if t in eos:
+                    state.finished[b] = True
+                    new, _ = detoks[b].push(state.generated[b], final=True)
+                    yield TokenEvent(b, t, new, float(chosen[b]), alts, "eos", now)
+                    continue
+                state.generated[b].append(t)
+                new, hit = detoks[b].push(state.generated[b], final=last)
+                reason = "stop" if hit else "length" if last else None
+                state.finished[b] = reason is not None
+                yield TokenEvent(b, t, new, float(chosen[b]), alts, reason, now)
+            if all(state.finished):
+                break
+            logits = session.step(tokens.repeat_interleave(R))
+            state.forward_calls += 1
+    finally:
+        session.close()
+
+
+def generate(
+    backend: Backend,
+    prompts: str | Sequence[str],
+    cfg: SamplingConfig = SamplingConfig(),
+    controls: Sequence[Control] = (),
+) -> list[Generation]:
+    """Run ``stream`` to the end and collect one Generation per prompt."""
+    single = isinstance(prompts, str)
+    plist = [prompts] if single else list(prompts)
+    t0 = time.perf_counter()
+    events: list[list[TokenEvent]] = [[] for _ in plist]
+    texts = ["" for _ in plist]
+    for ev in stream(backend, plist, cfg, controls):
+        events[ev.index].append(ev)
+        texts[ev.index] += ev.text
+    total = time.perf_counter() - t0
+    out = []
+    for p, evs, text in zip(plist, events, texts):
+        kept = [e for e in evs if e.finish_reason != "eos"]
+        first = evs[0].t if evs else total
+        out.append(
+            Generation(
+                prompt=p,
+                text=text,
+                tokens=[e.token for e in kept],
+                logprobs=[e.logprob for e in kept],
+                top_logprobs=[e.top for e in kept],
+                finish_reason=evs[-1].finish_reason if evs else "length",
+                prompt_tokens=len(backend.tokenizer.encode(p)),
+                prefill_s=first,
+                decode_s=(evs[-1].t - first) if evs else 0.0,
+                backend=backend.name,
+            )
+        )
+    return out

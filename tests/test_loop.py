@@ -1,0 +1,166 @@
+"""The decode loop and its hook points on a tiny random-weight model (fast, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokensteer as ts
+from tokensteer.hooks import Control, ResidualEdit
+from tokensteer.loop import LoopState
+
+
+def hf_greedy(lm, prompt: str, n: int) -> list[int]:
+    ids = torch.tensor([lm.tokenizer.encode(prompt)])
+    out = lm.model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_greedy_matches_hf_generate(tiny):
+    for prompt in ["the cat", "a quick brown fox", "hello world one two"]:
+        ours = ts.generate(tiny, prompt, max_tokens=12, ignore_eos=True).tokens
+        assert ours == hf_greedy(tiny, prompt, 12)
+
+
+def test_batched_prompts_match_one_at_a_time(tiny):
+    prompts = ["the cat sat on the mat", "good", "one two three four"]
+    batched = ts.generate(tiny, prompts, max_tokens=10, ignore_eos=True)
+    for p, g in zip(prompts, batched):
+        assert g.tokens == ts.generate(tiny, p, max_tokens=10, ignore_eos=True).tokens
+
+
+def test_seed_reproducible_and_seeds_differ(tiny):
+    kw = dict(max_tokens=20, temperature=1.5, ignore_eos=True)
+    a = ts.generate(tiny, "the dog", seed=7, **kw).tokens
+    b = ts.generate(tiny, "the dog", seed=7, **kw).tokens
+    c = ts.generate(tiny, "the dog", seed=8, **kw).tokens
+    assert a == b
+    assert a != c
+
+
+def test_stream_equals_generate(tiny):
+    kw = dict(max_tokens=16, temperature=1.0, seed=3, ignore_eos=True)
+    text = "".join(e.text for e in ts.stream(tiny, "the park", **kw))
+    assert text == ts.generate(tiny, "the park", **kw).text
+
+
+def test_stop_string_ends_generation_and_is_excluded(tiny):
+    full = ts.generate(tiny, "the cat", max_tokens=20, ignore_eos=True)
+    stop = full.text[6:9]
+    assert stop.strip(), full.text
+    g = ts.generate(tiny, "the cat", max_tokens=20, ignore_eos=True, stop=[stop])
+    assert g.finish_reason == "stop"
+    assert stop not in g.text
+    assert full.text.startswith(g.text)
+    assert len(g.tokens) < 20
+
+
+def test_eos_ends_generation(tiny):
+    eos = next(iter(tiny.tokenizer.eos_ids))
+
+    class ForceEos(Control):
+        def mask(self, state):
+            m = torch.zeros(state.batch_size, tiny.tokenizer.vocab_size, dtype=torch.bool)
+            m[:, eos if state.step == 3 else 5] = True
+            return m
+
+    g = ts.generate(tiny, "the cat", max_tokens=20, controls=[ForceEos()])
+    assert g.finish_reason == "eos"
+    assert g.tokens == [5, 5, 5]
+
+
+def test_logits_hook_bans_a_token(tiny):
+    base = ts.generate(tiny, "the cat", max_tokens=15, ignore_eos=True).tokens
+    banned = base[0]
+
+    class Ban(Control):
+        def logprobs(self, state, lp):
+            return lp.index_fill(1, torch.tensor([banned]), float("-inf"))
+
+    g = ts.generate(tiny, "the cat", max_tokens=15, ignore_eos=True, controls=[Ban()])
+    assert banned not in g.tokens
+    for seed in range(5):
+        s = ts.generate(tiny, "the cat", max_tokens=15, temperature=2.0, seed=seed, ignore_eos=True, controls=[Ban()])
+        assert banned not in s.tokens
+
+
+def test_variant_rows_and_on_token_hooks(tiny):
+    seen: list[tuple[int, ...]] = []
+
+    class Variant(Control):
+        def variants(self, prompt):
+            return ["good great happy " + prompt]
+
+        def logprobs(self, state: LoopState, lp):
+            rows = state.variant_rows(self)
+            assert rows.shape == (state.batch_size, 1, lp.shape[-1])
+            return rows[:, 0]  # sample from the conditioned row only
+
+        def on_token(self, state, tokens):
+            seen.append(tuple(tokens.tolist()))
+
+    g = ts.generate(tiny, ["the cat", "a fox"], max_tokens=8, ignore_eos=True, controls=[Variant()])
+    for prompt, out in zip(["the cat", "a fox"], g):
+        direct = ts.generate(tiny, "good great happy " + prompt, max_tokens=8, ignore_eos=True)
+        assert out.tokens == direct.tokens
+    assert len(seen) == 8 and all(len(s) == 2 for s in seen)
+
+
+def test_residual_edit_changes_output_and_zero_is_identity(tiny):
+    base = ts.generate(tiny, "the cat", max_tokens=12, ignore_eos=True)
+
+    class Steer(Control):
+        def __init__(self, scale):
+            self.scale = scale
+
+        def residual_edits(self, n_rows, rows_per_prompt):
+            torch.manual_seed(0)
+            return [ResidualEdit(layer=0, vector=torch.randn(tiny.hidden_size) * self.scale)]
+
+    zero = ts.generate(tiny, "the cat", max_tokens=12, ignore_eos=True, controls=[Steer(0.0)])
+    big = ts.generate(tiny, "the cat", max_tokens=12, ignore_eos=True, controls=[Steer(50.0)])
+    assert zero.tokens == base.tokens
+    assert zero.logprobs == base.logprobs
+    assert big.tokens != base.tokens
+    again = ts.generate(tiny, "the cat", max_tokens=12, ignore_eos=True)
+    assert again.tokens == base.tokens  # edits do not leak out of their session
+
+
+def test_logprobs_and_top_alternatives(tiny):
+    g = ts.generate(tiny, "the cat", max_tokens=5, ignore_eos=True, top_logprobs=3)
+    for t, lp, top in zip(g.tokens, g.logprobs, g.top_logprobs):
+        assert len(top) == 3
+        assert top[0][0] == t and top[0][1] == pytest.approx(lp)  # greedy picks the top one
+        assert top[0][1] >= top[1][1] >= top[2][1]
+        assert lp <= 0
+
+
+def test_sampling_filters_keep_support(tiny):
+    # top-k 1 is greedy whatever the temperature
+    greedy = ts.generate(tiny, "the dog", max_tokens=10, ignore_eos=True).tokens
+    for seed in range(3):
+        assert ts.generate(tiny, "the dog", max_tokens=10, temperature=5.0, top_k=1, seed=seed, ignore_eos=True).tokens == greedy
+        assert ts.generate(tiny, "the dog", max_tokens=10, temperature=5.0, min_p=0.999, seed=seed, ignore_eos=True).tokens == greedy
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(max_tokens=-1), dict(temperature=-0.1), dict(top_p=0.0), dict(top_k=-3), dict(min_p=1.0), dict(stop=[""])],
+)
+def test_bad_sampling_values_are_user_errors(tiny, kw):
+    with pytest.raises(ts.UserError):
+        ts.generate(tiny, "the cat", **kw)
+
+
+def test_empty_prompt_is_user_error(tiny):
+    with pytest.raises(ts.UserError, match="empty"):
+        ts.generate(tiny, "   ")
+
+
+def test_contradictory_mask_is_user_error(tiny):
+    class Nothing(Control):
+        def mask(self, state):
+            return torch.zeros(state.batch_size, tiny.tokenizer.vocab_size, dtype=torch.bool)
+
+    with pytest.raises(ts.UserError, match="no next token"):
+        ts.generate(tiny, "the cat", controls=[Nothing()])
