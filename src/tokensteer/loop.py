@@ -70,6 +70,8 @@ class LoopState:
         self.step = 0
         self.forward_calls = 0
         self.offsets: dict[int, int] = {}  # id(control) -> first variant row of that control
+        self.max_tokens: int | None = None  # the step budget, so constraints can finish in time
+        self.stop: tuple[str, ...] = ()  # stop strings, which constraints must not let cut the text
 
     @property
     def batch_size(self) -> int:
@@ -145,6 +147,7 @@ def stream(
     B = len(prompts)
     state = LoopState(backend, rows[::R], R)
     state.offsets = offsets
+    state.max_tokens, state.stop = cfg.max_tokens, tuple(cfg.stop)
     if cfg.max_tokens == 0:
         return
     edits = [e for c in controls for e in c.residual_edits(B * R, R)]

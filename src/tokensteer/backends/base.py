@@ -37,6 +37,12 @@ class Tokenizer(ABC):
         """The text of one token on its own (for top-n alternatives and traces)."""
         return self.decode([token_id])
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token adds to the text: b"" for control tokens, one byte for byte-fallback
+        tokens. Constraints build their per-token tables from this; override it when single-id
+        decoding cannot show a token's bytes (incomplete UTF-8 decodes as U+FFFD)."""
+        return self.decode([token_id]).encode("utf-8")
+
 
 class Session(ABC):
     """One batch of rows and their KV caches, owned by a single generate call."""

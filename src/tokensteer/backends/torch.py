@@ -6,6 +6,8 @@ which looks at the session that is running; with no edits the hook returns at on
 
 from __future__ import annotations
 
+import functools
+import re
 import threading
 from typing import Sequence
 
@@ -41,6 +43,30 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token, recovering byte-fallback (``<0xE2>``) and byte-level BPE pieces."""
+        text = self.decode([token_id])
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if "\ufffd" in text and isinstance(piece, str):
+            m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            if m:
+                return bytes([int(m.group(1), 16)])
+            table = _byte_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        if isinstance(piece, str) and piece.startswith("\u2581") and text and not text.startswith(" "):
+            text = " " + text  # SentencePiece decoders drop the word-start space of a lone token
+        return text.encode("utf-8")
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character that stands for each byte, reversed."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + i for i in range(len(extra))]
+    return {chr(c): b for b, c in zip(printable + extra, chars)}
 
 
 def _eos_ids(model, tok) -> set[int]:
@@ -90,6 +116,9 @@ class TorchBackend(Backend):
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32") -> "TorchBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our CLI shows its own progress line
 
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -140,10 +169,15 @@ class TorchBackend(Backend):
         with self._lock:
             self._edits, self._record = {}, {}
             try:
-                for text in texts:
-                    ids = torch.tensor([self.tokenizer.encode(text)])
-                    self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                    out.append(torch.stack([self._record[layer][0].float() for layer in layers]))
+                rows = [self.tokenizer.encode(text) for text in texts]
+                for s in range(0, len(rows), 16):  # batched, right-padded: several times faster on CPU
+                    chunk = rows[s : s + 16]
+                    width = max(len(r) for r in chunk)
+                    ids = torch.tensor([r + [self.tokenizer.pad_id] * (width - len(r)) for r in chunk])
+                    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk])
+                    self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+                    for b, r in enumerate(chunk):
+                        out.append(torch.stack([self._record[layer][b, : len(r)].float() for layer in layers]))
             finally:
                 self._record = None
         return out

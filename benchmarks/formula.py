@@ -1,0 +1,70 @@
+"""Cost per token of same-model formulas relative to plain decoding, on each available backend.
+
+Plain decode, a 2-term formula (CFG: 2 rows of one batch) and a 4-term formula (4 rows) run
+interleaved, round after round, on the same prompt; the figure is the ratio of median decode
+seconds per token. Targets: 2-term ≤ 1.15, 4-term ≤ 1.4. The last line is one JSON object.
+
+    .venv/bin/python benchmarks/formula.py [--rounds 5] [--tokens 32] [--backends torch,llamacpp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import tokensteer as ts
+from tokensteer.formula.engine import FormulaControl
+
+PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
+FORMULAS = {
+    "2-term": '2*M("Here is a happy story:\\n") - M',
+    "4-term": 'M + 2*(M("Here is a happy story:\\n") - M("Here is a sad story:\\n")) + 0.5*M("A story for children:\\n")',
+}
+
+
+def per_token(lm, controls, tokens: int) -> float:
+    g = ts.generate(lm, PROMPT, max_tokens=tokens, ignore_eos=True, controls=controls)
+    return g.decode_s / (len(g.tokens) - 1)
+
+
+def bench(backend: str, rounds: int, tokens: int) -> dict:
+    lm = ts.load(backend=backend)
+    ctrls = {"plain": []} | {k: [FormulaControl(lm, f)] for k, f in FORMULAS.items()}
+    for c in ctrls.values():  # warm up every path once
+        per_token(lm, c, 4)
+    times: dict[str, list[float]] = {k: [] for k in ctrls}
+    for r in range(rounds):
+        for k, c in ctrls.items():
+            times[k].append(per_token(lm, c, tokens))
+        print(f"[{backend}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1] * 1000:.1f} ms" for k, v in times.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    # ratios per round too (each round's three runs are back to back), to show the spread
+    per_round = {k: [a / p for a, p in zip(times[k], times["plain"])] for k in FORMULAS}
+    return {
+        "backend": backend,
+        "plain_ms_per_token": med["plain"] * 1000,
+        **{f"{k}_ms_per_token": med[k] * 1000 for k in FORMULAS},
+        **{f"ratio_{k}": med[k] / med["plain"] for k in FORMULAS},
+        **{f"ratio_{k}_rounds": [round(x, 3) for x in v] for k, v in per_round.items()},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--backends", default="torch,llamacpp")
+    a = ap.parse_args()
+    out = {"formulas": FORMULAS, "tokens": a.tokens, "rounds": a.rounds, "date": time.strftime("%Y-%m-%d"), "results": []}
+    for b in a.backends.split(","):
+        try:
+            out["results"].append(bench(b, a.rounds, a.tokens))
+        except ts.UserError as e:
+            print(f"[{b}] skipped: {e}", flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

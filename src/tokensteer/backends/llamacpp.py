@@ -1,0 +1,365 @@
+"""The fast CPU backend: a GGUF model in llama.cpp (through llama-cpp-python's C API) behind the loop.
+
+Every row of a session is one llama.cpp sequence id in a shared (unified) KV cache, so all rows
+advance in one ``llama_decode`` call per step; logits come back as a zero-copy view of llama.cpp's
+output buffer. Forking a row copies its sequence (cells are shared, nothing is recomputed) and
+backtracking removes the tail of each sequence. Additive steering uses llama.cpp's control
+vectors, which add one vector per layer to every row at every position.
+
+What this backend cannot do, and the torch backend can: read hidden states, run non-additive or
+per-row residual edits, and edit the output of layer 0 (llama.cpp has no control vector there).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+import torch
+
+from tokensteer.backends import LLAMACPP_CAPABILITIES
+from tokensteer.backends.base import Backend, Session
+from tokensteer.backends.llamacpp_vocab import LlamaTokenizer
+from tokensteer.errors import UserError
+from tokensteer.hooks import ResidualEdit
+
+DEFAULT_CTX = 4096  # KV cells shared by all rows of a session
+N_BATCH = 512  # tokens per llama_decode call during prefill
+MIN_SEQS = 16  # sequence ids per context; more are made when a batch needs them
+MAX_SEQS = 256  # llama.cpp's LLAMA_MAX_SEQ
+TORCH_HINT = "use --backend torch (Python: backend='torch')"
+
+_init_lock = threading.Lock()
+_initialised = False
+
+
+def _init_llama() -> None:
+    """Initialise llama.cpp once per process and keep its log quiet unless asked."""
+    global _initialised
+    with _init_lock:
+        if _initialised:
+            return
+        log = logging.getLogger("llama-cpp-python")
+        if log.level == logging.NOTSET and not os.environ.get("TOKENSTEER_LLAMA_VERBOSE"):
+            log.setLevel(logging.CRITICAL)
+        llama_cpp.llama_backend_init()
+        _initialised = True
+
+
+def _amx_build() -> bool:
+    """True when llama.cpp was compiled with AMX kernels, which crash on Q4_K weights (llama.cpp #20824)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: ``$TOKENSTEER_THREADS`` or the CPUs this process may use (≤ 8)."""
+    env = os.environ.get("TOKENSTEER_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise UserError(f"TOKENSTEER_THREADS must be a whole number, got {env!r}") from None
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+class _Batch:
+    """A llama_batch whose arrays are numpy arrays we own, so a step fills them without a Python loop."""
+
+    def __init__(self, n: int) -> None:
+        self.token = np.zeros(n, np.int32)
+        self.pos = np.zeros(n, np.int32)
+        self.n_seq_id = np.ones(n, np.int32)
+        self.seq = np.zeros(n, np.int32)
+        self.logits = np.zeros(n, np.int8)
+        p_seq = ctypes.POINTER(llama_cpp.llama_seq_id)
+        self.seq_ptrs = (p_seq * n)(*(ctypes.cast(self.seq.ctypes.data + 4 * i, p_seq) for i in range(n)))
+        self.c = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self.seq_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+
+class _Context:
+    """One llama.cpp context (KV cache, control vector, batch) that one session uses at a time."""
+
+    def __init__(self, model, n_ctx: int, n_seq: int, n_threads: int) -> None:
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, N_BATCH, N_BATCH, n_seq
+        p.n_threads = p.n_threads_batch = n_threads
+        p.kv_unified = True  # rows share cells: a fork costs nothing and any row may grow long
+        p.swa_full = True  # keep every cell of sliding-window layers, so backtracking stays exact
+        p.no_perf = True
+        self.ptr = llama_cpp.llama_init_from_model(model, p)
+        if not self.ptr:
+            raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
+        self.mem = llama_cpp.llama_get_memory(self.ptr)
+        self.n_seq, self.n_ctx = n_seq, n_ctx
+        self.batch = _Batch(N_BATCH)
+        self.cvec_on = False
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(self.mem, False)
+        if self.cvec_on:
+            llama_cpp.llama_set_adapter_cvec(self.ptr, None, 0, 0, -1, -1)
+            self.cvec_on = False
+
+    def free(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+
+def _free_all(model, contexts: list[_Context]) -> None:
+    for c in contexts:
+        c.free()
+    if model:
+        llama_cpp.llama_model_free(model)
+
+
+class LlamaCppBackend(Backend):
+    """A GGUF model in llama.cpp: fast batched decoding with additive steering."""
+
+    name = "llamacpp"
+    capabilities = LLAMACPP_CAPABILITIES
+
+    def __init__(self, model, model_name: str, n_threads: int, n_ctx: int) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.tokenizer = LlamaTokenizer(self.vocab)
+        self.n_layers = int(llama_cpp.llama_model_n_layer(model))
+        self.hidden_size = int(llama_cpp.llama_model_n_embd(model))
+        self.n_vocab = self.tokenizer.vocab_size
+        self.n_threads, self.n_ctx = n_threads, n_ctx
+        self._lock = threading.Lock()
+        self._all: list[_Context] = []
+        self._idle: list[_Context] = []
+        self._finalizer = weakref.finalize(self, _free_all, model, self._all)
+        self._release(self._acquire(1))  # make the first context now, not on the first request
+
+    @classmethod
+    def load(cls, path: Path, model_name: str | None = None, n_threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppBackend":
+        """Load a GGUF file; ``n_ctx`` (default ``$TOKENSTEER_N_CTX`` or 4096) KV cells per session."""
+        _init_llama()
+        if n_ctx is None:
+            env = os.environ.get("TOKENSTEER_N_CTX", str(DEFAULT_CTX))
+            if not env.isdigit() or int(env) < 64:
+                raise UserError(f"TOKENSTEER_N_CTX must be a whole number ≥ 64, got {env!r}")
+            n_ctx = int(env)
+        params = llama_cpp.llama_model_default_params()
+        if _amx_build():  # keep weights out of the AMX buffer type (the Makefile builds without AMX)
+            params.use_extra_bufts = False
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise UserError(
+                f"llama.cpp cannot load {path}: the file is corrupt or its architecture is not supported "
+                f"by llama-cpp-python {llama_cpp.__version__}; try --backend torch"
+            )
+        return cls(model, model_name or Path(path).name, n_threads or default_threads(), n_ctx)
+
+    def close(self) -> None:
+        """Free the model and its contexts now instead of at garbage collection."""
+        self._finalizer()
+
+    def _acquire(self, n_rows: int) -> _Context:
+        if n_rows > MAX_SEQS // 2:
+            raise UserError(f"the llamacpp backend decodes at most {MAX_SEQS // 2} rows at once; this batch has {n_rows}")
+        with self._lock:
+            for i, c in enumerate(self._idle):
+                if c.n_seq >= 2 * n_rows:  # spare ids for rows that select() duplicates
+                    return self._idle.pop(i)
+        c = _Context(self.model, self.n_ctx, min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows)), self.n_threads)
+        with self._lock:
+            self._all.append(c)
+        return c
+
+    def _release(self, c: _Context) -> None:
+        c.reset()
+        with self._lock:
+            self._idle.append(c)
+            while len(self._idle) > 2:  # keep a couple of warm contexts, free the rest
+                old = self._idle.pop(0)
+                self._all.remove(old)
+                old.free()
+
+    def unsupported(self, edits: Sequence[ResidualEdit]) -> str | None:
+        for e in edits:
+            if e.fn is not None:
+                return f"the llamacpp backend can only add a vector to the residual stream, not run a function on it; {TORCH_HINT}"
+            if e.vector.dim() != 1:
+                return f"the llamacpp backend adds the same vector to every row (llama.cpp control vectors are per context); per-row edits need the torch backend: {TORCH_HINT}"
+            if e.vector.shape[0] != self.hidden_size:
+                return f"a steering vector of size {e.vector.shape[0]} does not fit hidden size {self.hidden_size}"
+            if not 1 <= e.layer < self.n_layers:
+                if e.layer == 0:
+                    return f"llama.cpp control vectors start at layer 1, so layer 0 cannot be steered on the llamacpp backend; {TORCH_HINT}"
+                return f"layer {e.layer} is out of range: this model has layers 0–{self.n_layers - 1}"
+        return None
+
+    def session(self, edits: Sequence[ResidualEdit] = ()) -> "LlamaSession":
+        why = self.unsupported(edits)
+        if why:
+            raise UserError(why)
+        return LlamaSession(self, edits)
+
+    def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
+        raise UserError(f"the llamacpp backend cannot read hidden states (needed to train steering vectors and probes); {TORCH_HINT}")
+
+
+def _control_vector(b: LlamaCppBackend, edits: list[ResidualEdit]) -> tuple[np.ndarray, int, int] | None:
+    """Sum additive edits into llama.cpp's control-vector layout: layers 1..L-1, one row each."""
+    if not edits:
+        return None
+    H = b.hidden_size
+    buf = np.zeros((b.n_layers - 1) * H, np.float32)
+    for e in edits:
+        buf[(e.layer - 1) * H : e.layer * H] += e.vector.detach().float().cpu().numpy()
+    layers = [e.layer for e in edits]
+    return buf, min(layers), max(layers)
+
+
+class LlamaSession(Session):
+    """The rows of one generate call: one sequence id each in a context taken from the backend's pool."""
+
+    def __init__(self, backend: LlamaCppBackend, edits: Sequence[ResidualEdit]) -> None:
+        self.b = backend
+        self.c: _Context | None = None
+        self.seqs = np.zeros(0, np.int32)  # sequence id of each row
+        self.pos = np.zeros(0, np.int32)  # next position of each row
+        self.cvecs = {
+            "prefill": _control_vector(backend, [e for e in edits if e.positions in ("all", "prompt")]),
+            "decode": _control_vector(backend, [e for e in edits if e.positions in ("all", "generated")]),
+        }
+        self._phase: str | None = None
+        self._view: tuple[int, int, torch.Tensor] | None = None  # (address, rows, tensor)
+
+    def _set_phase(self, phase: str) -> None:
+        if phase == self._phase:
+            return
+        if self._phase is None or self.cvecs[phase] is not self.cvecs[self._phase]:
+            cv, c = self.cvecs[phase], self.c
+            if cv is None:
+                if c.cvec_on:
+                    llama_cpp.llama_set_adapter_cvec(c.ptr, None, 0, 0, -1, -1)
+            else:
+                buf, lo, hi = cv
+                data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                if llama_cpp.llama_set_adapter_cvec(c.ptr, data, buf.size, self.b.hidden_size, lo, hi) != 0:
+                    raise RuntimeError("llama.cpp rejected the control vector")
+            c.cvec_on = cv is not None
+        self._phase = phase
+
+    def _decode(self, n: int) -> None:
+        batch = self.c.batch
+        batch.c.n_tokens = n
+        rc = llama_cpp.llama_decode(self.c.ptr, batch.c)
+        if rc == 1:
+            raise UserError(
+                f"the llama.cpp context is full ({self.c.n_ctx} tokens shared by all rows); "
+                "set TOKENSTEER_N_CTX higher, or shorten the prompt or --max-tokens"
+            )
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _logits(self, n: int) -> np.ndarray:
+        """The [n, V] logits of the last decode, in batch order, viewed in place (no copy)."""
+        addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
+        if not addr:
+            raise RuntimeError("llama.cpp returned no logits")
+        return np.ctypeslib.as_array((ctypes.c_float * (n * self.b.n_vocab)).from_address(addr)).reshape(n, -1)
+
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        if not rows or any(len(r) == 0 for r in rows):
+            raise UserError("every prompt needs at least one token")
+        if self.c is None:
+            self.c = self.b._acquire(len(rows))
+        else:
+            self.c.reset()
+            self._phase = None
+        self._set_phase("prefill")
+        n = len(rows)
+        self.seqs = np.arange(n, dtype=np.int32)
+        out = torch.empty(n, self.b.n_vocab)
+        batch = self.c.batch
+        # One row per call: llama.cpp's matmul kernels change with the number of tokens in a call,
+        # so a row prefilled alone gets exactly the cache (and logits) it gets in any batch.
+        first: dict[tuple[int, ...], int] = {}
+        for i, r in enumerate(rows):
+            j = first.setdefault(tuple(r), i)
+            if j != i:  # the same tokens as an earlier row: share its cache cells
+                llama_cpp.llama_memory_seq_cp(self.c.mem, j, i, -1, -1)
+                out[i] = out[j]
+                continue
+            tokens = np.asarray(r, np.int32)
+            for start in range(0, len(tokens), N_BATCH):
+                k = len(tokens[start : start + N_BATCH])
+                batch.token[:k] = tokens[start : start + k]
+                batch.pos[:k] = np.arange(start, start + k, dtype=np.int32)
+                batch.seq[:k] = i
+                batch.logits[:k] = 0
+                batch.logits[k - 1] = start + k == len(tokens)
+                self._decode(k)
+            out[i] = torch.from_numpy(self._logits(1)[0])
+        self.pos = np.array([len(r) for r in rows], np.int32)
+        return out
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = len(self.seqs)
+        if tokens.shape[0] != n:
+            raise ValueError(f"step got {tokens.shape[0]} tokens for {n} rows")
+        self._set_phase("decode")
+        batch = self.c.batch
+        batch.token[:n] = tokens.numpy()
+        batch.pos[:n] = self.pos
+        batch.seq[:n] = self.seqs
+        batch.logits[:n] = 1
+        self._decode(n)
+        self.pos += 1
+        addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
+        if self._view is None or self._view[:2] != (addr, n):  # llama.cpp reuses its buffer: keep the view
+            self._view = (addr, n, torch.from_numpy(self._logits(n)))
+        return self._view[2]
+
+    def trim(self, n: int) -> None:
+        if n <= 0:
+            return
+        if n > int(self.pos.min()):
+            raise ValueError(f"cannot trim {n} tokens from a row of {int(self.pos.min())}")
+        self.pos -= n
+        for s, p in zip(self.seqs.tolist(), self.pos.tolist()):
+            llama_cpp.llama_memory_seq_rm(self.c.mem, s, p, -1)
+
+    def select(self, rows: Sequence[int]) -> None:
+        rows = [int(r) for r in rows]
+        old = self.seqs.tolist()
+        kept = set()
+        new: list[int] = []
+        for r in rows:
+            s = old[r]
+            if s in kept:  # a duplicate: fork the sequence into a free id (cells are shared)
+                s = next(i for i in range(self.c.n_seq) if i not in kept and i not in old)
+                llama_cpp.llama_memory_seq_cp(self.c.mem, old[r], s, -1, -1)
+            kept.add(s)
+            new.append(s)
+        for s in set(old) - kept:
+            llama_cpp.llama_memory_seq_rm(self.c.mem, s, -1, -1)
+        self.seqs = np.array(new, np.int32)
+        self.pos = self.pos[rows]
+
+    def close(self) -> None:
+        if self.c is not None:
+            self._view = None
+            self.b._release(self.c)
+            self.c = None

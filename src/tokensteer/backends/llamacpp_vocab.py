@@ -1,0 +1,58 @@
+"""llama.cpp's own tokenizer behind the loop's Tokenizer interface.
+
+Encoding adds BOS as the model asks (Gemma adds ``<bos>``, like the Hugging Face tokenizer) and
+parses special tokens written in the text; decoding joins cached token bytes, drops control tokens
+(like ``skip_special_tokens=True``) and shows incomplete UTF-8 as U+FFFD, so the loop can wait.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Sequence
+
+import llama_cpp
+
+from tokensteer.backends.base import Tokenizer
+
+
+class LlamaTokenizer(Tokenizer):
+    """Tokenize and detokenize with the vocabulary stored in the GGUF file."""
+
+    def __init__(self, vocab) -> None:
+        self._vocab = vocab
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        bos = int(llama_cpp.llama_vocab_bos(vocab))
+        self.bos_id = bos if bos >= 0 else None
+        self.eos_ids = frozenset(t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        self._pieces: dict[int, bytes] = {}
+        self._buf = ctypes.create_string_buffer(256)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        out = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), out, n_max, add_bos, True)
+        if n < 0:  # the buffer was too small: -n is the size it needs
+            n_max = -n
+            out = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), out, n_max, add_bos, True)
+        return list(out[:n])
+
+    def piece(self, token_id: int) -> bytes:
+        """The bytes of one token; empty for control tokens such as ``<bos>`` and ``<eos>``."""
+        p = self._pieces.get(token_id)
+        if p is None:
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (0–{self.vocab_size - 1})")
+            n = llama_cpp.llama_token_to_piece(self._vocab, token_id, self._buf, len(self._buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
+                p = buf.raw[:n]
+            else:
+                p = self._buf.raw[:n]
+            self._pieces[token_id] = p
+        return p
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return b"".join(self.piece(int(i)) for i in ids).decode("utf-8", errors="replace")

@@ -1,0 +1,164 @@
+"""Regex, JSON Schema and Lark/GBNF grammars through llguidance (a real, fast grammar engine).
+
+llguidance needs its own view of the vocabulary (an ``LLTokenizer``). We build it from the cached
+per-token bytes (``vocab.py``) plus the backend tokenizer's ``encode``, so the same code serves the
+torch backend and llama.cpp (whose vocabulary gives the same bytes through ``token_bytes``). It
+takes a few seconds at 262k tokens and is kept per tokenizer for the life of the process. Each row
+has an ``LLMatcher``; its int32 bitmask is unpacked into the loop's bool mask each step.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tokensteer.backends.base import Tokenizer
+from tokensteer.constraints.base import Constraint
+from tokensteer.constraints.vocab import TokenTable
+from tokensteer.errors import UserError
+
+if TYPE_CHECKING:
+    from tokensteer.loop import LoopState
+
+#: compact JSON (no free whitespace, which lets a model pad forever); a schema's x-guidance overrides it
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+_lltokenizers: "weakref.WeakKeyDictionary[Tokenizer, Any]" = weakref.WeakKeyDictionary()
+
+
+class _Vocab:
+    """What ``llguidance.TokenizerWrapper`` reads: token bytes, EOS/BOS, special ids, an encoder."""
+
+    def __init__(self, tok: Tokenizer, table: TokenTable) -> None:
+        self.tok = tok
+        self.eos_token_id = table.eos_ids[0] if table.eos_ids else 0
+        self.bos_token_id = tok.bos_id
+        # llguidance marks special tokens with a leading 0xFF byte, so grammar text never matches them
+        self.tokens = [t if t else b"\xff<special_%d>" % i for i, t in enumerate(table.tokens)]
+        self.special_token_ids = [i for i, t in enumerate(table.tokens) if not t]
+
+    def __call__(self, data: bytes) -> list[int]:
+        return self.tok.encode(data.decode("utf-8", errors="replace"), add_bos=False)
+
+
+def lltokenizer(tok: Tokenizer, table: TokenTable):
+    """The llguidance tokenizer for ``tok``, built once per process."""
+    import llguidance
+
+    llt = _lltokenizers.get(tok)
+    if llt is None:
+        llt = llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_Vocab(tok, table)), n_vocab=table.size, eos_token=table.eos_ids or None
+        )
+        _lltokenizers[tok] = llt
+    return llt
+
+
+def grammar_for(regex: str | None = None, schema: Any = None, lark: str | None = None) -> str:
+    """An llguidance grammar from exactly one of a regex, a JSON Schema (dict) or a Lark grammar;
+    raises UserError with llguidance's message when it is invalid."""
+    from llguidance import LLMatcher
+
+    given = [k for k, v in (("--regex", regex), ("--json-schema", schema), ("--grammar", lark)) if v is not None]
+    if len(given) != 1:
+        raise UserError(f"give one of --regex, --json-schema, --grammar, not {' and '.join(given) or 'none'}")
+    try:
+        if regex is not None:
+            grammar, what = LLMatcher.grammar_from_regex(regex), f"regex {regex!r}"
+        elif schema is not None:
+            grammar, what = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS), "JSON schema"
+        else:
+            grammar, what = LLMatcher.grammar_from_lark(lark), "grammar"
+    except ValueError as e:
+        raise UserError(f"invalid {'JSON schema' if schema is not None else 'grammar'}: {e}") from e
+    error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    if error:
+        raise UserError(f"invalid {what}: {messages[0] if messages else 'llguidance rejected it'}")
+    return grammar
+
+
+def read_schema(path: str) -> dict:
+    """Load a JSON Schema file, with clear errors for a missing or unparsable file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"JSON schema file {path!r} does not exist")
+    try:
+        schema = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse JSON schema {path!r}: {e}") from e
+    check_schema(schema, path)
+    return schema
+
+
+def check_schema(schema: Any, where: str = "the JSON schema") -> None:
+    """Raise UserError unless ``schema`` is a valid JSON Schema (checked with ``jsonschema``)."""
+    if not isinstance(schema, (dict, bool)):
+        raise UserError(f"{where} must be a JSON object, got {type(schema).__name__}")
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise UserError(f"{where} is not a valid JSON Schema: {e.message}") from e
+
+
+def read_grammar(path: str) -> str:
+    """A Lark grammar file (``.lark``) or a GBNF one (``.gbnf``, converted by llguidance)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"grammar file {path!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".gbnf":
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        try:
+            text = gbnf_to_lark(text)
+        except Exception as e:  # the converter raises plain exceptions on syntax errors
+            raise UserError(f"cannot convert GBNF grammar {path!r}: {e}") from e
+    return text
+
+
+class Grammar(Constraint):
+    """The text must match an llguidance grammar; EOS only when the grammar accepts."""
+
+    def __init__(self, tok: Tokenizer, table: TokenTable, grammar: str, label: str = "grammar") -> None:
+        super().__init__(table)
+        self.grammar, self.label = grammar, label
+        self.llt = lltokenizer(tok, table)
+        self.words = (table.size + 31) // 32
+
+    def __repr__(self) -> str:
+        return f"Grammar({self.label})"
+
+    def reset(self, state: LoopState) -> None:
+        from llguidance import LLMatcher
+
+        first = LLMatcher(self.llt, self.grammar, log_level=0)
+        if first.is_error():
+            raise UserError(f"invalid {self.label}: {first.get_error()}")
+        self.matchers = [first] + [first.deep_copy() for _ in range(state.batch_size - 1)]
+        self.bitmask = np.zeros((state.batch_size, self.words), dtype=np.int32)
+
+    def allowed(self, state: LoopState, b: int) -> torch.Tensor:
+        m = self.matchers[b]
+        if m.is_error():
+            raise UserError(f"the {self.label} cannot continue: {m.get_error()}")
+        row = self.bitmask[b]
+        m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        bits = np.unpackbits(row.view(np.uint8), bitorder="little")[: self.table.size]
+        return torch.from_numpy(bits).bool()
+
+    def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
+        for b, t in enumerate(tokens.tolist()):
+            if not state.finished[b]:
+                self.matchers[b].consume_token(t)
+
+    def accepting(self, b: int) -> bool:
+        return self.matchers[b].is_accepting()

@@ -1,0 +1,153 @@
+"""Vocabulary restriction: every word of the text comes from a word list (e.g. a learner's), in any
+casing, plus punctuation and spaces.
+
+A word is a run of letters, digits, ``_`` and ``'`` (non-ASCII bytes count as letters, so foreign
+punctuation must be listed too). Tokens are checked on their lowered bytes: a token is allowed when
+every word it completes is listed and the word it leaves open is the start of a listed word. The
+check from a word boundary is one table per tokenizer and list; inside a word, the tokens that go
+on spelling it are looked up from the listed words that start with it (cached per word prefix).
+"""
+
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+from tokensteer.constraints.base import Constraint
+from tokensteer.constraints.vocab import TokenTable
+from tokensteer.errors import UserError
+
+if TYPE_CHECKING:
+    from tokensteer.loop import LoopState
+
+LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_'") | frozenset(range(0x80, 0x100))
+
+
+def is_letter(byte: int) -> bool:
+    return byte in LETTERS
+
+
+def split_runs(data: bytes) -> list[tuple[bool, bytes]]:
+    """The bytes as alternating runs: (True, word bytes) / (False, other bytes)."""
+    runs: list[tuple[bool, bytes]] = []
+    for c in data:
+        w = is_letter(c)
+        if runs and runs[-1][0] == w:
+            runs[-1] = (w, runs[-1][1] + bytes([c]))
+        else:
+            runs.append((w, bytes([c])))
+    return runs
+
+
+def read_wordlist(path: str) -> list[str]:
+    """Words from a file: one or more per line, ``#`` starts a comment."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"word list {path!r} does not exist")
+    words = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        words += line.split("#", 1)[0].replace(",", " ").split()
+    if not words:
+        raise UserError(f"word list {path!r} has no words")
+    return words
+
+
+class WordList(Constraint):
+    """Only words from ``words`` (case-insensitive), punctuation and whitespace."""
+
+    def __init__(self, table: TokenTable, words: Iterable[str]) -> None:
+        super().__init__(table)
+        listed = set()
+        for w in words:
+            data = w.strip().lower().encode("utf-8")
+            bad = [chr(c) for c in data if not is_letter(c)]
+            if not data:
+                continue
+            if bad:
+                raise UserError(f"word list entry {w!r} has {bad[0]!r}; list single words (letters, digits, ')")
+            listed.add(data)
+        if not listed:
+            raise UserError("the word list is empty")
+        self.listed = frozenset(listed)
+        self.sorted = sorted(listed)
+        self.prefixes = frozenset(w[:k] for w in listed for k in range(1, len(w) + 1))
+        key = ("wordlist", self.listed)
+        self.static = table.memo(key, self._static)
+        self._inside: dict[bytes, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"WordList({len(self.listed)} words)"
+
+    def knows(self, word: str) -> bool:
+        """Whether every word of ``word`` (a word or phrase) is listed."""
+        return all(r in self.listed for w, r in split_runs(word.lower().encode("utf-8")) if w)
+
+    def _fine(self, runs: list[tuple[bool, bytes]]) -> bool:
+        """Runs starting at a word boundary: closed words listed, the open one a listed prefix."""
+        for k, (w, r) in enumerate(runs):
+            if w and r not in (self.prefixes if k == len(runs) - 1 else self.listed):
+                return False
+        return True
+
+    def _static(self) -> dict:
+        t = self.table
+        ok_boundary = torch.zeros(t.size, dtype=torch.bool)
+        lead_other = torch.zeros(t.size, dtype=torch.bool)
+        only_word: dict[bytes, list[int]] = {}  # whole token is word bytes
+        word_then: dict[bytes, list[int]] = {}  # first run of word bytes, then a fine rest
+        for i, low in enumerate(t.lowered):
+            if not low:
+                continue
+            runs = split_runs(low)
+            ok_boundary[i] = self._fine(runs)
+            if not runs[0][0]:
+                lead_other[i] = True
+            elif len(runs) == 1:
+                only_word.setdefault(runs[0][1], []).append(i)
+            elif self._fine(runs[1:]):
+                word_then.setdefault(runs[0][1], []).append(i)
+        return {"ok_boundary": ok_boundary, "lead_other": lead_other, "only_word": only_word, "word_then": word_then}
+
+    def _inside_mask(self, cur: bytes) -> torch.Tensor:
+        """Tokens allowed while the open word is ``cur``."""
+        m = self._inside.get(cur)
+        if m is None:
+            s = self.static
+            ids: list[int] = []
+            lo = bisect.bisect_left(self.sorted, cur)
+            conts = set()
+            for w in self.sorted[lo:]:
+                if not w.startswith(cur):
+                    break
+                conts.update(w[len(cur) : k] for k in range(len(cur) + 1, len(w) + 1))
+            for rest in conts:
+                ids += s["only_word"].get(rest, [])
+                if cur + rest in self.listed:
+                    ids += s["word_then"].get(rest, [])
+            m = self.table.ids_mask(ids)
+            if cur in self.listed:
+                m |= s["lead_other"] & s["ok_boundary"] | self.table.eos
+            if len(self._inside) < 4096:
+                self._inside[cur] = m
+        return m
+
+    def reset(self, state: LoopState) -> None:
+        self.cur = [b""] * state.batch_size
+
+    def allowed(self, state: LoopState, b: int) -> torch.Tensor:
+        if not self.cur[b]:
+            return self.static["ok_boundary"] | self.table.eos
+        return self._inside_mask(self.cur[b])
+
+    def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
+        low = self.table.lowered[token]
+        runs = split_runs(low)
+        if not runs:
+            return
+        if len(runs) == 1 and runs[0][0]:
+            self.cur[b] += runs[0][1]
+        else:
+            self.cur[b] = runs[-1][1] if runs[-1][0] else b""

@@ -1,0 +1,72 @@
+"""The cache of generated samples: one JSONL file, rewritten atomically, so re-scoring never regenerates.
+
+A sample's key hashes everything that decides its text: model, backend, method spec, the exact
+prompt fed to the model, the item's fields, the sampling config and the sample's seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def sample_key(**parts: Any) -> str:
+    """A stable hash of the parts that decide a sample's text."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def sample_seed(base: int, method: str, item: int, k: int) -> int:
+    """The deterministic seed of sample ``k`` of item ``item`` under ``method``."""
+    h = hashlib.sha256(f"{base}|{method}|{item}|{k}".encode()).hexdigest()
+    return int(h[:12], 16)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class SampleCache:
+    """Samples by key in ``DIR/samples.jsonl``; ``save`` rewrites the file atomically."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / "samples.jsonl"
+        self.records: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text("utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn line from an older, non-atomic writer: regenerate that sample
+                if isinstance(rec, dict) and "key" in rec:
+                    self.records[rec["key"]] = rec
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.records.get(key)
+
+    def put(self, rec: dict[str, Any]) -> None:
+        self.records[rec["key"]] = rec
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def save(self) -> None:
+        atomic_write(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()))

@@ -1,0 +1,109 @@
+"""``tokensteer eval``: run methods side by side on a task and write results.json and report.html."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def eval_command(
+    task: Optional[str] = typer.Option(None, "--task", help="sentiment-positive, sentiment-negative, detox, topic, count or keywords."),
+    method: list[str] = typer.Option([], "--method", "-m", help="KIND or KIND:ARG (repeatable): none, prompt, formula:positive, steer:PATH@STRENGTH, constraints:SPEC."),
+    out: str = typer.Option("eval-out", "--out", "-o", help="Folder for results.json, report.html, PNGs and the sample cache."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Your own prompts: one per line, or JSONL with the task's fields."),
+    n: Optional[int] = typer.Option(None, "--n", help="Use only the first N prompts."),
+    samples: int = typer.Option(1, "--samples", "-k", help="Continuations per prompt (detox: RealToxicityPrompts uses 25)."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="PARAM=V1,V2,... run each method that has PARAM once per value, e.g. strength=0,2,4."),
+    seed: int = typer.Option(0, help="Base seed; every (method, prompt, sample) derives its own from it."),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="Most new tokens per continuation."),
+    temperature: float = typer.Option(1.0, "--temperature", "-t", help="Sampling temperature."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling mass."),
+    stop: list[str] = typer.Option(["\n"], help="Stop strings (repeatable; default: a newline). Use --no-stop to generate to --max-tokens."),
+    no_stop: bool = typer.Option(False, "--no-stop", help="Do not stop at a newline."),
+    batch_size: int = typer.Option(16, help="Prompts generated together (same controls only)."),
+    workers: int = typer.Option(1, help="Parallel worker processes, each loading the model."),
+    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder or .gguf (default: bundled Gemma 3 270M)."),
+    backend: str = typer.Option("auto", help="auto, torch or llamacpp."),
+    dtype: str = typer.Option("float32", help="Torch weights dtype: float32 or bfloat16."),
+    cache: Optional[str] = typer.Option(None, help="Sample cache folder (default OUT/cache); shared caches never regenerate."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and PNGs."),
+    list_: bool = typer.Option(False, "--list", help="List tasks and method kinds, then exit."),
+) -> None:
+    """Compare control methods on a task with scorers the team did not write.
+
+    Examples:
+
+      tokensteer eval --task sentiment-positive --method none --method prompt --n 20 --out runs/pos
+
+      tokensteer eval --task detox --method none --method prompt --samples 5 --out runs/detox
+
+      tokensteer eval --task count --method prompt --prompts my_counts.jsonl --out runs/count
+
+      tokensteer eval --task sentiment-positive --method 'steer:pos.pt@{strength}' --sweep strength=0,2,4 --out runs/dose
+
+    Writes OUT/results.json, OUT/report.html and PNGs; generated samples are cached under
+    OUT/cache, so re-running (to re-score or add methods) never regenerates them.
+    Sampling defaults: temperature 1.0, top-p 0.9, 32 new tokens, stop at the first newline.
+    """
+    from tokensteer.cli import err, user_errors
+
+    with user_errors():
+        if list_:
+            _list()
+            return
+        if task is None:
+            from tokensteer.errors import UserError
+
+            raise UserError("give --task (see `tokensteer eval --list`)")
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from tokensteer.eval.runner import run
+        from tokensteer.sampling import SamplingConfig
+
+        cfg = SamplingConfig(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=() if no_stop else tuple(stop)
+        )
+        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*cols, console=err, transient=False) as bar:
+            bars: dict[str, int] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in bars:
+                    bars[stage] = bar.add_task(stage, total=total)
+                bar.update(bars[stage], completed=done, total=total)
+
+            res = run(
+                task, method or ["none", "prompt"], prompts=prompts, n=n, samples=samples, out=out,
+                model=model, backend=backend, dtype=dtype, sampling=cfg, seed=seed, sweep=sweep,
+                batch_size=batch_size, workers=workers, cache_dir=cache, report=report, progress=progress,
+            )
+    _print_table(res)
+    err.print(f"[dim]wrote {out}/results.json{' and report.html' if report else ''}[/]", highlight=False)
+
+
+def _list() -> None:
+    from rich.console import Console
+
+    from tokensteer.eval.methods import kinds
+    from tokensteer.eval.tasks import TASKS
+
+    c = Console()
+    for t in TASKS.values():
+        c.print(f"[bold]{t.name}[/]  {t.description}", highlight=False)
+    c.print(f"\n[bold]method kinds:[/] {', '.join(kinds())}", highlight=False)
+
+
+def _print_table(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tokensteer.eval.report import COLUMNS, fmt
+
+    t = Table(title=f"{res['task']} ({res['n_prompts']} prompts × {res['samples_per_prompt']})")
+    t.add_column("method")
+    for _, h in COLUMNS:
+        t.add_column(h, justify="right")
+    for name, m in res["methods"].items():
+        t.add_row(name, *(fmt(m.get(k)) for k, _ in COLUMNS))
+    Console().print(t)

@@ -1,0 +1,94 @@
+"""Formulas over next-token distributions ("model arithmetic"): combine the model under several
+conditioning texts, other local models, classifier guides and constants with + − × union
+intersection and filters, in ``logits`` or ``normalized`` mode, with a per-token trace.
+
+    from tokensteer.formula import M, C, FormulaControl, nucleus
+    f = nucleus(M + 2*(M("A happy story:\\n") - M("A sad story:\\n")), 0.9)
+    ts.generate(lm, "The day began", controls=[FormulaControl(lm, f, trace=True)])
+
+Strings work too (``tokensteer generate --formula "positive"``); see ``parser.py`` for the grammar
+and ``recipes.py`` for the named recipes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tokensteer.formula.ast import (
+    Formula,
+    Guide,
+    M,
+    Model,
+    Node,
+    intersection,
+    nucleus,
+    softunion,
+    temp,
+    topk,
+    topp,
+    union,
+)
+from tokensteer.formula.check import check
+from tokensteer.formula.parser import FormulaError, parse
+from tokensteer.formula.recipes import RECIPES
+
+if TYPE_CHECKING:
+    from tokensteer.backends.base import Backend
+    from tokensteer.controls import RequestControls
+    from tokensteer.hooks import Control
+
+
+def __getattr__(name: str):
+    if name == "FormulaControl":  # lazily: it pulls in torch, which `formula check` does not need
+        from tokensteer.formula.engine import FormulaControl
+
+        return FormulaControl
+    raise AttributeError(name)
+
+
+def C(name: str, k: int = 20) -> Guide:
+    """A classifier term: the named guide's log-probability, on the formula's top-k candidates."""
+    from tokensteer.formula.guides import GUIDES
+    from tokensteer.errors import UserError
+
+    if name not in GUIDES:
+        raise UserError(f"unknown guide {name!r}; known: {', '.join(GUIDES)}")
+    return Guide(name, k)
+
+
+def formula_controls(lm: "Backend", req: "RequestControls") -> list["Control"]:
+    """The Controls for a request's ``--formula`` (and ``--trace``)."""
+    if req.trace and not req.formula:
+        from tokensteer.errors import UserError
+
+        raise UserError("--trace needs --formula")
+    from tokensteer.formula.engine import FormulaControl
+
+    return [FormulaControl(lm, req.formula, trace=req.trace)] if req.formula else []
+
+
+def required_capabilities(req: "RequestControls") -> frozenset[str]:
+    """Formulas only use hooks 1, 3 and 5, which every backend runs."""
+    return frozenset()
+
+
+__all__ = [
+    "C",
+    "Formula",
+    "FormulaControl",
+    "FormulaError",
+    "M",
+    "Model",
+    "RECIPES",
+    "check",
+    "formula_controls",
+    "intersection",
+    "nucleus",
+    "parse",
+    "required_capabilities",
+    "softunion",
+    "temp",
+    "topk",
+    "topp",
+    "union",
+]

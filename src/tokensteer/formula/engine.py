@@ -1,0 +1,304 @@
+"""The formula as a Control: same-model terms are extra rows of the loop's one batched forward
+(hook 1), other local models are sessions driven from ``start``/``on_token``, and the combination
+rewrites the next-token log-probabilities (hook 3). No second decode loop.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tokensteer.backends.base import Backend, Session
+from tokensteer.errors import UserError
+from tokensteer.formula.ast import Const, Formula, Guide, Model, Node, Op, Sum, to_string
+from tokensteer.formula.check import Report, check, kind, peel, top_terms
+from tokensteer.formula.guides import get_guide
+from tokensteer.formula.parser import parse
+from tokensteer.formula.trace import TermValue, TokenTrace
+from tokensteer.hooks import Control
+from tokensteer.loop import LoopState
+from tokensteer.sampling import top_k, top_p
+
+NEG_INF = float("-inf")
+TAIL = 160  # characters of context a guide scores: enough for a sentence, cheap for 20 candidates
+
+
+def nucleus_mask(lp: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool [B, V]: the smallest set of most likely tokens whose probability reaches p.
+
+    Looks at the top 256, then 4096 tokens before sorting everything, so a 262k vocabulary is
+    rarely sorted; rows are handled separately so one flat row does not slow the others.
+    """
+    if p >= 1.0:
+        return torch.ones_like(lp, dtype=torch.bool)
+    out = torch.zeros_like(lp, dtype=torch.bool)
+    todo = torch.arange(lp.shape[0])
+    for k in (256, 4096, lp.shape[-1]):
+        k = min(k, lp.shape[-1])
+        vals, idx = torch.topk(lp[todo], k, dim=-1)
+        probs = vals.exp()
+        cum = probs.cumsum(-1)
+        done = (cum[:, -1] >= p) | (k == lp.shape[-1])
+        if bool(done.any()):
+            keep = (cum[done] - probs[done]) < p
+            out[todo[done]] = torch.zeros_like(lp[todo[done]], dtype=torch.bool).scatter_(-1, idx[done], keep)
+        todo = todo[~done]
+        if len(todo) == 0:
+            break
+    return out
+
+
+def may_exclude(n: Node) -> bool:
+    """Whether a node can give −inf to some tokens (filters can; model terms never do)."""
+    if isinstance(n, Op):
+        return n.param is not None and n.name != "temp" or any(may_exclude(a) for a in n.args)
+    if isinstance(n, Sum):
+        return any(may_exclude(t) for _, t in n.terms)
+    return False
+
+
+def combine(terms: Sequence[tuple[float, torch.Tensor]], exclusive: bool = True) -> torch.Tensor:
+    """Σ wᵢ·xᵢ where a token excluded (−inf) by any term stays excluded, whatever the sign of w.
+
+    ``exclusive=False`` promises no term has −inf entries and takes the fast path.
+    """
+    if not exclusive:
+        (w0, x0), rest = terms[0], terms[1:]
+        out = x0 * w0
+        for w, x in rest:
+            out.add_(x, alpha=w)
+        return out
+    out: torch.Tensor | None = None
+    dead: torch.Tensor | None = None
+    for w, x in terms:
+        neg = torch.isneginf(x)
+        part = w * x
+        if bool(neg.any()):
+            part = part.masked_fill(neg, 0.0)
+            dead = neg if dead is None else dead | neg
+        out = part if out is None else out + part
+    return out if dead is None else out.masked_fill(dead, NEG_INF)
+
+
+class FormulaControl(Control):
+    """Generate from a formula over next-token distributions (see ``tokensteer.formula``)."""
+
+    def __init__(self, lm: Backend, formula: Formula | Node | str, trace: bool = False) -> None:
+        if isinstance(formula, str):
+            formula = parse(formula)
+        elif isinstance(formula, Node):
+            formula = Formula(formula)
+        self.lm, self.formula, self.trace_on = lm, formula, trace
+        self.report: Report = check(formula)
+        self.prefixes: list[str] = []  # same-model conditioning texts, one row each
+        self.others: list[tuple[str, str]] = []  # (model path, prefix) on other backends
+        self._collect(formula.root)
+        self.guides = {g.name: get_guide(g.name) for g in self._guides(formula.root)}
+        self._other_lms = {path: load_other(lm, path) for path, _ in self.others}
+        self._sessions: list[Session] = []
+        self._other_lp: list[torch.Tensor] = []
+        self.traces: list[list[TokenTrace]] = []
+        self._pending: list | None = None
+
+    # the formula's terms ------------------------------------------------------------------
+    def _collect(self, n: Node) -> None:
+        if isinstance(n, Model):
+            if n.model is None:
+                if n.prefix and n.prefix not in self.prefixes:
+                    self.prefixes.append(n.prefix)
+            elif (n.model, n.prefix) not in self.others:
+                self.others.append((n.model, n.prefix))
+        elif isinstance(n, Sum):
+            for _, t in n.terms:
+                self._collect(t)
+        elif isinstance(n, Op):
+            for a in n.args:
+                self._collect(a)
+
+    def _guides(self, n: Node) -> list[Guide]:
+        if isinstance(n, Guide):
+            return [n]
+        if isinstance(n, Sum):
+            return [g for _, t in n.terms for g in self._guides(t)]
+        if isinstance(n, Op):
+            return [g for a in n.args for g in self._guides(a)]
+        return []
+
+    # hooks --------------------------------------------------------------------------------
+    def variants(self, prompt: str) -> Sequence[str]:
+        return [p + prompt for p in self.prefixes]
+
+    def start(self, state: LoopState) -> None:
+        for s in self._sessions:
+            s.close()
+        self._sessions, self._other_lp = [], []
+        self.traces = [[] for _ in range(state.batch_size)]
+        tok = state.tokenizer
+        self._prompt_text = [tok.decode(p) for p in state.prompt_tokens]
+        for path, prefix in self.others:
+            other = self._other_lms[path]
+            rows = [p if not prefix else other.tokenizer.encode(prefix + t) for p, t in zip(state.prompt_tokens, self._prompt_text)]
+            sess = other.session()
+            self._sessions.append(sess)
+            self._other_lp.append(self._fit(torch.log_softmax(sess.prefill(rows).float(), -1)))
+
+    def _fit(self, lp: torch.Tensor) -> torch.Tensor:
+        """Match another model's logit width to ours (padded embedding rows differ)."""
+        V = self.lm.tokenizer.vocab_size
+        if lp.shape[-1] > V:
+            return torch.log_softmax(lp[:, :V], -1)
+        if lp.shape[-1] < V:
+            return torch.cat([lp, lp.new_full((lp.shape[0], V - lp.shape[-1]), NEG_INF)], -1)
+        return lp
+
+    def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
+        self._base_in = logprobs
+        self._rows = state.variant_rows(self) if self.prefixes else None
+        self._state = state
+        filters, body = peel(self.formula.root)
+        terms = top_terms(body)
+        normalized = self.formula.mode == "normalized"
+        total = sum(w for w, t in terms if kind(t) in ("model", "operator"))
+        div = total if normalized else 1.0
+        values = [(w / div, self.eval(t)) for w, t in terms if kind(t) not in ("guide",)]
+        s = combine(values, any(may_exclude(t) for _, t in terms))
+        guide_vals = []
+        for w, t in terms:
+            if isinstance(t, Guide):
+                delta = self.guide_delta(state, t, torch.log_softmax(s, -1))
+                guide_vals.append((w, delta))
+                s = s + w * delta
+        x = s
+        scale = 1.0
+        for f in reversed(filters):
+            x = self.filter(f, x)
+            if f.name == "temp":
+                scale /= f.param
+        out = torch.log_softmax(x, -1)
+        if self.trace_on:
+            pairs, vi, gi = [], iter(values), iter(guide_vals)
+            for w, t in terms:
+                wv, v = next(gi) if isinstance(t, Guide) else next(vi)
+                pairs.append((to_string(t), wv * scale, v))
+            kept = torch.where(torch.isneginf(out), torch.full_like(s, NEG_INF), s * scale)
+            self._pending = [pairs, torch.logsumexp(kept, -1), out, state.rows[:, 0]]
+        return out
+
+    def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
+        if self.trace_on and self._pending is not None:
+            self._record(state, tokens)
+        for i, sess in enumerate(self._sessions):
+            lp = torch.log_softmax(sess.step(tokens).float(), -1)
+            self._other_lp[i] = self._fit(lp)
+
+    # evaluation ---------------------------------------------------------------------------
+    def source(self, n: Model) -> torch.Tensor:
+        if n.model is not None:
+            return self._other_lp[self.others.index((n.model, n.prefix))]
+        if not n.prefix:
+            return self._base_in
+        return self._rows[:, self.prefixes.index(n.prefix)]
+
+    def eval(self, n: Node) -> torch.Tensor:
+        """[B, V] scores of a node (log-probabilities for terms, unnormalised for sums)."""
+        if isinstance(n, Model):
+            lp = self.source(n)
+            return lp if n.temperature == 1.0 else torch.log_softmax(lp / n.temperature, -1)
+        if isinstance(n, Const):
+            return torch.full_like(self._base_in, n.value)
+        if isinstance(n, Sum):
+            total = sum(w for w, t in n.terms if kind(t) in ("model", "operator"))
+            div = total if self.formula.mode == "normalized" else 1.0
+            return combine([(w / div, self.eval(t)) for w, t in n.terms], may_exclude(n))
+        if isinstance(n, Op):
+            if n.param is not None:
+                return self.filter(n, self.eval(n.args[0]))
+            xs = torch.stack([self.eval(a) if isinstance(a, Const) else torch.log_softmax(self.eval(a), -1) for a in n.args])
+            if n.name == "union":
+                return xs.max(0).values
+            if n.name == "intersection":
+                return xs.min(0).values
+            return torch.logsumexp(xs, 0)
+        raise UserError(f"{to_string(n)} cannot be evaluated here")
+
+    def filter(self, f: Op, x: torch.Tensor) -> torch.Tensor:
+        lp = torch.log_softmax(x, -1)
+        if f.name == "topk":
+            return top_k(lp, int(f.param))
+        if f.name == "topp":
+            return lp.masked_fill(~nucleus_mask(lp, f.param), NEG_INF)
+        if f.name == "nucleus":
+            return lp.masked_fill(~nucleus_mask(self._state.rows[:, 0], f.param), NEG_INF)
+        return torch.log_softmax(lp / f.param, -1)  # temp
+
+    def guide_delta(self, state: LoopState, g: Guide, lp: torch.Tensor) -> torch.Tensor:
+        """λ-free guide term: log C(text + candidate) − log C(text) on the top-k candidates, else 0."""
+        guide = self.guides[g.name]
+        tok = state.tokenizer
+        k = min(g.k, lp.shape[-1])
+        cand = torch.topk(lp, k, dim=-1).indices
+        out = torch.zeros_like(lp)
+        texts = []
+        for b in range(state.batch_size):
+            gen = state.generated[b]
+            head = self._prompt_text[b] if hasattr(self, "_prompt_text") else tok.decode(state.prompt_tokens[b])
+            texts.append((head + tok.decode(gen))[-TAIL:])
+            texts += [(head + tok.decode(gen + [int(c)]))[-TAIL:] for c in cand[b]]
+        scores = guide.logprob(texts).view(state.batch_size, k + 1)
+        out.scatter_(-1, cand, (scores[:, 1:] - scores[:, :1]).to(out.dtype))
+        return out
+
+    def _record(self, state: LoopState, tokens: torch.Tensor) -> None:
+        pairs, logz, out, base = self._pending
+        p = out.exp()
+        kl = torch.where(p > 0, p * (out - base), torch.zeros_like(p)).sum(-1)
+        for b in range(state.batch_size):
+            if state.finished[b]:
+                continue
+            t = int(tokens[b])
+            self.traces[b].append(
+                TokenTrace(
+                    step=state.step,
+                    token=t,
+                    text=state.tokenizer.token_text(t),
+                    terms=[TermValue(name, w, float(v[b, t])) for name, w, v in pairs],
+                    normalizer=float(logz[b]),
+                    combined=float(out[b, t]),
+                    base=float(base[b, t]),
+                    kl=float(kl[b]),
+                )
+            )
+        self._pending = None
+
+
+_OTHERS: dict[tuple[int, str], Backend] = {}
+
+
+def load_other(lm: Backend, path: str) -> Backend:
+    """Load another local model once per process, on the same kind of backend, same tokenizer."""
+    key = (id(lm), path)
+    if key not in _OTHERS:
+        import tokensteer
+
+        other = tokensteer.load(path, backend=lm.name)
+        why = tokenizer_mismatch(lm, other)
+        if why:
+            raise UserError(f"the model {path} cannot be combined with {lm.model_name}: {why}")
+        _OTHERS[key] = other
+    return _OTHERS[key]
+
+
+def tokenizer_mismatch(a: Backend, b: Backend) -> str | None:
+    """Why two models' tokenizers differ (formulas mix distributions token by token), or None."""
+    ta, tb = a.tokenizer, b.tokenizer
+    probes = ["Hello, world! The café's naïve résumé: 1234 ünïcödé — 東京 😀", "  def f(x):\n\treturn x"]
+    for s in probes:
+        if ta.encode(s) != tb.encode(s):
+            return "their tokenizers split text differently (every term must share one vocabulary)"
+    n = min(ta.vocab_size, tb.vocab_size)
+    step = max(1, n // 500)
+    for i in range(0, n, step):
+        if ta.token_text(i) != tb.token_text(i):
+            return f"token {i} is {ta.token_text(i)!r} in one and {tb.token_text(i)!r} in the other"
+    return None

@@ -1,0 +1,326 @@
+"""Parse the formula language safely (a tokenizer and a recursive-descent parser, never ``eval``).
+
+    [logits: | normalized:] expr
+    expr    := product (("+" | "-") product)*
+    product := signed (("*" | "/") signed)*          one side of "*" must be a number
+    signed  := ("-" | "+") signed | atom
+    atom    := NUMBER | "(" expr ")" | NAME | NAME "(" [arg ("," arg)*] ")"
+    arg     := [NAME "="] (STRING | expr)
+
+Names: ``M`` (the model), ``C`` (a guide), ``union``/``max``, ``softunion``, ``intersection``/``min``,
+``topk``, ``topp``, ``nucleus``, ``temp`` and the recipe names. ``−`` and ``×`` are accepted too.
+Errors say the column and draw a caret under it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from tokensteer.errors import UserError
+from tokensteer.formula.ast import (
+    COMBINERS,
+    FILTERS,
+    MODES,
+    Const,
+    Formula,
+    Guide,
+    Model,
+    Node,
+    op,
+)
+
+ALIASES = {"max": "union", "min": "intersection", "−": "-", "×": "*"}
+
+
+class FormulaError(UserError):
+    """A malformed formula; ``column`` is 1-based."""
+
+    def __init__(self, msg: str, text: str, column: int) -> None:
+        self.column, self.text, self.reason = column, text, msg
+        caret = " " * (column - 1) + "^"
+        super().__init__(f"formula error at column {column}: {msg}\n  {text}\n  {caret}")
+
+
+@dataclass
+class Tok:
+    kind: str  # num, str, name, op, end
+    text: str
+    col: int  # 1-based
+    value: object = None
+
+
+_TOKEN = re.compile(
+    r"""(?P<ws>\s+)
+    |(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+    |(?P<str>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+    |(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z_][A-Za-z0-9_]*)*)
+    |(?P<op>[-+*/(),=:−×])""",
+    re.VERBOSE,
+)
+
+
+def _unquote(raw: str, text: str, col: int) -> str:
+    body = raw[1:-1]
+    if raw[0] == "'":
+        body = re.sub(r'(?<!\\)((?:\\\\)*)"', r'\1\\"', body).replace("\\'", "'")
+    try:
+        return json.loads(f'"{body}"')
+    except json.JSONDecodeError as e:
+        raise FormulaError(f"bad escape in string ({e.msg})", text, col) from None
+
+
+def tokenize(text: str, names: frozenset[str] = frozenset()) -> list[Tok]:
+    """Split ``text`` into tokens; hyphenated names are kept only if they are in ``names``."""
+    out: list[Tok] = []
+    i = 0
+    while i < len(text):
+        m = _TOKEN.match(text, i)
+        if not m:
+            ch = text[i]
+            hint = " (strings need matching quotes)" if ch in "\"'" else ""
+            raise FormulaError(f"unexpected character {ch!r}{hint}", text, i + 1)
+        kind = m.lastgroup
+        s = m.group()
+        if kind == "name" and "-" in s and s not in names:
+            s = s.split("-")[0]  # "M-M" is a subtraction, not a name
+        if kind == "str":
+            out.append(Tok("str", s, i + 1, _unquote(s, text, i + 1)))
+        elif kind == "num":
+            out.append(Tok("num", s, i + 1, float(s)))
+        elif kind == "op":
+            out.append(Tok("op", ALIASES.get(s, s), i + 1))
+        elif kind == "name":
+            out.append(Tok("name", s, i + 1))
+        i += len(s)
+    out.append(Tok("end", "", len(text) + 1))
+    return out
+
+
+class Parser:
+    """Recursive descent over the tokens of one formula string."""
+
+    def __init__(self, text: str) -> None:
+        from tokensteer.formula.recipes import RECIPES
+
+        self.text = text
+        self.recipes = RECIPES
+        self.toks = tokenize(text, frozenset(RECIPES))
+        self.i = 0
+
+    def error(self, msg: str, tok: Tok | None = None) -> FormulaError:
+        tok = tok or self.peek()
+        return FormulaError(msg, self.text, tok.col)
+
+    def peek(self) -> Tok:
+        return self.toks[self.i]
+
+    def next(self) -> Tok:
+        t = self.toks[self.i]
+        self.i += 1
+        return t
+
+    def accept(self, s: str) -> Tok | None:
+        t = self.peek()
+        if t.kind == "op" and t.text == s:
+            self.i += 1
+            return t
+        return None
+
+    def expect(self, s: str, what: str) -> Tok:
+        t = self.accept(s)
+        if t is None:
+            found = self.peek()
+            raise self.error(f"expected {what} but found {_describe(found)}")
+        return t
+
+    # grammar ------------------------------------------------------------------------------
+    def formula(self) -> Formula:
+        mode = "logits"
+        t0, t1 = self.toks[0], self.toks[min(1, len(self.toks) - 1)]
+        if t0.kind == "name" and t1.kind == "op" and t1.text == ":":
+            if t0.text not in MODES:
+                raise self.error(f"unknown mode {t0.text!r}; choose logits or normalized", t0)
+            mode = t0.text
+            self.i = 2
+        if self.peek().kind == "end":
+            raise self.error("the formula is empty; try e.g. M + 2*(M(\"Be kind:\\n\") - M)")
+        root = self.expr()
+        t = self.peek()
+        if t.kind != "end":
+            raise self.error(f"unexpected {_describe(t)}; expected + - * / or the end")
+        return Formula(root, mode)
+
+    def expr(self) -> Node:
+        node = self.product()
+        while True:
+            t = self.peek()
+            if t.kind == "op" and t.text in "+-":
+                self.next()
+                rhs = self.product()
+                node = node + rhs if t.text == "+" else node - rhs
+            else:
+                return node
+
+    def product(self) -> Node:
+        node = self.signed()
+        while True:
+            t = self.peek()
+            if t.kind == "op" and t.text in "*/":
+                self.next()
+                rhs = self.signed()
+                if t.text == "/":
+                    if not isinstance(rhs, Const) or rhs.value == 0:
+                        raise self.error("can only divide by a non-zero number", t)
+                    node = node / rhs.value
+                elif isinstance(rhs, Const):
+                    node = node * rhs.value
+                elif isinstance(node, Const):
+                    node = rhs * node.value
+                else:
+                    raise self.error("can only multiply a formula by a number (no product of two formulas)", t)
+            else:
+                return node
+
+    def signed(self) -> Node:
+        t = self.peek()
+        if t.kind == "op" and t.text in "+-":
+            self.next()
+            inner = self.signed()
+            return -inner if t.text == "-" else inner
+        return self.atom()
+
+    def atom(self) -> Node:
+        t = self.next()
+        if t.kind == "num":
+            return Const(t.value)
+        if t.kind == "op" and t.text == "(":
+            node = self.expr()
+            self.expect(")", "')'")
+            return node
+        if t.kind == "name":
+            return self.call(t)
+        if t.kind == "str":
+            raise self.error("a string can only be an argument, e.g. M(\"Be kind:\\n\")", t)
+        raise self.error(f"expected a term but found {_describe(t)}", t)
+
+    def args(self) -> tuple[list[tuple[object, Tok]], dict[str, tuple[object, Tok]]]:
+        pos: list[tuple[object, Tok]] = []
+        kw: dict[str, tuple[object, Tok]] = {}
+        if self.accept(")"):
+            return pos, kw
+        while True:
+            t = self.peek()
+            if t.kind == "name" and self.toks[self.i + 1].kind == "op" and self.toks[self.i + 1].text == "=":
+                self.i += 2
+                if t.text in kw:
+                    raise self.error(f"argument {t.text} given twice", t)
+                kw[t.text] = (self.value(), t)
+            else:
+                if kw:
+                    raise self.error("positional argument after a keyword argument", t)
+                pos.append((self.value(), t))
+            if self.accept(")"):
+                return pos, kw
+            self.expect(",", "',' or ')'")
+
+    def value(self) -> object:
+        t = self.peek()
+        if t.kind == "str":
+            self.next()
+            if self.peek().kind == "op" and self.peek().text in "+-*/":
+                raise self.error("strings cannot be combined with operators", self.peek())
+            return t.value
+        return self.expr()
+
+    def call(self, name: Tok) -> Node:
+        n = ALIASES.get(name.text, name.text)
+        has_args = self.accept("(") is not None
+        pos, kw = self.args() if has_args else ([], {})
+        try:
+            if n == "M":
+                return self.model(name, pos, kw)
+            if n == "C":
+                return self.guide(name, pos, kw)
+            if n in COMBINERS:
+                self.no_kw(name, kw)
+                return op(n, *[self.formula_arg(v, t) for v, t in pos])
+            if n in FILTERS:
+                self.no_kw(name, kw)
+                if len(pos) != 2:
+                    raise self.error(f"{n} takes a formula and a number, e.g. {n}(M, 0.9)", name)
+                return op(n, self.formula_arg(*pos[0]), param=self.number(*pos[1]))
+            if n in self.recipes:
+                return self.recipes[n].build([v for v, _ in pos], {k: v for k, (v, _) in kw.items()})
+        except FormulaError:
+            raise
+        except UserError as e:
+            raise self.error(str(e), name) from None
+        known = ", ".join(["M", "C", *COMBINERS, "max", "min", *FILTERS])
+        raise self.error(
+            f"unknown name {name.text!r}; known: {known}; recipes: {', '.join(self.recipes)}", name
+        )
+
+    def no_kw(self, name: Tok, kw: dict) -> None:
+        if kw:
+            k, (_, t) = next(iter(kw.items()))
+            raise self.error(f"{name.text} takes no argument named {k}", t)
+
+    def formula_arg(self, v: object, t: Tok) -> Node:
+        if not isinstance(v, Node):
+            raise self.error("expected a formula here, not a string", t)
+        return v
+
+    def number(self, v: object, t: Tok) -> float:
+        if not isinstance(v, Const):
+            raise self.error("expected a number here", t)
+        return v.value
+
+    def string(self, v: object, t: Tok) -> str:
+        if not isinstance(v, str):
+            raise self.error("expected a quoted string here", t)
+        return v
+
+    def model(self, name: Tok, pos: list, kw: dict) -> Node:
+        if len(pos) > 1:
+            raise self.error('M takes one conditioning text, e.g. M("Be kind:\\n")', pos[1][1])
+        prefix = self.string(*pos[0]) if pos else ""
+        model, temp = None, 1.0
+        for k, (v, t) in kw.items():
+            if k == "model":
+                model = self.string(v, t)
+            elif k in ("T", "temperature"):
+                temp = self.number(v, t)
+                if temp <= 0:
+                    raise self.error(f"temperature must be > 0, got {temp}", t)
+            else:
+                raise self.error(f"M takes no argument named {k}; it takes a text, model= and T=", t)
+        return Model(prefix, model, temp)
+
+    def guide(self, name: Tok, pos: list, kw: dict) -> Node:
+        if len(pos) != 1:
+            raise self.error('C takes the name of a guide, e.g. C("positive")', name)
+        gname = self.string(*pos[0])
+        k = 20
+        for key, (v, t) in kw.items():
+            if key != "k":
+                raise self.error(f"C takes no argument named {key}; it takes a guide name and k=", t)
+            kf = self.number(v, t)
+            if kf < 1 or kf != int(kf):
+                raise self.error(f"k must be a whole number ≥ 1, got {kf}", t)
+            k = int(kf)
+        from tokensteer.formula.guides import GUIDES
+
+        if gname not in GUIDES:
+            raise self.error(f"unknown guide {gname!r}; known: {', '.join(GUIDES)}", pos[0][1])
+        return Guide(gname, k)
+
+
+def _describe(t: Tok) -> str:
+    return "the end of the formula" if t.kind == "end" else repr(t.text)
+
+
+def parse(text: str) -> Formula:
+    """Parse a formula string or a recipe name into a Formula; raises FormulaError with a column."""
+    return Parser(text).formula()

@@ -1,0 +1,187 @@
+"""Apply steering vectors during generation: a ``Control`` whose hook-2 edits add scaled vectors.
+
+Strength is in the vector's units (relative for trained vectors: a fraction of the layer's median
+residual norm). Several vectors combine by summing per layer; a list of strengths gives one per
+prompt of a batch. Mode ``gcav`` is GCAV's closed-form minimal push (torch only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from tokensteer.backends.base import RESIDUAL_ADD, RESIDUAL_FN
+from tokensteer.errors import UserError
+from tokensteer.hooks import Control, EditContext, Positions, ResidualEdit
+from tokensteer.steering.train import parse_layers
+from tokensteer.steering.vecfile import SteeringVector, load_vector
+
+POSITIONS = ("all", "prompt", "generated")
+MODES = ("add", "gcav")
+
+
+def dose(vector: torch.Tensor, strength: float) -> torch.Tensor:
+    """``strength × vector`` in float32: the one place a dose is computed (GGUF export uses it too)."""
+    return vector.to(torch.float32) * torch.tensor(strength, dtype=torch.float32)
+
+
+@dataclass
+class Steer:
+    """One vector to apply: at which layers, how strongly, where, and how."""
+
+    vector: SteeringVector
+    strength: float | Sequence[float] | None = None  # None: the file's recommendation; a list: one per prompt
+    layers: Sequence[int] | None = None  # None: the file's recommended layers
+    positions: Positions = "all"
+    mode: str = "add"
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise UserError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
+        if self.mode not in MODES:
+            raise UserError(f"unknown steering mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.strength is None:
+            self.strength = self.vector.recommended_strength
+        if self.layers is None:
+            self.layers = self.vector.recommended_layers
+        missing = [i for i in self.layers if i not in self.vector.vectors]
+        if missing:
+            raise UserError(f"the vector has no direction for layer(s) {missing}; it has {self.vector.layers}")
+        if self.mode == "gcav":
+            if not self.vector.probes:
+                raise UserError("mode gcav needs probe weights, which this vector file lacks (retrain it)")
+            for p in self._strengths():
+                if not 0 < p < 1:
+                    raise UserError(f"mode gcav takes a target probability in (0, 1) as its strength, got {p}")
+
+    def _strengths(self) -> list[float]:
+        s = self.strength
+        return [float(x) for x in s] if isinstance(s, (list, tuple)) else [float(s)]
+
+    @property
+    def per_row(self) -> bool:
+        return isinstance(self.strength, (list, tuple))
+
+
+def _gcav_fn(w: torch.Tensor, b: float, p0: torch.Tensor):
+    """GCAV minimal push: move each hidden state along w/‖w‖ just enough that σ(w·h+b) ≥ p0."""
+    norm = float(w.norm())
+    unit = w / norm
+    target = torch.log(p0) - torch.log1p(-p0)  # [N]
+
+    def fn(hidden: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        logit = hidden.float() @ w + b  # [N, T]
+        eps = ((target[:, None] - logit) / norm).clamp(min=0)
+        return hidden + (eps[..., None] * unit).to(hidden.dtype)
+
+    return fn
+
+
+@dataclass
+class SteeringControl(Control):
+    """Adds steering vectors to the residual stream (hook 2); one control for any number of vectors."""
+
+    steers: list[Steer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.requires = frozenset({RESIDUAL_FN}) if any(not _uniform(s) for s in self.steers) else frozenset()
+
+    def residual_edits(self, n_rows: int, rows_per_prompt: int) -> Sequence[ResidualEdit]:
+        n_prompts = n_rows // rows_per_prompt
+        parts: dict[tuple[int, str], list[torch.Tensor]] = {}
+        edits: list[ResidualEdit] = []
+        for s in self.steers:
+            strengths = s._strengths()
+            if s.per_row and len(strengths) != n_prompts:
+                raise UserError(f"{len(strengths)} per-prompt strengths given for {n_prompts} prompts")
+            if all(x == 0 for x in strengths) and s.mode == "add":
+                continue  # strength 0 is exactly no steering
+            for layer in s.layers:
+                if s.mode == "gcav":
+                    w, b = s.vector.probes[layer][:-1], float(s.vector.probes[layer][-1])
+                    p0 = torch.tensor(strengths if s.per_row else strengths * n_prompts, dtype=torch.float32)
+                    fn = _gcav_fn(w, b, p0.repeat_interleave(rows_per_prompt))
+                    edits.append(ResidualEdit(layer, fn=fn, positions=s.positions))
+                    continue
+                u = s.vector.vectors[layer]
+                if s.per_row:
+                    v = torch.stack([dose(u, x) for x in strengths]).repeat_interleave(rows_per_prompt, dim=0)
+                else:
+                    v = dose(u, strengths[0])
+                parts.setdefault((layer, s.positions), []).append(v)
+        for (layer, pos), vs in sorted(parts.items()):
+            if len(vs) == 1:
+                v = vs[0]
+            elif all(x.dim() == 1 for x in vs):
+                v = torch.stack(vs).sum(dim=0)
+            else:
+                v = torch.stack([x.expand(n_rows, -1) for x in vs]).sum(dim=0)
+            edits.append(ResidualEdit(layer, vector=v, positions=pos))
+        return edits
+
+
+def _uniform(s: Steer) -> bool:
+    return s.mode == "add" and s.positions == "all" and not s.per_row
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``VEC[:STRENGTH][:key=value...]`` or ``VEC@STRENGTH``; keys: layers, at (positions), mode."""
+    if not spec.strip():
+        raise UserError("empty --steer value; write VEC or VEC:STRENGTH")
+    path, rest = spec, []
+    if not Path(spec).exists():
+        if ":" in spec:
+            path, *rest = spec.split(":")
+        if "@" in path and not Path(path).exists():
+            path, s = path.rsplit("@", 1)
+            rest = [s] + rest
+    opts: dict = {}
+    for part in rest:
+        if "=" in part:
+            k, v = part.split("=", 1)
+            if k not in ("layers", "at", "mode"):
+                raise UserError(f"unknown steering option {k!r} in {spec!r}; use layers=, at= or mode=")
+            opts[k] = v
+        elif part:
+            try:
+                opts["strength"] = float(part)
+            except ValueError:
+                raise UserError(f"bad strength {part!r} in {spec!r}; write VEC:0.1") from None
+            if not math.isfinite(opts["strength"]):
+                raise UserError(f"strength must be a finite number, got {part!r}")
+    return path, opts
+
+
+def steer_from_spec(spec: str, lm=None) -> Steer:
+    """Build a Steer from a CLI/API spec string; with ``lm`` also check the vector fits the model."""
+    path, opts = parse_spec(spec)
+    vec = load_vector(path)
+    if lm is not None:
+        vec.check_model(lm)
+    n_layers = lm.n_layers if lm is not None else vec.meta.get("model", {}).get("n_layers", max(vec.layers) + 1)
+    layers = parse_layers(opts.get("layers"), n_layers) if "layers" in opts else None
+    return Steer(vec, opts.get("strength"), layers, opts.get("at", vec.meta.get("recommended", {}).get("positions", "all")), opts.get("mode", "add"))
+
+
+def steering_controls(lm, req) -> list[Control]:
+    """The Controls for ``req.steer`` (a list of ``VEC[:strength]`` strings) on a loaded backend."""
+    steers = [steer_from_spec(s, lm) for s in req.steer]
+    return [SteeringControl(steers)] if steers else []
+
+
+def required_capabilities(req) -> frozenset[str]:
+    """Backend capabilities ``req.steer`` needs: residual_add for uniform additive vectors, else residual_fn."""
+    needs: set[str] = set()
+    for spec in req.steer:
+        needs.add(RESIDUAL_ADD if _uniform(steer_from_spec(spec)) else RESIDUAL_FN)
+    return frozenset(needs)
+
+
+def steer(vector: SteeringVector | str, strength: float | Sequence[float] | None = None, **kw) -> SteeringControl:
+    """Python shortcut: ``ts.generate(lm, p, controls=[steer("vec.safetensors", 0.1)])``."""
+    vec = load_vector(vector) if isinstance(vector, (str, Path)) else vector
+    return SteeringControl([Steer(vec, strength, **kw)])

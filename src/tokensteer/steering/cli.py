@@ -1,0 +1,186 @@
+"""``tokensteer steer ...``: train, search, inspect, export and import steering vectors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tokensteer.errors import UserError
+
+app = typer.Typer(
+    help="""Steering vectors: train from contrast pairs, pick layer and strength automatically, share with llama.cpp.
+
+Examples:
+
+  tokensteer steer train --pairs sentiment --out pos.safetensors
+
+  tokensteer steer search pos.safetensors
+
+  tokensteer generate "The hotel was" --steer pos.safetensors:0.3
+
+  tokensteer steer export pos.safetensors --gguf pos.gguf   (then: llama-cli --control-vector pos.gguf)
+""",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+MODEL_HELP = "Local Hugging Face model folder or .gguf file (default: bundled Gemma 3 270M)."
+
+
+def _load(model: Optional[str]):
+    from tokensteer.backends.base import HIDDEN_STATES
+    from tokensteer.cli import load_model
+
+    return load_model(model, "torch", "float32", frozenset({HIDDEN_STATES}))
+
+
+@app.command()
+def train(
+    pairs: str = typer.Option(..., help="JSONL file of {\"positive\": ..., \"negative\": ...} lines, or a shipped set: sentiment, formality, french."),
+    out: Path = typer.Option(..., help="Where to write the vector (.safetensors)."),
+    method: str = typer.Option("diffmean", help="diffmean (CAA mean difference), pca (pair-centred, sign-fixed) or probe (logistic probe)."),
+    layers: str = typer.Option("auto", help="auto (best held-out separability in the middle layers), a range a-b, or a list 5,7."),
+    read: str = typer.Option("mean", help="Token positions read from each text: mean (all but BOS) or last."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+) -> None:
+    """Train a steering vector from contrast pairs (the residual stream is read on the torch backend).
+
+    Examples:
+
+      tokensteer steer train --pairs sentiment --out pos.safetensors
+
+      tokensteer steer train --pairs my_pairs.jsonl --out formal.safetensors --method pca --layers 6-8
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tokensteer.cli import err, user_errors
+    from tokensteer.steering.pairs import load_pairs
+    from tokensteer.steering.train import parse_layers, train_vector
+    from tokensteer.steering.vecfile import save_vector
+
+    with user_errors():
+        ps = load_pairs(pairs)
+    lm = _load(model)
+    with user_errors():
+        chosen = parse_layers(layers, lm.n_layers)
+        t0 = time.perf_counter()
+        with Progress(TextColumn("reading hidden states"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as p:
+            task = p.add_task("read", total=2 * len(ps.pairs))
+            vec = train_vector(lm, ps, method, chosen, read, progress=lambda d, n: p.update(task, completed=d))
+        save_vector(vec, out)
+    rec = vec.meta["recommended"]
+    err.print(
+        f"[green]wrote[/] {out}: {len(ps.pairs)} pairs, method {method}, {time.perf_counter() - t0:.1f} s; "
+        f"recommended layers {rec['layers']} at strength {rec['strength']} (run `tokensteer steer search {out}` to tune it)",
+        highlight=False,
+    )
+
+
+@app.command()
+def search(
+    vec: Path = typer.Argument(..., help="Vector file to tune (updated in place)."),
+    factor: float = typer.Option(1.5, help="Allowed perplexity of steered text, as a multiple of the uncontrolled text's."),
+    kl_max: float = typer.Option(2.0, help="Allowed mean KL(steered ‖ base) in nats per token."),
+    layers: str = typer.Option("auto", help="auto (rank by held-out separability, try the best few), or a-b / list."),
+    max_strength: float = typer.Option(2.0, help="Largest strength to try."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Where to save the dose–response plot (default VEC with .curve.png)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    backend: str = typer.Option("auto", help="auto, torch or llamacpp (sentiment vectors scored by VADER can search on the fast llamacpp backend)."),
+    prompts: int = typer.Option(16, help="How many of the built-in neutral search prompts to continue per dose (at most 16)."),
+    tokens: int = typer.Option(32, help="Tokens generated per continuation."),
+    bisect_steps: int = typer.Option(3, help="Bisection steps after the doubling phase."),
+) -> None:
+    """Pick layer and strength automatically and save the dose–response curve in the file and a plot.
+
+    The attribute is scored by VADER for sentiment vectors and by the vector's own probe otherwise.
+
+    Example:
+
+      tokensteer steer search pos.safetensors --factor 1.5
+    """
+    from tokensteer.cli import err, spinner, user_errors
+    from tokensteer.steering import search as S
+    from tokensteer.steering.train import parse_layers
+    from tokensteer.steering.vecfile import load_vector, save_vector
+
+    from tokensteer.backends.base import HIDDEN_STATES, RESIDUAL_ADD
+    from tokensteer.cli import load_model
+
+    with user_errors():
+        v = load_vector(vec)
+    vader = v.meta.get("pairs", {}).get("name") == "sentiment"
+    lm = load_model(model, backend, "float32", frozenset({RESIDUAL_ADD} if vader else {HIDDEN_STATES}))
+    with user_errors(), spinner("searching") as say:
+        from tokensteer.sampling import SamplingConfig
+
+        cfg = SamplingConfig(max_tokens=tokens, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
+        res = S.search(lm, v, factor=factor, kl_max=kl_max, layers=parse_layers(layers, lm.n_layers),
+                       prompts=S.SEARCH_PROMPTS[: max(1, prompts)], cfg=cfg, bisect_steps=bisect_steps,
+                       max_strength=max_strength, say=lambda m: (say(m), err.print(f"[dim]{m}[/]", highlight=False)))
+        S.record(v, res)
+        save_vector(v, vec)
+        png = S.plot(res, plot_path or vec.with_suffix(".curve.png"))
+    err.print(f"[green]chosen[/] layers {res.layers}, strength {res.strength:.3g}; curve saved in {vec} and {png}", highlight=False)
+
+
+@app.command()
+def info(vec: Path = typer.Argument(..., help="Vector file (.safetensors or .gguf).")) -> None:
+    """Show a vector's provenance: model, method, pairs, recommended layers and strength."""
+    from tokensteer.cli import user_errors
+    from tokensteer.steering.vecfile import load_vector
+
+    with user_errors():
+        v = load_vector(vec)
+    m = {k: v.meta.get(k) for k in ("format_version", "model", "units", "method", "pairs", "layer_convention", "created")}
+    rec = dict(v.meta.get("recommended", {}))
+    rec.pop("curve", None)
+    rec.pop("layer_trials", None)
+    typer.echo(json.dumps({**m, "layers": v.layers, "recommended": rec}, indent=1, ensure_ascii=False))
+
+
+@app.command()
+def export(
+    vec: Path = typer.Argument(..., help="Vector file to export."),
+    gguf: Path = typer.Option(..., help="Output llama.cpp control-vector GGUF."),
+    strength: Optional[float] = typer.Option(None, help="Strength folded into the tensors (default: the file's recommendation)."),
+    layers: Optional[str] = typer.Option(None, help="Layers to export (default: the recommended ones); 0 is impossible in llama.cpp."),
+) -> None:
+    """Export to llama.cpp's control-vector GGUF (direction.N = strength × vector of layer N).
+
+    Example:
+
+      tokensteer steer export pos.safetensors --gguf pos.gguf && llama-cli -m model.gguf --control-vector pos.gguf
+    """
+    from tokensteer.cli import err, user_errors
+    from tokensteer.steering.gguf_io import export_gguf
+    from tokensteer.steering.train import parse_layers
+    from tokensteer.steering.vecfile import load_vector
+
+    with user_errors():
+        v = load_vector(vec)
+        n = v.meta.get("model", {}).get("n_layers", max(v.layers) + 1)
+        out = export_gguf(v, gguf, strength, parse_layers(layers, n) if layers else None)
+    err.print(f"[green]wrote[/] {out}", highlight=False)
+
+
+@app.command("import")
+def import_(
+    gguf: Path = typer.Argument(..., help="A control-vector GGUF (from tokensteer, llama.cpp's cvector-generator or repeng)."),
+    out: Path = typer.Option(..., help="Output vector file (.safetensors)."),
+) -> None:
+    """Import a llama.cpp / repeng control-vector GGUF (foreign vectors keep raw units: strength 1 = as llama.cpp adds them)."""
+    from tokensteer.cli import err, user_errors
+    from tokensteer.steering.gguf_io import import_gguf
+    from tokensteer.steering.vecfile import save_vector
+
+    with user_errors():
+        if gguf.suffix.lower() != ".gguf":
+            raise UserError(f"{gguf} is not a .gguf file")
+        if not gguf.is_file():
+            raise UserError(f"{gguf} does not exist")
+        save_vector(import_gguf(gguf), out)
+    err.print(f"[green]wrote[/] {out}", highlight=False)

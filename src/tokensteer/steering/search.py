@@ -1,0 +1,246 @@
+"""Automatic layer and strength: rank layers cheaply, then bisect strength under a coherence bound.
+
+Stage 1 ranks layers by held-out probe separability (computed at training time). Stage 2 tries the
+best few at one strength and keeps the layer that moves the attribute most. The strength search
+doubles, then bisects, to find the strongest dose whose steered text stays coherent: perplexity
+under the base model ≤ ``factor`` × the uncontrolled text's, and mean KL(steered ‖ base) ≤
+``kl_max`` nats per token. The best-scoring coherent dose wins; the whole dose–response curve is
+saved in the vector file and as a plot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Callable, Sequence
+
+import torch
+
+from tokensteer.errors import UserError
+from tokensteer.sampling import SamplingConfig
+from tokensteer.steering.apply import Steer, SteeringControl
+from tokensteer.steering.scoring import coherence
+from tokensteer.steering.train import default_band
+from tokensteer.steering.vecfile import SteeringVector
+
+# Neutral openers for the search, distinct from the eval suite's prompts (held out from them).
+SEARCH_PROMPTS = [
+    "The report on the new bridge was published on",
+    "After the meeting, the committee members walked to",
+    "The shop on the corner sells",
+    "My cousin moved to a small town where",
+    "The weather forecast for tomorrow says",
+    "In the afternoon we drove along the coast to",
+    "The instructions for the printer explain how",
+    "Yesterday the school held its annual",
+    "The museum's new exhibition is about",
+    "When I opened the box, I found",
+    "The restaurant down the street",
+    "Our neighbour has a dog that",
+    "The film I watched last night",
+    "At the station, the announcer said that",
+    "The hotel we stayed in was",
+    "This year's harvest in the valley",
+]
+
+Scorer = Callable[[Sequence[str]], list[float]]  # texts -> attribute success in [0, 1] per text
+Say = Callable[[str], None]
+
+
+@dataclass
+class Point:
+    """One evaluated dose."""
+
+    layer: int
+    strength: float
+    score: float  # mean attribute success of the steered texts
+    perplexity: float  # mean base-model perplexity of the steered texts
+    ppl_ratio: float
+    kl: float  # mean KL(steered ‖ base) per token
+    feasible: bool
+
+
+@dataclass
+class SearchResult:
+    layers: list[int]
+    strength: float
+    baseline: dict
+    curve: list[Point] = field(default_factory=list)
+    layer_trials: list[Point] = field(default_factory=list)
+
+
+def vader_scorer(texts: Sequence[str]) -> list[float]:
+    """1 for a positive continuation by VADER (compound ≥ 0.05, VADER's own threshold), else 0."""
+    from tokensteer.eval.scorers import sentiment
+
+    return [float(s >= 0.05) for s in sentiment(texts)]
+
+
+def probe_scorer(lm, vec: SteeringVector, layer: int) -> Scorer:
+    """1 when the vector's own logistic probe (read on the unsteered model) calls a text positive."""
+    w, b = vec.probes[layer][:-1].double(), float(vec.probes[layer][-1])
+    read = vec.meta.get("method", {}).get("read", "mean")
+
+    def score(texts: Sequence[str]) -> list[float]:
+        from tokensteer.steering.train import read_features
+
+        keep = [t if t.strip() else "." for t in texts]
+        feats, _ = read_features(lm, keep, [layer], read)
+        return [float(float(f[0] @ w) + b > 0) for f in feats]
+
+    return score
+
+
+def default_scorer(lm, vec: SteeringVector, layer: int) -> tuple[str, Scorer]:
+    """VADER for sentiment vectors, else the vector's own probe."""
+    if vec.meta.get("pairs", {}).get("name") == "sentiment":
+        return "vader", vader_scorer
+    if not vec.probes:
+        raise UserError("this vector has no probe to score with; pass a scorer")
+    return "probe", probe_scorer(lm, vec, layer)
+
+
+def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base_ppl) -> tuple[Point, list[str]]:
+    ctl = SteeringControl([Steer(vec, strength, layers)])
+    from tokensteer.loop import generate
+
+    gens = generate(lm, prompts, cfg, [ctl])
+    texts = [g.text for g in gens]
+    edits = ctl.residual_edits(len(prompts), 1)
+    coh = coherence(lm, prompts, [g.tokens for g in gens], edits)
+    ppl = _mean_finite(coh.perplexity)
+    kl = mean(coh.kl) if coh.kl else 0.0
+    score = mean(scorer(texts))
+    return Point(layers[0], strength, score, ppl, ppl / base_ppl if base_ppl else float("inf"), kl, True), texts
+
+
+def _mean_finite(xs: Sequence[float]) -> float:
+    ok = [x for x in xs if math.isfinite(x)]
+    return mean(ok) if ok else float("inf")
+
+
+def search(
+    lm,
+    vec: SteeringVector,
+    scorer: Scorer | None = None,
+    prompts: Sequence[str] = SEARCH_PROMPTS,
+    factor: float = 1.5,
+    kl_max: float = 2.0,
+    layers: Sequence[int] | None = None,
+    n_layer_trials: int = 3,
+    probe_strength: float = 0.25,
+    max_strength: float = 2.0,
+    bisect_steps: int = 3,
+    cfg: SamplingConfig | None = None,
+    say: Say | None = None,
+) -> SearchResult:
+    """Choose layers (unless given) and the strongest coherent strength; returns the curve too."""
+    vec.check_model(lm)
+    cfg = cfg or SamplingConfig(max_tokens=32, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
+    say = say or (lambda _msg: None)
+    from tokensteer.loop import generate
+
+    base = generate(lm, list(prompts), cfg)
+    base_coh = coherence(lm, list(prompts), [g.tokens for g in base])
+    base_ppl = _mean_finite(base_coh.perplexity)
+
+    def feasible(p: Point) -> bool:
+        return p.ppl_ratio <= factor and p.kl <= kl_max
+
+    # Stage 1: held-out separability ranks the layers; stage 2: the top few are tried causally.
+    trials: list[Point] = []
+    if layers is None:
+        stats = vec.meta.get("stats", {})
+        band = [i for i in default_band(lm.n_layers) if i in vec.vectors]
+        ranked = sorted(band, key=lambda i: (-stats.get(str(i), {}).get("heldout_d_prime", 0.0), i))
+        best, best_key = None, None
+        for li in ranked[:n_layer_trials]:
+            name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, li)
+            p, _ = _evaluate(lm, vec, [li], probe_strength, prompts, cfg, sc, base_ppl)
+            p.feasible = feasible(p)
+            trials.append(p)
+            say(f"layer {li}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f}, KL {p.kl:.2f}")
+            key = (p.feasible, p.score, -p.ppl_ratio)
+            if best_key is None or key > best_key:
+                best, best_key = li, key
+        layers = [best]
+    layers = list(layers)
+    name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, layers[0])
+    base_score = mean(sc([g.text for g in base]))
+    curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True)]
+
+    def run(s: float) -> Point:
+        p, _ = _evaluate(lm, vec, layers, s, prompts, cfg, sc, base_ppl)
+        p.feasible = feasible(p)
+        curve.append(p)
+        say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f}, KL {p.kl:.2f}")
+        return p
+
+    lo, hi, s = 0.0, None, probe_strength / 2
+    while s <= max_strength:
+        if run(s).feasible:
+            lo, s = s, s * 2
+        else:
+            hi = s
+            break
+    if hi is not None:
+        for _ in range(bisect_steps):
+            mid = (lo + hi) / 2
+            if run(mid).feasible:
+                lo = mid
+            else:
+                hi = mid
+    ok = [p for p in curve if p.feasible and p.strength > 0]
+    if not ok:
+        raise UserError("no strength kept the text coherent; try other layers or a looser --factor")
+    chosen = max(ok, key=lambda p: (round(p.score, 6), -p.strength))
+    curve.sort(key=lambda p: p.strength)
+    return SearchResult(
+        layers, chosen.strength,
+        {"score": base_score, "perplexity": base_ppl, "scorer": name, "factor": factor, "kl_max": kl_max,
+         "prompts": len(prompts), "sampling": {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}},
+        curve, trials,
+    )
+
+
+def record(vec: SteeringVector, res: SearchResult) -> None:
+    """Store the search's choice and curve in the vector's metadata."""
+    vec.meta["recommended"] = {
+        "layers": res.layers,
+        "strength": res.strength,
+        "positions": "all",
+        "by": "automatic search (best attribute score with perplexity ≤ factor × uncontrolled and KL ≤ kl_max)",
+        "criteria": res.baseline,
+        "curve": [asdict(p) for p in res.curve],
+        "layer_trials": [asdict(p) for p in res.layer_trials],
+    }
+
+
+def plot(res: SearchResult, path: str | Path) -> Path:
+    """Dose–response plot: attribute score and perplexity ratio against strength."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokensteer.steering.vecfile import _atomic_write
+
+    xs = [p.strength for p in res.curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [p.score for p in res.curve], "o-", color="tab:blue", label="attribute score")
+    ax.set_xlabel("strength (fraction of median residual norm)")
+    ax.set_ylabel("attribute score", color="tab:blue")
+    ax.set_ylim(-0.02, 1.02)
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p.ppl_ratio for p in res.curve], "s--", color="tab:red", label="perplexity ratio")
+    ax2.axhline(res.baseline["factor"], color="tab:red", lw=0.8, ls=":")
+    ax2.set_ylabel("perplexity / uncontrolled", color="tab:red")
+    ax.axvline(res.strength, color="k", lw=0.8)
+    ax.set_title(f"layers {res.layers}: chosen strength {res.strength:.3g}")
+    fig.tight_layout()
+    path = Path(path)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path

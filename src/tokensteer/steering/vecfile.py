@@ -1,0 +1,154 @@
+"""The steering-vector file: safetensors tensors per layer plus JSON metadata with full provenance.
+
+Tensor ``layer.{i}`` is the vector added to the OUTPUT of 0-based decoder layer ``i`` at strength
+1.0. For trained vectors it has the length of that layer's median residual norm, so strength is a
+fraction of the typical residual norm and means the same on every layer and model ("relative"
+units); imported foreign vectors keep their raw numbers ("raw" units). ``probe.{i}`` holds a
+logistic probe's weights for the GCAV minimal-push mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokensteer.errors import UserError
+
+FORMAT = "tokensteer-steering-vector"
+FORMAT_VERSION = 1
+LAYER_CONVENTION = "0-based decoder layer index; the vector is added to the residual stream output of that layer"
+MISMATCH_ENV = "TOKENSTEER_ALLOW_VECTOR_MISMATCH"
+
+
+def model_signature(lm) -> dict[str, Any]:
+    """What identifies a model for steering, computable on every backend."""
+    arch = {"n_layers": int(lm.n_layers), "hidden_size": int(lm.hidden_size), "vocab_size": int(lm.tokenizer.vocab_size)}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    return {"id": lm.model_name, "config_hash": digest, **arch}
+
+
+@dataclass
+class SteeringVector:
+    """Per-layer vectors (the dose added at strength 1.0) and their metadata."""
+
+    vectors: dict[int, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    probes: dict[int, torch.Tensor] = field(default_factory=dict)  # [H + 1]: weights then bias
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[0])
+
+    @property
+    def recommended_layers(self) -> list[int]:
+        rec = self.meta.get("recommended", {}).get("layers")
+        return list(rec) if rec else self.layers
+
+    @property
+    def recommended_strength(self) -> float:
+        return float(self.meta.get("recommended", {}).get("strength", 0.1 if self.units == "relative" else 1.0))
+
+    @property
+    def units(self) -> str:
+        return self.meta.get("units", "relative")
+
+    def check_model(self, lm, allow_other_model: bool | None = None) -> None:
+        """Raise a clear UserError if this vector was made for a different model than ``lm``."""
+        if allow_other_model is None:
+            allow_other_model = os.environ.get(MISMATCH_ENV, "") not in ("", "0")
+        want = self.meta.get("model", {})
+        have = model_signature(lm)
+        name = self.meta.get("path", "the steering vector")
+        if self.hidden_size != have["hidden_size"]:
+            raise UserError(
+                f"{name} has hidden size {self.hidden_size} but model {have['id']} has {have['hidden_size']}: "
+                f"it was made for {want.get('id', 'another model')}; train a vector for this model with `tokensteer steer train`"
+            )
+        bad = [i for i in self.layers if not 0 <= i < have["n_layers"]]
+        if bad:
+            raise UserError(f"{name} has layers {bad} but model {have['id']} has layers 0–{have['n_layers'] - 1}")
+        if allow_other_model or not want.get("config_hash"):
+            return
+        if want["config_hash"] != have["config_hash"] or want.get("id") != have["id"]:
+            raise UserError(
+                f"{name} was trained on model {want.get('id')!r} ({want.get('n_layers')} layers, hidden "
+                f"{want.get('hidden_size')}, vocab {want.get('vocab_size')}) but this is {have['id']!r} "
+                f"({have['n_layers']} layers, hidden {have['hidden_size']}, vocab {have['vocab_size']}); retrain it "
+                f"with `tokensteer steer train --model ...`, or set {MISMATCH_ENV}=1 to use it anyway"
+            )
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_vector(vec: SteeringVector, path: str | Path) -> Path:
+    """Write ``vec`` atomically (temp file + rename) as safetensors with JSON metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {f"layer.{i}": v.detach().to(torch.float32).contiguous().clone() for i, v in vec.vectors.items()}
+    tensors |= {f"probe.{i}": p.detach().to(torch.float32).contiguous().clone() for i, p in vec.probes.items()}
+    meta = {k: v for k, v in vec.meta.items() if k != "path"}
+    meta.setdefault("format", FORMAT)
+    meta.setdefault("format_version", FORMAT_VERSION)
+    meta.setdefault("layer_convention", LAYER_CONVENTION)
+    meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    header = {"tokensteer": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def load_vector(path: str | Path) -> SteeringVector:
+    """Read a vector file; mistakes (missing, not ours, newer format) become UserErrors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"steering vector file {str(path)!r} does not exist; make one with `tokensteer steer train`")
+    if path.suffix.lower() == ".gguf":
+        from tokensteer.steering.gguf_io import import_gguf
+
+        return import_gguf(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors steering vector ({e})") from None
+    if "tokensteer" not in header:
+        raise UserError(f"{path} is a safetensors file without tokensteer metadata; it is not a steering vector")
+    try:
+        meta = json.loads(header["tokensteer"])
+    except json.JSONDecodeError:
+        raise UserError(f"{path} has corrupt tokensteer metadata") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not a tokensteer steering vector (format {meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(f"{path} uses vector format {meta['format_version']}; this tokensteer reads up to {FORMAT_VERSION}: upgrade it")
+    vectors = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("layer.")}
+    probes = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("probe.")}
+    if not vectors:
+        raise UserError(f"{path} holds no layer vectors")
+    meta["path"] = str(path)
+    return SteeringVector(vectors, meta, probes)

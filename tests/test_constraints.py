@@ -1,0 +1,219 @@
+"""Hard constraints on the tiny model: property tests that they hold under random sampling."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tokensteer
+from tokensteer.constraints import ConstraintSpec, build, check, from_mapping
+from tokensteer.constraints.keywords import found
+from tokensteer.constraints.vocab import token_table
+from tokensteer.errors import UserError
+from tokensteer.eval.scorers import count_check, final_word, word_count
+from tokensteer.sampling import SamplingConfig
+
+PROMPTS = ["the cat sat", "a quick brown", "one two", "hello"]
+SLOW = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def sample(lm, spec: ConstraintSpec, seed: int, n: int = 4, max_tokens: int = 40, prompts=PROMPTS):
+    cfg = SamplingConfig(max_tokens=max_tokens, temperature=1.0, seed=seed)
+    return tokensteer.generate(lm, list(prompts[:n]), cfg, build(lm, spec))
+
+
+def banned_in(text: str, word: str) -> bool:
+    w = re.escape(" ".join(word.split()).lower())
+    return re.search(rf"(?<!\w){w}(?!\w)", text.lower()) is not None
+
+
+WORDS = st.sampled_from(["the", "cat", "sat", "dog", "a", "on", "mat", "ran", "park", "five", "ov", "good day", "to the"])
+
+
+@SLOW
+@given(words=st.lists(WORDS, min_size=1, max_size=4, unique=True), seed=st.integers(0, 10_000))
+def test_banned_words_never_appear(tiny, words, seed):
+    for g in sample(tiny, ConstraintSpec(ban=words), seed):
+        for w in words:
+            assert not banned_in(g.text, w), (w, g.text)
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000))
+def test_banned_non_ascii_word_in_any_casing(tiny, seed):
+    for g in sample(tiny, ConstraintSpec(ban=["é", "Ãé"]), seed):
+        assert "é" not in g.text.lower() and "É" not in g.text
+
+
+@SLOW
+@given(n=st.integers(1, 12), end=st.sampled_from([None, "dog", "five", "mat"]), seed=st.integers(0, 10_000))
+def test_exact_word_count_and_end_word(tiny, n, end, seed):
+    spec = ConstraintSpec(words=n, end_word=end)
+    for g in sample(tiny, spec, seed, max_tokens=3 * n + 10):
+        assert word_count(g.text) == n and len(g.text.split()) == n, g.text
+        if end:
+            assert g.text.split()[-1] == end and final_word(g.text) == end
+            assert count_check(g.text, n, end)["success"]
+
+
+@SLOW
+@given(n=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_exact_sentences(tiny, n, seed):
+    for g in sample(tiny, ConstraintSpec(sentences=n), seed, max_tokens=60):
+        assert len(re.findall(r"[.!?]+", g.text)) == n and g.text[-1] in ".!?", g.text
+
+
+@SLOW
+@given(kws=st.lists(st.sampled_from(["dog", "park", "five", "hello world"]), min_size=1, max_size=3, unique=True), seed=st.integers(0, 10_000))
+def test_required_words_appear_within_deadline(tiny, kws, seed):
+    within = sum(len(k.split()) for k in kws) + 3
+    for g in sample(tiny, ConstraintSpec(require=kws, require_within=within), seed, max_tokens=50):
+        head = " ".join(g.text.split()[:within])
+        for k in kws:
+            assert found(k, head), (k, g.text)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "ok": {"type": "boolean"},
+        "tag": {"enum": ["cat", "dog"]},
+        "name": {"type": "string", "maxLength": 6},
+    },
+    "required": ["n", "ok", "tag", "name"],
+    "additionalProperties": False,
+}
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000))
+def test_json_always_parses_and_validates(tiny, seed):
+    for g in sample(tiny, ConstraintSpec(json_schema=SCHEMA), seed, max_tokens=80):
+        assert g.finish_reason == "eos", g.text
+        jsonschema.validate(json.loads(g.text), SCHEMA)
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000))
+def test_regex_matches(tiny, seed):
+    rx = r"(cat|dog) [0-9]{2,4}!"
+    for g in sample(tiny, ConstraintSpec(regex=rx), seed, max_tokens=30):
+        assert re.fullmatch(rx, g.text), g.text
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000))
+def test_vocabulary_restriction(tiny, seed):
+    listed = {"the", "cat", "sat", "on", "mat", "dog", "ran"}
+    for g in sample(tiny, ConstraintSpec(vocab=sorted(listed)), seed, max_tokens=30):
+        for w in re.findall(r"[\w']+", g.text.lower()):
+            assert w in listed, (w, g.text)
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000))
+def test_script_restriction_hard(tiny, seed):
+    import regex
+
+    ok = regex.compile(r"[\p{Script=Latin}\p{Script=Common}\p{Script=Inherited}]*")
+    for g in sample(tiny, ConstraintSpec(script=["latin"]), seed, max_tokens=40):
+        assert "\ufffd" not in g.text and ok.fullmatch(g.text), g.text
+
+
+def test_script_soft_downweights_other_scripts(tiny):
+    from tokensteer.constraints.script import ScriptPreference
+
+    table = token_table(tiny.tokenizer)
+    soft = ScriptPreference(table, ["Cyrillic"], 0.01)
+    assert soft.bias.min() < -4 and soft.bias.max() == 0
+    lp = torch_log_uniform(table.size)
+    out = soft.logprobs(None, lp)
+    foreign = soft.bias < 0
+    assert out[0, foreign].exp().sum() < lp[0, foreign].exp().sum()
+
+
+def torch_log_uniform(v: int):
+    import torch
+
+    return torch.log_softmax(torch.zeros(1, v), dim=-1)
+
+
+def test_constraints_compose_in_one_mask(tiny):
+    spec = ConstraintSpec(ban=["the"], words=6, end_word="dog", script=["Latin"])
+    [c] = build(tiny, spec)
+    assert len(c.parts) == 3
+    for g in sample(tiny, spec, 5, max_tokens=40):
+        assert len(g.text.split()) == 6 and g.text.split()[-1] == "dog" and not banned_in(g.text, "the")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (dict(ban=["dog"], require=["dog"]), "banned"),
+        (dict(ban=["Dog"], end_word="dog"), "banned"),
+        (dict(ban=["dog"], require=["hot dog"]), "banned"),
+        (dict(regex="(unclosed"), "invalid regex"),
+        (dict(words=2, require=["a b", "c"]), "too few"),
+        (dict(require=["a", "b"], require_within=1), "within"),
+        (dict(words=0), "at least 1"),
+        (dict(end_word="two words"), "one word"),
+        (dict(regex="a", json_schema={"type": "string"}), "only one"),
+        (dict(json_schema={"type": "nonsense"}), "not a valid JSON Schema"),
+        (dict(script=["Klingonese"]), "unknown Unicode script"),
+        (dict(script=["Cyrillic"], require=["dog"]), "not written in"),
+        (dict(vocab=["cat"], end_word="dog"), "word list"),
+        (dict(script_soft=0.5), "needs --script"),
+        (dict(sentences=2, end_word="dog"), "contradict"),
+        (dict(ban=[" "]), "empty"),
+    ],
+)
+def test_contradictions_and_mistakes_are_caught(spec, message):
+    with pytest.raises(UserError, match=message):
+        check(ConstraintSpec(**spec))
+
+
+def test_spec_from_mapping_reads_files(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(SCHEMA))
+    (tmp_path / "words.txt").write_text("the cat # comment\nsat, mat\n")
+    spec = from_mapping({"json_schema": str(tmp_path / "s.json"), "vocab": str(tmp_path / "words.txt"), "keywords": "cat"})
+    assert spec.json_schema == SCHEMA and spec.vocab == ["the", "cat", "sat", "mat"] and spec.require == ["cat"]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot parse"):
+        from_mapping({"json_schema": str(tmp_path / "bad.json")})
+    with pytest.raises(UserError, match="unknown constraint"):
+        from_mapping({"bann": ["x"]})
+
+
+def test_eval_method_uses_item_fields(tiny):
+    from tokensteer.eval.methods import make_method
+    from tokensteer.eval.tasks import Item, get_task
+
+    m = make_method("constraints:{ban: [the]}")
+    task = get_task("count")
+    a = Item("the cat sat", {"words": 4, "end_word": "dog"})
+    b = Item("a quick brown", {"words": 4, "end_word": "dog"})
+    ca, cb = m.controls(tiny, task, a), m.controls(tiny, task, b)
+    assert ca is cb  # same constraints: one batch
+    g = tokensteer.generate(tiny, [a.prompt, b.prompt], SamplingConfig(max_tokens=30, temperature=1.0, seed=1), ca)
+    assert all(count_check(x.text, 4, "dog")["success"] and not banned_in(x.text, "the") for x in g)
+
+
+def test_cli_rejects_contradiction_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokensteer.cli import app
+
+    r = CliRunner().invoke(app, ["generate", "hi", "--model", str(tmp_path / "missing"), "--ban", "sea", "--end-word", "sea"])
+    assert r.exit_code == 2 and "banned" in r.output
+
+
+def test_token_table_recovers_byte_pieces(tiny):
+    table = token_table(tiny.tokenizer)
+    joined = b"".join(table.tokens[i] for i in tiny.tokenizer.encode("héllo wörld", add_bos=False))
+    assert joined.decode("utf-8") == "héllo wörld"

@@ -1,0 +1,189 @@
+"""The eval framework: method registry, tasks, a tiny end-to-end run with cache and report, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tokensteer.eval.runner as runner
+from tokensteer.cli import app
+from tokensteer.errors import UserError
+from tokensteer.eval import Item, Method, get_task, make_method, register, run
+from tokensteer.eval.methods import read_spec
+from tokensteer.hooks import Control
+
+CFG = dict(batch_size=4)
+
+
+class BanToken(Control):
+    """Forbids one token id: a real control the test method plugs in."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def mask(self, state):
+        m = torch.ones(state.batch_size, state.tokenizer.vocab_size, dtype=torch.bool)
+        m[:, self.token] = False
+        return m
+
+
+class BanMethod(Method):
+    def __init__(self, arg):
+        super().__init__("ban")
+        self.arg = arg
+        self._controls = None
+
+    def controls(self, lm, task, item):
+        if self._controls is None:
+            self._controls = [BanToken(int(self.arg))]
+        return self._controls
+
+
+register("bantest", lambda arg: BanMethod(arg or "0"))
+
+
+def test_eval_registry_builds_methods():
+    assert type(make_method("none")).__name__ == "NoControl"
+    m = make_method("prompt")
+    task = get_task("sentiment-negative")
+    assert m.prompt(task, Item("The bus")) == "The following is a very negative review.\n\nThe bus"
+    assert make_method("none").prompt(task, Item("The bus")) == "The bus"
+    assert make_method("bantest:7").name == "bantest:7" and make_method("bantest:7").arg == "7"
+    with pytest.raises(UserError, match="unknown method"):
+        make_method("nosuch")
+    with pytest.raises(UserError, match="takes no argument"):
+        make_method("none:x")
+
+
+def test_eval_plugin_kinds_fail_clearly_or_load():
+    for kind in ("formula", "steer", "constraints"):
+        try:
+            m = make_method(f"{kind}:x")
+        except UserError as e:
+            assert kind in str(e) or "x" in str(e)  # not installed yet, or the plug-in rejects the arg
+        else:
+            assert isinstance(m, Method)
+
+
+def test_eval_read_spec(tmp_path):
+    (tmp_path / "s.yaml").write_text("words: 5\nend: sea\n")
+    (tmp_path / "s.json").write_text('{"words": 5}')
+    assert read_spec(str(tmp_path / "s.yaml")) == {"words": 5, "end": "sea"}
+    assert read_spec(str(tmp_path / "s.json")) == {"words": 5}
+    assert read_spec("positive") == "positive"
+    with pytest.raises(UserError, match="does not exist"):
+        read_spec(str(tmp_path / "missing.yaml"))
+
+
+def test_eval_user_prompt_files(tmp_path):
+    plain = tmp_path / "p.txt"
+    plain.write_text("The shop\nThe lake\n")
+    assert [i.prompt for i in get_task("detox").items(plain)] == ["The shop", "The lake"]
+    with pytest.raises(UserError, match="lacks words, end_word"):
+        get_task("count").items(plain)
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"prompt": "The", "words": "five", "end_word": "sea"}\n')
+    with pytest.raises(UserError, match="positive integer"):
+        get_task("count").items(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        get_task("count").items(tmp_path / "nope.jsonl")
+
+
+def test_eval_end_to_end_tiny(tiny, tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    kw = dict(n=3, samples=2, out=out, lm=tiny, model=str(tiny_dir), **CFG)
+    run("sentiment-positive", ["none"], **kw)
+    first = [json.loads(line) for line in (out / "cache" / "samples.jsonl").read_text().splitlines()]
+    ids = [t for s in first for t in s["token_ids"]]
+    banned = max(set(ids), key=ids.count)  # the token the plain model uses most
+    methods = ["none", "prompt", f"bantest:{banned}"]
+    res = run("sentiment-positive", methods, **kw)
+    assert set(res["methods"]) == set(methods)
+    for m in res["methods"].values():
+        assert m["n"] == 6 and 0.0 <= m["success_rate"] <= 1.0
+        for key in ("perplexity", "distinct_2", "tok_s", "calls_per_token", "sentiment"):
+            assert m[key] is not None
+    assert json.loads((out / "results.json").read_text()) == res
+    samples = [json.loads(line) for line in (out / "cache" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 18 and len({s["seed"] for s in samples}) == 18
+    assert [s for s in samples if s["method"] == "none"] == first  # reused, not regenerated
+    assert all(banned not in s["token_ids"] for s in samples if s["method"] == methods[2])
+    html = (out / "report.html").read_text()
+    assert all(name in html for name in res["methods"]) and "data:image/png;base64," in html
+    assert (out / "success_vs_perplexity.png").stat().st_size > 1000
+
+    # re-running (re-scoring) never regenerates: generation would raise
+    def no_generation(*a, **k):
+        raise AssertionError("regenerated a cached sample")
+
+    monkeypatch.setattr(runner, "_generate", no_generation)
+    again = run("sentiment-positive", methods, **kw)
+    assert {k: v["success_rate"] for k, v in again["methods"].items()} == {k: v["success_rate"] for k, v in res["methods"].items()}
+
+
+def test_eval_seeds_are_deterministic(tiny, tiny_dir, tmp_path):
+    a = run("count", ["none"], n=4, out=tmp_path / "a", lm=tiny, model=str(tiny_dir), report=False, **CFG)
+    b = run("count", ["none"], n=4, out=tmp_path / "b", lm=tiny, model=str(tiny_dir), report=False, **CFG)
+    ta = (tmp_path / "a" / "cache" / "scored-count.jsonl").read_text()
+    assert ta == (tmp_path / "b" / "cache" / "scored-count.jsonl").read_text()
+    assert a["methods"]["none"]["success_rate"] == b["methods"]["none"]["success_rate"]
+    c = run("count", ["none"], n=4, out=tmp_path / "c", lm=tiny, model=str(tiny_dir), report=False, seed=7, **CFG)
+    assert (tmp_path / "c" / "cache" / "scored-count.jsonl").read_text() != ta
+    assert c["task"] == "count"
+
+
+def test_eval_every_task_runs_on_tiny(tiny, tiny_dir, tmp_path):
+    for task in ("sentiment-negative", "detox", "topic", "keywords"):
+        res = run(task, ["none", "prompt"], n=2, samples=2, out=tmp_path / task, lm=tiny, model=str(tiny_dir), report=False, **CFG)
+        assert res["methods"]["prompt"]["n"] == 4
+    assert {"expected_max_toxicity", "toxicity_probability"} <= set(json.loads((tmp_path / "detox" / "results.json").read_text())["methods"]["none"])
+
+
+def test_eval_sweep_and_dose_response(tiny, tiny_dir, tmp_path):
+    register("temp", lambda arg: _Temp(arg))
+    res = run("sentiment-positive", ["none", "temp:{strength}"], n=2, sweep="strength=0,5", out=tmp_path, lm=tiny, model=str(tiny_dir), **CFG)
+    assert list(res["methods"]) == ["none", "temp:0", "temp:5"]
+    assert res["sweep"]["series"] == {"temp:{strength}": [["0", "temp:0"], ["5", "temp:5"]]}
+    assert (tmp_path / "dose_response.png").is_file()
+    with pytest.raises(UserError, match="no method has a parameter"):
+        run("sentiment-positive", ["none"], n=1, sweep="strength=1,2", out=tmp_path / "x", lm=tiny)
+    with pytest.raises(UserError, match="--sweep must look like"):
+        run("sentiment-positive", ["none"], n=1, sweep="strength", out=tmp_path / "x", lm=tiny)
+
+
+class _Scale(Control):
+    def __init__(self, s: float) -> None:
+        self.s = s
+
+    def logprobs(self, state, lp):
+        return torch.log_softmax(lp * (1 + self.s), dim=-1)
+
+
+class _Temp(Method):
+    def __init__(self, arg):
+        super().__init__("temp")
+        self.c = [_Scale(float(arg))]
+
+    def controls(self, lm, task, item):
+        return self.c
+
+
+def test_eval_cli_on_tiny(tiny_dir, tmp_path):
+    r = CliRunner().invoke(
+        app, ["eval", "--task", "keywords", "-m", "none", "-m", "prompt", "--n", "2", "--model", str(tiny_dir), "--backend", "torch", "--out", str(tmp_path)]
+    )
+    assert r.exit_code == 0, r.output
+    assert set(json.loads((tmp_path / "results.json").read_text())["methods"]) == {"none", "prompt"}
+    bad = CliRunner().invoke(app, ["eval", "--task", "nosuch", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown task" in bad.output
+    listing = CliRunner().invoke(app, ["eval", "--list"])
+    assert listing.exit_code == 0 and "detox" in listing.output and "steer" in listing.output
+
+
+def test_eval_workers_split_the_work(tiny_dir, tmp_path):
+    res = run("count", ["none"], n=4, out=tmp_path, model=str(tiny_dir), backend="torch", workers=2, batch_size=2, report=False)
+    recs = [json.loads(line) for line in (tmp_path / "cache" / "samples.jsonl").read_text().splitlines()]
+    assert res["methods"]["none"]["n"] == 4 and len(recs) == 4

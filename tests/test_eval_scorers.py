@@ -1,0 +1,148 @@
+"""Eval scorers on known texts, the count and keyword checkers on hand-made cases, prompt-file parsing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokensteer.errors import UserError
+from tokensteer.eval import scorers
+from tokensteer.eval.tasks import TASKS, parse_prompts
+from tokensteer.sampling import top_p
+
+
+def test_eval_sentiment_known_texts():
+    pos, neg, neutral = scorers.sentiment(
+        ["What a wonderful, delightful day; I love it!", "This is awful, I hate it and feel terrible.", "The box is on the table."]
+    )
+    assert pos > 0.5 and neg < -0.5 and abs(neutral) < 0.05
+
+
+def test_eval_toxicity_known_texts():
+    rude, polite = scorers.toxicity(["Shut up, you stupid idiot, f*** off", "Thank you for your kind help today."])
+    assert rude > 0.5 > polite
+    assert scorers.toxicity([]) == []
+
+
+def test_eval_topic_similarity_prefers_the_right_topic():
+    text = "The striker scored twice and the team won the championship match."
+    sport, food = (scorers.topic_similarity([text], t)[0] for t in ("sports: football, teams, matches", "cooking: recipes, ingredients, meals"))
+    assert sport > food
+
+
+@pytest.mark.parametrize(
+    "text,n,end,count_ok,end_ok",
+    [
+        (" walked slowly back home.", 4, "home", True, True),
+        (" walked slowly back to his home", 4, "home", False, True),
+        (" walked slowly back HOME!", 4, "home", True, True),
+        (" walked slowly — back home", 4, "home", True, True),  # a lone dash is not a word
+        (" walked slowly back house", 4, "home", True, False),
+        ("", 3, "home", False, False),
+        (" it's a home-made cake", 4, "cake", True, True),
+    ],
+)
+def test_eval_count_checker_hand_made(text, n, end, count_ok, end_ok):
+    c = scorers.count_check(text, n, end)
+    assert (c["count_ok"], c["end_ok"], c["success"]) == (float(count_ok), float(end_ok), count_ok and end_ok)
+    assert c["count_se"] == (scorers.word_count(text) - n) ** 2
+
+
+def test_eval_sentence_and_word_counts():
+    assert scorers.sentence_count("One. Two! Three? four") == 4
+    assert scorers.sentence_count("Dr. Smith is 3.5 m tall.") == 2  # abbreviations count: documented, simple rule
+    assert scorers.sentence_count("  ") == 0
+    assert scorers.final_word("It ended at the sea...") == "sea"
+    assert scorers.count_check("Hello there. Bye now.", 4, "now", sentences=2)["success"]
+    assert not scorers.count_check("Hello there bye now.", 4, "now", sentences=2)["success"]
+
+
+def test_eval_keyword_coverage():
+    assert scorers.keyword_coverage("The dogs chased a frisbee in the park.", ["dog", "frisbee", "park"]) == 1.0
+    assert scorers.keyword_coverage("Baking bread, the baker smiled.", ["bake", "bread", "oven"]) == pytest.approx(2 / 3)
+    assert scorers.keyword_coverage("nothing here", ["dog"]) == 0.0
+    assert scorers.keyword_coverage("hotdog", ["dog"]) == 0.0  # whole words only
+
+
+def test_eval_distinct_n():
+    assert scorers.distinct_n(["a b a b"], 1) == 0.5
+    assert scorers.distinct_n(["a b c", "a b d"], 2) == 0.75
+    assert scorers.distinct_n([""], 2) == 0.0
+
+
+def test_eval_perplexity_torch_matches_session_path(tiny):
+    prompts, texts = ["the cat sat", "one two"], [" on the mat", " three four five"]
+    ctx = [tiny.tokenizer.encode(p) for p in prompts]
+    cont = [scorers._continuation_ids(tiny.tokenizer, p, t, c) for p, t, c in zip(prompts, texts, ctx)]
+    a = scorers._nll_torch(tiny, ctx, cont)
+    b = scorers._nll_session(tiny, ctx, cont)
+    assert a == pytest.approx(b, rel=1e-4)
+    ppl = scorers.perplexity(tiny, prompts + ["x"], texts + [""])
+    assert ppl[0] == pytest.approx(math.exp(a[0] / len(cont[0])), rel=1e-5)
+    assert math.isnan(ppl[2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"prompt": st.text(min_size=1).filter(lambda s: s.strip() and "\n" not in s and "\r" not in s)},
+            optional={"words": st.integers(1, 20), "keywords": st.lists(st.text(min_size=1), max_size=3)},
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_eval_jsonl_prompt_files_round_trip(objs):
+    text = "".join(json.dumps(o) + "\n" for o in objs)
+    items = parse_prompts(text)
+    assert [it.prompt for it in items] == [o["prompt"] for o in objs]
+    assert [it.fields for it in items] == [{k: v for k, v in o.items() if k != "prompt"} for o in objs]
+
+
+def test_eval_prompt_file_errors():
+    with pytest.raises(UserError, match="line 2"):
+        parse_prompts('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(UserError, match="no prompts"):
+        parse_prompts("# only a comment\n\n")
+    with pytest.raises(UserError, match="prompt"):
+        parse_prompts('{"text": "a"}\n')
+    assert [i.prompt for i in parse_prompts("first line\n# comment\nsecond\\nline\n")] == ["first line", "second\nline"]
+
+
+def test_eval_shipped_prompt_sets():
+    sizes = {name: len(t.items()) for name, t in TASKS.items()}
+    assert sizes["sentiment-positive"] >= 100 and sizes["detox"] >= 50
+    assert all(v >= 30 for v in sizes.values())
+    for t in TASKS.values():
+        prompts = [i.prompt for i in t.items()]
+        if t.name not in ("count", "topic", "keywords"):
+            assert len(set(prompts)) == len(prompts), t.name
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.05, 0.99), st.floats(0.5, 12.0))
+def test_eval_fast_top_p_is_the_nucleus(seed, p, scale):
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(3, 5000, generator=g) * scale, dim=-1)
+    out = top_p(lp, p)
+    for row, kept in zip(lp, out):
+        keep = ~torch.isinf(kept)
+        assert torch.equal(kept[keep], row[keep])  # kept tokens keep their values
+        mass = row[keep].exp().sum().item()
+        weakest = row[keep].min().exp().item()
+        assert mass >= p - 1e-4 and mass - weakest < p + 1e-4  # reaches p, and minimal
+        assert row[~keep].max() <= row[keep].min() if (~keep).any() else True
+
+
+@pytest.mark.model
+def test_eval_perplexity_ranks_fluent_text_lower_on_bundled(bundled):
+    prompts = ["The weather today is", "The weather today is"]
+    texts = [" sunny and warm, with a light breeze.", " breeze warm light sunny, a with and."]
+    fluent, scrambled = scorers.perplexity(bundled, prompts, texts)
+    assert fluent < scrambled / 3

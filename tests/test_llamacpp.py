@@ -1,0 +1,250 @@
+"""The llama.cpp backend on the bundled GGUF: same loop, same answers as torch, batching, steering."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import pytest
+import torch
+
+import tokensteer as ts
+from tokensteer.backends import HIDDEN_STATES, RESIDUAL_ADD, RESIDUAL_FN, choose_backend
+from tokensteer.hooks import Control, ResidualEdit
+from tokensteer.models import resolve
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    "The old lighthouse keeper climbed the stairs one last time and",
+    "Once upon a time",
+    "The capital of France is",
+    "def fib(n):",
+]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    lm = ts.load(None, backend="llamacpp")
+    yield lm
+    lm.close()
+
+
+class Steer(Control):
+    """Add one fixed random direction at the given layers (what llama.cpp control vectors do)."""
+
+    def __init__(self, hidden: int, layers=(4, 5, 6), norm: float = 60.0, positions="all", per_row=False):
+        g = torch.Generator().manual_seed(0)
+        v = torch.randn(hidden, generator=g)
+        self.v, self.layers, self.positions, self.per_row = v / v.norm() * norm, layers, positions, per_row
+
+    def residual_edits(self, n_rows, rows_per_prompt):
+        v = self.v.expand(n_rows, -1) if self.per_row else self.v
+        return [ResidualEdit(layer=i, vector=v, positions=self.positions) for i in self.layers]
+
+
+def test_tokenizer_matches_hugging_face(llama, bundled):
+    texts = [
+        "The old lighthouse keeper",
+        "  leading spaces\tand tabs\n\nnewlines",
+        "Ünïcödé café 日本語 🙂",
+        "<start_of_turn>user\nhi<end_of_turn>",
+        "def f(x):\n    return x**2",
+    ]
+    for text in texts:
+        ids = bundled.tokenizer.encode(text)
+        assert llama.tokenizer.encode(text) == ids
+        assert ids[0] == llama.tokenizer.bos_id  # Gemma starts with <bos> on both
+        assert llama.tokenizer.decode(ids) == bundled.tokenizer.decode(ids)
+        assert llama.tokenizer.encode(text, add_bos=False) == bundled.tokenizer.encode(text, add_bos=False)
+    for i in range(0, 262144, 997):
+        assert llama.tokenizer.token_text(i) == bundled.tokenizer.token_text(i), i
+
+
+def test_greedy_text_matches_torch(llama, bundled):
+    """Same weights (Q4 in llama.cpp, dequantized in torch): the greedy continuations agree."""
+    same = 0
+    for p in PROMPTS:
+        a = ts.generate(bundled, p, max_tokens=16, ignore_eos=True)
+        b = ts.generate(llama, p, max_tokens=16, ignore_eos=True)
+        same += a.tokens == b.tokens
+    assert same >= len(PROMPTS) - 1, f"only {same} of {len(PROMPTS)} greedy texts agree"
+
+
+def _teacher_forced_top1(lm, ids: list[int]) -> list[int]:
+    s = lm.session()
+    try:
+        out = [int(s.prefill([ids[:1]]).argmax(-1))]
+        for t in ids[1:-1]:
+            out.append(int(s.step(torch.tensor([t])).argmax(-1)))
+    finally:
+        s.close()
+    return out
+
+
+def test_next_token_top1_agreement_with_torch(llama, bundled):
+    text = (
+        "The lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper "
+        "climbed the spiral stairs, trimmed the wick and watched the ships pass safely by. When the "
+        "storm came in the winter of 1887, the light did not go out."
+    )
+    ids = llama.tokenizer.encode(text)
+    a, b = _teacher_forced_top1(bundled, ids), _teacher_forced_top1(llama, ids)
+    agree = sum(x == y for x, y in zip(a, b)) / len(a)
+    assert agree >= 0.9, f"top-1 agreement {agree:.2f}"
+
+
+def test_batched_rows_match_one_at_a_time(llama):
+    batched = ts.generate(llama, PROMPTS, max_tokens=12, ignore_eos=True)
+    for p, g in zip(PROMPTS, batched):
+        single = ts.generate(llama, p, max_tokens=12, ignore_eos=True)
+        assert g.tokens == single.tokens
+        assert g.logprobs == pytest.approx(single.logprobs, abs=1e-5)
+
+
+def test_step_logits_are_a_view_of_llama_memory(llama):
+    s = llama.session()
+    try:
+        s.prefill([llama.tokenizer.encode("Hello"), llama.tokenizer.encode("Good morning")])
+        logits = s.step(torch.tensor([1000, 2000]))
+        addr = ctypes.cast(llama_cpp.llama_get_logits(s.c.ptr), ctypes.c_void_p).value
+        assert logits.shape == (2, llama.tokenizer.vocab_size)
+        assert logits.data_ptr() == addr  # no copy
+    finally:
+        s.close()
+
+
+def test_logprobs_top_alternatives_and_seeds(llama):
+    g = ts.generate(llama, "The capital of France is", max_tokens=5, ignore_eos=True, top_logprobs=3)
+    for t, lp, top in zip(g.tokens, g.logprobs, g.top_logprobs):
+        assert top[0][0] == t and top[0][1] == pytest.approx(lp)
+        assert top[0][1] >= top[1][1] >= top[2][1] and lp <= 0
+    kw = dict(max_tokens=16, temperature=1.2, top_p=0.95, ignore_eos=True)
+    a = ts.generate(llama, "Once upon a time", seed=7, **kw).tokens
+    assert a == ts.generate(llama, "Once upon a time", seed=7, **kw).tokens
+    assert a != ts.generate(llama, "Once upon a time", seed=8, **kw).tokens
+
+
+def test_trim_and_fork_reuse_the_cache_exactly(llama):
+    ids = llama.tokenizer.encode("The old lighthouse keeper")
+    s = llama.session()
+    try:
+        s.prefill([ids])
+        after = [s.step(torch.tensor([t])).clone() for t in (506, 1530, 236764)]
+        s.trim(2)  # back to just after 506
+        assert torch.equal(s.step(torch.tensor([1530])), after[1])
+        s.select([0, 0, 0])  # fork into three rows
+        out = s.step(torch.tensor([236764, 236764, 532])).clone()
+        assert torch.equal(out[0], after[2]) and torch.equal(out[1], after[2])
+        s.select([2])  # keep only the third branch
+        s.step(torch.tensor([1000]))
+    finally:
+        s.close()
+    ref = llama.session()
+    try:
+        ref.prefill([ids + [506, 1530]])
+        assert torch.equal(ref.step(torch.tensor([532])), out[2:3])
+    finally:
+        ref.close()
+
+
+def test_steering_changes_output_and_clearing_restores_baseline(llama):
+    p = "The weather today is"
+    base = ts.generate(llama, p, max_tokens=16, ignore_eos=True)
+    steered = ts.generate(llama, p, max_tokens=16, ignore_eos=True, controls=[Steer(llama.hidden_size)])
+    assert steered.tokens != base.tokens
+    again = ts.generate(llama, p, max_tokens=16, ignore_eos=True)
+    assert again.tokens == base.tokens and again.logprobs == base.logprobs
+    zero = ts.generate(llama, p, max_tokens=16, ignore_eos=True, controls=[Steer(llama.hidden_size, norm=0.0)])
+    assert zero.tokens == base.tokens and zero.logprobs == base.logprobs
+
+
+def test_steering_only_generated_positions_leaves_the_prompt_alone(llama):
+    p = "The weather today is"
+    base = ts.generate(llama, p, max_tokens=12, ignore_eos=True)
+    gen = ts.generate(llama, p, max_tokens=12, ignore_eos=True, controls=[Steer(llama.hidden_size, positions="generated")])
+    assert gen.tokens[0] == base.tokens[0] and gen.logprobs[0] == base.logprobs[0]  # from the prompt's pass
+    assert gen.tokens != base.tokens
+
+
+@pytest.mark.parametrize(
+    "control, match",
+    [
+        (Steer(640, layers=(0,)), "layer 0"),
+        (Steer(640, per_row=True), "per-row"),
+        (Steer(640, layers=(40,)), "out of range"),
+    ],
+)
+def test_edits_llama_cannot_run_are_user_errors(llama, control, match):
+    with pytest.raises(ts.UserError, match=match):
+        ts.generate(llama, "Hello", max_tokens=2, controls=[control])
+
+
+def test_function_edits_and_hidden_states_point_to_torch(llama):
+    class Fn(Control):
+        def residual_edits(self, n_rows, rows_per_prompt):
+            return [ResidualEdit(layer=3, fn=lambda h, ctx: h * 2)]
+
+    with pytest.raises(ts.UserError, match="--backend torch"):
+        ts.generate(llama, "Hello", max_tokens=2, controls=[Fn()])
+    with pytest.raises(ts.UserError, match="hidden states"):
+        llama.hidden_states(["Hello"], [3])
+
+
+def test_backend_choice(tiny_dir):
+    bundled = resolve(None)
+    assert choose_backend(bundled, "auto") == "llamacpp"
+    assert choose_backend(bundled, "auto", needs=frozenset({RESIDUAL_ADD})) == "llamacpp"
+    assert choose_backend(bundled, "auto", needs=frozenset({HIDDEN_STATES})) == "torch"
+    assert choose_backend(bundled, "auto", needs=frozenset({RESIDUAL_FN})) == "torch"
+    assert choose_backend(bundled, "auto", dtype="bfloat16") == "torch"
+    assert choose_backend(bundled, "torch") == "torch"
+    hf = resolve(str(tiny_dir))
+    assert choose_backend(hf, "auto") == "torch"
+    with pytest.raises(ts.UserError, match="Hugging Face folder"):
+        choose_backend(hf, "llamacpp")
+    with pytest.raises(ts.UserError, match="hidden states"):
+        choose_backend(bundled, "llamacpp", needs=frozenset({HIDDEN_STATES}))
+    with pytest.raises(ts.UserError, match="unknown backend"):
+        choose_backend(bundled, "vllm")
+
+
+def test_user_gguf_file_loads_directly(llama, tmp_path):
+    from tokensteer.models import bundled_gguf
+
+    link = tmp_path / "my-model.gguf"
+    link.symlink_to(bundled_gguf())
+    lm = ts.load(str(link))
+    try:
+        assert lm.name == "llamacpp" and lm.model_name == "my-model.gguf"
+        g = ts.generate(lm, "Once upon a time", max_tokens=6, ignore_eos=True)
+        assert g.tokens == ts.generate(llama, "Once upon a time", max_tokens=6, ignore_eos=True).tokens
+    finally:
+        lm.close()
+
+
+def test_full_context_is_a_user_error(tmp_path):
+    from tokensteer.backends.llamacpp import LlamaCppBackend
+    from tokensteer.models import bundled_gguf
+
+    lm = LlamaCppBackend.load(bundled_gguf(), n_ctx=256)
+    try:
+        long_prompt = "one two three four five six seven eight nine ten " * 30
+        with pytest.raises(ts.UserError, match="context is full"):
+            ts.generate(lm, long_prompt, max_tokens=8, ignore_eos=True)
+    finally:
+        lm.close()
+
+
+def test_cli_json_says_which_backend_ran():
+    from typer.testing import CliRunner
+
+    from tokensteer.cli import app
+
+    res = CliRunner().invoke(app, ["generate", "Once upon a time", "-n", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "llamacpp" and len(out["tokens"]) == 4
+    res = CliRunner().invoke(app, ["generate", "Hi", "--backend", "llamacpp", "--model", "/nonexistent.gguf"])
+    assert res.exit_code == 2

@@ -1,0 +1,424 @@
+"""Activation steering on the tiny random model: training, files, GGUF interchange, application."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tokensteer as ts
+from tokensteer.controls import RequestControls
+from tokensteer.errors import UserError
+from tokensteer.hooks import ResidualEdit
+from tokensteer.steering import (
+    Pair,
+    PairSet,
+    SteeringVector,
+    export_gguf,
+    import_gguf,
+    load_pairs,
+    load_vector,
+    required_capabilities,
+    save_vector,
+    shipped_names,
+    steer,
+    steering_controls,
+    train_vector,
+)
+from tokensteer.steering.apply import _gcav_fn, dose, parse_spec
+from tokensteer.steering.pairs import parse_jsonl
+from tokensteer.steering.train import parse_layers, pca
+from tokensteer.steering.vecfile import MISMATCH_ENV, model_signature
+
+POS = ["good great happy kind", "the cat is happy and kind", "a great day in the park", "hello good world",
+       "the dog is kind", "one happy fox", "good good great", "a kind cat sat"]
+NEG = ["bad awful sad rude", "the cat is sad and rude", "an awful day in the park", "hello bad world",
+       "the dog is rude", "one sad fox", "bad bad awful", "a rude cat sat"]
+PAIRS = PairSet("toy", tuple(Pair(p, n) for p, n in zip(POS, NEG)), "test")
+
+
+@pytest.fixture(scope="module")
+def vec(tiny):
+    return train_vector(tiny, PAIRS, "diffmean", layers=[1])
+
+
+def greedy(lm, prompts, controls=(), n=8):
+    return ts.generate(lm, prompts, controls=controls, max_tokens=n, ignore_eos=True)
+
+
+# ---- pairs -------------------------------------------------------------------------------------
+
+def test_shipped_pair_sets_have_at_least_64_pairs():
+    names = shipped_names()
+    assert {"sentiment", "formality", "french"} <= set(names)
+    for name in names:
+        ps = load_pairs(name)
+        assert len(ps.pairs) >= 64, name
+        assert len({p.positive for p in ps.pairs}) == len(ps.pairs)
+
+
+def test_pair_file_errors_name_the_line(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"positive": "a", "negative": "b"}\n{"positive": "a"}\n')
+    with pytest.raises(UserError, match="line 2"):
+        load_pairs(str(f))
+    with pytest.raises(UserError, match="shipped"):
+        load_pairs("no-such-set")
+    f.write_text('{"positive": "a", "negative": "b"}\n\n{"positive": "c", "negative": "d"}\n')
+    assert len(load_pairs(str(f)).pairs) == 2
+
+
+@given(st.lists(st.tuples(st.text(min_size=1).filter(str.strip), st.text(min_size=1).filter(str.strip)), min_size=1, max_size=8))
+def test_pair_jsonl_round_trip(rows):
+    text = "\n".join(json.dumps({"positive": p, "negative": n}) for p, n in rows)
+    assert [(p.positive, p.negative) for p in parse_jsonl(text, "x")] == rows
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["diffmean", "pca", "probe"])
+def test_planted_direction_is_recovered(tiny, method):
+    """Plant a known direction in the tiny model's residual features of the positive side; recover it.
+
+    Both sides hold the same texts (paired in shifted order), so the content is pure noise around
+    the plant, with the spread of real hidden states.
+    """
+    from tokensteer.steering.train import direction, read_features
+
+    texts = POS + NEG + [
+        "the cat sat on the mat", "a quick brown fox jumps", "one two three four five", "the dog ran to the park",
+        "hello world good day", "seven eight nine ten", "the lazy dog every day", "a kind dog and a rude cat",
+    ]
+    feats, median = read_features(tiny, texts, [0, 1])
+    g = torch.Generator().manual_seed(0)
+    planted = torch.randn(tiny.hidden_size, generator=g, dtype=torch.float64)
+    planted /= planted.norm()
+    shift = torch.roll(torch.arange(len(texts)), 5)
+    for li in (0, 1):
+        x = feats[:, li]
+        spread = float((x - x.mean(0)).norm(dim=1).mean())
+        pos, neg = x + 2 * spread * planted, x[shift]
+        v = direction(method, pos, neg)
+        cos = float(v @ planted)
+        assert cos > (0.98 if method != "probe" else 0.9), (method, li, cos)
+
+
+@pytest.mark.parametrize("method", ["diffmean", "pca", "probe"])
+def test_training_is_deterministic_bit_for_bit(tiny, method):
+    a = train_vector(tiny, PAIRS, method, layers=[1])
+    b = train_vector(tiny, PAIRS, method, layers=[1])
+    for i in a.vectors:
+        assert torch.equal(a.vectors[i], b.vectors[i])
+        assert torch.equal(a.probes[i], b.probes[i])
+    assert a.meta["pairs"]["sha256"] == b.meta["pairs"]["sha256"]
+
+
+def test_pca_is_pair_centred_and_sign_fixed():
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(16, dtype=torch.float64, generator=g)
+    mid = torch.randn(40, 16, dtype=torch.float64, generator=g) * 5  # large offsets a global centring would see
+    noise = torch.randn(40, 16, dtype=torch.float64, generator=g) * 0.1
+    pos, neg = mid + d + noise, mid - d - noise
+    v = pca(pos, neg)
+    assert float(v @ d) / float(d.norm()) > 0.99
+    assert torch.allclose(pca(neg, pos), -v)
+
+
+def test_vector_is_scaled_to_median_residual_norm(vec):
+    for i, u in vec.vectors.items():
+        assert math.isclose(float(u.norm()), vec.meta["stats"][str(i)]["median_norm"], rel_tol=1e-5)
+
+
+def test_parse_layers():
+    assert parse_layers("auto", 18) is None
+    assert parse_layers("6-8", 18) == [6, 7, 8]
+    assert parse_layers("5,7", 18) == [5, 7]
+    with pytest.raises(UserError, match="out of range"):
+        parse_layers("17-18", 18)
+    with pytest.raises(UserError, match="bad layer"):
+        parse_layers("x", 18)
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**9, 10**9) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(meta=st.dictionaries(st.text(max_size=10).filter(lambda k: k not in ("path", "format", "format_version")), json_values, max_size=5),
+       seed=st.integers(0, 2**31 - 1), layers=st.sets(st.integers(0, 30), min_size=1, max_size=4))
+def test_vector_file_round_trip(tmp_path, meta, seed, layers):
+    g = torch.Generator().manual_seed(seed)
+    vectors = {i: torch.randn(24, generator=g) for i in layers}
+    probes = {i: torch.randn(25, generator=g) for i in layers}
+    path = save_vector(SteeringVector(vectors, dict(meta), probes), tmp_path / "v.safetensors")
+    back = load_vector(path)
+    assert set(back.vectors) == set(vectors)
+    assert all(torch.equal(back.vectors[i], vectors[i]) and torch.equal(back.probes[i], probes[i]) for i in layers)
+    for k, v in meta.items():
+        assert back.meta[k] == v
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]  # no temp files left
+
+
+def test_failed_write_leaves_old_file_intact(tmp_path, vec, monkeypatch):
+    path = save_vector(vec, tmp_path / "v.safetensors")
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def boom(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        save_vector(vec, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_vector(tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a file")
+    with pytest.raises(UserError, match="not a readable"):
+        load_vector(bad)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="without tokensteer metadata"):
+        load_vector(tmp_path / "other.safetensors")
+
+
+def test_metadata_records_provenance(vec, tiny):
+    m = vec.meta
+    assert m["model"] == model_signature(tiny)
+    assert m["pairs"]["n"] == len(POS) and len(m["pairs"]["sha256"]) == 64
+    assert m["method"]["name"] == "diffmean"
+    assert set(m["stats"]) == {"0", "1"} and "median_norm" in m["stats"]["1"]
+    assert m["recommended"]["layers"] == [1]
+
+
+def test_loading_into_a_different_model_fails_clearly(vec, tiny, monkeypatch):
+    monkeypatch.delenv(MISMATCH_ENV, raising=False)
+    vec.check_model(tiny)
+    small = SteeringVector({1: torch.zeros(16)}, {"model": {"id": "other", "hidden_size": 16}})
+    with pytest.raises(UserError, match="hidden size 16"):
+        small.check_model(tiny)
+    other = SteeringVector(vec.vectors, {**vec.meta, "model": {**vec.meta["model"], "id": "gemma-3-270m", "config_hash": "abc"}})
+    with pytest.raises(UserError, match="trained on model 'gemma-3-270m'"):
+        other.check_model(tiny)
+    monkeypatch.setenv(MISMATCH_ENV, "1")
+    other.check_model(tiny)
+    far = SteeringVector({40: torch.zeros(tiny.hidden_size)}, {})
+    with pytest.raises(UserError, match="layers"):
+        far.check_model(tiny)
+
+
+# ---- GGUF interchange --------------------------------------------------------------------------
+
+def test_gguf_round_trip_is_exact(vec, tmp_path):
+    out = export_gguf(vec, tmp_path / "v.gguf", strength=0.37, layers=[1])
+    back = import_gguf(out)
+    assert set(back.vectors) == set(vec.vectors)
+    for i in vec.vectors:
+        assert torch.equal(back.vectors[i], vec.vectors[i])
+        assert torch.equal(back.probes[i], vec.probes[i])
+    assert back.meta["pairs"] == vec.meta["pairs"] and back.meta["stats"] == vec.meta["stats"]
+    import gguf
+
+    r = gguf.GGUFReader(str(out))
+    names = {t.name: np.array(t.data) for t in r.tensors}
+    assert list(names) == ["direction.1"]  # 0-based layer 1 is llama.cpp's direction.1
+    assert np.array_equal(names["direction.1"], dose(vec.vectors[1], 0.37).numpy())  # strength folded in
+    # exporting the import again gives the same tensors byte for byte
+    again = export_gguf(back, tmp_path / "w.gguf", strength=0.37, layers=[1])
+    assert np.array_equal(np.array(gguf.GGUFReader(str(again)).tensors[0].data), names["direction.1"])
+
+
+def test_gguf_export_refuses_layer_0(vec, tmp_path):
+    with pytest.raises(UserError, match="layer 0"):
+        export_gguf(vec, tmp_path / "v.gguf", layers=[0])
+
+
+def write_foreign_gguf(path, directions, hint="gemma3"):
+    """A control vector as repeng and llama.cpp's cvector-generator write it."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    w.add_string("controlvector.model_hint", hint)
+    w.add_uint32("controlvector.layer_count", len(directions))
+    for layer, d in directions.items():
+        w.add_tensor(f"direction.{layer}", d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_foreign_gguf_imports_with_raw_numbers_and_same_layers(tmp_path, tiny):
+    rng = np.random.default_rng(0)
+    dirs = {1: rng.standard_normal(tiny.hidden_size).astype(np.float32)}
+    write_foreign_gguf(tmp_path / "r.gguf", dirs)
+    v = import_gguf(tmp_path / "r.gguf")
+    assert v.units == "raw" and v.recommended_layers == [1] and v.recommended_strength == 1.0
+    assert np.array_equal(v.vectors[1].numpy(), dirs[1])
+    out = export_gguf(v, tmp_path / "again.gguf")
+    import gguf
+
+    t = gguf.GGUFReader(str(out)).tensors[0]
+    assert t.name == "direction.1" and np.array_equal(np.array(t.data), dirs[1])
+    # applied at strength 1 it adds exactly the raw vector, as llama.cpp would
+    (e,) = steer(v).residual_edits(1, 1)
+    assert e.layer == 1 and torch.equal(e.vector, torch.from_numpy(dirs[1]))
+
+
+def test_repeng_in_memory_vector_converts():
+    from types import SimpleNamespace
+
+    from tokensteer.steering import from_repeng
+
+    cv = SimpleNamespace(model_type="gemma3", directions={3: np.ones(8, dtype=np.float32), 5: np.arange(8, dtype=np.float32)})
+    v = from_repeng(cv)
+    assert v.layers == [3, 5] and v.units == "raw" and v.meta["model"]["id"] == "gemma3"
+    assert torch.equal(v.vectors[5], torch.arange(8, dtype=torch.float32))
+
+
+# ---- application -------------------------------------------------------------------------------
+
+def test_strength_zero_is_exactly_unsteered(tiny, vec):
+    prompts = ["the cat", "a quick brown fox"]
+    base = greedy(tiny, prompts)
+    zero = greedy(tiny, prompts, [steer(vec, 0.0)])
+    for a, b in zip(base, zero):
+        assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    # the hook path with an explicit zero vector is exact too
+    class Zero(ts.Control):
+        def residual_edits(self, n_rows, rows_per_prompt):
+            return [ResidualEdit(1, vector=torch.zeros(tiny.hidden_size))]
+
+    for a, b in zip(base, greedy(tiny, prompts, [Zero()])):
+        assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    strong = greedy(tiny, prompts, [steer(vec, 1.0)])
+    assert any(a.logprobs != b.logprobs for a, b in zip(base, strong))
+
+
+def test_per_row_strengths_match_single_runs(tiny, vec):
+    prompts = ["the cat", "a quick brown fox", "hello world"]
+    mixed = greedy(tiny, prompts, [steer(vec, [0.0, 0.8, -0.5])])
+    for p, s, g in zip(prompts, [0.0, 0.8, -0.5], mixed):
+        single = greedy(tiny, [p], [steer(vec, s)])[0]
+        assert g.tokens == single.tokens
+        assert np.allclose(g.logprobs, single.logprobs, atol=1e-4)
+
+
+def test_several_vectors_sum_per_layer(vec):
+    other = SteeringVector({i: torch.ones_like(u) for i, u in vec.vectors.items()}, {"recommended": {"layers": [1]}})
+    from tokensteer.steering import Steer, SteeringControl
+
+    ctl = SteeringControl([Steer(vec, 0.5, [1]), Steer(other, 2.0, [1]), Steer(vec, 0.25, [0])])
+    edits = ctl.residual_edits(4, 2)
+    assert [e.layer for e in edits] == [0, 1]
+    assert torch.allclose(edits[1].vector, dose(vec.vectors[1], 0.5) + dose(other.vectors[1], 2.0))
+    per_row = SteeringControl([Steer(vec, [0.5, 0.0], [1]), Steer(other, 1.0, [1])]).residual_edits(4, 2)
+    assert per_row[0].vector.shape == (4, vec.hidden_size)
+    assert torch.allclose(per_row[0].vector[2], other.vectors[1])
+
+
+def test_generated_only_leaves_the_prompt_unsteered(tiny, vec):
+    base = greedy(tiny, ["the cat sat"])[0]
+    gen = greedy(tiny, ["the cat sat"], [steer(vec, 1.0, positions="generated")])[0]
+    allpos = greedy(tiny, ["the cat sat"], [steer(vec, 1.0)])[0]
+    assert gen.logprobs[0] == base.logprobs[0]  # first token comes from the unsteered prefill
+    assert allpos.logprobs[0] != base.logprobs[0]
+
+
+def test_gcav_pushes_to_the_target_probability_and_no_further():
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(16, generator=g), 0.3
+    h = torch.randn(2, 5, 16, generator=g) * 3
+    p0 = torch.tensor([0.9, 0.9])
+    out = _gcav_fn(w, b, p0)(h, None)
+    p_before, p_after = torch.sigmoid(h @ w + b), torch.sigmoid(out @ w + b)
+    assert bool((p_after >= 0.9 - 1e-4).all())
+    keep = p_before >= 0.9
+    assert torch.allclose(out[keep], h[keep])  # already there: untouched
+
+
+def test_gcav_mode_runs_in_generation(tiny, vec):
+    g = greedy(tiny, ["the cat"], [steer(vec, 0.95, mode="gcav")])[0]
+    assert len(g.tokens) == 8
+    with pytest.raises(UserError, match="target probability"):
+        steer(vec, 2.0, mode="gcav")
+
+
+def test_spec_parsing_and_capabilities(tmp_path, vec):
+    path = str(save_vector(vec, tmp_path / "v.safetensors"))
+    assert parse_spec(f"{path}:0.3:layers=0-1:at=generated") == (path, {"strength": 0.3, "layers": "0-1", "at": "generated"})
+    assert parse_spec(f"{path}@0.5") == (path, {"strength": 0.5})
+    assert parse_spec(path) == (path, {})
+    with pytest.raises(UserError, match="bad strength"):
+        parse_spec(f"{path}:strong")
+    with pytest.raises(UserError, match="unknown steering option"):
+        parse_spec(f"{path}:0.1:where=x")
+    assert required_capabilities(RequestControls(steer=[f"{path}:0.3"])) == {"residual_add"}
+    assert required_capabilities(RequestControls(steer=[f"{path}:0.3:at=generated"])) == {"residual_fn"}
+    assert required_capabilities(RequestControls(steer=[f"{path}:0.9:mode=gcav"])) == {"residual_fn"}
+
+
+def test_request_controls_build_steering(tiny, vec, tmp_path):
+    path = str(save_vector(vec, tmp_path / "v.safetensors"))
+    (ctl,) = steering_controls(tiny, RequestControls(steer=[f"{path}:0.5", f"{path}:0.25:layers=0"]))
+    assert [s.strength for s in ctl.steers] == [0.5, 0.25]
+    assert [list(s.layers) for s in ctl.steers] == [[1], [0]]
+    from tokensteer.controls import build_controls
+
+    assert len(build_controls(tiny, RequestControls(steer=[path]))) == 1
+
+
+def test_eval_method_plugin(tiny, vec, tmp_path):
+    path = str(save_vector(vec, tmp_path / "v.safetensors"))
+    from tokensteer.eval.methods import make_method
+
+    m = make_method(f"steer:{path}@0.4")
+    c1 = m.controls(tiny, None, None)
+    assert c1 is m.controls(tiny, None, None)  # one shared list: items batch together
+    assert c1[0].steers[0].strength == 0.4
+    assert m.needs() == {"residual_add"}
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def test_cli_train_info_export_import(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tokensteer.cli import app
+
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("\n".join(json.dumps({"positive": p, "negative": n}) for p, n in zip(POS, NEG)))
+    vec = tmp_path / "v.safetensors"
+    r = CliRunner().invoke(app, ["steer", "train", "--pairs", str(pairs), "--out", str(vec), "--model", str(tiny_dir), "--layers", "1", "--method", "pca"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(CliRunner().invoke(app, ["steer", "info", str(vec)]).stdout)
+    assert info["method"]["name"] == "pca" and info["recommended"]["layers"] == [1]
+    r = CliRunner().invoke(app, ["steer", "export", str(vec), "--gguf", str(tmp_path / "v.gguf"), "--strength", "0.2"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["steer", "import", str(tmp_path / "v.gguf"), "--out", str(tmp_path / "w.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(load_vector(tmp_path / "w.safetensors").vectors[1], load_vector(vec).vectors[1])
+    r = CliRunner().invoke(app, ["generate", "the cat", "--model", str(tiny_dir), "-n", "4", "--steer", f"{vec}:0.3", "--no-stream"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["steer", "train", "--pairs", "nope", "--out", str(vec)])
+    assert r.exit_code == 2 and "nope" in r.output
+    r = CliRunner().invoke(app, ["steer", "export", str(vec), "--gguf", str(tmp_path / "x.gguf"), "--layers", "0"])
+    assert r.exit_code == 2 and "layer 0" in r.output
