@@ -32,9 +32,10 @@ from tokensteer.steering.search import SEARCH_PROMPTS
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """Result and CPU seconds of this process (robust to other jobs on a shared machine)."""
+    t = time.process_time()
     out = fn()
-    return out, time.perf_counter() - t
+    return out, time.process_time() - t
 
 
 def unit(v) -> torch.Tensor:
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--strengths", default="0.05,0.1,0.15")
     ap.add_argument("--factor", type=float, default=1.5, help="perplexity bound for 'success at matched perplexity'")
+    ap.add_argument("--no-eval", action="store_true", help="only training time, repeatability and agreement")
     a = ap.parse_args()
     if a.libs:
         sys.path.insert(0, a.libs)
@@ -60,14 +62,14 @@ def main() -> None:
     ps = load_pairs("sentiment")
     ps = type(ps)(ps.name, ps.pairs[: a.pairs], ps.source)
     L = a.layer
-    out: dict = {"pairs": len(ps.pairs), "layer": L, "train_s": {}, "repeatable": {}, "cos_to_ours": {}, "errors": {}}
+    out: dict = {"pairs": len(ps.pairs), "layer": L, "train_cpu_s": {}, "repeatable": {}, "cos_to_ours": {}, "errors": {}}
     dirs: dict[str, torch.Tensor] = {}
 
     # tokensteer: all layers, twice for the repeatability check
     for method in ("diffmean", "pca"):
         v1, t = timed(lambda: train_vector(lm, ps, method))
         v2 = train_vector(lm, ps, method)
-        out["train_s"][f"tokensteer-{method}"] = t
+        out["train_cpu_s"][f"tokensteer-{method}"] = t
         out["repeatable"][f"tokensteer-{method}"] = all(torch.equal(v1.vectors[i], v2.vectors[i]) for i in v1.vectors)
         dirs[f"tokensteer-{method}"] = unit(v1.vectors[L])
         if method == "diffmean":
@@ -81,7 +83,7 @@ def main() -> None:
         for method in ("pca_diff", "pca_center"):
             cv, t = timed(lambda: ControlVector.train(model, tok, data, method=method))
             cv2 = ControlVector.train(model, tok, data, method=method)
-            out["train_s"][f"repeng-{method}"] = t
+            out["train_cpu_s"][f"repeng-{method}"] = t
             out["repeatable"][f"repeng-{method}"] = all(np.array_equal(cv.directions[i], cv2.directions[i]) for i in cv.directions)
             dirs[f"repeng-{method}"] = unit(cv.directions[L])
     except Exception as e:  # report exactly why it could not run
@@ -93,7 +95,7 @@ def main() -> None:
         samples = [(p.positive, p.negative) for p in ps.pairs]
         sv, t = timed(lambda: train_steering_vector(model, tok, samples, show_progress=False))
         sv2 = train_steering_vector(model, tok, samples, show_progress=False)
-        out["train_s"]["steering-vectors-mean"] = t
+        out["train_cpu_s"]["steering-vectors-mean"] = t
         out["repeatable"]["steering-vectors-mean"] = all(torch.equal(sv.layer_activations[i], sv2.layer_activations[i]) for i in sv.layer_activations)
         dirs["steering-vectors-mean"] = unit(sv.layer_activations[L].float())
         out["save_load"] = {"steering-vectors": hasattr(sv, "save") or hasattr(sv, "to_file")}
@@ -103,6 +105,9 @@ def main() -> None:
     ref = dirs["tokensteer-diffmean"]
     out["cos_to_ours"] = {k: float(v @ ref) for k, v in dirs.items()}
 
+    if a.no_eval:
+        print(json.dumps(out))
+        return
     # the same evaluation for every direction: same hook, same relative strengths, same prompts
     from tokensteer.eval.scorers import sentiment
 

@@ -197,11 +197,12 @@ def test_eval_method_uses_item_fields(tiny):
     m = make_method("constraints:{ban: [the]}")
     task = get_task("count")
     a = Item("the cat sat", {"words": 4, "end_word": "dog"})
-    b = Item("a quick brown", {"words": 4, "end_word": "dog"})
+    b = Item("a quick brown", {"words": 6, "end_word": "five"})
     ca, cb = m.controls(tiny, task, a), m.controls(tiny, task, b)
-    assert ca is cb  # same constraints: one batch
+    assert ca is cb  # one control list: the items share a batch, each row with its own constraints
     g = tokensteer.generate(tiny, [a.prompt, b.prompt], SamplingConfig(max_tokens=30, temperature=1.0, seed=1), ca)
-    assert all(count_check(x.text, 4, "dog")["success"] and not banned_in(x.text, "the") for x in g)
+    assert count_check(g[0].text, 4, "dog")["success"] and count_check(g[1].text, 6, "five")["success"]
+    assert not any(banned_in(x.text, "the") for x in g)
 
 
 def test_cli_rejects_contradiction_before_loading(tmp_path):

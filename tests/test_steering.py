@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -422,3 +421,35 @@ def test_cli_train_info_export_import(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "nope" in r.output
     r = CliRunner().invoke(app, ["steer", "export", str(vec), "--gguf", str(tmp_path / "x.gguf"), "--layers", "0"])
     assert r.exit_code == 2 and "layer 0" in r.output
+
+
+def test_search_records_curve_and_plot(tiny, vec, tmp_path):
+    from tokensteer.sampling import SamplingConfig
+    from tokensteer.steering import search as S
+
+    cfg = SamplingConfig(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    scorer = lambda texts: [float("good" in t or "great" in t or "happy" in t) for t in texts]
+    res = S.search(tiny, vec, scorer, prompts=["the cat", "the dog", "hello"], layers=[1], factor=1e9, kl_max=1e9,
+                   probe_strength=0.5, max_strength=1.0, bisect_steps=1, cfg=cfg)
+    strengths = [p.strength for p in res.curve]
+    assert strengths == sorted(strengths) and strengths[0] == 0.0 and 0.25 in strengths and 1.0 in strengths
+    assert res.strength in strengths[1:] and all(p.feasible for p in res.curve)
+    assert all(p.kl >= 0 for p in res.curve) and res.curve[0].kl == 0.0
+    S.record(vec, res)
+    path = save_vector(vec, tmp_path / "v.safetensors")
+    back = load_vector(path)
+    assert back.recommended_strength == res.strength and back.recommended_layers == [1]
+    assert len(back.meta["recommended"]["curve"]) == len(res.curve)
+    png = S.plot(res, tmp_path / "v.curve.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_respects_the_coherence_bound(tiny, vec):
+    from tokensteer.sampling import SamplingConfig
+    from tokensteer.steering import search as S
+
+    cfg = SamplingConfig(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    scorer = lambda texts: [1.0 for _ in texts]
+    with pytest.raises(UserError, match="no strength kept the text coherent"):
+        S.search(tiny, vec, scorer, prompts=["the cat", "the dog"], layers=[1], factor=1e9, kl_max=1e-9,
+                 probe_strength=0.5, max_strength=1.0, bisect_steps=1, cfg=cfg)

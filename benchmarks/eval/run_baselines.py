@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 #: committed sizes: (task, prompts, samples per prompt); detox uses k = 5 (RealToxicityPrompts uses 25)
 PLAN = [
-    ("sentiment-positive", 20, 1),
-    ("sentiment-negative", 20, 1),
+    ("sentiment-positive", 40, 1),
+    ("sentiment-negative", 40, 1),
     ("count", 20, 1),
     ("keywords", 20, 1),
     ("topic", 20, 1),

@@ -233,12 +233,14 @@ def models(
         err.print("[dim]the first `tokensteer generate` builds the cache (about a minute)[/]")
 
 
-from tokensteer.eval.cli import eval_command  # noqa: E402  (imports nothing heavy)
+# Sub-commands live beside the capability they drive; their modules import nothing heavy.
+from tokensteer.eval.cli import eval_command  # noqa: E402
+from tokensteer.formula.cli import app as formula_app  # noqa: E402
+from tokensteer.steering.cli import app as steer_app  # noqa: E402
+
 app.command("eval")(eval_command)
-
-app.add_typer(__import__("tokensteer.steering.cli", fromlist=["app"]).app, name="steer")
-
-app.add_typer(__import__("tokensteer.formula.cli", fromlist=["app"]).app, name="formula")
+app.add_typer(steer_app, name="steer")
+app.add_typer(formula_app, name="formula")
 
 
 def main() -> None:

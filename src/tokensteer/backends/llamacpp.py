@@ -31,7 +31,7 @@ from tokensteer.errors import UserError
 from tokensteer.hooks import ResidualEdit
 
 DEFAULT_CTX = 4096  # KV cells shared by all rows of a session
-N_BATCH = 512  # tokens per llama_decode call during prefill
+N_BATCH = 512  # most tokens per llama_decode call (prefill chunks)
 MIN_SEQS = 16  # sequence ids per context; more are made when a batch needs them
 MAX_SEQS = 256  # llama.cpp's LLAMA_MAX_SEQ
 TORCH_HINT = "use --backend torch (Python: backend='torch')"
@@ -105,8 +105,9 @@ class _Context:
         if not self.ptr:
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
         self.mem = llama_cpp.llama_get_memory(self.ptr)
-        self.n_seq, self.n_ctx = n_seq, n_ctx
-        self.batch = _Batch(N_BATCH)
+        self.n_seq, self.n_ctx = n_seq, int(llama_cpp.llama_n_ctx(self.ptr))
+        self.n_batch = int(llama_cpp.llama_n_batch(self.ptr))  # llama.cpp caps it at n_ctx
+        self.batch = _Batch(self.n_batch)
         self.cvec_on = False
 
     def reset(self) -> None:
@@ -261,15 +262,18 @@ class LlamaSession(Session):
             c.cvec_on = cv is not None
         self._phase = phase
 
+    def _full(self) -> UserError:
+        return UserError(
+            f"the llama.cpp context is full ({self.c.n_ctx} tokens shared by all rows); "
+            "set TOKENSTEER_N_CTX higher, or shorten the prompt or --max-tokens"
+        )
+
     def _decode(self, n: int) -> None:
         batch = self.c.batch
         batch.c.n_tokens = n
         rc = llama_cpp.llama_decode(self.c.ptr, batch.c)
         if rc == 1:
-            raise UserError(
-                f"the llama.cpp context is full ({self.c.n_ctx} tokens shared by all rows); "
-                "set TOKENSTEER_N_CTX higher, or shorten the prompt or --max-tokens"
-            )
+            raise self._full()
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
@@ -289,10 +293,14 @@ class LlamaSession(Session):
             self.c.reset()
             self._phase = None
         self._set_phase("prefill")
+        if sum(len(r) for r in {tuple(r) for r in rows}) > self.c.n_ctx:
+            raise self._full()
+        if len(rows) > self.c.n_batch:
+            raise UserError(f"{len(rows)} rows do not fit one llama.cpp batch of {self.c.n_batch}; set TOKENSTEER_N_CTX higher")
         n = len(rows)
         self.seqs = np.arange(n, dtype=np.int32)
         out = torch.empty(n, self.b.n_vocab)
-        batch = self.c.batch
+        batch, batch_size = self.c.batch, self.c.n_batch
         # One row per call: llama.cpp's matmul kernels change with the number of tokens in a call,
         # so a row prefilled alone gets exactly the cache (and logits) it gets in any batch.
         first: dict[tuple[int, ...], int] = {}
@@ -303,8 +311,8 @@ class LlamaSession(Session):
                 out[i] = out[j]
                 continue
             tokens = np.asarray(r, np.int32)
-            for start in range(0, len(tokens), N_BATCH):
-                k = len(tokens[start : start + N_BATCH])
+            for start in range(0, len(tokens), batch_size):
+                k = len(tokens[start : start + batch_size])
                 batch.token[:k] = tokens[start : start + k]
                 batch.pos[:k] = np.arange(start, start + k, dtype=np.int32)
                 batch.seq[:k] = i

@@ -54,5 +54,9 @@ class LlamaTokenizer(Tokenizer):
             self._pieces[token_id] = p
         return p
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """llama.cpp knows each token's raw bytes (byte-fallback tokens included)."""
+        return self.piece(token_id)
+
     def decode(self, ids: Sequence[int]) -> str:
         return b"".join(self.piece(int(i)) for i in ids).decode("utf-8", errors="replace")

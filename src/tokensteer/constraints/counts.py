@@ -28,6 +28,8 @@ SPACE = frozenset(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")
 #: lead bytes of UTF-8 characters that may be Unicode whitespace (U+0085, U+00A0, U+2000..., U+3000)
 SPACE_LEADS = frozenset(b"\xc2\xe1\xe2\xe3")
 TERMINATORS = frozenset(b".!?")
+#: whitespace a counted text never needs (carriage returns, form feeds, separators)
+ODD_SPACE = frozenset(b"\r\x0b\x0c\x1c\x1d\x1e\x1f")
 _LETTER = re.compile(r"\w")
 
 
@@ -85,7 +87,8 @@ def word_tables(table: TokenTable) -> dict[str, torch.Tensor]:
             "chunks": torch.tensor([_runs(t, nonspace) for t in toks], dtype=torch.int32),
             "lead_word": table.flags(lambda t: bool(t) and t[0] not in SPACE),
             "trail_space": table.flags(lambda t: bool(t) and t[-1] in SPACE),
-            "bad_space": table.flags(_unicode_space),
+            "bad_space": table.flags(lambda t: _unicode_space(t) or any(c in ODD_SPACE for c in t)),
+            "lead_space": table.flags(lambda t: bool(t) and t[0] in SPACE),
         }
 
     return table.memo("words", build)
@@ -129,6 +132,10 @@ class ExactWords(Constraint):
         self.in_word = [False] * B
         self.cur = [b""] * B  # bytes of the word being written (or the last word)
         self.has = [False] * B  # the word being written holds a letter or digit
+        self.after_space = []  # the text (prompt included) ends with whitespace
+        for b in range(B):
+            last = [self.table.tokens[i] for i in state.prompt_tokens[b][-1:] if 0 <= i < self.table.size]
+            self.after_space.append(bool(last and last[0] and last[0][-1] in SPACE))
 
     def done(self, b: int) -> bool:
         """Row b's text meets the count and the final word."""
@@ -147,6 +154,8 @@ class ExactWords(Constraint):
         # a whitespace piece must hold a letter or digit to count as a word: never close one without
         close_ok = ~w["has_space"] | w["first_has"] | (w["first_empty"] & (not in_word)) | (in_word and self.has[b])
         ok &= close_ok
+        if self.after_space[b]:  # one run of whitespace between words, not "  " or " \n "
+            ok &= ~w["lead_space"]
         if n is not None:
             ok &= after <= n
             if self.count[b] == n and not in_word:
@@ -178,6 +187,8 @@ class ExactWords(Constraint):
         return [i for k in range(1, len(rest) + 1) for i in self.table.exactly_raw(rest[:k])]
 
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
+        if data:
+            self.after_space[b] = data[-1] in SPACE
         for c in data:
             if c in SPACE:
                 self.in_word[b] = False

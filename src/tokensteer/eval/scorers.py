@@ -155,7 +155,7 @@ def perplexity(lm: Backend, prompts: Sequence[str], texts: Sequence[str], batch_
         ps, ts = prompts[s : s + batch_size], texts[s : s + batch_size]
         ctx = [tok.encode(p) for p in ps]
         cont = [_continuation_ids(tok, p, t, c) for p, t, c in zip(ps, ts, ctx)]
-        nll = _nll_torch(lm, ctx, cont) if hasattr(lm, "model") else _nll_session(lm, ctx, cont)
+        nll = _nll_torch(lm, ctx, cont) if lm.name == "torch" else _nll_session(lm, ctx, cont)
         out += [math.exp(v / len(c)) if c else float("nan") for v, c in zip(nll, cont)]
     return out
 

@@ -50,7 +50,9 @@ def nucleus_mask(lp: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def may_exclude(n: Node) -> bool:
-    """Whether a node can give −inf to some tokens (filters can; model terms never do)."""
+    """Whether a node can give −inf to some tokens (filters, and other models with a smaller vocabulary)."""
+    if isinstance(n, Model):
+        return n.model is not None
     if isinstance(n, Op):
         return n.param is not None and n.name != "temp" or any(may_exclude(a) for a in n.args)
     if isinstance(n, Sum):

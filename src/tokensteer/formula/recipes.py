@@ -101,13 +101,13 @@ RECIPES: dict[str, Recipe] = {
             "positive",
             "Positive sentiment: DExperts with a cheerful vs a bleak conditioning text, kept inside the "
             "base model's 0.9 nucleus, plus the offline sentiment guide.",
-            (("alpha", 2.0), ("guide", 1.0), ("p", 0.9)),
+            (("alpha", 4.0), ("guide", 4.0), ("p", 0.9)),
             lambda alpha, guide, p: _dexperts(POSITIVE, NEGATIVE, alpha, p, "positive", guide),
         ),
         Recipe(
             "negative",
             "Negative sentiment: the mirror image of positive.",
-            (("alpha", 2.0), ("guide", 1.0), ("p", 0.9)),
+            (("alpha", 4.0), ("guide", 4.0), ("p", 0.9)),
             lambda alpha, guide, p: _dexperts(NEGATIVE, POSITIVE, alpha, p, "negative", guide),
         ),
         Recipe(

@@ -78,6 +78,11 @@ def render(trace: list[TokenTrace], console: Console) -> None:
 def render_controls(controls: list, console: Console) -> None:
     """Print the trace of every formula control among ``controls`` (first prompt)."""
     for c in controls:
-        traces = getattr(c, "traces", None)
+        traces, report = getattr(c, "traces", None), getattr(c, "report", None)
+        if report is not None:
+            weights = ", ".join(f"{w.term} ×{w.effective:.4g}" for w in report.weights)
+            console.print(f"[dim]formula ({report.formula.mode}): effective weights {weights}[/]", highlight=False)
+            for note in report.notes:
+                console.print(f"[dim]note: {note}[/]", highlight=False)
         if traces:
             render(traces[0], console)

@@ -10,7 +10,6 @@ GGUF key-values (which llama.cpp skips), so importing our export gives back the 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence

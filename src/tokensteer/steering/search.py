@@ -16,7 +16,6 @@ from pathlib import Path
 from statistics import mean
 from typing import Callable, Sequence
 
-import torch
 
 from tokensteer.errors import UserError
 from tokensteer.sampling import SamplingConfig
