@@ -115,6 +115,7 @@ class TorchBackend(Backend):
 
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32") -> "TorchBackend":
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -127,7 +128,7 @@ class TorchBackend(Backend):
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **extra, **kw)
             tok = AutoTokenizer.from_pretrained(folder, **extra)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # corrupt or odd folders
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load model {source.path}: {first}") from e
         vocab = int(model.get_output_embeddings().weight.shape[0])

@@ -1,0 +1,73 @@
+"""The CLI turns user mistakes into one line on stderr and exit code 2, and runs on a local model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from tokensteer.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str, stdin: str | None = None):
+    return runner.invoke(app, list(args), input=stdin)
+
+
+def assert_user_error(result, fragment: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+
+
+def test_generate_json_on_a_local_model(tiny_dir):
+    r = run("generate", "the cat", "--model", str(tiny_dir), "-n", "5", "--json", "--top-logprobs", "2")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "torch" and out["finish_reason"] in {"length", "eos"}
+    assert len(out["tokens"]) <= 5 and all(len(t["top"]) == 2 for t in out["tokens"])
+    assert set(out["timing"]) == {"prefill_s", "decode_s", "tok_s"}
+
+
+def test_prompt_from_stdin(tiny_dir):
+    r = run("generate", "-", "--model", str(tiny_dir), "-n", "3", "--json", stdin="the dog")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", ""], "empty"),
+        (["generate", "x", "-n", "-1"], "max tokens"),
+        (["generate", "x", "--temperature", "-1"], "temperature"),
+        (["generate", "x", "--top-p", "1.5"], "top-p"),
+        (["generate", "x", "--model", "/no/such/model"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, fragment):
+    assert_user_error(run(*args), fragment)
+
+
+def test_not_a_model_folder(tmp_path):
+    assert_user_error(run("generate", "x", "--model", str(tmp_path)), "no config.json")
+
+
+def test_non_causal_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    assert_user_error(run("generate", "x", "--model", str(tmp_path)), "not a causal language model")
+
+
+def test_corrupt_weights(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    assert_user_error(run("generate", "x", "--model", str(broken)), "cannot load model")
+
+
+def test_bad_gguf(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"JUNKJUNK")
+    assert_user_error(run("generate", "x", "--model", str(f)), "not a valid GGUF")
