@@ -176,16 +176,19 @@ def stream(
             x = lp[:, 0]
             for c in controls:  # hook 3
                 x = c.logprobs(state, x)
-            masked = False
-            for c in controls:  # hook 4
+            allowed = None
+            for c in controls:  # hook 4: one combined mask, applied once
                 m = c.mask(state)
                 if m is not None:
-                    x, masked = x.masked_fill(~m, float("-inf")), True
-            if masked:
-                done = torch.tensor(state.finished)
-                if bool((torch.isinf(x).all(dim=-1) & ~done).any()):
+                    allowed = m if allowed is None else allowed & m
+            if allowed is not None:
+                if any(state.finished):  # finished rows only repeat their last token
+                    allowed = allowed | torch.tensor(state.finished)[:, None]
+                x = x.masked_fill(~allowed, float("-inf"))
+                dead = torch.isneginf(x.amax(dim=-1)).tolist()
+                if any(d and not f for d, f in zip(dead, state.finished)):
                     raise UserError("the constraints allow no next token: they contradict each other")
-                x = torch.log_softmax(torch.where(done[:, None], lp[:, 0], x), dim=-1)
+                x = torch.log_softmax(x, dim=-1)
             tokens = sampler(x, gen)
             chosen = x.gather(1, tokens[:, None]).squeeze(1)
             top = torch.topk(x, cfg.top_logprobs, dim=-1) if cfg.top_logprobs else None

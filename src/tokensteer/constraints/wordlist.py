@@ -96,6 +96,7 @@ class WordList(Constraint):
         t = self.table
         ok_boundary = torch.zeros(t.size, dtype=torch.bool)
         lead_other = torch.zeros(t.size, dtype=torch.bool)
+        closes = torch.zeros(t.size, dtype=torch.bool)  # several runs, leaving no unlisted word open
         only_word: dict[bytes, list[int]] = {}  # whole token is word bytes
         word_then: dict[bytes, list[int]] = {}  # first run of word bytes, then a fine rest
         for i, low in enumerate(t.lowered):
@@ -103,13 +104,17 @@ class WordList(Constraint):
                 continue
             runs = split_runs(low)
             ok_boundary[i] = self._fine(runs)
+            closes[i] = (len(runs) > 1 or not runs[0][0]) and (not runs[-1][0] or runs[-1][1] in self.listed)
             if not runs[0][0]:
                 lead_other[i] = True
             elif len(runs) == 1:
                 only_word.setdefault(runs[0][1], []).append(i)
             elif self._fine(runs[1:]):
                 word_then.setdefault(runs[0][1], []).append(i)
-        return {"ok_boundary": ok_boundary, "lead_other": lead_other, "only_word": only_word, "word_then": word_then}
+        return {
+            "ok_boundary": ok_boundary, "lead_other": lead_other, "closes": closes,
+            "only_word": only_word, "word_then": word_then,
+        }
 
     def _inside_mask(self, cur: bytes) -> torch.Tensor:
         """Tokens allowed while the open word is ``cur``."""
@@ -138,9 +143,13 @@ class WordList(Constraint):
         self.cur = [b""] * state.batch_size
 
     def allowed(self, state: LoopState, b: int) -> torch.Tensor:
-        if not self.cur[b]:
-            return self.static["ok_boundary"] | self.table.eos
-        return self._inside_mask(self.cur[b])
+        cur = self.cur[b]
+        m = self.static["ok_boundary"] | self.table.eos if not cur else self._inside_mask(cur)
+        if self.last_step(state):  # the text ends here: no word may be left half-spelled
+            s = self.static
+            done = [i for rest, ids in s["only_word"].items() if cur + rest in self.listed for i in ids]
+            m = m & (s["closes"] | self.table.eos | self.table.ids_mask(done))
+        return m
 
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
         low = self.table.lowered[token]
