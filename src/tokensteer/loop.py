@@ -184,7 +184,7 @@ def stream(
             if allowed is not None:
                 if any(state.finished):  # finished rows only repeat their last token
                     allowed = allowed | torch.tensor(state.finished)[:, None]
-                x = x.masked_fill(~allowed, float("-inf"))
+                x = torch.where(allowed, x, float("-inf"))
                 dead = torch.isneginf(x.amax(dim=-1)).tolist()
                 if any(d and not f for d, f in zip(dead, state.finished)):
                     raise UserError("the constraints allow no next token: they contradict each other")
