@@ -252,11 +252,3 @@ class TorchSession(Session):
         if self.mask is not None:
             self.mask = self.mask[idx]
         self.n_rows = len(idx)
-
-
-def load_torch(source: ModelSource, dtype: str = "float32") -> TorchBackend:
-    """Load a Hugging Face folder (or GGUF via transformers) as a TorchBackend."""
-    return TorchBackend.load(source, dtype)
-
-
-

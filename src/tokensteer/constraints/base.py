@@ -33,7 +33,8 @@ class Constraint(Control):
         """Set up per-row state for a new batch (after ``generated`` is emptied)."""
 
     def allowed(self, state: LoopState, b: int) -> torch.Tensor | None:
-        raise NotImplementedError
+        """Bool [V] mask of the tokens row b may take next; every constraint overrides this."""
+        raise NotImplementedError(f"{type(self).__name__} must define allowed()")
 
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
         """Row b accepted ``token`` adding ``data`` (``generated[b]`` already includes it)."""

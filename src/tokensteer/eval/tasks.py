@@ -70,8 +70,8 @@ class Task:
         return ""
 
     def score(self, items: Sequence[Item], texts: Sequence[str]) -> list[dict[str, Any]]:
-        """Per-continuation metrics, each with a boolean ``success``."""
-        raise NotImplementedError
+        """Per-continuation metrics, each with a boolean ``success``; every task overrides this."""
+        raise NotImplementedError(f"task {self.name} must define score()")
 
     def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         """Task metrics over one method's scored samples (each record has ``item``, ``k`` and metrics)."""
