@@ -164,3 +164,20 @@ def test_contradictory_mask_is_user_error(tiny):
 
     with pytest.raises(ts.UserError, match="no next token"):
         ts.generate(tiny, "the cat", controls=[Nothing()])
+
+
+def test_draw_matches_its_distribution_and_never_picks_zero_weight():
+    """The inverse-CDF sampler draws each index with its probability (chi-square, fixed seed)."""
+    from tokensteer.sampling import draw
+
+    p = torch.tensor([[0.5, 0.0, 0.2, 0.0, 0.3], [0.0, 0.0, 0.0, 1e-3, 0.0]])
+    n = 20000
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.stack([draw(p, gen) for _ in range(n)])
+    assert set(picks[:, 1].tolist()) == {3}
+    counts = torch.bincount(picks[:, 0], minlength=5).double()
+    assert counts[1] == 0 and counts[3] == 0
+    keep = p[0] > 0
+    expected = p[0][keep].double() * n
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001

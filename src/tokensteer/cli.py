@@ -83,6 +83,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, tokens, logprobs, timing."),
     formula: Optional[str] = typer.Option(None, help="A formula over next-token distributions, or a recipe name (see `tokensteer formula --help`).", rich_help_panel="Controls"),
     trace: bool = typer.Option(False, help="With --formula: print each term's log-probability per token.", rich_help_panel="Controls"),
+    speculate: int = typer.Option(0, help="With a --formula that uses another model: draft K tokens from the loaded model, verify them in one forward of the other (same output distribution; 0 = off).", rich_help_panel="Controls"),
     steer: list[str] = typer.Option([], help="Steering vector file, optionally VEC:STRENGTH (repeatable).", rich_help_panel="Controls"),
     ban: list[str] = typer.Option([], help="A word or phrase that must never appear, in any casing (repeatable).", rich_help_panel="Constraints"),
     require: list[str] = typer.Option([], help="A word that must appear (repeatable).", rich_help_panel="Constraints"),
@@ -114,6 +115,8 @@ def generate(
       tokensteer generate "Answer in JSON:" --json-schema person.json -n 80
 
       tokensteer generate "Bonjour, je" --script Latin --script-soft 0.1
+
+      tokensteer generate "The day" --formula 'M + M(model="other-model")' --speculate 4
     """
     import tokensteer
     from tokensteer.controls import RequestControls, build_controls
@@ -139,8 +142,10 @@ def generate(
             formula=formula, trace=trace, steer=steer, ban=ban, require=require, words=words,
             end_word=end_word, regex=regex, json_schema=json_schema, script=script,
             extra={k: v for k, v in (("script_soft", script_soft), ("sentences", sentences), ("require_within", require_within),
-                                     ("vocab", vocab), ("grammar", grammar)) if v is not None},
+                                     ("vocab", vocab), ("grammar", grammar), ("speculate", speculate or None)) if v is not None},
         )
+        if speculate and not formula:
+            raise UserError("--speculate needs --formula with a term on another model, e.g. 'M + M(model=\"path\")'")
         needs = req.required_capabilities()
         if req.has_constraints():  # bad or contradictory constraints fail before the model loads
             from tokensteer.constraints import check, spec_from_request

@@ -8,6 +8,10 @@ A control overrides only the hooks it needs:
 4. ``mask``          a boolean mask of allowed next tokens;
 5. ``on_token``      a callback for every accepted token (advance a grammar, record a trace).
 
+A control that sets ``drafts`` (speculative decoding) also gets a sixth, ``verify``: the tokens the
+loop samples are then tentative (fed to the model, not yet emitted) until its ``Verdict`` keeps some
+of them, drops the rest and supplies the next token itself.
+
 Every method of generation in tokensteer (formulas, steering, constraints, penalties) is a Control,
 so there is one decode loop and no per-method loop.
 """
@@ -57,11 +61,28 @@ class ResidualEdit:
         return self.vector is not None and self.vector.dim() == 1 and self.positions == "all"
 
 
+@dataclass
+class Verdict:
+    """A drafting control's decision on its tentative tokens (hook 6).
+
+    Keep the first ``keep`` tentative tokens, drop the rest (the loop trims its session and
+    ``state.generated``), and take ``tokens`` [B] as this step's token instead of sampling one.
+    ``logprobs`` [keep + 1, B, V] are the distributions the kept tokens and ``tokens`` were
+    confirmed under (what TokenEvent.logprob and .top report).
+    """
+
+    keep: int
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+
 class Control:
     """Base class for anything that steers generation. Every hook defaults to doing nothing."""
 
     #: capabilities a backend needs to run this control (see ``Backend.capabilities``)
     requires: frozenset[str] = frozenset()
+    #: True for a speculative control: sampled tokens stay tentative until ``verify`` confirms them
+    drafts: bool = False
 
     def variants(self, prompt: str) -> Sequence[str]:
         """Hook 1: extra conditioning texts; each runs as one more row beside the prompt's row."""
@@ -78,12 +99,24 @@ class Control:
         """Hook 3: map [B, V] next-token log-probabilities to new ones; ``state.rows`` has all rows."""
         return logprobs
 
+    @property
+    def rewrites(self) -> bool:
+        """Whether hook 3 can change the distribution; when no control's does, the loop masks the
+        raw logits and normalises once instead of twice."""
+        return type(self).logprobs is not Control.logprobs
+
     def mask(self, state: LoopState) -> torch.Tensor | None:
         """Hook 4: a bool [B, V] tensor of allowed tokens, or None for no restriction."""
         return None
 
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
         """Hook 5: the [B] tokens just accepted (finished requests repeat their last token)."""
+
+    def verify(self, state: LoopState) -> Verdict | None:
+        """Hook 6, only for a control with ``drafts``: called at the start of every step, before
+        hook 3. None lets the loop sample (the token is tentative, ``state.tentative`` counts them);
+        a Verdict settles the tentative tokens, and hooks 3–5 are skipped for that step."""
+        return None
 
 
 @dataclass

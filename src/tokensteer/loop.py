@@ -4,11 +4,14 @@ Each prompt owns ``R`` rows of the batch: its own row first, then the conditioni
 controls ask for (hook 1). Every step the backend returns one logit row per batch row; the loop
 turns them into log-probabilities, lets the controls rewrite them (hook 3) and mask them (hook 4),
 samples one token per prompt, tells the controls (hook 5), and feeds that token to all R rows.
-Residual edits (hook 2) run inside the backend's forward pass.
+Residual edits (hook 2) run inside the backend's forward pass. With a drafting (speculative)
+control, sampled tokens stay tentative until its ``verify`` (hook 6) keeps k of them and gives the
+next token; the loop then trims the dropped ones from the session and emits only confirmed tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -66,16 +69,31 @@ class LoopState:
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.finished = [False] * len(prompts)
         self.rows_per_prompt = rows_per_prompt
-        self.rows: torch.Tensor | None = None  # [B, R, V] log-probabilities of every row
+        self._logits: torch.Tensor | None = None  # [B * R, V] raw logits of this step
+        self._rows: torch.Tensor | None = None
         self.step = 0
         self.forward_calls = 0
         self.offsets: dict[int, int] = {}  # id(control) -> first variant row of that control
         self.max_tokens: int | None = None  # the step budget, so constraints can finish in time
         self.stop: tuple[str, ...] = ()  # stop strings, which constraints must not let cut the text
+        self.confirmed = 0  # tokens emitted per prompt so far (counts against max_tokens)
+        self.tentative = 0  # drafted tokens fed to the session but not yet confirmed (hook 6)
+        self.cfg = SamplingConfig()  # how tokens are sampled, and the loop's random generator:
+        self.generator: torch.Generator | None = None  # a drafting control verifies with both
 
     @property
     def batch_size(self) -> int:
         return len(self.prompt_tokens)
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """[B, R, V] log-probabilities of every row this step (normalised on first use)."""
+        if self._rows is None and self._logits is not None:
+            self._rows = torch.log_softmax(self._logits.float(), dim=-1).view(self.batch_size, self.rows_per_prompt, -1)
+        return self._rows
+
+    def set_logits(self, logits: torch.Tensor) -> None:
+        self._logits, self._rows = logits, None
 
     def variant_rows(self, control: Control) -> torch.Tensor:
         """[B, k, V] log-probabilities of the variant rows that ``control`` asked for."""
@@ -159,8 +177,11 @@ def stream(
         if missing:
             raise UserError(f"{type(c).__name__} needs {', '.join(sorted(missing))}, which the {backend.name} backend lacks")
 
+    drafter = _drafter(controls)
+    rewriters = [c for c in controls if c.rewrites]
     sampler = make_sampler(cfg)
     gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % 2**63))
+    state.cfg, state.generator = cfg, gen
     detoks = [_Detok(tok, cfg.stop) for _ in prompts]
     eos = frozenset() if cfg.ignore_eos else tok.eos_ids
     session = backend.session(edits)
@@ -169,13 +190,32 @@ def stream(
         state.forward_calls += 1
         for c in controls:
             c.start(state)
-        for step in range(cfg.max_tokens):
+        held: list[torch.Tensor] = []  # the tentative tokens of a drafting control, oldest first
+        for step in itertools.count():
             state.step = step
-            lp = torch.log_softmax(logits.float(), dim=-1).view(B, R, -1)
-            state.rows = lp
-            x = lp[:, 0]
-            for c in controls:  # hook 3
-                x = c.logprobs(state, x)
+            state.set_logits(logits)
+            verdict = drafter.verify(state) if drafter is not None else None  # hook 6
+            if verdict is not None:
+                tokens = verdict.tokens.clone()
+                _finished_repeat(state, tokens)
+                session.trim(state.tentative - verdict.keep)
+                for b in range(B):
+                    if not state.finished[b]:
+                        del state.generated[b][len(state.generated[b]) - state.tentative :]
+                confirmed = list(zip(held[: verdict.keep] + [tokens], verdict.logprobs))
+                held, state.tentative = [], 0
+                yield from _emit(state, confirmed, detoks, eos, time.perf_counter() - t0)
+                if all(state.finished):
+                    break
+                logits = session.step(tokens.repeat_interleave(R))
+                state.forward_calls += 1
+                continue
+            if rewriters:
+                x = state.rows[:, 0]
+                for c in rewriters:  # hook 3
+                    x = c.logprobs(state, x)
+            else:  # nothing rewrites: mask the raw logits and normalise once, below
+                x = logits.float().view(B, R, -1)[:, 0]
             allowed = None
             for c in controls:  # hook 4: one combined mask, applied once
                 m = c.mask(state)
@@ -184,42 +224,91 @@ def stream(
             if allowed is not None:
                 if any(state.finished):  # finished rows only repeat their last token
                     allowed = allowed | torch.tensor(state.finished)[:, None]
-                x = torch.where(allowed, x, float("-inf"))
-                dead = torch.isneginf(x.amax(dim=-1)).tolist()
+                x = torch.log_softmax(torch.where(allowed, x, float("-inf")), dim=-1)
+                dead = torch.isnan(x[:, 0]).tolist()  # a row with nothing allowed normalises to NaN
                 if any(d and not f for d, f in zip(dead, state.finished)):
                     raise UserError("the constraints allow no next token: they contradict each other")
+            elif not rewriters:
                 x = torch.log_softmax(x, dim=-1)
             tokens = sampler(x, gen)
-            chosen = x.gather(1, tokens[:, None]).squeeze(1)
-            top = torch.topk(x, cfg.top_logprobs, dim=-1) if cfg.top_logprobs else None
-            for b in range(B):  # finished prompts keep repeating their last token
-                if state.finished[b]:
-                    tokens[b] = (state.generated[b] or state.prompt_tokens[b])[-1]
+            _finished_repeat(state, tokens)
             for c in controls:  # hook 5
                 c.on_token(state, tokens)
-            now = time.perf_counter() - t0
-            last = step == cfg.max_tokens - 1
-            for b in range(B):
-                if state.finished[b]:
-                    continue
-                t = int(tokens[b])
-                alts = list(zip(top.indices[b].tolist(), top.values[b].tolist())) if top else []
-                if t in eos:
-                    state.finished[b] = True
-                    new, _ = detoks[b].push(state.generated[b], final=True)
-                    yield TokenEvent(b, t, new, float(chosen[b]), alts, "eos", now)
-                    continue
-                state.generated[b].append(t)
-                new, hit = detoks[b].push(state.generated[b], final=last)
-                reason = "stop" if hit else "length" if last else None
-                state.finished[b] = reason is not None
-                yield TokenEvent(b, t, new, float(chosen[b]), alts, reason, now)
+            if drafter is not None:  # tentative: fed to the model, emitted only once verified
+                held.append(tokens)
+                for b in range(B):
+                    if not state.finished[b]:
+                        state.generated[b].append(int(tokens[b]))
+                state.tentative += 1
+                if state.tentative > cfg.max_tokens:
+                    raise RuntimeError(f"{type(drafter).__name__} drafted {state.tentative} tokens without a verdict")
+            else:
+                yield from _emit(state, [(tokens, x)], detoks, eos, time.perf_counter() - t0)
             if all(state.finished):
                 break
             logits = session.step(tokens.repeat_interleave(R))
             state.forward_calls += 1
     finally:
         session.close()
+
+
+def _drafter(controls: Sequence[Control]) -> Control | None:
+    """The one drafting control, if any; refuse controls that would see or shape drafted tokens."""
+    drafters = [c for c in controls if c.drafts]
+    if not drafters:
+        return None
+    if len(drafters) > 1:
+        raise UserError("only one control can draft tokens speculatively at a time")
+    hooked = [
+        "a repetition penalty" if isinstance(c, RepetitionPenalty) else type(c).__name__
+        for c in controls
+        if c is not drafters[0]
+        and (type(c).logprobs is not Control.logprobs or type(c).mask is not Control.mask or type(c).on_token is not Control.on_token)
+    ]
+    if hooked:
+        raise UserError(
+            f"speculative decoding cannot be combined with {', '.join(hooked)}: controls that rewrite, mask or "
+            "follow tokens would have to run again on the verified distribution; drop --speculate or those controls"
+        )
+    return drafters[0]
+
+
+def _finished_repeat(state: LoopState, tokens: torch.Tensor) -> None:
+    """Finished prompts keep repeating their last token."""
+    for b in range(state.batch_size):
+        if state.finished[b]:
+            tokens[b] = (state.generated[b] or state.prompt_tokens[b])[-1]
+
+
+def _emit(
+    state: LoopState,
+    confirmed: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    detoks: list[_Detok],
+    eos: frozenset[int],
+    now: float,
+) -> Iterator[TokenEvent]:
+    """Emit confirmed steps, each ([B] tokens, [B, V] log-probabilities they were chosen under)."""
+    k = state.cfg.top_logprobs
+    for tokens, x in confirmed:
+        chosen = x.gather(1, tokens[:, None]).squeeze(1)
+        top = torch.topk(x, k, dim=-1) if k else None
+        last = state.confirmed == state.cfg.max_tokens - 1
+        state.confirmed += 1
+        for b in range(state.batch_size):
+            if state.finished[b]:
+                continue
+            t = int(tokens[b])
+            alts = list(zip(top.indices[b].tolist(), top.values[b].tolist())) if top else []
+            if t in eos:
+                state.finished[b] = True
+                new, _ = detoks[b].push(state.generated[b], final=True)
+                yield TokenEvent(b, t, new, float(chosen[b]), alts, "eos", now)
+                continue
+            state.generated[b].append(t)
+            new, hit = detoks[b].push(state.generated[b], final=last)
+            reason = "stop" if hit else "length" if last else None
+            state.finished[b] = reason is not None
+            yield TokenEvent(b, t, new, float(chosen[b]), alts, reason, now)
 
 
 def generate(

@@ -94,14 +94,44 @@ def greedy(logprobs: torch.Tensor, gen: torch.Generator | None = None) -> torch.
     return logprobs.argmax(dim=-1)
 
 
+def sampling_probs(cfg: SamplingConfig, logprobs: torch.Tensor) -> torch.Tensor:
+    """The [B, V] probabilities the sampler draws from: one-hot on the argmax when greedy, else
+    temperature and truncations applied (speculative verification compares these)."""
+    if cfg.temperature == 0:
+        return torch.zeros_like(logprobs).scatter_(-1, greedy(logprobs)[:, None], 1.0)
+    lp = min_p(top_p(top_k(logprobs / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p)
+    return torch.softmax(lp, dim=-1)
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator | None = None, block: int = 512) -> torch.Tensor:
+    """One index per row of [B, V] non-negative weights, by a two-level inverse CDF.
+
+    Same distribution as ``torch.multinomial(probs, 1)``, which takes ~10 ms per row for a 262k
+    vocabulary on this CPU (a quarter of a llama.cpp decode step). Here one pass sums blocks of
+    ``block`` weights, a search picks the block, a second search picks the token inside it: well
+    under a millisecond. Zero-weight tokens are never drawn.
+    """
+    B, V = probs.shape
+    pad = (-V) % block
+    p = torch.nn.functional.pad(probs, (0, pad)) if pad else probs
+    p = p.reshape(B, -1, block)
+    sums = p.sum(dim=-1).to(torch.float64)  # [B, n_blocks]
+    cum = sums.cumsum(dim=-1)
+    u = torch.rand(B, 1, generator=gen, dtype=torch.float64) * cum[:, -1:]
+    j = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[-1] - 1)  # [B, 1]
+    before = torch.where(j > 0, cum.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = p[torch.arange(B), j.squeeze(-1)].to(torch.float64).cumsum(dim=-1)  # [B, block]
+    rest = torch.minimum(u - before, inner[:, -1:] * (1 - 1e-12))  # rounding may overshoot the block
+    k = torch.searchsorted(inner, rest, right=True).clamp_(max=block - 1)
+    return (j * block + k).squeeze(-1)
+
+
 def make_sampler(cfg: SamplingConfig) -> Sampler:
     """Build the sampler for a config: argmax when temperature is 0, else filtered sampling."""
     if cfg.temperature == 0:
         return greedy
 
     def sample(lp: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        lp = min_p(top_p(top_k(lp / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p)
-        probs = torch.softmax(lp, dim=-1)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return draw(sampling_probs(cfg, lp), gen)
 
     return sample

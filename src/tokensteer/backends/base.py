@@ -1,8 +1,8 @@
 """The narrow interface between the decode loop and a model runtime.
 
 A backend loads a model and tokenizer; a session holds one batch of rows and their KV cache.
-The loop only ever calls ``prefill``, ``step``, ``trim`` and ``select``; steering training also
-calls ``Backend.hidden_states``. Anything else a backend can do is announced in ``capabilities``.
+The loop only ever calls ``prefill``, ``step``, ``trim`` and ``select``; speculative controls also
+call ``extend`` (several tokens per row in one forward); steering training calls ``Backend.hidden_states``. Anything else a backend can do is announced in ``capabilities``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ class Session(ABC):
     @abstractmethod
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row ([N] long) and return the next [N, V] float logits."""
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append k tokens per row ([N, k] long) and return the [N, k, V] logits after each of them.
+
+        Backends override this with one forward over all k positions (speculative verification);
+        this default steps k times, so every backend has it."""
+        return torch.stack([self.step(tokens[:, j]).float().clone() for j in range(tokens.shape[1])], dim=1)
 
     def trim(self, n: int) -> None:
         """Forget the last n tokens of every row (backtracking)."""

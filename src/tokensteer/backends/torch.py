@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from tokensteer.backends.packed_head import pack_output_layer
 from tokensteer.backends.base import (
     HIDDEN_STATES,
     RESIDUAL_ADD,
@@ -100,6 +101,7 @@ class TorchBackend(Backend):
 
     def __init__(self, model, tokenizer: HFTokenizer, model_name: str) -> None:
         self.model = model.eval()
+        self.packed_head = pack_output_layer(model)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.layers = _decoder_layers(model)
@@ -194,13 +196,17 @@ class TorchSession(Session):
         self.edits: dict[int, list[ResidualEdit]] = {}
         for e in edits:
             self.edits.setdefault(e.layer, []).append(e)
-        self.cache = DynamicCache(config=backend.model.config)
+        # No config: every layer keeps its whole history (sliding-window layers are masked instead of
+        # dropping old cells), so trim() can roll back any number of tokens exactly.
+        self.cache = DynamicCache()
         self.mask: torch.Tensor | None = None  # [N, L] only when rows are padded
         self.pos: torch.Tensor | None = None  # [N] next position of each row
         self.n_rows = 0
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, phase: str) -> torch.Tensor:
+        """Run ``ids`` [N, T] through the model; return the [N, T', V] float logits of the last
+        T' = 1 (prefill) or T (decode) positions."""
         b = self.b
         with b._lock:
             b._edits, b._ctx = self.edits, EditContext(phase, self.n_rows)
@@ -211,11 +217,11 @@ class TorchSession(Session):
                     position_ids=positions,
                     past_key_values=self.cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=1 if phase == "prefill" else ids.shape[1],
                 )
             finally:
                 b._edits = {}
-        return out.logits[:, -1, :].float()
+        return out.logits.float()
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         if not rows or any(len(r) == 0 for r in rows):
@@ -228,19 +234,30 @@ class TorchSession(Session):
         self.mask = mask if bool((mask == 0).any()) else None
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.pos = positions[:, -1] + 1
-        return self._forward(ids, positions, "prefill")
+        return self._forward(ids, positions, "prefill")[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.n_rows, 1)], dim=1)
         positions = self.pos[:, None]
         self.pos = self.pos + 1
-        return self._forward(tokens.view(-1, 1), positions, "decode")
+        return self._forward(tokens.view(-1, 1), positions, "decode")[:, -1]
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """k tokens per row in one forward pass: [N, k] -> [N, k, V] logits."""
+        k = tokens.shape[1]
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.n_rows, k)], dim=1)
+        positions = self.pos[:, None] + torch.arange(k)
+        self.pos = self.pos + k
+        return self._forward(tokens, positions, "decode")
 
     def trim(self, n: int) -> None:
         if n <= 0:
             return
-        self.cache.crop(self.cache.get_seq_length() - n)
+        if n > int(self.pos.min()):
+            raise ValueError(f"cannot trim {n} tokens from a row of {int(self.pos.min())}")
+        self.cache.crop(-n)  # transformers 5: a negative count removes that many tokens
         self.pos = self.pos - n
         if self.mask is not None:
             self.mask = self.mask[:, :-n]

@@ -73,6 +73,7 @@ class BannedWords(Constraint):
         key = ("banned", tuple(self.patterns))
         self.static = table.memo(key, self._static_tables)
         self._cross: dict[tuple[bytes, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"BannedWords({self.words!r})"
@@ -159,20 +160,29 @@ class BannedWords(Constraint):
         self.boundary[b] = not buf or seam == len(buf) or not _is_word(buf[-1])
 
     def allowed(self, state: LoopState, b: int) -> torch.Tensor:
+        # The mask depends only on this small key, which repeats from step to step: cache it.
+        key = (self.last_step(state), self.boundary[b], self.pending[b], tuple(self.active[b]))
+        mask = self._masks.get(key)
+        if mask is None:
+            if len(self._masks) >= 512:
+                self._masks.clear()
+            mask = self._masks[key] = self._allowed(*key)
+        return mask
+
+    def _allowed(self, last: bool, boundary: bool, pending: bool, active: tuple[tuple[bytes, bool], ...]) -> torch.Tensor:
         s = self.static
-        last = self.last_step(state)
         bad = s["bad_mid"] | s["pend_mid"] if last else s["bad_mid"].clone()
-        if self.boundary[b]:
+        if boundary:
             bad |= s["bad_start"]
             if last:
                 bad |= s["pend_start"]
-        for rest, right in self.active[b]:
+        for rest, right in active:
             ids_bad, ids_pend = self._cross_tables(rest, right)
             if len(ids_bad):
                 bad[ids_bad] = True
             if last and len(ids_pend):
                 bad[ids_pend] = True
-        if self.pending[b]:
+        if pending:
             bad |= s["lead_other"]
             bad |= self.table.eos
         return ~bad

@@ -43,6 +43,8 @@ class Constraint(Control):
         rows = [None if state.finished[b] else self.allowed(state, b) for b in range(state.batch_size)]
         if all(r is None for r in rows):
             return None
+        if len(rows) == 1:
+            return rows[0][None]
         full = torch.ones(self.table.size, dtype=torch.bool)
         return torch.stack([full if r is None else r for r in rows])
 
@@ -81,15 +83,20 @@ class AllOf(Control):
         for p in self.parts:
             p.start(state)
 
+    @property
+    def rewrites(self) -> bool:
+        return any(p.rewrites for p in self.parts)
+
     def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
         for p in self.parts:
             logprobs = p.logprobs(state, logprobs)
         return logprobs
 
     def mask(self, state: LoopState) -> torch.Tensor | None:
-        out = ~self.table.empty.expand(state.batch_size, -1)
-        if state.stop:  # a stop string would cut the text short of the constraints: end with EOS
-            out = out & ~self.table.memo(("stop", state.stop), lambda: self._holding(state.stop))
+        # Tokens that add no text, and (with stop strings) tokens holding one: a stop string
+        # would cut the text short of the constraints, so constrained rows end with EOS instead.
+        out = self.table.memo(("base", state.stop), lambda: ~self.table.empty & ~self._holding(state.stop))
+        out = out.expand(state.batch_size, -1)
         for p in self.parts:
             m = p.mask(state)
             if m is not None:
@@ -97,6 +104,8 @@ class AllOf(Control):
         return out
 
     def _holding(self, stops: tuple[str, ...]) -> torch.Tensor:
+        if not stops:
+            return torch.zeros(self.table.size, dtype=torch.bool)
         subs = [s.encode("utf-8") for s in stops]
         return self.table.flags(lambda t: any(s in t for s in subs))
 

@@ -64,7 +64,8 @@ def formula_controls(lm: "Backend", req: "RequestControls") -> list["Control"]:
         raise UserError("--trace needs --formula")
     from tokensteer.formula.engine import FormulaControl
 
-    return [FormulaControl(lm, req.formula, trace=req.trace)] if req.formula else []
+    k = int(req.extra.get("speculate") or 0)  # --speculate K
+    return [FormulaControl(lm, req.formula, trace=req.trace, speculative=k)] if req.formula else []
 
 
 def required_capabilities(req: "RequestControls") -> frozenset[str]:

@@ -69,6 +69,37 @@ def _has_model(n: Node) -> bool:
     return False
 
 
+def _any(n: Node, pred) -> bool:
+    """Whether any node of the tree satisfies ``pred``."""
+    if pred(n):
+        return True
+    if isinstance(n, Sum):
+        return any(_any(t, pred) for _, t in n.terms)
+    if isinstance(n, Op):
+        return any(_any(a, pred) for a in n.args)
+    return False
+
+
+def has_other_model(n: Node) -> bool:
+    """Whether a term runs on another local model (what speculative mode speeds up)."""
+    return _any(n, lambda x: isinstance(x, Model) and x.model is not None)
+
+
+def check_speculative(f: Formula, k: int) -> None:
+    """Refuse ``--speculate K`` where it cannot work; K = 0 is off and always fine."""
+    if k == 0:
+        return
+    if k < 0 or k != int(k):
+        raise UserError(f"--speculate takes a whole number of tokens to draft, ≥ 1 (0 = off), got {k}")
+    if not has_other_model(f.root):
+        raise UserError(
+            "--speculate needs a term on another model, M(model=\"path\"): every other term is a row of "
+            "the loaded model's one batched forward, so there is nothing to speculate; drop --speculate"
+        )
+    if _any(f.root, lambda x: isinstance(x, Guide)):
+        raise UserError("--speculate does not support guide terms C(...): they rescore each token's context one at a time; drop --speculate or the guide")
+
+
 def _check_node(n: Node, mode: str, top: bool) -> None:
     if isinstance(n, Guide) and not top:
         raise UserError(
@@ -135,6 +166,11 @@ def check(f: Formula) -> Report:
         notes.append(
             f"Σλ = {total:.4g}: in logits mode this sharpens (>1) or flattens (<1) the result "
             f"like a temperature of {1 / total:.3g}; use normalized mode to average instead"
+        )
+    if has_other_model(f.root):
+        notes.append(
+            "terms on other models cost one forward each per token; --speculate K drafts K tokens with them "
+            "replaced by the loaded model and verifies all K in one forward of each (same output distribution)"
         )
     if any(x.kind == "guide" for x in weights):
         notes.append("guides add λ·(log C(text+token) − log C(text)) on their top-k candidates, 0 elsewhere")

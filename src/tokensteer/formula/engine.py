@@ -1,6 +1,10 @@
 """The formula as a Control: same-model terms are extra rows of the loop's one batched forward
 (hook 1), other local models are sessions driven from ``start``/``on_token``, and the combination
 rewrites the next-token log-probabilities (hook 3). No second decode loop.
+
+With ``speculative=k`` the control drafts: the loop samples up to k tokens from the formula with
+other models replaced by the loaded one, then ``verify`` (hook 6) runs each other model once over
+all of them and keeps what the speculative-sampling rule accepts (see ``speculative.py``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import torch
 from tokensteer.backends.base import Backend, Session
 from tokensteer.errors import UserError
 from tokensteer.formula.ast import Const, Formula, Guide, Model, Node, Op, Sum, to_string
-from tokensteer.formula.check import Report, check, kind, peel, top_terms
+from tokensteer.formula.check import Report, check, check_speculative, kind, peel, top_terms
 from tokensteer.formula.guides import get_guide
 from tokensteer.formula.parser import parse
+from tokensteer.formula.speculative import SpecStats, accept, draft_of
 from tokensteer.formula.trace import TermValue, TokenTrace
-from tokensteer.hooks import Control
+from tokensteer.hooks import Control, Verdict
 from tokensteer.loop import LoopState
 from tokensteer.sampling import top_k, top_p
 
@@ -86,16 +91,25 @@ def combine(terms: Sequence[tuple[float, torch.Tensor]], exclusive: bool = True)
 class FormulaControl(Control):
     """Generate from a formula over next-token distributions (see ``tokensteer.formula``)."""
 
-    def __init__(self, lm: Backend, formula: Formula | Node | str, trace: bool = False) -> None:
+    def __init__(self, lm: Backend, formula: Formula | Node | str, trace: bool = False, speculative: int = 0) -> None:
         if isinstance(formula, str):
             formula = parse(formula)
         elif isinstance(formula, Node):
             formula = Formula(formula)
         self.lm, self.formula, self.trace_on = lm, formula, trace
         self.report: Report = check(formula)
+        check_speculative(formula, speculative)
+        if speculative and trace:
+            raise UserError("--trace follows the formula token by token; it cannot be combined with --speculate")
+        self.speculative = int(speculative)  # most tokens drafted per verification (0 = off)
+        self.drafts = self.speculative > 0
         self.prefixes: list[str] = []  # same-model conditioning texts, one row each
         self.others: list[tuple[str, str]] = []  # (model path, prefix) on other backends
         self._collect(formula.root)
+        self.draft_root = draft_of(formula.root) if self.drafts else None
+        if self.draft_root is not None:
+            self._collect(self.draft_root)  # the draft's stand-ins for other models may need rows
+        self.stats = SpecStats()
         self.guides = {g.name: get_guide(g.name) for g in self._guides(formula.root)}
         self._other_lms = {path: load_other(lm, path) for path, _ in self.others}
         self._sessions: list[Session] = []
@@ -135,6 +149,9 @@ class FormulaControl(Control):
         for s in self._sessions:
             s.close()
         self._sessions, self._other_lp = [], []
+        self._drafted, self._held, self._q = [], [], []  # speculative: tokens, sources, draft log-probs
+        self._unfed: torch.Tensor | None = None  # the last verdict's token, not yet fed to other models
+        self.stats = SpecStats()
         self.traces = [[] for _ in range(state.batch_size)]
         tok = state.tokenizer
         self._prompt_text = [tok.decode(p) for p in state.prompt_tokens]
@@ -157,8 +174,19 @@ class FormulaControl(Control):
     def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
         self._base_in = logprobs
         self._rows = state.variant_rows(self) if self.prefixes else None
+        self._base_rows = state.rows[:, 0]
         self._state = state
-        filters, body = peel(self.formula.root)
+        if self.drafts:  # speculative: sample from the draft, keep what verify() will need
+            q = self._combine(self.draft_root)
+            self._held.append((self._base_in, self._rows, self._base_rows))
+            self._q.append(q)
+            return q
+        return self._combine(self.formula.root)
+
+    def _combine(self, root: Node) -> torch.Tensor:
+        """Log-probabilities of the formula ``root`` from the sources set by ``logprobs``/``verify``."""
+        state = self._state
+        filters, body = peel(root)
         terms = top_terms(body)
         normalized = self.formula.mode == "normalized"
         total = sum(w for w, t in terms if kind(t) in ("model", "operator"))
@@ -188,11 +216,53 @@ class FormulaControl(Control):
         return out
 
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
+        if self.drafts:  # a tentative token: the other models see it in verify()
+            self._drafted.append(tokens.clone())
+            self.stats.draft_steps += 1
+            return
+        self.stats.other_calls += len(self._sessions)
         if self.trace_on and self._pending is not None:
             self._record(state, tokens)
         for i, sess in enumerate(self._sessions):
             lp = torch.log_softmax(sess.step(tokens).float(), -1)
             self._other_lp[i] = self._fit(lp)
+
+    def verify(self, state: LoopState) -> Verdict | None:
+        """Hook 6: once enough tokens are drafted, score them with one forward of each other model
+        and keep what the speculative-sampling rule accepts."""
+        if not self.drafts:
+            return None
+        n = len(self._drafted)
+        if n < min(self.speculative, state.max_tokens - state.confirmed - 1):
+            return None  # keep drafting (never past the token budget)
+        B, V = state.batch_size, self.lm.tokenizer.vocab_size
+        self._state = state
+        feed = ([self._unfed] if self._unfed is not None else []) + self._drafted
+        for i, sess in enumerate(self._sessions):  # position-major [(n + 1) * B, V] per other model
+            lps = [] if self._unfed is not None else [self._other_lp[i]]
+            if feed:
+                logits = sess.extend(torch.stack(feed, 1)).float()  # one forward over every fed token
+                self.stats.other_calls += 1
+                lp = self._fit(torch.log_softmax(logits, -1).flatten(0, 1)).view(B, len(feed), V)
+                lps += list(lp.unbind(1))
+            self._other_lp[i] = torch.cat(lps)
+        held = self._held + [(state.rows[:, 0], state.variant_rows(self) if self.prefixes else None, state.rows[:, 0])]
+        self._base_in = torch.cat([h[0] for h in held])
+        self._rows = torch.cat([h[1] for h in held]) if self.prefixes else None
+        self._base_rows = torch.cat([h[2] for h in held])
+        p = self._combine(self.formula.root).view(n + 1, B, V)
+        q = torch.stack(self._q) if n else None
+        drafted = torch.stack(self._drafted) if n else None
+        keep, tokens, accepted = accept(state.cfg, state.generator, p, q, drafted, state.finished)
+        for sess in self._sessions:  # forget the dropped drafts; the verdict's token is fed next round
+            sess.trim(n - keep)
+        live = [b for b in range(B) if not state.finished[b]]
+        self.stats.rounds += 1
+        self.stats.drafted += n * len(live)
+        self.stats.accepted += int(accepted[live].sum()) if live else 0
+        self._unfed = tokens.clone()
+        self._drafted, self._held, self._q = [], [], []
+        return Verdict(keep, tokens, p[: keep + 1])
 
     # evaluation ---------------------------------------------------------------------------
     def source(self, n: Model) -> torch.Tensor:
@@ -231,7 +301,7 @@ class FormulaControl(Control):
         if f.name == "topp":
             return lp.masked_fill(~nucleus_mask(lp, f.param), NEG_INF)
         if f.name == "nucleus":
-            return lp.masked_fill(~nucleus_mask(self._state.rows[:, 0], f.param), NEG_INF)
+            return lp.masked_fill(~nucleus_mask(self._base_rows, f.param), NEG_INF)
         return torch.log_softmax(lp / f.param, -1)  # temp
 
     def guide_delta(self, state: LoopState, g: Guide, lp: torch.Tensor) -> torch.Tensor:
