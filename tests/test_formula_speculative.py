@@ -217,7 +217,7 @@ def test_rollback_continues_identically_torch(tiny):
     """Trim after a multi-token extend, past the tiny model's sliding window of 8, then go on:
     the same logits as a session that never saw the dropped tokens."""
     rows = [tiny.tokenizer.encode("the cat sat on the mat and the dog ran"), tiny.tokenizer.encode("good great")]
-    s, ref = tiny.session(), tiny.session()
+    s, ref = tiny.session(rollback=True), tiny.session()
     s.prefill(rows), ref.prefill(rows)
     s.step(torch.tensor([20, 21]))
     s.extend(torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]))

@@ -184,7 +184,7 @@ def stream(
     state.cfg, state.generator = cfg, gen
     detoks = [_Detok(tok, cfg.stop) for _ in prompts]
     eos = frozenset() if cfg.ignore_eos else tok.eos_ids
-    session = backend.session(edits)
+    session = backend.session(edits, rollback=any(c.drafts for c in controls))
     try:
         logits = session.prefill(rows)
         state.forward_calls += 1

@@ -85,8 +85,9 @@ class Backend(ABC):
     hidden_size: int
 
     @abstractmethod
-    def session(self, edits: Sequence[ResidualEdit] = ()) -> Session:
-        """Start a session whose forward passes apply ``edits``."""
+    def session(self, edits: Sequence[ResidualEdit] = (), rollback: bool = False) -> Session:
+        """Start a session whose forward passes apply ``edits``; ``rollback`` asks for a cache that
+        ``trim`` can roll back any distance (backends may keep more history for it)."""
 
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
         """Residual stream after each requested layer: per text a [len(layers), T, H] tensor."""

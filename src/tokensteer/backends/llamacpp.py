@@ -209,7 +209,7 @@ class LlamaCppBackend(Backend):
                 return f"layer {e.layer} is out of range: this model has layers 0–{self.n_layers - 1}"
         return None
 
-    def session(self, edits: Sequence[ResidualEdit] = ()) -> "LlamaSession":
+    def session(self, edits: Sequence[ResidualEdit] = (), rollback: bool = False) -> "LlamaSession":
         why = self.unsupported(edits)
         if why:
             raise UserError(why)

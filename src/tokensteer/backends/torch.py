@@ -158,13 +158,13 @@ class TorchBackend(Backend):
 
         return hook
 
-    def session(self, edits: Sequence[ResidualEdit] = ()) -> "TorchSession":
+    def session(self, edits: Sequence[ResidualEdit] = (), rollback: bool = False) -> "TorchSession":
         for e in edits:
             if not 0 <= e.layer < self.n_layers:
                 raise UserError(f"layer {e.layer} is out of range: this model has layers 0–{self.n_layers - 1}")
             if e.vector is not None and e.vector.shape[-1] != self.hidden_size:
                 raise UserError(f"a steering vector of size {e.vector.shape[-1]} does not fit hidden size {self.hidden_size}")
-        return TorchSession(self, edits)
+        return TorchSession(self, edits, rollback)
 
     @torch.inference_mode()
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
@@ -189,16 +189,19 @@ class TorchBackend(Backend):
 class TorchSession(Session):
     """Rows of one generate call with a transformers DynamicCache; left padding for ragged prompts."""
 
-    def __init__(self, backend: TorchBackend, edits: Sequence[ResidualEdit]) -> None:
+    def __init__(self, backend: TorchBackend, edits: Sequence[ResidualEdit], rollback: bool = False) -> None:
         from transformers import DynamicCache
 
         self.b = backend
         self.edits: dict[int, list[ResidualEdit]] = {}
         for e in edits:
             self.edits.setdefault(e.layer, []).append(e)
-        # No config: every layer keeps its whole history (sliding-window layers are masked instead of
-        # dropping old cells), so trim() can roll back any number of tokens exactly.
-        self.cache = DynamicCache()
+        # With rollback, no config: every layer keeps its whole history (sliding-window layers are
+        # masked instead of dropping old cells), so trim() can roll back any number of tokens.
+        # Otherwise the model's own cache layout (sliding layers keep only their window): faster.
+        self.cache = DynamicCache() if rollback else DynamicCache(config=backend.model.config)
+        self.rollback = rollback
+        self.window = getattr(backend.model.config.get_text_config(), "sliding_window", None) or 1 << 62
         self.mask: torch.Tensor | None = None  # [N, L] only when rows are padded
         self.pos: torch.Tensor | None = None  # [N] next position of each row
         self.n_rows = 0
@@ -257,6 +260,8 @@ class TorchSession(Session):
             return
         if n > int(self.pos.min()):
             raise ValueError(f"cannot trim {n} tokens from a row of {int(self.pos.min())}")
+        if not self.rollback and int(self.pos.max()) > self.window:
+            raise ValueError("this session's sliding-window layers have dropped old cells; open it with rollback=True")
         self.cache.crop(-n)  # transformers 5: a negative count removes that many tokens
         self.pos = self.pos - n
         if self.mask is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 #: compact JSON (no free whitespace, which lets a model pad forever); a schema's x-guidance overrides it
 JSON_OPTIONS = {"whitespace_flexible": False}
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokensteer-grammar")
 
 _lltokenizers: "weakref.WeakKeyDictionary[Tokenizer, Any]" = weakref.WeakKeyDictionary()
 
@@ -140,25 +142,45 @@ class Grammar(Constraint):
     def reset(self, state: LoopState) -> None:
         from llguidance import LLMatcher
 
+        for fut in getattr(self, "pending", ()):  # masks a previous call started and never used
+            if fut is not None:
+                fut.result()
+
         first = LLMatcher(self.llt, self.grammar, log_level=0)
         if first.is_error():
             raise UserError(f"invalid {self.label}: {first.get_error()}")
         self.matchers = [first] + [first.deep_copy() for _ in range(state.batch_size - 1)]
         self.bitmask = np.zeros((state.batch_size, self.words), dtype=np.int32)
+        self.pending: list[Future | None] = [None] * state.batch_size
+
+    @staticmethod
+    def _compute(m, row: np.ndarray) -> None:
+        m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
 
     def allowed(self, state: LoopState, b: int) -> torch.Tensor:
-        m = self.matchers[b]
+        m, fut = self.matchers[b], self.pending[b]
+        if fut is not None:  # wait before touching the matcher: the worker may still hold it
+            self.pending[b] = None
+            fut.result()
         if m.is_error():
             raise UserError(f"the {self.label} cannot continue: {m.get_error()}")
-        row = self.bitmask[b]
-        m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
-        bits = np.unpackbits(row.view(np.uint8), bitorder="little")[: self.table.size]
-        return torch.from_numpy(bits).bool()
+        if fut is None:
+            self._compute(m, self.bitmask[b])
+        bits = np.unpackbits(self.bitmask[b].view(np.uint8), bitorder="little")[: self.table.size]
+        return torch.from_numpy(bits).view(torch.bool)
 
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
+        # The next mask depends only on the text so far: start computing it now, so llguidance
+        # works while the model runs its forward pass (both release the GIL).
         for b, t in enumerate(tokens.tolist()):
             if not state.finished[b]:
-                self.matchers[b].consume_token(t)
+                m = self.matchers[b]
+                m.consume_token(t)
+                if not m.is_error() and not m.is_stopped():
+                    self.pending[b] = _POOL.submit(self._compute, m, self.bitmask[b])
 
     def accepting(self, b: int) -> bool:
+        fut = self.pending[b]
+        if fut is not None:
+            fut.result()
         return self.matchers[b].is_accepting()

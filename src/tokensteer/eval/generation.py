@@ -82,9 +82,9 @@ class CountingBackend:
         self.inner = inner
         self.counter = {"calls": 0, "rows": 0}
 
-    def session(self, edits=()):
+    def session(self, edits=(), rollback=False):
         self.counter = {"calls": 0, "rows": 0}
-        return _CountingSession(self.inner.session(edits), self.counter)
+        return _CountingSession(self.inner.session(edits, rollback), self.counter)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

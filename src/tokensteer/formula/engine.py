@@ -158,7 +158,7 @@ class FormulaControl(Control):
         for path, prefix in self.others:
             other = self._other_lms[path]
             rows = [p if not prefix else other.tokenizer.encode(prefix + t) for p, t in zip(state.prompt_tokens, self._prompt_text)]
-            sess = other.session()
+            sess = other.session(rollback=self.drafts)
             self._sessions.append(sess)
             self._other_lp.append(self._fit(torch.log_softmax(sess.prefill(rows).float(), -1)))
 
