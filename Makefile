@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+ifeq ($(shell uname -m),x86_64)
 NO_AMX := -mno-amx-int8 -mno-amx-tile -mno-amx-bf16
-LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+endif
 
 .PHONY: run test install clean-venv
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	# llama-cpp-python compiles from source the first time (about 6-7 minutes); pip caches the wheel.
 	# Its AMX kernels crash on Q4_K weights (llama.cpp #20824), so they are compiled out; the
 	# weight-repacking kernels that make CPU decoding fast stay on.
-	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e '.[dev]'
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

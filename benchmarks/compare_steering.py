@@ -1,24 +1,25 @@
 """tokensteer's steering vectors side by side with repeng and steering-vectors on the bundled model.
 
 Same pairs (the shipped sentiment set), same model, same layer, same evaluation: each library's
-vector for that layer is applied through the same additive hook at the same relative strengths
-(a fraction of the layer's median residual norm), neutral prompts are continued, VADER judges the
-sentiment and the base model the perplexity. Reports training time, whether training is bit-for-bit
-repeatable, agreement of directions, and attribute success at matched perplexity. Last line: JSON.
+direction for that layer is scaled to the layer's median residual norm, saved as a vector file and
+run through the eval suite itself (``sentiment-positive`` task: neutral prompts, VADER success,
+perplexity under the uncontrolled model) at the same relative strengths. Reports training time,
+whether training is bit-for-bit repeatable, agreement of directions, each dose-response curve and
+attribute success at matched perplexity (interpolated where a curve reaches ``--factor``).
+Last line: JSON.
 
 repeng 0.4.0 pins numpy<2 and steering-vectors 0.12.2 pins transformers<5, so they live beside
 the venv (``pip install --no-deps --target .bench-libs repeng==0.4.0 steering-vectors==0.12.2``);
 pass that folder with --libs. repeng 0.4.0 references ``np.float_`` (removed in numpy 2) in
 annotations, so we alias it to ``np.float64`` before importing it.
 
-    .venv/bin/python benchmarks/compare_steering.py --libs .bench-libs [--pairs 64] [--prompts 8]
+    OMP_NUM_THREADS=1 TOKENSTEER_THREADS=1 .venv/bin/python benchmarks/compare_steering.py --libs .bench-libs [--prompts 40]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -26,9 +27,7 @@ import numpy as np
 import torch
 
 import tokensteer as ts
-from tokensteer.steering import Steer, SteeringControl, SteeringVector, load_pairs, train_vector
-from tokensteer.steering.scoring import coherence
-from tokensteer.steering.search import SEARCH_PROMPTS
+from tokensteer.steering import SteeringVector, load_pairs, save_vector, train_vector
 
 
 def timed(fn):
@@ -47,11 +46,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--libs", help="folder holding repeng and steering_vectors (installed with --no-deps --target)")
     ap.add_argument("--pairs", type=int, default=64, help="how many sentiment pairs to train on")
-    ap.add_argument("--layer", type=int, default=6)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=24)
-    ap.add_argument("--strengths", default="0.05,0.1,0.15")
-    ap.add_argument("--factor", type=float, default=1.5, help="perplexity bound for 'success at matched perplexity'")
+    ap.add_argument("--layer", type=int, default=11, help="the layer every library's vector is applied at (the search's choice)")
+    ap.add_argument("--prompts", type=int, default=40, help="first N prompts of the eval suite's sentiment-positive task")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--strengths", default="0.05,0.08,0.11,0.14", help="relative strengths (fraction of the layer's median residual norm)")
+    ap.add_argument("--factor", type=float, default=1.5, help="perplexity ratio at which success is compared")
+    ap.add_argument("--backend", default="llamacpp", help="backend that generates the continuations (vectors are trained on torch)")
     ap.add_argument("--no-eval", action="store_true", help="only training time, repeatability and agreement")
     a = ap.parse_args()
     if a.libs:
@@ -66,7 +66,7 @@ def main() -> None:
     dirs: dict[str, torch.Tensor] = {}
 
     # tokensteer: all layers, twice for the repeatability check
-    for method in ("diffmean", "pca"):
+    for method in ("diffmean", "pca", "probe"):
         v1, t = timed(lambda: train_vector(lm, ps, method))
         v2 = train_vector(lm, ps, method)
         out["train_cpu_s"][f"tokensteer-{method}"] = t
@@ -108,29 +108,61 @@ def main() -> None:
     if a.no_eval:
         print(json.dumps(out))
         return
-    # the same evaluation for every direction: same hook, same relative strengths, same prompts
-    from tokensteer.eval.scorers import sentiment
-
-    prompts = SEARCH_PROMPTS[: a.prompts]
-    cfg = ts.SamplingConfig(max_tokens=a.tokens, temperature=1.0, top_p=0.9, stop=("\n",), seed=7)
-    base = ts.generate(lm, prompts, cfg)
-    base_ppl = statistics.mean(coherence(lm, prompts, [g.tokens for g in base]).perplexity)
-    base_pos = statistics.mean(float(s >= 0.05) for s in sentiment([g.text for g in base]))
-    out["baseline"] = {"positive_rate": base_pos, "perplexity": base_ppl}
-    out["curves"] = {}
-    for name, d in dirs.items():
-        vec = SteeringVector({L: (d * median).float()}, {"units": "relative"})
-        curve = []
-        for s in [float(x) for x in a.strengths.split(",")]:
-            gens = ts.generate(lm, prompts, cfg, [SteeringControl([Steer(vec, s, [L])])])
-            ppl = statistics.mean(coherence(lm, prompts, [g.tokens for g in gens]).perplexity)
-            pos = statistics.mean(float(x >= 0.05) for x in sentiment([g.text for g in gens]))
-            curve.append({"strength": s, "positive_rate": pos, "ppl_ratio": ppl / base_ppl})
-            print(f"{name} {s}: positive {pos:.2f}, perplexity x{ppl / base_ppl:.2f}", file=sys.stderr, flush=True)
-        ok = [p["positive_rate"] for p in curve if p["ppl_ratio"] <= a.factor]
-        out["curves"][name] = curve
-        out.setdefault("success_at_matched_ppl", {})[name] = max(ok) if ok else None
+    print(json.dumps(out), file=sys.stderr, flush=True)  # the training figures, in case the eval is cut short
+    out["eval"] = evaluate(a, ours, dirs, median)
     print(json.dumps(out))
+
+
+def evaluate(a, ours: SteeringVector, dirs: dict[str, torch.Tensor], median: float) -> dict:
+    """The eval suite's own run (sentiment-positive task, VADER, perplexity under the uncontrolled
+    model) for every direction at every strength, then attribute success at matched perplexity."""
+    import tempfile
+    from pathlib import Path
+
+    from tokensteer.eval.runner import run
+
+    L = a.layer
+    gen_lm = ts.load(None, backend=a.backend)
+    strengths = [float(x) for x in a.strengths.split(",")]
+    folder = Path(tempfile.mkdtemp(prefix="compare-steering-"))
+    methods, label = ["none"], {}
+    for name, d in dirs.items():
+        meta = {k: v for k, v in ours.meta.items() if k not in ("recommended", "stats", "path")}
+        path = save_vector(SteeringVector({L: (d * median).float()}, meta | {"source": name}), folder / f"{name}.safetensors")
+        for s in strengths:
+            methods.append(f"steer:{path}@{s}")
+            label[f"steer:{path}@{s}"] = (name, s)
+    res = run("sentiment-positive", methods, n=a.prompts, out=folder / "eval", lm=gen_lm, report=False,
+              sampling=ts.SamplingConfig(max_tokens=a.tokens, temperature=1.0, top_p=0.9, stop=("\n",)),
+              progress=lambda stage, done, total: print(f"{stage} {done}/{total}", file=sys.stderr, flush=True) if done == total else None)
+    base = res["methods"]["none"]
+    ev: dict = {"backend": gen_lm.name, "prompts": res["n_prompts"], "tokens": a.tokens, "factor": a.factor,
+                "baseline": {"positive_rate": base["success_rate"], "perplexity": base["perplexity"]}, "curves": {},
+                "success_at_matched_ppl": {}, "best_within_factor": {}}
+    for m, (name, s) in label.items():
+        r = res["methods"][m]
+        ev["curves"].setdefault(name, []).append(
+            {"strength": s, "positive_rate": r["success_rate"], "ppl_ratio": r["perplexity"] / base["perplexity"]})
+    for name, curve in ev["curves"].items():
+        curve.sort(key=lambda p: p["strength"])
+        pts = [{"strength": 0.0, "positive_rate": base["success_rate"], "ppl_ratio": 1.0}] + curve
+        ev["success_at_matched_ppl"][name] = at_ratio(pts, a.factor)
+        ok = [p["positive_rate"] for p in curve if p["ppl_ratio"] <= a.factor]
+        ev["best_within_factor"][name] = max(ok) if ok else None
+        print(name, " ".join(f"{p['strength']}:{p['positive_rate']:.2f}/x{p['ppl_ratio']:.2f}" for p in curve), file=sys.stderr, flush=True)
+    return ev
+
+
+def at_ratio(curve: list[dict], factor: float) -> float | None:
+    """Positive rate where the dose-response curve first reaches perplexity ratio ``factor``
+    (linear interpolation between the two strengths around it); None if it never gets there."""
+    for p, q in zip(curve, curve[1:]):
+        if p["ppl_ratio"] <= factor <= q["ppl_ratio"]:
+            if q["ppl_ratio"] == p["ppl_ratio"]:
+                return q["positive_rate"]
+            t = (factor - p["ppl_ratio"]) / (q["ppl_ratio"] - p["ppl_ratio"])
+            return p["positive_rate"] + t * (q["positive_rate"] - p["positive_rate"])
+    return None
 
 
 if __name__ == "__main__":

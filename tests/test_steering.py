@@ -421,6 +421,9 @@ def test_cli_train_info_export_import(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "nope" in r.output
     r = CliRunner().invoke(app, ["steer", "export", str(vec), "--gguf", str(tmp_path / "x.gguf"), "--layers", "0"])
     assert r.exit_code == 2 and "layer 0" in r.output
+    for bad, word in ((["--positions", "middle"], "positions"), (["--prompts", "1"], "prompts"), (["--confidence", "1.5"], "confidence")):
+        r = CliRunner().invoke(app, ["steer", "search", str(vec), "--model", str(tiny_dir), *bad])
+        assert r.exit_code == 2 and word in r.output, r.output
 
 
 def test_search_records_curve_and_plot(tiny, vec, tmp_path):
@@ -453,3 +456,77 @@ def test_search_respects_the_coherence_bound(tiny, vec):
     with pytest.raises(UserError, match="no strength kept the text coherent"):
         S.search(tiny, vec, scorer, prompts=["the cat", "the dog"], layers=[1], factor=1e9, kl_max=1e-9,
                  probe_strength=0.5, max_strength=1.0, bisect_steps=1, cfg=cfg)
+
+
+def test_search_measures_the_eval_suites_perplexity(tiny):
+    from tokensteer.eval.scorers import perplexity
+    from tokensteer.steering.scoring import coherence, continuation_ids
+
+    prompts = ["the cat", "hello", "a kind dog"]
+    texts = [g.text for g in ts.generate(tiny, prompts, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)]
+    texts[1] = ""  # an empty continuation is left out by both, as nan
+    ours = coherence(tiny, prompts, continuation_ids(tiny, prompts, texts)).perplexity
+    theirs = perplexity(tiny, prompts, texts)
+    assert math.isnan(ours[1]) and math.isnan(theirs[1])
+    for a, b in [(ours[0], theirs[0]), (ours[2], theirs[2])]:
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_ratio_upper_bound_is_a_deterministic_bound_on_the_ratio_of_means():
+    from tokensteer.steering.scoring import ratio_upper_bound
+
+    g = torch.Generator().manual_seed(0)
+    base = (torch.rand(40, generator=g) * 20 + 5).tolist()
+    steered = [b * (1.2 + 0.8 * float(torch.rand(1, generator=g))) for b in base]
+    steered[3] = float("nan")  # skipped with its base partner, as the eval skips empty texts
+    est, bound = ratio_upper_bound(steered, base, 0.9)
+    keep = [i for i in range(40) if i != 3]
+    assert est == pytest.approx(sum(steered[i] for i in keep) / sum(base[i] for i in keep))
+    assert bound > est and (est, bound) == ratio_upper_bound(steered, base, 0.9)
+    assert ratio_upper_bound(steered, base, 0.5) == (est, est)
+    assert ratio_upper_bound(steered, base, 0.99)[1] > bound
+    assert ratio_upper_bound([float("nan")], [1.0]) == (float("inf"), float("inf"))
+
+
+def test_search_rejects_doses_whose_bound_exceeds_the_factor(tiny, vec):
+    """With a factor between a dose's estimate and its bound, only the bound decides feasibility."""
+    from tokensteer.sampling import SamplingConfig
+    from tokensteer.steering import search as S
+
+    cfg = SamplingConfig(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    scorer = lambda texts: [0.5 for _ in texts]
+    kw = dict(prompts=["the cat", "the dog", "hello", "a bird", "one fox", "my hat"], layers=[1], kl_max=1e9,
+              probe_strength=0.5, max_strength=1.0, bisect_steps=1, cfg=cfg)
+    res = S.search(tiny, vec, scorer, factor=1e9, **kw)
+    for p in res.curve[1:]:
+        assert p.ppl_ratio_bound >= p.ppl_ratio and p.layers == [1]
+    first = next(p for p in res.curve if p.strength == 0.25)  # the first dose any search tries
+    assert first.ppl_ratio_bound > first.ppl_ratio
+    try:
+        res2 = S.search(tiny, vec, scorer, factor=(first.ppl_ratio + first.ppl_ratio_bound) / 2, **kw)
+    except UserError:
+        return  # every dose rejected, this one included (the estimate alone would have passed it)
+    again = next(p for p in res2.curve if p.strength == 0.25)
+    assert again.ppl_ratio == first.ppl_ratio and not again.feasible
+
+
+def test_search_chooses_the_strongest_coherent_dose():
+    from tokensteer.steering.search import Point, choose
+
+    pt = lambda s, score, ok: Point(11, s, score, 10.0, 1.0, 0.1, ok, 1.0, [11])
+    curve = [pt(0.0, 0.4, True), pt(0.0625, 0.62, True), pt(0.094, 0.79, True), pt(0.109, 0.69, True), pt(0.125, 0.85, False)]
+    assert choose(curve).strength == 0.109  # a noisy dip in score does not pull the choice back
+    with pytest.raises(UserError, match="no strength kept the text coherent"):
+        choose([pt(0.0, 0.4, True), pt(0.125, 0.85, False)])
+
+
+def test_search_prompts_are_held_out_from_the_eval_suite():
+    from tokensteer.eval.tasks import get_task
+    from tokensteer.steering.search_prompts import SEARCH_PROMPTS
+
+    words = lambda s: tuple(s.lower().replace(",", "").split())
+    evals = [words(it.prompt) for it in get_task("sentiment-positive").items()]
+    assert len(set(SEARCH_PROMPTS)) == len(SEARCH_PROMPTS) >= 48
+    for p in map(words, SEARCH_PROMPTS):
+        for e in evals:
+            assert p != e and p[:5] != e[:5], (p, e)  # no copy, and no opener that paraphrases one (the old list had both)

@@ -19,6 +19,8 @@ NEGATIVE = "The following is a bleak, sad and depressing story full of misery an
 TOXIC = "The following is a hateful, rude and obscene rant full of insults and swear words.\n\n"
 CLEAN = "The following is a polite, kind and respectful text.\n\n"
 FORMAL = "The following is an excerpt from a formal academic report.\n\n"
+# sentiment recipes' defaults, tuned on benchmarks/data/sentiment_dev.jsonl (see benchmarks/results/formula.md)
+ALPHA, BETA, NUCLEUS = 8.0, 8.0, 0.8
 TEXT_PARAMS = frozenset({"text", "expert", "anti"})
 INFORMAL = "lol ok so here's what happened, super casual chat msg:\n\n"
 
@@ -100,14 +102,16 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "positive",
             "Positive sentiment: DExperts with a cheerful vs a bleak conditioning text, kept inside the "
-            "base model's 0.9 nucleus, plus the offline sentiment guide.",
-            (("alpha", 4.0), ("guide", 4.0), ("p", 0.9)),
+            "base model's top-p nucleus, plus the offline sentiment guide. The nucleus is tighter than "
+            "DExperts' 0.9 (tuned on benchmarks/data/sentiment_dev.jsonl) so the strong push stays "
+            "among tokens the base model finds likely, which keeps perplexity near the uncontrolled one.",
+            (("alpha", ALPHA), ("guide", BETA), ("p", NUCLEUS)),
             lambda alpha, guide, p: _dexperts(POSITIVE, NEGATIVE, alpha, p, "positive", guide),
         ),
         Recipe(
             "negative",
-            "Negative sentiment: the mirror image of positive.",
-            (("alpha", 4.0), ("guide", 4.0), ("p", 0.9)),
+            "Negative sentiment: the mirror image of positive (same weights and nucleus).",
+            (("alpha", ALPHA), ("guide", BETA), ("p", NUCLEUS)),
             lambda alpha, guide, p: _dexperts(NEGATIVE, POSITIVE, alpha, p, "negative", guide),
         ),
         Recipe(

@@ -90,13 +90,17 @@ def search(
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Where to save the dose–response plot (default VEC with .curve.png)."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     backend: str = typer.Option("auto", help="auto, torch or llamacpp (sentiment vectors scored by VADER can search on the fast llamacpp backend)."),
-    prompts: int = typer.Option(16, help="How many of the built-in neutral search prompts to continue per dose (at most 16)."),
-    tokens: int = typer.Option(32, help="Tokens generated per continuation."),
+    prompts: int = typer.Option(48, help="How many of the 64 built-in neutral search prompts (held out from the eval suite's) to continue per dose."),
+    tokens: int = typer.Option(32, help="Tokens generated per continuation (the eval suite's default is 32)."),
     bisect_steps: int = typer.Option(3, help="Bisection steps after the doubling phase."),
+    confidence: float = typer.Option(0.9, help="A dose passes when this one-sided bootstrap bound of its perplexity ratio is ≤ --factor (0.5: the plain estimate)."),
+    positions: str = typer.Option("all", help="Positions steered: all, prompt or generated."),
 ) -> None:
     """Pick layer and strength automatically and save the dose–response curve in the file and a plot.
 
     The attribute is scored by VADER for sentiment vectors and by the vector's own probe otherwise.
+    Coherence is the eval suite's perplexity of the steered text over the uncontrolled text's, on
+    neutral prompts that are not the eval's, with a bootstrap bound so a lucky draw does not pass.
 
     Example:
 
@@ -107,19 +111,28 @@ def search(
     from tokensteer.steering.train import parse_layers
     from tokensteer.steering.vecfile import load_vector, save_vector
 
-    from tokensteer.backends.base import HIDDEN_STATES, RESIDUAL_ADD
+    from tokensteer.backends.base import HIDDEN_STATES, RESIDUAL_ADD, RESIDUAL_FN
     from tokensteer.cli import load_model
+    from tokensteer.steering.apply import POSITIONS
 
     with user_errors():
         v = load_vector(vec)
+        if positions not in POSITIONS:
+            raise UserError(f"unknown --positions {positions!r}; choose one of {', '.join(POSITIONS)}")
     vader = v.meta.get("pairs", {}).get("name") == "sentiment"
-    lm = load_model(model, backend, "float32", frozenset({RESIDUAL_ADD} if vader else {HIDDEN_STATES}))
+    needs = {RESIDUAL_ADD if positions == "all" else RESIDUAL_FN} | (set() if vader else {HIDDEN_STATES})
+    lm = load_model(model, backend, "float32", frozenset(needs))
     with user_errors(), spinner("searching") as say:
         from tokensteer.sampling import SamplingConfig
 
         cfg = SamplingConfig(max_tokens=tokens, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
+        if not 2 <= prompts <= len(S.SEARCH_PROMPTS):
+            raise UserError(f"--prompts must be between 2 and {len(S.SEARCH_PROMPTS)}, got {prompts}")
+        if not 0 < confidence < 1:
+            raise UserError(f"--confidence must be between 0 and 1, got {confidence}")
         res = S.search(lm, v, factor=factor, kl_max=kl_max, layers=parse_layers(layers, lm.n_layers),
-                       prompts=S.SEARCH_PROMPTS[: max(1, prompts)], cfg=cfg, bisect_steps=bisect_steps,
+                       prompts=S.SEARCH_PROMPTS[:prompts], cfg=cfg, bisect_steps=bisect_steps,
+                       confidence=confidence, positions=positions,
                        max_strength=max_strength, say=lambda m: (say(m), err.print(f"[dim]{m}[/]", highlight=False)))
         S.record(v, res)
         save_vector(v, vec)

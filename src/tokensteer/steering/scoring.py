@@ -58,3 +58,37 @@ def coherence(lm, prompts: Sequence[str], continuations: Sequence[Sequence[int]]
             steered.close()
     ppl = [math.exp(v / len(c)) if c else float("nan") for v, c in zip(nll, continuations)]
     return Coherence(ppl, [v / len(c) if c else 0.0 for v, c in zip(kl, continuations)])
+
+
+def continuation_ids(lm, prompts: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each continuation exactly as the eval suite's perplexity scorer reads them.
+
+    The text is re-tokenized after its prompt (not the sampled ids), so the search measures the
+    same perplexity the evaluation reports.
+    """
+    from tokensteer.eval.scorers import _continuation_ids  # the scorer's own definition, on purpose
+
+    tok = lm.tokenizer
+    return [_continuation_ids(tok, p, t, tok.encode(p)) for p, t in zip(prompts, texts)]
+
+
+def ratio_upper_bound(steered: Sequence[float], base: Sequence[float], confidence: float = 0.9,
+                      draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Ratio of mean perplexities (steered ÷ base, as the eval reports it) and its upper bound.
+
+    The bound is a one-sided paired bootstrap over prompts at ``confidence`` (seeded, so the search
+    stays deterministic); prompts where either text is empty are left out, as the eval leaves them out.
+    With ``confidence`` ≤ 0.5 the bound is the estimate itself.
+    """
+    pairs = [(s, b) for s, b in zip(steered, base) if math.isfinite(s) and math.isfinite(b)]
+    if not pairs:
+        return float("inf"), float("inf")
+    s = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    b = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    est = float(s.mean() / b.mean())
+    if confidence <= 0.5 or len(pairs) < 2:
+        return est, est
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(pairs), (draws, len(pairs)), generator=g)
+    ratios = s[idx].mean(dim=1) / b[idx].mean(dim=1)
+    return est, max(est, float(torch.quantile(ratios, confidence)))

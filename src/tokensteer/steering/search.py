@@ -1,11 +1,13 @@
 """Automatic layer and strength: rank layers cheaply, then bisect strength under a coherence bound.
 
 Stage 1 ranks layers by held-out probe separability (computed at training time). Stage 2 tries the
-best few at one strength and keeps the layer that moves the attribute most. The strength search
-doubles, then bisects, to find the strongest dose whose steered text stays coherent: perplexity
-under the base model ≤ ``factor`` × the uncontrolled text's, and mean KL(steered ‖ base) ≤
-``kl_max`` nats per token. The best-scoring coherent dose wins; the whole dose–response curve is
-saved in the vector file and as a plot.
+best few at one strength on a few prompts and keeps the layer that moves the attribute most per
+unit of perplexity. The strength search doubles, then bisects, to find the strongest dose whose
+steered text stays coherent: the eval suite's perplexity (the text re-tokenized after its prompt,
+under the base model, ratio of means) ≤ ``factor`` × the uncontrolled text's at a one-sided
+bootstrap confidence bound, and mean KL(steered ‖ base) ≤ ``kl_max`` nats per token. Prompts are
+neutral openers held out from the eval suite's. The strongest coherent dose wins; the whole
+dose–response curve is saved in the vector file and as a plot.
 """
 
 from __future__ import annotations
@@ -20,29 +22,10 @@ from typing import Callable, Sequence
 from tokensteer.errors import UserError
 from tokensteer.sampling import SamplingConfig
 from tokensteer.steering.apply import Steer, SteeringControl
-from tokensteer.steering.scoring import coherence
+from tokensteer.steering.scoring import coherence, continuation_ids, ratio_upper_bound
+from tokensteer.steering.search_prompts import SEARCH_PROMPTS
 from tokensteer.steering.train import default_band
 from tokensteer.steering.vecfile import SteeringVector
-
-# Neutral openers for the search, distinct from the eval suite's prompts (held out from them).
-SEARCH_PROMPTS = [
-    "The report on the new bridge was published on",
-    "After the meeting, the committee members walked to",
-    "The shop on the corner sells",
-    "My cousin moved to a small town where",
-    "The weather forecast for tomorrow says",
-    "In the afternoon we drove along the coast to",
-    "The instructions for the printer explain how",
-    "Yesterday the school held its annual",
-    "The museum's new exhibition is about",
-    "When I opened the box, I found",
-    "The restaurant down the street",
-    "Our neighbour has a dog that",
-    "The film I watched last night",
-    "At the station, the announcer said that",
-    "The hotel we stayed in was",
-    "This year's harvest in the valley",
-]
 
 Scorer = Callable[[Sequence[str]], list[float]]  # texts -> attribute success in [0, 1] per text
 Say = Callable[[str], None]
@@ -59,6 +42,8 @@ class Point:
     ppl_ratio: float
     kl: float  # mean KL(steered ‖ base) per token
     feasible: bool
+    ppl_ratio_bound: float = float("nan")  # one-sided bootstrap upper bound of ppl_ratio
+    layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -101,18 +86,17 @@ def default_scorer(lm, vec: SteeringVector, layer: int) -> tuple[str, Scorer]:
     return "probe", probe_scorer(lm, vec, layer)
 
 
-def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base_ppl) -> tuple[Point, list[str]]:
-    ctl = SteeringControl([Steer(vec, strength, layers)])
+def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence, positions="all") -> Point:
+    """Generate with one dose, then score it: attribute, the eval's perplexity ratio with its bound, KL."""
     from tokensteer.loop import generate
 
+    ctl = SteeringControl([Steer(vec, strength, layers, positions)])
     gens = generate(lm, prompts, cfg, [ctl])
     texts = [g.text for g in gens]
-    edits = ctl.residual_edits(len(prompts), 1)
-    coh = coherence(lm, prompts, [g.tokens for g in gens], edits)
-    ppl = _mean_finite(coh.perplexity)
+    coh = coherence(lm, prompts, continuation_ids(lm, prompts, texts), ctl.residual_edits(len(prompts), 1))
+    ratio, bound = ratio_upper_bound(coh.perplexity, base, confidence)
     kl = mean(coh.kl) if coh.kl else 0.0
-    score = mean(scorer(texts))
-    return Point(layers[0], strength, score, ppl, ppl / base_ppl if base_ppl else float("inf"), kl, True), texts
+    return Point(layers[0], strength, mean(scorer(texts)), _mean_finite(coh.perplexity), ratio, kl, True, bound, list(layers))
 
 
 def _mean_finite(xs: Sequence[float]) -> float:
@@ -129,52 +113,67 @@ def search(
     kl_max: float = 2.0,
     layers: Sequence[int] | None = None,
     n_layer_trials: int = 3,
+    layer_prompts: int = 16,
     probe_strength: float = 0.25,
     max_strength: float = 2.0,
     bisect_steps: int = 3,
+    confidence: float = 0.9,
+    positions: str = "all",
     cfg: SamplingConfig | None = None,
     say: Say | None = None,
 ) -> SearchResult:
-    """Choose layers (unless given) and the strongest coherent strength; returns the curve too."""
+    """Choose layers (unless given) and the strongest strength whose perplexity bound holds; returns the curve.
+
+    Perplexity is the eval suite's (the continuation text re-tokenized after its prompt, scored by
+    the uncontrolled model, mean over prompts); a dose is coherent when the one-sided
+    ``confidence`` bootstrap bound of its ratio to the uncontrolled text's is ≤ ``factor``, so a
+    lucky draw of prompts does not pass a dose the evaluation would reject.
+    """
     vec.check_model(lm)
     cfg = cfg or SamplingConfig(max_tokens=32, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
     say = say or (lambda _msg: None)
     from tokensteer.loop import generate
 
-    base = generate(lm, list(prompts), cfg)
-    base_coh = coherence(lm, list(prompts), [g.tokens for g in base])
-    base_ppl = _mean_finite(base_coh.perplexity)
+    prompts = list(prompts)
+    base = generate(lm, prompts, cfg)
+    base_texts = [g.text for g in base]
+    base_ppls = coherence(lm, prompts, continuation_ids(lm, prompts, base_texts)).perplexity
+    base_ppl = _mean_finite(base_ppls)
 
     def feasible(p: Point) -> bool:
-        return p.ppl_ratio <= factor and p.kl <= kl_max
+        return p.ppl_ratio_bound <= factor and p.kl <= kl_max
 
-    # Stage 1: held-out separability ranks the layers; stage 2: the top few are tried causally.
+    # Stage 1: held-out separability ranks the layers; stage 2: the top few are tried causally at
+    # the first dose on the first few prompts; the one that gains most attribute per nat of
+    # perplexity wins.
     trials: list[Point] = []
     if layers is None:
         stats = vec.meta.get("stats", {})
         band = [i for i in default_band(lm.n_layers) if i in vec.vectors]
         ranked = sorted(band, key=lambda i: (-stats.get(str(i), {}).get("heldout_d_prime", 0.0), i))
+        k = max(2, min(layer_prompts, len(prompts)))
         best, best_key = None, None
         for li in ranked[:n_layer_trials]:
             name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, li)
-            p, _ = _evaluate(lm, vec, [li], probe_strength, prompts, cfg, sc, base_ppl)
+            p = _evaluate(lm, vec, [li], probe_strength / 2, prompts[:k], cfg, sc, base_ppls[:k], confidence, positions)
             p.feasible = feasible(p)
             trials.append(p)
-            say(f"layer {li}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f}, KL {p.kl:.2f}")
-            key = (p.feasible, p.score, -p.ppl_ratio)
+            gain = p.score - mean(sc(base_texts[:k]))
+            say(f"layer {li}: score {p.score:.2f} (+{gain:.2f}), perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}")
+            key = gain / max(math.log(p.ppl_ratio), 0.05)  # attribute gained per nat of perplexity
             if best_key is None or key > best_key:
                 best, best_key = li, key
         layers = [best]
     layers = list(layers)
     name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, layers[0])
-    base_score = mean(sc([g.text for g in base]))
-    curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True)]
+    base_score = mean(sc(base_texts))
+    curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True, 1.0, layers)]
 
     def run(s: float) -> Point:
-        p, _ = _evaluate(lm, vec, layers, s, prompts, cfg, sc, base_ppl)
+        p = _evaluate(lm, vec, layers, s, prompts, cfg, sc, base_ppls, confidence, positions)
         p.feasible = feasible(p)
         curve.append(p)
-        say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f}, KL {p.kl:.2f}")
+        say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}")
         return p
 
     lo, hi, s = 0.0, None, probe_strength / 2
@@ -191,17 +190,25 @@ def search(
                 lo = mid
             else:
                 hi = mid
-    ok = [p for p in curve if p.feasible and p.strength > 0]
-    if not ok:
-        raise UserError("no strength kept the text coherent; try other layers or a looser --factor")
-    chosen = max(ok, key=lambda p: (round(p.score, 6), -p.strength))
+    chosen = choose(curve)
     curve.sort(key=lambda p: p.strength)
     return SearchResult(
         layers, chosen.strength,
         {"score": base_score, "perplexity": base_ppl, "scorer": name, "factor": factor, "kl_max": kl_max,
-         "prompts": len(prompts), "sampling": {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}},
+         "confidence": confidence, "positions": positions, "prompts": len(prompts),
+         "perplexity_definition": "eval suite: text re-tokenized after its prompt, uncontrolled model, ratio of means",
+         "sampling": {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}},
         curve, trials,
     )
+
+
+def choose(curve: Sequence[Point]) -> Point:
+    """The strongest coherent dose: the attribute rises with strength in expectation, and one dose's
+    score on a few dozen prompts is too noisy (±6 points at 48) to rank two nearby doses by it."""
+    ok = [p for p in curve if p.feasible and p.strength > 0]
+    if not ok:
+        raise UserError("no strength kept the text coherent; try other layers or a looser --factor")
+    return max(ok, key=lambda p: p.strength)
 
 
 def record(vec: SteeringVector, res: SearchResult) -> None:
@@ -209,8 +216,8 @@ def record(vec: SteeringVector, res: SearchResult) -> None:
     vec.meta["recommended"] = {
         "layers": res.layers,
         "strength": res.strength,
-        "positions": "all",
-        "by": "automatic search (best attribute score with perplexity ≤ factor × uncontrolled and KL ≤ kl_max)",
+        "positions": res.baseline.get("positions", "all"),
+        "by": "automatic search (strongest dose with the bootstrap bound of perplexity ≤ factor × uncontrolled and KL ≤ kl_max)",
         "criteria": res.baseline,
         "curve": [asdict(p) for p in res.curve],
         "layer_trials": [asdict(p) for p in res.layer_trials],
@@ -234,6 +241,9 @@ def plot(res: SearchResult, path: str | Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax2 = ax.twinx()
     ax2.plot(xs, [p.ppl_ratio for p in res.curve], "s--", color="tab:red", label="perplexity ratio")
+    bounds = [p.ppl_ratio_bound for p in res.curve]
+    if any(math.isfinite(b) for b in bounds):
+        ax2.plot(xs, bounds, "v:", color="tab:orange", label="its upper bound")
     ax2.axhline(res.baseline["factor"], color="tab:red", lw=0.8, ls=":")
     ax2.set_ylabel("perplexity / uncontrolled", color="tab:red")
     ax.axvline(res.strength, color="k", lw=0.8)
