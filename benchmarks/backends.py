@@ -28,16 +28,21 @@ import llama_cpp
 import llama_cpp.llama as llama_high
 
 import tokensteer as ts
-from tokensteer.backends.llamacpp import _amx_build
 from tokensteer.models import bundled_gguf
 
 PROMPT = "The history of the printing press begins in"
 BATCH = ["The history of the printing press begins in", "Once upon a time, in a small village", "The best way to learn a language is", "In the year 1969, astronauts"]
 
 
+def _amx_build() -> bool:
+    """True when llama.cpp was compiled with AMX kernels, which crash on Q4_K weights (llama.cpp #20824)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
 @contextmanager
 def same_model_params():
-    """Give the native Llama the model parameters our backend uses (no AMX buffers on AMX builds)."""
+    """Keep the native Llama off the AMX buffer type on AMX builds, where it would crash; otherwise it
+    runs with llama-cpp-python's own defaults (weights repacked), as a user would get it."""
     orig = llama_high.llama_cpp.llama_model_default_params
 
     def patched():

@@ -53,11 +53,6 @@ def _init_llama() -> None:
         _initialised = True
 
 
-def _amx_build() -> bool:
-    """True when llama.cpp was compiled with AMX kernels, which crash on Q4_K weights (llama.cpp #20824)."""
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
-
-
 def default_threads() -> int:
     """Threads for llama.cpp: ``$TOKENSTEER_THREADS`` or the CPUs this process may use (≤ 8)."""
     env = os.environ.get("TOKENSTEER_THREADS")
@@ -160,8 +155,11 @@ class LlamaCppBackend(Backend):
                 raise UserError(f"TOKENSTEER_N_CTX must be a whole number ≥ 64, got {env!r}")
             n_ctx = int(env)
         params = llama_cpp.llama_model_default_params()
-        if _amx_build():  # keep weights out of the AMX buffer type (the Makefile builds without AMX)
-            params.use_extra_bufts = False
+        # Weights stay in the plain CPU buffer: no AMX (whose kernels crash on Q4_K, llama.cpp #20824)
+        # and no repacking, whose batched kernels give a row different logits (by up to 0.14 in
+        # log-probability) when it shares a decode call with others. Without it, batched rows are
+        # bit-identical to one row at a time, and on this CPU it bought no speed (~40 tok/s either way).
+        params.use_extra_bufts = False
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise UserError(
