@@ -184,7 +184,7 @@ def stream(
     state.cfg, state.generator = cfg, gen
     detoks = [_Detok(tok, cfg.stop) for _ in prompts]
     eos = frozenset() if cfg.ignore_eos else tok.eos_ids
-    session = backend.session(edits, rollback=any(c.drafts for c in controls))
+    session = backend.session(edits, rollback=drafter is not None)
     try:
         logits = session.prefill(rows)
         state.forward_calls += 1
@@ -263,7 +263,7 @@ def _drafter(controls: Sequence[Control]) -> Control | None:
         "a repetition penalty" if isinstance(c, RepetitionPenalty) else type(c).__name__
         for c in controls
         if c is not drafters[0]
-        and (type(c).logprobs is not Control.logprobs or type(c).mask is not Control.mask or type(c).on_token is not Control.on_token)
+        and (c.rewrites or type(c).mask is not Control.mask or type(c).on_token is not Control.on_token)
     ]
     if hooked:
         raise UserError(

@@ -135,6 +135,7 @@ class Grammar(Constraint):
         self.grammar, self.label = grammar, label
         self.llt = lltokenizer(tok, table)
         self.words = (table.size + 31) // 32
+        self.pending: list[Future | None] = []  # per row: the next mask, being computed by _POOL
 
     def __repr__(self) -> str:
         return f"Grammar({self.label})"
@@ -142,7 +143,7 @@ class Grammar(Constraint):
     def reset(self, state: LoopState) -> None:
         from llguidance import LLMatcher
 
-        for fut in getattr(self, "pending", ()):  # masks a previous call started and never used
+        for fut in self.pending:  # masks a previous call started and never used
             if fut is not None:
                 fut.result()
 
@@ -151,7 +152,7 @@ class Grammar(Constraint):
             raise UserError(f"invalid {self.label}: {first.get_error()}")
         self.matchers = [first] + [first.deep_copy() for _ in range(state.batch_size - 1)]
         self.bitmask = np.zeros((state.batch_size, self.words), dtype=np.int32)
-        self.pending: list[Future | None] = [None] * state.batch_size
+        self.pending = [None] * state.batch_size
 
     @staticmethod
     def _compute(m, row: np.ndarray) -> None:
