@@ -218,3 +218,81 @@ def test_token_table_recovers_byte_pieces(tiny):
     table = token_table(tiny.tokenizer)
     joined = b"".join(table.tokens[i] for i in tiny.tokenizer.encode("héllo wörld", add_bos=False))
     assert joined.decode("utf-8") == "héllo wörld"
+
+
+class _CountingSessions:
+    """Wraps ``lm.session`` so a test can count forward passes (step and extend calls)."""
+
+    def __init__(self, lm) -> None:
+        self.lm, self.inner, self.calls = lm, lm.session, 0
+
+    def __call__(self, *a, **k):
+        sess, outer = self.inner(*a, **k), self
+
+        class Counted:
+            def __getattr__(self, name):
+                return getattr(sess, name)
+
+            def step(self, tokens):
+                outer.calls += 1
+                return sess.step(tokens)
+
+            def extend(self, tokens):
+                outer.calls += 1
+                return sess.extend(tokens)
+
+        return Counted()
+
+
+def test_fast_forward_feeds_fixed_json_text_in_fewer_passes(tiny, monkeypatch):
+    counter = _CountingSessions(tiny)
+    monkeypatch.setattr(tiny, "session", counter)
+    cfg = SamplingConfig(max_tokens=80, temperature=0.0)
+    outs = {}
+    for ff in (True, False):
+        counter.calls = 0
+        g = tokensteer.generate(tiny, "the cat", cfg, build(tiny, ConstraintSpec(json_schema=SCHEMA, fast_forward=ff)))
+        jsonschema.validate(json.loads(g.text), SCHEMA)
+        outs[ff] = (g, counter.calls)
+    (g_ff, calls_ff), (g_plain, calls_plain) = outs[True], outs[False]
+    assert calls_plain == len(g_plain.tokens)  # one pass per token (EOS included, the last one not fed)
+    assert calls_ff < calls_plain / 2, (calls_ff, calls_plain)  # the keys and braces go in one pass each
+    forced = [lp for lp in g_ff.logprobs if lp == 0.0]
+    assert forced and all(lp <= 0.0 for lp in g_ff.logprobs)
+
+
+@SLOW
+@given(seed=st.integers(0, 10_000))
+def test_fast_forward_keeps_json_valid_in_batches(tiny, seed):
+    for g in sample(tiny, ConstraintSpec(json_schema=SCHEMA, fast_forward=True), seed, max_tokens=80):
+        assert g.finish_reason == "eos", g.text
+        jsonschema.validate(json.loads(g.text), SCHEMA)
+
+
+def test_fast_forward_is_off_when_another_constraint_masks(tiny, monkeypatch):
+    """A banned word could forbid the forced text, so with two constraints nothing is forced."""
+    counter = _CountingSessions(tiny)
+    monkeypatch.setattr(tiny, "session", counter)
+    g = tokensteer.generate(tiny, "the cat", SamplingConfig(max_tokens=80), build(tiny, ConstraintSpec(json_schema=SCHEMA, ban=["dog"])))
+    assert json.loads(g.text)["tag"] == "cat"
+    assert counter.calls == len(g.tokens)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rest=st.binary(min_size=1, max_size=3) | st.sampled_from([b"e", b"at", b"he", b"og", b" ", b"a"]), right=st.booleans())
+def test_banned_cross_tables_match_a_plain_scan(tiny, rest, right):
+    """The vectorized table of tokens that finish a started match equals the rule written out."""
+    from tokensteer.constraints.banned import BannedWords
+    from tokensteer.constraints.vocab import WORD_BYTES
+
+    table = token_table(tiny.tokenizer)
+    bad, pend = BannedWords(table, ["cat"])._build_cross(rest, right)
+    want_bad, want_pend = [], []
+    for i, low in enumerate(table.lowered):
+        if not low.startswith(rest):
+            continue
+        if len(low) == len(rest):
+            (want_pend if right else want_bad).append(i)
+        elif not right or low[len(rest)] not in WORD_BYTES:
+            want_bad.append(i)
+    assert sorted(bad.tolist()) == want_bad and sorted(pend.tolist()) == want_pend

@@ -97,6 +97,7 @@ def generate(
     require_within: Optional[int] = typer.Option(None, help="The --require words must appear within this many words.", rich_help_panel="Constraints"),
     vocab: Optional[str] = typer.Option(None, help="Allow only words from this file (one or more per line) plus punctuation.", rich_help_panel="Constraints"),
     grammar: Optional[str] = typer.Option(None, help="The output must match this Lark (.lark) or GBNF (.gbnf) grammar file.", rich_help_panel="Constraints"),
+    fast_forward: bool = typer.Option(True, "--fast-forward/--no-fast-forward", help="Feed the fixed text of a schema, regex or grammar (e.g. '\",\"age\":') to the model in one pass instead of sampling it token by token.", rich_help_panel="Constraints"),
 ) -> None:
     """Continue PROMPT with the model.
 
@@ -142,7 +143,8 @@ def generate(
             formula=formula, trace=trace, steer=steer, ban=ban, require=require, words=words,
             end_word=end_word, regex=regex, json_schema=json_schema, script=script,
             extra={k: v for k, v in (("script_soft", script_soft), ("sentences", sentences), ("require_within", require_within),
-                                     ("vocab", vocab), ("grammar", grammar), ("speculate", speculate or None)) if v is not None},
+                                     ("vocab", vocab), ("grammar", grammar), ("speculate", speculate or None),
+                                     ("fast_forward", None if fast_forward else False)) if v is not None},
         )
         if speculate and not formula:
             raise UserError("--speculate needs --formula with a term on another model, e.g. 'M + M(model=\"path\")'")

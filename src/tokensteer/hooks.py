@@ -1,4 +1,4 @@
-"""The five hook points of the decode loop, and the ``Control`` base class that plugs into them.
+"""The hook points of the decode loop, and the ``Control`` base class that plugs into them.
 
 A control overrides only the hooks it needs:
 
@@ -11,6 +11,10 @@ A control overrides only the hooks it needs:
 A control that sets ``drafts`` (speculative decoding) also gets a sixth, ``verify``: the tokens the
 loop samples are then tentative (fed to the model, not yet emitted) until its ``Verdict`` keeps some
 of them, drops the rest and supplies the next token itself.
+
+A control that masks may also name the tokens each row must take next whatever the model says
+(``forced``, hook 7: the fixed text of a JSON schema or grammar). The loop then feeds them to the
+model together with the sampled token in one forward pass, instead of one pass per token.
 
 Every method of generation in tokensteer (formulas, steering, constraints, penalties) is a Control,
 so there is one decode loop and no per-method loop.
@@ -111,6 +115,14 @@ class Control:
 
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
         """Hook 5: the [B] tokens just accepted (finished requests repeat their last token)."""
+
+    def forced(self, state: LoopState) -> list[list[int]] | None:
+        """Hook 7: per row, tokens that must follow the one just accepted (None or [] for none).
+
+        Called after hook 5. The loop runs hooks 3–5 at each forced position as usual, so this
+        control's own mask must allow them there; it uses them only when no other control masks.
+        """
+        return None
 
     def verify(self, state: LoopState) -> Verdict | None:
         """Hook 6, only for a control with ``drafts``: called at the start of every step, before

@@ -7,6 +7,8 @@ samples one token per prompt, tells the controls (hook 5), and feeds that token 
 Residual edits (hook 2) run inside the backend's forward pass. With a drafting (speculative)
 control, sampled tokens stay tentative until its ``verify`` (hook 6) keeps k of them and gives the
 next token; the loop then trims the dropped ones from the session and emits only confirmed tokens.
+When the one masking control names tokens that must come next (hook 7), the loop feeds them with
+the sampled token in one forward pass and then runs hooks 3–5 at each of them on its logits.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ def stream(
             raise UserError(f"{type(c).__name__} needs {', '.join(sorted(missing))}, which the {backend.name} backend lacks")
 
     drafter = _drafter(controls)
+    forcer = _forcer(controls) if drafter is None else None
     rewriters = [c for c in controls if c.rewrites]
     sampler = make_sampler(cfg)
     gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % 2**63))
@@ -191,6 +194,12 @@ def stream(
         for c in controls:
             c.start(state)
         held: list[torch.Tensor] = []  # the tentative tokens of a drafting control, oldest first
+        ahead: list[tuple[torch.Tensor, torch.Tensor]] = []  # forced tokens already fed, each with the logits after it
+        forced = _forced_tokens(forcer, state, eos) if forcer is not None else None
+        if forced is not None:  # text fixed from the start (a schema's opening): one forward pass
+            out = session.extend(forced.repeat_interleave(R, 0))
+            ahead = [(forced[:, j], out[:, j]) for j in range(forced.shape[1])]
+            state.forward_calls += 1
         for step in itertools.count():
             state.step = step
             state.set_logits(logits)
@@ -230,7 +239,14 @@ def stream(
                     raise UserError("the constraints allow no next token: they contradict each other")
             elif not rewriters:
                 x = torch.log_softmax(x, dim=-1)
-            tokens = sampler(x, gen)
+            if ahead:  # hook 7's token for this step, already fed to the model
+                tokens, after = ahead.pop(0)
+                tokens = tokens.clone()
+                live = ~torch.tensor(state.finished)
+                if not torch.isfinite(x.gather(1, tokens[:, None]).squeeze(1)[live]).all():
+                    raise RuntimeError(f"{type(forcer).__name__} forced a token its own mask forbids")
+            else:
+                tokens, after = sampler(x, gen), None
             _finished_repeat(state, tokens)
             for c in controls:  # hook 5
                 c.on_token(state, tokens)
@@ -246,7 +262,16 @@ def stream(
                 yield from _emit(state, [(tokens, x)], detoks, eos, time.perf_counter() - t0)
             if all(state.finished):
                 break
-            logits = session.step(tokens.repeat_interleave(R))
+            if after is not None:
+                logits = after
+                continue
+            forced = _forced_tokens(forcer, state, eos) if forcer is not None else None
+            if forced is None:
+                logits = session.step(tokens.repeat_interleave(R))
+            else:  # the sampled token and the forced ones in one forward pass
+                out = session.extend(torch.cat([tokens[:, None], forced], 1).repeat_interleave(R, 0))
+                logits = out[:, 0]
+                ahead = [(forced[:, j], out[:, j + 1]) for j in range(forced.shape[1])]
             state.forward_calls += 1
     finally:
         session.close()
@@ -271,6 +296,39 @@ def _drafter(controls: Sequence[Control]) -> Control | None:
             "follow tokens would have to run again on the verified distribution; drop --speculate or those controls"
         )
     return drafters[0]
+
+
+def _forcer(controls: Sequence[Control]) -> Control | None:
+    """The control whose forced tokens (hook 7) the loop may use: it must be the only one that masks,
+    so no other control can forbid what it forces."""
+    forcers = [c for c in controls if type(c).forced is not Control.forced]
+    maskers = [c for c in controls if type(c).mask is not Control.mask]
+    if len(forcers) == 1 and all(c is forcers[0] for c in maskers):
+        return forcers[0]
+    return None
+
+
+def _forced_tokens(forcer: Control, state: LoopState, eos: frozenset[int]) -> torch.Tensor | None:
+    """[B, k] tokens every live row must take next (finished rows repeat their last), or None.
+
+    k is the fewest any live row has, capped by the token budget; EOS is never forced."""
+    per_row = forcer.forced(state)
+    if not per_row:
+        return None
+    budget = state.max_tokens - state.confirmed if state.max_tokens is not None else 1 << 30
+    k, rows = budget, []
+    for b in range(state.batch_size):
+        if state.finished[b]:
+            rows.append(None)
+            continue
+        seq = list(per_row[b] or [])
+        cut = next((i for i, t in enumerate(seq) if t in eos), len(seq))
+        rows.append(seq[:cut])
+        k = min(k, cut)
+    if k <= 0:
+        return None
+    out = [r[:k] if r is not None else [(state.generated[b] or state.prompt_tokens[b])[-1]] * k for b, r in enumerate(rows)]
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _finished_repeat(state: LoopState, tokens: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ def spec_from_request(req: RequestControls) -> ConstraintSpec:
         "ban": list(req.ban), "require": list(req.require), "words": req.words, "end_word": req.end_word,
         "regex": req.regex, "json_schema": req.json_schema, "script": list(req.script),
     }  # fmt: skip
-    for k in ("require_within", "sentences", "grammar", "script_soft", "vocab"):
+    for k in ("require_within", "sentences", "grammar", "script_soft", "vocab", "fast_forward"):
         if req.extra.get(k) is not None:
             d[k] = req.extra[k]
     return from_mapping(d)

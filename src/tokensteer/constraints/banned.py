@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 
 from tokensteer.constraints.base import Constraint
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from tokensteer.loop import LoopState
 
 MAX_VARIANTS = 64
+_WORD_ARRAY = np.frombuffer(bytes(sorted(WORD_BYTES)), np.uint8).astype(np.int16)
 
 
 def normalize_phrase(text: str) -> str:
@@ -72,6 +74,7 @@ class BannedWords(Constraint):
         self.longest = max(len(p.data) for p in self.patterns)
         key = ("banned", tuple(self.patterns))
         self.static = table.memo(key, self._static_tables)
+        table.prefix_index()  # for the cross-token tables built as matches start
         self._cross: dict[tuple[bytes, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
 
@@ -107,19 +110,22 @@ class BannedWords(Constraint):
         return out
 
     def _cross_tables(self, rest: bytes, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids that finish a started match whose remaining bytes are ``rest``: (bad, pending)."""
-        key = (rest, right)
-        if key not in self._cross:
-            t = self.table
-            bad, pend = [], []
-            for i in t.starting_with(rest):
-                low = t.lowered[i]
-                if len(low) == len(rest):
-                    (pend if right else bad).append(i)
-                elif not right or not _is_word(low[len(rest)]):
-                    bad.append(i)
-            self._cross[key] = (torch.tensor(bad, dtype=torch.long), torch.tensor(pend, dtype=torch.long))
-        return self._cross[key]
+        """Token ids that finish a started match whose remaining bytes are ``rest``: (bad, pending).
+
+        They depend only on the tokenizer, so they are kept on its table for every later request."""
+        return self.table.memo(("banned-cross", rest, right), lambda: self._build_cross(rest, right))
+
+    def _build_cross(self, rest: bytes, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.table
+        ids = np.asarray(t.starting_with(rest), dtype=np.int64)
+        after = t.byte_at(ids, len(rest))  # the byte after the match, -1 at the token's end
+        ends = after < 0
+        glued = np.isin(after, _WORD_ARRAY)  # a word byte follows: a longer word, not this one
+        if right:
+            bad, pend = ids[~ends & ~glued], ids[ends]
+        else:
+            bad, pend = ids, ids[:0]
+        return torch.from_numpy(bad), torch.from_numpy(pend)
 
     # ---- per-row state
 

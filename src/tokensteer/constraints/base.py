@@ -7,6 +7,7 @@ single combined mask per step.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -102,6 +103,17 @@ class AllOf(Control):
             if m is not None:
                 out = out & m
         return out
+
+    def forced(self, state: LoopState) -> list[list[int]] | None:
+        """Hook 7: a lone part's forced tokens, up to the first one the base mask refuses. With
+        several parts, none: another part could forbid what one of them forces."""
+        if len(self.parts) != 1:
+            return None
+        rows = self.parts[0].forced(state)
+        if not rows:
+            return None
+        base = self.table.memo(("base", state.stop), lambda: ~self.table.empty & ~self._holding(state.stop))
+        return [list(itertools.takewhile(lambda t: 0 <= t < self.table.size and bool(base[t]), r or [])) for r in rows]
 
     def _holding(self, stops: tuple[str, ...]) -> torch.Tensor:
         if not stops:

@@ -130,9 +130,9 @@ def read_grammar(path: str) -> str:
 class Grammar(Constraint):
     """The text must match an llguidance grammar; EOS only when the grammar accepts."""
 
-    def __init__(self, tok: Tokenizer, table: TokenTable, grammar: str, label: str = "grammar") -> None:
+    def __init__(self, tok: Tokenizer, table: TokenTable, grammar: str, label: str = "grammar", fast_forward: bool = True) -> None:
         super().__init__(table)
-        self.grammar, self.label = grammar, label
+        self.grammar, self.label, self.fast_forward = grammar, label, fast_forward
         self.llt = lltokenizer(tok, table)
         self.words = (table.size + 31) // 32
         self.pending: list[Future | None] = []  # per row: the next mask, being computed by _POOL
@@ -153,6 +153,8 @@ class Grammar(Constraint):
         self.matchers = [first] + [first.deep_copy() for _ in range(state.batch_size - 1)]
         self.bitmask = np.zeros((state.batch_size, self.words), dtype=np.int32)
         self.pending = [None] * state.batch_size
+        opening = first.compute_ff_tokens() if self.fast_forward else []
+        self.ff: list[list[int]] = [list(opening) for _ in range(state.batch_size)]
 
     @staticmethod
     def _compute(m, row: np.ndarray) -> None:
@@ -178,7 +180,17 @@ class Grammar(Constraint):
                 m = self.matchers[b]
                 m.consume_token(t)
                 if not m.is_error() and not m.is_stopped():
+                    # llguidance's fast-forward tokens: the grammar's fixed text from here, in its
+                    # canonical tokenization (a microsecond; the matcher is not busy yet)
+                    self.ff[b] = m.compute_ff_tokens() if self.fast_forward else []
                     self.pending[b] = _POOL.submit(self._compute, m, self.bitmask[b])
+                else:
+                    self.ff[b] = []
+
+    def forced(self, state: LoopState) -> list[list[int]]:
+        """Hook 7: the grammar's fixed text after the last token (e.g. ``","age":`` in a schema)."""
+        out, self.ff = self.ff, [[] for _ in range(state.batch_size)]
+        return out
 
     def accepting(self, b: int) -> bool:
         fut = self.pending[b]

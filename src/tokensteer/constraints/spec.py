@@ -3,7 +3,8 @@ contradictions before any decoding starts, then built into Controls for a loaded
 
 Spec keys (YAML/JSON): ban, require, require_within, words, sentences, end_word, regex,
 json_schema (a file path or an inline schema), grammar (a .lark/.gbnf file), script, script_soft,
-vocab (a file path or a list of words).
+vocab (a file path or a list of words); and fast_forward (default true: feed a grammar's fixed text
+in one forward pass).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ConstraintSpec:
     script: list[str] = field(default_factory=list)
     script_soft: float | None = None
     vocab: list[str] | None = None
+    fast_forward: bool = True  # a grammar's fixed text goes to the model in one pass (hook 7)
 
     def empty(self) -> bool:
         return not any(getattr(self, k) not in (None, [], ()) for k in KEYS)
@@ -66,7 +68,7 @@ def from_mapping(d: dict) -> ConstraintSpec:
     if not isinstance(d, dict):
         raise UserError(f"a constraints spec must be a mapping of {', '.join(KEYS)}; got {type(d).__name__}")
     d = {("require" if k == "keywords" else k): v for k, v in d.items()}
-    unknown = sorted(set(d) - set(KEYS))
+    unknown = sorted(set(d) - set(KEYS) - {"fast_forward"})
     if unknown:
         raise UserError(f"unknown constraint {unknown[0]!r}; known: {', '.join(KEYS)}")
     schema = d.get("json_schema")
@@ -89,6 +91,9 @@ def from_mapping(d: dict) -> ConstraintSpec:
     if regex is not None and not isinstance(regex, str):
         raise UserError(f"constraint 'regex' must be a string, got {regex!r}")
     grammar = d.get("grammar")
+    ff = d.get("fast_forward", True)
+    if not isinstance(ff, bool):
+        raise UserError(f"'fast_forward' must be true or false, got {ff!r}")
     return ConstraintSpec(
         ban=_list(d.get("ban"), "ban"),
         require=_list(d.get("require"), "require"),
@@ -102,6 +107,7 @@ def from_mapping(d: dict) -> ConstraintSpec:
         script=_list(d.get("script"), "script"),
         script_soft=float(soft) if soft is not None else None,
         vocab=vocab,
+        fast_forward=ff,
     )
 
 
@@ -221,5 +227,5 @@ def build(lm, spec: ConstraintSpec) -> list:
         from tokensteer.constraints.grammar import Grammar, grammar_for
 
         label = "regex" if spec.regex is not None else "JSON schema" if spec.json_schema is not None else "grammar"
-        parts.append(Grammar(tok, table, grammar_for(spec.regex, spec.json_schema, spec.grammar), label))
+        parts.append(Grammar(tok, table, grammar_for(spec.regex, spec.json_schema, spec.grammar), label, spec.fast_forward))
     return [AllOf(parts, table)]

@@ -63,15 +63,39 @@ class TokenTable:
         """A bool [V] tensor of ``pred(token_bytes)``."""
         return torch.tensor([bool(pred(t)) for t in self.tokens], dtype=torch.bool)
 
-    def _index(self) -> None:
+    def prefix_index(self) -> None:
+        """Build (once) the sorted index ``starting_with`` searches and the byte table ``byte_at``
+        reads; ~0.4 s at 262k tokens, so constraints that need them build them before decoding."""
+        self.memo("lowered-head", self._head)
         if self._sorted is None:
             order = sorted(range(self.size), key=self.lowered.__getitem__)
             self._sorted = [self.lowered[i] for i in order]
             self._sorted_ids = order
 
+    def byte_at(self, ids: np.ndarray, offset: int) -> np.ndarray:
+        """The lowered byte at ``offset`` of each token in ``ids`` (-1 past its end), vectorized."""
+        lens, head = self.memo("lowered-head", self._head)
+        if offset < head.shape[1]:
+            out = head[ids, offset].astype(np.int16)
+        else:
+            out = np.array([self.lowered[i][offset] if len(self.lowered[i]) > offset else 0 for i in ids], np.int16)
+        out[lens[ids] <= offset] = -1
+        return out
+
+    def _head(self, width: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Lengths [V] and the first ``width`` lowered bytes [V, width] of every token."""
+        lens = np.fromiter(map(len, self.lowered), np.int64, self.size)
+        flat = np.frombuffer(b"".join(self.lowered), np.uint8)
+        starts = np.cumsum(lens) - lens
+        head = np.zeros((self.size, width), np.uint8)
+        for j in range(width):
+            ok = lens > j
+            head[ok, j] = flat[starts[ok] + j]
+        return lens, head
+
     def starting_with(self, prefix: bytes) -> list[int]:
         """Ids of tokens whose lowered bytes start with ``prefix`` (non-empty)."""
-        self._index()
+        self.prefix_index()
         lo = bisect.bisect_left(self._sorted, prefix)
         hi = bisect.bisect_left(self._sorted, prefix + b"\xff\xff\xff\xff")
         return self._sorted_ids[lo:hi]
