@@ -2,7 +2,9 @@
 
 Plain decode, a 2-term formula (CFG: 2 rows of one batch) and a 4-term formula (4 rows) run
 interleaved, round after round, on the same prompt; the figure is the ratio of median decode
-seconds per token. Targets: 2-term ≤ 1.15, 4-term ≤ 1.4. The last line is one JSON object.
+seconds per token. Targets: 2-term ≤ 1.15, 4-term ≤ 1.4. The same rounds also time the backend's
+bare ``step`` for 2 and 4 rows against 1 (no loop, no formula): the floor a formula of that many
+rows can reach, so ``ratio − floor`` is what the engine itself adds. The last line is one JSON object.
 
     .venv/bin/python benchmarks/formula.py [--rounds 5] [--tokens 32] [--backends torch,llamacpp]
 """
@@ -29,17 +31,41 @@ def per_token(lm, controls, tokens: int) -> float:
     return g.decode_s / (len(g.tokens) - 1)
 
 
+def bare_step(lm, rows: int, tokens: int) -> float:
+    """Median seconds of the backend's own step for ``rows`` copies of the prompt (no loop)."""
+    import torch
+
+    ids = lm.tokenizer.encode(PROMPT)
+    sess = lm.session(())
+    try:
+        sess.prefill([ids] * rows)
+        feed = torch.tensor([ids[-1]] * rows)
+        times = []
+        for _ in range(tokens):
+            t = time.perf_counter()
+            sess.step(feed)
+            times.append(time.perf_counter() - t)
+    finally:
+        sess.close()
+    return statistics.median(times)
+
+
 def bench(backend: str, rounds: int, tokens: int) -> dict:
     lm = ts.load(backend=backend)
     ctrls = {"plain": []} | {k: [FormulaControl(lm, f)] for k, f in FORMULAS.items()}
     for c in ctrls.values():  # warm up every path once
         per_token(lm, c, 4)
     times: dict[str, list[float]] = {k: [] for k in ctrls}
+    steps: dict[int, list[float]] = {1: [], 2: [], 4: []}
     for r in range(rounds):
         for k, c in ctrls.items():
             times[k].append(per_token(lm, c, tokens))
-        print(f"[{backend}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1] * 1000:.1f} ms" for k, v in times.items()), flush=True)
+        for n in steps:
+            steps[n].append(bare_step(lm, n, tokens))
+        print(f"[{backend}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1] * 1000:.1f} ms" for k, v in times.items())
+              + "; bare step " + ", ".join(f"{n} rows {v[-1] * 1000:.1f} ms" for n, v in steps.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    floor = {n: statistics.median(steps[n]) / statistics.median(steps[1]) for n in (2, 4)}
     # ratios per round too (each round's three runs are back to back), to show the spread
     per_round = {k: [a / p for a, p in zip(times[k], times["plain"])] for k in FORMULAS}
     return {
@@ -47,6 +73,8 @@ def bench(backend: str, rounds: int, tokens: int) -> dict:
         "plain_ms_per_token": med["plain"] * 1000,
         **{f"{k}_ms_per_token": med[k] * 1000 for k in FORMULAS},
         **{f"ratio_{k}": med[k] / med["plain"] for k in FORMULAS},
+        "bare_step_2rows_vs_1": floor[2],
+        "bare_step_4rows_vs_1": floor[4],
         **{f"ratio_{k}_rounds": [round(x, 3) for x in v] for k, v in per_round.items()},
     }
 
