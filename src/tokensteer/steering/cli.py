@@ -44,7 +44,7 @@ def train(
     out: Path = typer.Option(..., help="Where to write the vector (.safetensors)."),
     method: str = typer.Option("diffmean", help="diffmean (CAA mean difference), pca (pair-centred, sign-fixed) or probe (logistic probe)."),
     layers: str = typer.Option("auto", help="auto (best held-out separability in the middle layers), a range a-b, or a list 5,7."),
-    read: str = typer.Option("last", help="Token positions read from each text: last (default; steers with less perplexity cost on the search prompts) or mean (all but BOS)."),
+    read: str = typer.Option("mean", help="Token positions read from each text: mean (all but BOS) or last."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
 ) -> None:
     """Train a steering vector from contrast pairs (the residual stream is read on the torch backend).
