@@ -197,8 +197,7 @@ def stream(
         ahead: list[tuple[torch.Tensor, torch.Tensor]] = []  # forced tokens already fed, each with the logits after it
         forced = _forced_tokens(forcer, state, eos) if forcer is not None else None
         if forced is not None:  # text fixed from the start (a schema's opening): one forward pass
-            out = session.extend(forced.repeat_interleave(R, 0))
-            ahead = [(forced[:, j], out[:, j]) for j in range(forced.shape[1])]
+            _, ahead = _feed_forced(session, None, forced, R)
             state.forward_calls += 1
         for step in itertools.count():
             state.step = step
@@ -269,9 +268,7 @@ def stream(
             if forced is None:
                 logits = session.step(tokens.repeat_interleave(R))
             else:  # the sampled token and the forced ones in one forward pass
-                out = session.extend(torch.cat([tokens[:, None], forced], 1).repeat_interleave(R, 0))
-                logits = out[:, 0]
-                ahead = [(forced[:, j], out[:, j + 1]) for j in range(forced.shape[1])]
+                logits, ahead = _feed_forced(session, tokens, forced, R)
             state.forward_calls += 1
     finally:
         session.close()
@@ -329,6 +326,17 @@ def _forced_tokens(forcer: Control, state: LoopState, eos: frozenset[int]) -> to
         return None
     out = [r[:k] if r is not None else [(state.generated[b] or state.prompt_tokens[b])[-1]] * k for b, r in enumerate(rows)]
     return torch.tensor(out, dtype=torch.long)
+
+
+def _feed_forced(
+    session, tokens: torch.Tensor | None, forced: torch.Tensor, R: int
+) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Feed this step's [B] tokens (None before the first) and the [B, k] forced ones in one
+    ``extend``; return the logits after ``tokens`` and, per forced token, (token, logits after it)."""
+    fed = forced if tokens is None else torch.cat([tokens[:, None], forced], 1)
+    out = session.extend(fed.repeat_interleave(R, 0))
+    first = 0 if tokens is None else 1
+    return (None if tokens is None else out[:, 0]), [(forced[:, j], out[:, first + j]) for j in range(forced.shape[1])]
 
 
 def _finished_repeat(state: LoopState, tokens: torch.Tensor) -> None:

@@ -75,7 +75,6 @@ class BannedWords(Constraint):
         key = ("banned", tuple(self.patterns))
         self.static = table.memo(key, self._static_tables)
         table.prefix_index()  # for the cross-token tables built as matches start
-        self._cross: dict[tuple[bytes, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:

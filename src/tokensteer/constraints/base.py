@@ -96,8 +96,7 @@ class AllOf(Control):
     def mask(self, state: LoopState) -> torch.Tensor | None:
         # Tokens that add no text, and (with stop strings) tokens holding one: a stop string
         # would cut the text short of the constraints, so constrained rows end with EOS instead.
-        out = self.table.memo(("base", state.stop), lambda: ~self.table.empty & ~self._holding(state.stop))
-        out = out.expand(state.batch_size, -1)
+        out = self._base(state).expand(state.batch_size, -1)
         for p in self.parts:
             m = p.mask(state)
             if m is not None:
@@ -112,8 +111,12 @@ class AllOf(Control):
         rows = self.parts[0].forced(state)
         if not rows:
             return None
-        base = self.table.memo(("base", state.stop), lambda: ~self.table.empty & ~self._holding(state.stop))
+        base = self._base(state)
         return [list(itertools.takewhile(lambda t: 0 <= t < self.table.size and bool(base[t]), r or [])) for r in rows]
+
+    def _base(self, state: LoopState) -> torch.Tensor:
+        """The [V] tokens every constrained row may take: they add text and hold no stop string."""
+        return self.table.memo(("base", state.stop), lambda: ~self.table.empty & ~self._holding(state.stop))
 
     def _holding(self, stops: tuple[str, ...]) -> torch.Tensor:
         if not stops:
