@@ -14,6 +14,7 @@ from tokensteer.errors import UserError
 from tokensteer.eval import Item, Method, get_task, make_method, register, run
 from tokensteer.eval.methods import read_spec
 from tokensteer.hooks import Control
+from tokensteer.sampling import SamplingConfig
 
 CFG = dict(batch_size=4)
 
@@ -133,6 +134,22 @@ def test_eval_seeds_are_deterministic(tiny, tiny_dir, tmp_path):
     c = run("count", ["none"], n=4, out=tmp_path / "c", lm=tiny, model=str(tiny_dir), report=False, seed=7, **CFG)
     assert (tmp_path / "c" / "cache" / "scored-count.jsonl").read_text() != ta
     assert c["task"] == "count"
+
+
+def test_eval_sample_text_does_not_depend_on_the_other_methods(tiny, tiny_dir, tmp_path):
+    """`none` and `prompt` samples share batches; each sample's text must still be the same whether or
+    not the other method is in the run (the cache key promises it)."""
+    kw = dict(n=3, samples=2, lm=tiny, model=str(tiny_dir), report=False, batch_size=4,
+              sampling=SamplingConfig(max_tokens=10, temperature=1.5))
+    run("count", ["none"], out=tmp_path / "a", **kw)
+    run("count", ["prompt", "none"], out=tmp_path / "b", **kw)
+
+    def texts(folder):
+        recs = [json.loads(line) for line in (folder / "cache" / "samples.jsonl").read_text().splitlines()]
+        return {(r["item"], r["k"]): r["text"] for r in recs if r["method"] == "none"}
+
+    a, b = texts(tmp_path / "a"), texts(tmp_path / "b")
+    assert len(a) == 6 and a == b
 
 
 def test_eval_every_task_runs_on_tiny(tiny, tiny_dir, tmp_path):

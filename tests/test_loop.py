@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import tokensteer as ts
+from tokensteer.errors import UserError
 from tokensteer.hooks import Control, ResidualEdit
 from tokensteer.loop import LoopState
+from tokensteer.sampling import row_seed
 
 
 def hf_greedy(lm, prompt: str, n: int) -> list[int]:
@@ -36,6 +38,22 @@ def test_seed_reproducible_and_seeds_differ(tiny):
     c = ts.generate(tiny, "the dog", seed=8, **kw).tokens
     assert a == b
     assert a != c
+
+
+def test_each_prompt_samples_from_its_own_seed(tiny):
+    """Prompt i of a batch draws from its own seed (row_seed, or the i-th of a seed tuple): the same
+    tokens as the prompt run alone with that seed, whatever shares its batch."""
+    kw = dict(max_tokens=12, temperature=1.5, ignore_eos=True)
+    prompts = ["the dog ran", "a cat sat", "one two three"]
+    assert len({len(tiny.tokenizer.encode(p)) for p in prompts}) == 1  # no padding: identical forward passes
+    seeds = [row_seed(40, i) for i in range(3)]
+    assert seeds[0] == 40 and len(set(seeds) | {row_seed(41, i) for i in range(3)}) == 6  # nearby seeds share no stream
+    alone = [ts.generate(tiny, p, seed=s, **kw).tokens for p, s in zip(prompts, seeds)]
+    assert [g.tokens for g in ts.generate(tiny, prompts, seed=40, **kw)] == alone
+    assert [g.tokens for g in ts.generate(tiny, prompts[::-1], seed=tuple(seeds[::-1]), **kw)] == alone[::-1]
+    assert len({tuple(t) for t in alone}) == 3
+    with pytest.raises(UserError, match="2 seeds given for 3 prompts"):
+        ts.generate(tiny, prompts, seed=(1, 2), **kw)
 
 
 def test_stream_equals_generate(tiny):

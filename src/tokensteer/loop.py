@@ -23,7 +23,7 @@ import torch
 from tokensteer.backends.base import Backend
 from tokensteer.errors import UserError
 from tokensteer.hooks import Control, RepetitionPenalty
-from tokensteer.sampling import SamplingConfig, make_sampler
+from tokensteer.sampling import SamplingConfig, make_sampler, row_generators
 
 
 @dataclass
@@ -80,8 +80,8 @@ class LoopState:
         self.stop: tuple[str, ...] = ()  # stop strings, which constraints must not let cut the text
         self.confirmed = 0  # tokens emitted per prompt so far (counts against max_tokens)
         self.tentative = 0  # drafted tokens fed to the session but not yet confirmed (hook 6)
-        self.cfg = SamplingConfig()  # how tokens are sampled, and the loop's random generator:
-        self.generator: torch.Generator | None = None  # a drafting control verifies with both
+        self.cfg = SamplingConfig()  # how tokens are sampled, and the loop's random generators,
+        self.generators: list[torch.Generator] = []  # one per prompt; a drafting control verifies with both
 
     @property
     def batch_size(self) -> int:
@@ -183,8 +183,8 @@ def stream(
     forcer = _forcer(controls) if drafter is None else None
     rewriters = [c for c in controls if c.rewrites]
     sampler = make_sampler(cfg)
-    gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % 2**63))
-    state.cfg, state.generator = cfg, gen
+    gen = row_generators(cfg.seed, B)
+    state.cfg, state.generators = cfg, gen
     detoks = [_Detok(tok, cfg.stop) for _ in prompts]
     eos = frozenset() if cfg.ignore_eos else tok.eos_ids
     session = backend.session(edits, rollback=drafter is not None)

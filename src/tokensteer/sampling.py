@@ -1,19 +1,23 @@
 """Samplers as plain functions: ``sample(logprobs[B, V], generator) -> tokens[B]``.
 
 Truncations (top-k, top-p, min-p) and temperature act on log-probabilities that the hooks have
-already shaped; greedy is temperature 0. Seeds go through a ``torch.Generator``.
+already shaped; greedy is temperature 0. Seeds go through ``torch.Generator``s, one per prompt, so a
+prompt's sampled text does not depend on which other prompts share its batch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from tokensteer.errors import UserError
 
-Sampler = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per row
+Sampler = Callable[[torch.Tensor, Generators], torch.Tensor]
 NEG_INF = float("-inf")
 
 
@@ -27,7 +31,7 @@ class SamplingConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    seed: int | None = None
+    seed: int | tuple[int, ...] | None = None  # one for the batch (see row_seed), or one per prompt
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
     ignore_eos: bool = False
@@ -35,11 +39,12 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.max_tokens >= 0, f"max tokens must be ≥ 0, got {self.max_tokens}"),
-            (self.temperature >= 0, f"temperature must be ≥ 0, got {self.temperature}"),
+            (0 <= self.temperature < math.inf, f"temperature must be a finite number ≥ 0, got {self.temperature}"),
             (self.top_k >= 0, f"top-k must be ≥ 0 (0 = off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p < 1, f"min-p must be in [0, 1), got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition penalty must be > 0, got {self.repetition_penalty}"),
+            (0 < self.repetition_penalty < math.inf, f"repetition penalty must be a finite number > 0, got {self.repetition_penalty}"),
+            (all(-(2**63) <= s < 2**64 for s in _seed_list(self.seed)), f"seeds must fit in 64 bits, got {self.seed}"),
             (0 <= self.top_logprobs <= 20, f"top logprobs must be in [0, 20], got {self.top_logprobs}"),
             (all(self.stop), "stop strings must not be empty"),
         ]
@@ -87,7 +92,7 @@ def min_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
     return logprobs.masked_fill(logprobs < thresh, NEG_INF)
 
 
-def greedy(logprobs: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+def greedy(logprobs: torch.Tensor, gen: Generators = None) -> torch.Tensor:
     """Row-wise argmax (first index on ties); on CPU numpy's SIMD argmax is ~25x faster than torch's."""
     if logprobs.device.type == "cpu" and logprobs.dtype == torch.float32 and not logprobs.requires_grad:
         return torch.from_numpy(logprobs.numpy().argmax(axis=-1))
@@ -103,7 +108,37 @@ def sampling_probs(cfg: SamplingConfig, logprobs: torch.Tensor) -> torch.Tensor:
     return torch.softmax(lp, dim=-1)
 
 
-def draw(probs: torch.Tensor, gen: torch.Generator | None = None, block: int = 512) -> torch.Tensor:
+def _seed_list(seed: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    return () if seed is None else (seed,) if isinstance(seed, int) else tuple(seed)
+
+
+def row_seed(seed: int, i: int) -> int:
+    """Prompt ``i``'s seed in a batch run with ``seed``: the seed itself for the first prompt (a lone
+    prompt samples as before), a hash of both for the others, so nearby seeds never share streams."""
+    return seed if i == 0 else int.from_bytes(hashlib.sha256(f"{seed}|{i}".encode()).digest()[:8], "little") >> 1
+
+
+def row_generators(seed: int | tuple[int, ...] | None, n: int) -> list[torch.Generator]:
+    """One generator per prompt, seeded by ``row_seed`` or by the i-th of a tuple of seeds: a prompt's
+    sampled text then does not depend on how many prompts share its batch or which."""
+    if seed is None:
+        seed = int(torch.seed() % 2**63)
+    seeds = [row_seed(seed, i) for i in range(n)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != n:
+        raise UserError(f"{len(seeds)} seeds given for {n} prompts; give one seed, or one per prompt")
+    return [torch.Generator().manual_seed(s - 2**64 if s >= 2**64 else s) for s in seeds]
+
+
+def uniforms(gen: Generators, rows: int, n: int = 1) -> torch.Tensor:
+    """[rows, n] float64 uniforms in [0, 1): row b from ``gen[b]`` when given one generator per row."""
+    if gen is None or isinstance(gen, torch.Generator):
+        return torch.rand(rows, n, generator=gen, dtype=torch.float64)
+    if len(gen) != rows:
+        raise ValueError(f"{len(gen)} generators for {rows} rows")
+    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gen])
+
+
+def draw(probs: torch.Tensor, gen: Generators = None, block: int = 512) -> torch.Tensor:
     """One index per row of [B, V] non-negative weights, by a two-level inverse CDF.
 
     Same distribution as ``torch.multinomial(probs, 1)``, which takes ~10 ms per row for a 262k
@@ -117,7 +152,7 @@ def draw(probs: torch.Tensor, gen: torch.Generator | None = None, block: int = 5
     p = p.reshape(B, -1, block)
     sums = p.sum(dim=-1).to(torch.float64)  # [B, n_blocks]
     cum = sums.cumsum(dim=-1)
-    u = torch.rand(B, 1, generator=gen, dtype=torch.float64) * cum[:, -1:]
+    u = uniforms(gen, B) * cum[:, -1:]
     j = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[-1] - 1)  # [B, 1]
     before = torch.where(j > 0, cum.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(u))
     inner = p[torch.arange(B), j.squeeze(-1)].to(torch.float64).cumsum(dim=-1)  # [B, block]
@@ -131,7 +166,7 @@ def make_sampler(cfg: SamplingConfig) -> Sampler:
     if cfg.temperature == 0:
         return greedy
 
-    def sample(lp: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    def sample(lp: torch.Tensor, gen: Generators) -> torch.Tensor:
         return draw(sampling_probs(cfg, lp), gen)
 
     return sample

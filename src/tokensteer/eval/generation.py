@@ -1,13 +1,12 @@
 """Generating a method's samples in batches through the one decode loop, in this or worker processes.
 
-Samples whose method gives the same control list (or none) share a batch; a batch draws from one
-seed derived from its samples' seeds, so the same plan reproduces the same texts. A counting
-wrapper around the backend measures model calls per token.
+Samples whose method gives the same control list (or none) share a batch. Each sample draws from
+its own seed, so its text does not depend on which samples share its batch (up to the rounding of
+batched forward passes). A counting wrapper around the backend measures model calls per token.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -36,11 +35,6 @@ class Batch:
 
     method: str
     units: list[Unit] = field(default_factory=list)
-
-    @property
-    def seed(self) -> int:
-        h = hashlib.sha256("|".join(str(u.seed) for u in self.units).encode()).hexdigest()
-        return int(h[:12], 16)
 
 
 def plan_batches(units: Sequence[Unit], controls_of: Callable[[Unit], list], batch_size: int) -> list[Batch]:
@@ -97,7 +91,7 @@ def run_batch(lm: Any, task: Task, method: Method, batch: Batch, cfg: SamplingCo
     controls = method.controls(lm, task, batch.units[0].item)
     counting = CountingBackend(lm)
     t0 = time.perf_counter()
-    gens = tokensteer.generate(counting, [u.prompt for u in batch.units], _with_seed(cfg, batch.seed), controls)
+    gens = tokensteer.generate(counting, [u.prompt for u in batch.units], _with_seed(cfg, tuple(u.seed for u in batch.units)), controls)
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(g.tokens) for g in gens)
     longest = max((len(g.tokens) for g in gens), default=0)
@@ -112,7 +106,6 @@ def run_batch(lm: Any, task: Task, method: Method, batch: Batch, cfg: SamplingCo
                 "item": u.index,
                 "k": u.k,
                 "seed": u.seed,
-                "batch_seed": batch.seed,
                 "prompt": u.prompt,
                 "text": g.text,
                 "tokens": len(g.tokens),
@@ -129,7 +122,7 @@ def run_batch(lm: Any, task: Task, method: Method, batch: Batch, cfg: SamplingCo
     return out
 
 
-def _with_seed(cfg: SamplingConfig, seed: int) -> SamplingConfig:
+def _with_seed(cfg: SamplingConfig, seed: tuple[int, ...]) -> SamplingConfig:
     from dataclasses import replace
 
     return replace(cfg, seed=seed)

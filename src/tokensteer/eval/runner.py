@@ -111,6 +111,10 @@ def run(
     items = task.items(prompts, n)
     meths, sweep_info = expand_methods(methods, parse_sweep(sweep))
     out = Path(out)
+    for flag, folder in (("--out", out), ("--cache", Path(cache_dir) if cache_dir is not None else None)):
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None) if folder is not None else None
+        if existing is not None and not existing.is_dir():
+            raise UserError(f"{flag} {folder}: {existing} is a file; give a folder (it is created if missing)")
     cache = SampleCache(cache_dir if cache_dir is not None else out / "cache")
     needs = frozenset().union(*(m.needs() for m in meths))
     cfg_dict = {k: v for k, v in asdict(sampling).items() if k != "seed"}
@@ -135,7 +139,7 @@ def run(
                 s = sample_seed(seed, m.name, i, k)
                 key = sample_key(
                     model=model_label, backend=backend_label, method=m.name, prompt=text,
-                    fields=it.fields, sampling=cfg_dict, seed=s,
+                    fields=it.fields, sampling=cfg_dict, seed=s, rng="per-sample",  # texts from before per-sample seeds (one per batch) never match
                 )
                 us.append(Unit(m.name, i, k, it, text, s, key))
         units_by_method[m.name] = us

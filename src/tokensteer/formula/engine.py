@@ -253,7 +253,7 @@ class FormulaControl(Control):
         p = self._combine(self.formula.root).view(n + 1, B, V)
         q = torch.stack(self._q) if n else None
         drafted = torch.stack(self._drafted) if n else None
-        keep, tokens, accepted = accept(state.cfg, state.generator, p, q, drafted, state.finished)
+        keep, tokens, accepted = accept(state.cfg, state.generators, p, q, drafted, state.finished)
         for sess in self._sessions:  # forget the dropped drafts; the verdict's token is fed next round
             sess.trim(n - keep)
         live = [b for b in range(B) if not state.finished[b]]

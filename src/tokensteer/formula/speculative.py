@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensteer.formula.ast import Model, Node, Op, Sum, lin
-from tokensteer.sampling import SamplingConfig, draw, sampling_probs
+from tokensteer.sampling import Generators, SamplingConfig, draw, sampling_probs, uniforms
 
 
 def draft_of(n: Node) -> Node:
@@ -48,7 +48,7 @@ class SpecStats:
 
 def accept(
     cfg: SamplingConfig,
-    gen: torch.Generator | None,
+    gen: Generators,
     p: torch.Tensor,
     q: torch.Tensor | None,
     drafted: torch.Tensor | None,
@@ -73,7 +73,7 @@ def accept(
         Q = sampling_probs(cfg, q.reshape(-1, V)).view(n, B, V)
         px = P[:n].gather(-1, drafted[..., None]).squeeze(-1)
         qx = Q.gather(-1, drafted[..., None]).squeeze(-1)
-        u = torch.rand(n, B, generator=gen, dtype=P.dtype)
+        u = uniforms(gen, B, n).T.to(P.dtype)  # [n, B]
         ok = (u * qx < px) | done  # u < P/Q without dividing; finished prompts do not hold others back
         accepted = ok.long().cumprod(0).sum(0)
     else:
@@ -87,5 +87,5 @@ def accept(
         dist = P[keep, b] if keep == n else (P[keep, b] - Q[keep, b]).clamp(min=0)
         if float(dist.sum()) <= 0:  # P == Q up to rounding: the residual is empty, P is exact
             dist = P[keep, b]
-        tokens[b] = draw(dist[None], gen)[0]
+        tokens[b] = draw(dist[None], gen if gen is None or isinstance(gen, torch.Generator) else [gen[b]])[0]
     return keep, tokens, accepted
