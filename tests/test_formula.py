@@ -156,11 +156,13 @@ def test_formula_changes_what_is_generated(tiny):
     assert plain != steered
 
 
-def test_request_controls_and_errors(tiny):
+def test_request_controls_and_errors(tiny, tiny_dir):
     from tokensteer.controls import RequestControls, build_controls
 
     req = RequestControls(formula="positive", trace=True)
     assert req.required_capabilities() == frozenset()
+    other = RequestControls(formula=f'M + 0.5*(M(model="{tiny_dir}") - M)')
+    assert other.required_capabilities() == {"load_hf_folders"}  # `auto` must pick torch to load that folder
     (c,) = build_controls(tiny, req)
     assert isinstance(c, FormulaControl) and c.trace_on
     with pytest.raises(UserError, match="Σλ"):

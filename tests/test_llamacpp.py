@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokensteer as ts
-from tokensteer.backends import HIDDEN_STATES, RESIDUAL_ADD, RESIDUAL_FN, choose_backend
+from tokensteer.backends import HIDDEN_STATES, LOAD_HF, RESIDUAL_ADD, RESIDUAL_FIRST, RESIDUAL_FN, choose_backend
 from tokensteer.hooks import Control, ResidualEdit
 from tokensteer.models import resolve
 
@@ -188,6 +188,8 @@ def test_backend_choice(tiny_dir):
     assert choose_backend(bundled, "auto", needs=frozenset({RESIDUAL_ADD})) == "llamacpp"
     assert choose_backend(bundled, "auto", needs=frozenset({HIDDEN_STATES})) == "torch"
     assert choose_backend(bundled, "auto", needs=frozenset({RESIDUAL_FN})) == "torch"
+    assert choose_backend(bundled, "auto", needs=frozenset({RESIDUAL_FIRST})) == "torch"
+    assert choose_backend(bundled, "auto", needs=frozenset({LOAD_HF})) == "torch"
     assert choose_backend(bundled, "auto", dtype="bfloat16") == "torch"
     assert choose_backend(bundled, "torch") == "torch"
     hf = resolve(str(tiny_dir))

@@ -373,6 +373,8 @@ def test_spec_parsing_and_capabilities(tmp_path, vec):
     assert required_capabilities(RequestControls(steer=[f"{path}:0.3"])) == {"residual_add"}
     assert required_capabilities(RequestControls(steer=[f"{path}:0.3:at=generated"])) == {"residual_fn"}
     assert required_capabilities(RequestControls(steer=[f"{path}:0.9:mode=gcav"])) == {"residual_fn"}
+    # llama.cpp control vectors start at layer 1: a layer-0 vector must steer `auto` to torch
+    assert required_capabilities(RequestControls(steer=[f"{path}:0.3:layers=0"])) == {"residual_add", "residual_first_layer"}
 
 
 def test_request_controls_build_steering(tiny, vec, tmp_path):

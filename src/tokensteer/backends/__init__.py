@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Callable
 
-from tokensteer.backends.base import HIDDEN_STATES, RESIDUAL_ADD, RESIDUAL_FN, Backend, Session, Tokenizer
+from tokensteer.backends.base import HIDDEN_STATES, LOAD_HF, RESIDUAL_ADD, RESIDUAL_FIRST, RESIDUAL_FN, Backend, Session, Tokenizer
 from tokensteer.errors import UserError
 from tokensteer.models import ModelSource, bundled_gguf, ensure_bundled
 
@@ -22,7 +22,9 @@ LLAMACPP_CAPABILITIES = frozenset({RESIDUAL_ADD})
 CAPABILITY_TEXT = {
     RESIDUAL_ADD: "add steering vectors",
     RESIDUAL_FN: "run per-row, per-position or non-additive residual edits",
+    RESIDUAL_FIRST: "steer layer 0 (llama.cpp control vectors start at layer 1)",
     HIDDEN_STATES: "read hidden states (steering-vector training, probes)",
+    LOAD_HF: "load a Hugging Face model folder (a formula's other model; give a .gguf file instead)",
 }
 
 Progress = Callable[[str], None]

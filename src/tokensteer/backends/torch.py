@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import struct
 import threading
 from typing import Sequence
 
@@ -16,7 +17,9 @@ import torch
 from tokensteer.backends.packed_head import pack_output_layer
 from tokensteer.backends.base import (
     HIDDEN_STATES,
+    LOAD_HF,
     RESIDUAL_ADD,
+    RESIDUAL_FIRST,
     RESIDUAL_FN,
     Backend,
     Session,
@@ -97,7 +100,7 @@ class TorchBackend(Backend):
     """PyTorch/transformers backend: the reference with every capability."""
 
     name = "torch"
-    capabilities = frozenset({RESIDUAL_ADD, RESIDUAL_FN, HIDDEN_STATES})
+    capabilities = frozenset({RESIDUAL_ADD, RESIDUAL_FN, RESIDUAL_FIRST, HIDDEN_STATES, LOAD_HF})
 
     def __init__(self, model, tokenizer: HFTokenizer, model_name: str) -> None:
         self.model = model.eval()
@@ -130,7 +133,7 @@ class TorchBackend(Backend):
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **extra, **kw)
             tok = AutoTokenizer.from_pretrained(folder, **extra)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # corrupt or odd folders
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, struct.error, IndexError, EOFError) as e:  # corrupt, odd or truncated
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load model {source.path}: {first}") from e
         vocab = int(model.get_output_embeddings().weight.shape[0])

@@ -20,6 +20,8 @@ from tokensteer.formula.ast import (
     M,
     Model,
     Node,
+    Op,
+    Sum,
     intersection,
     nucleus,
     softunion,
@@ -69,8 +71,22 @@ def formula_controls(lm: "Backend", req: "RequestControls") -> list["Control"]:
 
 
 def required_capabilities(req: "RequestControls") -> frozenset[str]:
-    """Formulas only use hooks 1, 3 and 5, which every backend runs."""
-    return frozenset()
+    """Formulas only use hooks 1, 3 and 5, which every backend runs; another model given as a
+    Hugging Face folder loads on the torch backend only."""
+    if not req.formula:
+        return frozenset()
+    from tokensteer.backends.base import LOAD_HF
+    from tokensteer.models import resolve
+
+    return frozenset({LOAD_HF}) if any(resolve(p).kind == "hf" for p in other_models(parse(req.formula).root)) else frozenset()
+
+
+def other_models(n: Node) -> list[str]:
+    """Paths of the other local models a formula's terms use, in order."""
+    if isinstance(n, Model):
+        return [n.model] if n.model else []
+    kids = [t for _, t in n.terms] if isinstance(n, Sum) else list(n.args) if isinstance(n, Op) else []
+    return [p for k in kids for p in other_models(k)]
 
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from tokensteer.backends.base import RESIDUAL_ADD, RESIDUAL_FN
+from tokensteer.backends.base import RESIDUAL_ADD, RESIDUAL_FIRST, RESIDUAL_FN
 from tokensteer.errors import UserError
 from tokensteer.hooks import Control, EditContext, Positions, ResidualEdit
 from tokensteer.steering.train import parse_layers
@@ -174,11 +174,14 @@ def steering_controls(lm, req) -> list[Control]:
 
 
 def required_capabilities(req) -> frozenset[str]:
-    """Backend capabilities ``req.steer`` needs: residual_add for uniform additive vectors, else residual_fn."""
-    needs: set[str] = set()
-    for spec in req.steer:
-        needs.add(RESIDUAL_ADD if _uniform(steer_from_spec(spec)) else RESIDUAL_FN)
-    return frozenset(needs)
+    """Backend capabilities ``req.steer`` needs: residual_add for uniform additive vectors, else residual_fn;
+    residual_first_layer when a vector acts on layer 0."""
+    return frozenset().union(*(steer_needs(steer_from_spec(spec)) for spec in req.steer))
+
+
+def steer_needs(s: Steer) -> frozenset[str]:
+    """The backend capabilities one Steer needs."""
+    return frozenset({RESIDUAL_ADD if _uniform(s) else RESIDUAL_FN} | ({RESIDUAL_FIRST} if 0 in s.layers else set()))
 
 
 def steer(vector: SteeringVector | str, strength: float | Sequence[float] | None = None, **kw) -> SteeringControl:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tokensteer.backends.base import RESIDUAL_ADD, RESIDUAL_FN
 from tokensteer.errors import UserError
 from tokensteer.eval.methods import Method
 
@@ -24,9 +23,9 @@ class SteerMethod(Method):
         return self._controls
 
     def needs(self) -> frozenset[str]:
-        from tokensteer.steering.apply import _uniform, steer_from_spec
+        from tokensteer.steering.apply import steer_from_spec, steer_needs
 
-        return frozenset({RESIDUAL_ADD if _uniform(steer_from_spec(self.spec)) else RESIDUAL_FN})
+        return steer_needs(steer_from_spec(self.spec))
 
 
 def make(arg: str | None) -> Method:
