@@ -87,6 +87,8 @@ class Control:
     requires: frozenset[str] = frozenset()
     #: True for a speculative control: sampled tokens stay tentative until ``verify`` confirms them
     drafts: bool = False
+    #: how error messages name this control to a user (the class name when empty)
+    label: str = ""
 
     def variants(self, prompt: str) -> Sequence[str]:
         """Hook 1: extra conditioning texts; each runs as one more row beside the prompt's row."""
@@ -138,6 +140,8 @@ class RepetitionPenalty(Control):
     Log-probabilities are never positive, so multiplying those of already-seen tokens by
     ``penalty`` > 1 makes them less likely (CTRL's rule on the negative side), then renormalises.
     """
+
+    label = "a repetition penalty (--repetition-penalty)"
 
     penalty: float = 1.0
     window: int | None = None

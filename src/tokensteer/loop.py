@@ -282,7 +282,7 @@ def _drafter(controls: Sequence[Control]) -> Control | None:
     if len(drafters) > 1:
         raise UserError("only one control can draft tokens speculatively at a time")
     hooked = [
-        "a repetition penalty" if isinstance(c, RepetitionPenalty) else type(c).__name__
+        c.label or type(c).__name__
         for c in controls
         if c is not drafters[0]
         and (c.rewrites or type(c).mask is not Control.mask or type(c).on_token is not Control.on_token)

@@ -75,6 +75,8 @@ class AllOf(Control):
     always make progress; nor are tokens holding a stop string, which would cut the text short.
     """
 
+    label = "hard constraints (--ban, --require, --words, --regex, --json-schema, ...)"
+
     def __init__(self, parts: Sequence[Control], table: TokenTable) -> None:
         self.parts = list(parts)
         self.table = table
