@@ -7,6 +7,7 @@ messages to stderr, so ``tokensteer generate ... --json | jq`` works.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tokensteer.errors import UserError
 
@@ -29,18 +31,20 @@ err = Console(stderr=True)
 
 
 def fail(msg: str) -> None:
-    """Print a user error as one line and exit 2."""
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    """Print a user error as one line and exit 2 (the message is plain text, never rich markup)."""
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn UserError into a one-line message with exit code 2."""
+    """Turn UserError (and a file the user may not read or write) into a one-line message with exit code 2."""
     try:
         yield
     except UserError as e:
         fail(str(e))
+    except PermissionError as e:
+        fail(f"permission denied: {e.filename or e}; check the file's and its folder's permissions")
 
 
 @contextmanager
@@ -60,7 +64,7 @@ def load_model(model: Optional[str], backend: str, dtype: str, needs: frozenset[
     with user_errors(), spinner("loading model") as say:
         t = time.perf_counter()
         lm = tokensteer.load(model, backend=backend, dtype=dtype, progress=say, needs=needs)
-    err.print(f"[dim]loaded {lm.model_name} on {lm.name} in {time.perf_counter() - t:.1f} s[/]", highlight=False)
+    err.print(f"[dim]loaded {escape(lm.model_name)} on {lm.name} in {time.perf_counter() - t:.1f} s[/]", highlight=False)
     return lm
 
 
@@ -77,7 +81,7 @@ def generate(
     min_p: float = typer.Option(0.0, help="Drop tokens below this fraction of the top token's probability."),
     repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeating tokens."),
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
-    stop: list[str] = typer.Option([], help="Stop when this text appears (repeatable); it is not included."),
+    stop: list[str] = typer.Option([], help="Stop when this text appears (repeatable; \\n is a newline, \\t a tab); it is not included."),
     top_logprobs: int = typer.Option(0, help="With --json: this many alternatives per token (≤ 20)."),
     stream_: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, tokens, logprobs, timing."),
@@ -123,9 +127,12 @@ def generate(
     from tokensteer.controls import RequestControls, build_controls
     from tokensteer.sampling import SamplingConfig
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
     with user_errors():
+        try:
+            prompt = sys.stdin.read() if prompt == "-" else prompt
+            prompt.encode("utf-8")
+        except UnicodeError:
+            raise UserError("the prompt is not valid UTF-8 text") from None
         if not prompt.strip():
             raise UserError("the prompt is empty; give some text to continue")
         cfg = SamplingConfig(
@@ -136,7 +143,7 @@ def generate(
             min_p=min_p,
             repetition_penalty=repetition_penalty,
             seed=seed,
-            stop=tuple(stop),
+            stop=tuple(unescape(s) for s in stop),
             top_logprobs=top_logprobs,
         )
         req = RequestControls(
@@ -146,6 +153,10 @@ def generate(
                                      ("vocab", vocab), ("grammar", grammar), ("speculate", speculate or None),
                                      ("fast_forward", None if fast_forward else False)) if v is not None},
         )
+        if trace and not formula:
+            raise UserError("--trace shows a formula's terms; add --formula")
+        if top_logprobs and not as_json:
+            raise UserError("--top-logprobs appear only in the --json output; add --json")
         if speculate and not formula:
             raise UserError("--speculate needs --formula with a term on another model, e.g. 'M + M(model=\"path\")'")
         needs = req.required_capabilities()
@@ -188,6 +199,11 @@ def generate(
         render_controls(controls, err)
 
 
+def unescape(text: str) -> str:
+    """Turn the escapes a shell passes literally (\\n, \\t, \\r, \\\\) into the characters, for --stop."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
 def _summary(reason: str, n: int, decode_s: float, tok_s: float) -> None:
     err.print(f"[dim]{n} tokens, {reason}, {tok_s:.1f} tok/s[/]", highlight=False)
 
@@ -225,6 +241,8 @@ def models(
 
     from tokensteer import models as m
 
+    with user_errors():
+        m.home()  # a TOKENSTEER_HOME that is not a folder
     if prepare:
         with user_errors(), spinner("preparing the bundled model") as say:
             m.ensure_bundled(say)

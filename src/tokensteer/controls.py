@@ -43,7 +43,8 @@ class RequestControls:
         return frozenset(needs)
 
     def has_constraints(self) -> bool:
-        return bool(self.ban or self.require or self.words or self.end_word or self.regex or self.json_schema or self.script) or any(
+        given = (self.words, self.end_word, self.regex, self.json_schema)  # 0 or "" are mistakes to report, not "off"
+        return bool(self.ban or self.require or self.script) or any(v is not None for v in given) or any(
             self.extra.get(k) is not None for k in ("sentences", "require_within", "vocab", "grammar", "script_soft")
         )
 

@@ -26,7 +26,10 @@ Progress = Callable[[str], None]
 
 def home() -> Path:
     """The root of tokensteer's cache: ``$TOKENSTEER_HOME`` or ``~/.cache/tokensteer``."""
-    return Path(os.environ.get("TOKENSTEER_HOME", "~/.cache/tokensteer")).expanduser()
+    path = Path(os.environ.get("TOKENSTEER_HOME", "~/.cache/tokensteer")).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"TOKENSTEER_HOME={path} is a file; point it at a folder (or unset it)")
+    return path
 
 
 @dataclass(frozen=True)

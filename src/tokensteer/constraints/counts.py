@@ -99,6 +99,12 @@ def count_words(data: bytes) -> int:
     return _runs(data, lambda c: c not in SPACE)
 
 
+def _check_budget(flag: str, n: int | None, state: LoopState) -> None:
+    """Each word or sentence takes at least one token: refuse a count the token budget cannot reach."""
+    if n is not None and state.max_tokens is not None and n > state.max_tokens:
+        raise UserError(f"--{flag} {n} needs at least {n} tokens but --max-tokens is {state.max_tokens}; raise --max-tokens")
+
+
 class ExactWords(Constraint):
     """Exactly ``n`` words (if given) and, if ``end_word`` is given, the last word is exactly it."""
 
@@ -127,6 +133,7 @@ class ExactWords(Constraint):
         return f"ExactWords(n={self.n}, end_word={self.end!r})"
 
     def reset(self, state: LoopState) -> None:
+        _check_budget("words", self.n, state)
         B = state.batch_size
         self.count = [0] * B
         self.in_word = [False] * B
@@ -233,6 +240,7 @@ class ExactSentences(Constraint):
         return f"ExactSentences({self.n})"
 
     def reset(self, state: LoopState) -> None:
+        _check_budget("sentences", self.n, state)
         self.count = [0] * state.batch_size
         self.in_run = [False] * state.batch_size
 

@@ -16,7 +16,7 @@ import torch
 
 from tokensteer.constraints.spec import build, from_mapping
 from tokensteer.errors import UserError
-from tokensteer.eval.methods import Method, read_spec
+from tokensteer.eval.methods import Method, one_line, read_spec
 from tokensteer.hooks import Control
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def _parse(arg: str | None) -> dict:
         try:
             spec = yaml.safe_load(spec)
         except yaml.YAMLError as e:
-            raise UserError(f"cannot parse constraints spec {arg!r}: {e}") from e
+            raise UserError(f"cannot parse constraints spec {arg!r}: {one_line(e)}") from e
     if not isinstance(spec, dict):
         raise UserError(f"a constraints spec is a mapping such as {{ban: [dog], words: 7}}; got {arg!r}")
     return spec

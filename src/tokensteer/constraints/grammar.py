@@ -116,7 +116,10 @@ def read_grammar(path: str) -> str:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"grammar file {path!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"grammar file {path!r} is not UTF-8 text") from None
     if p.suffix.lower() == ".gbnf":
         from llguidance.gbnf_to_lark import gbnf_to_lark
 

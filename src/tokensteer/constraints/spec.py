@@ -103,7 +103,7 @@ def from_mapping(d: dict) -> ConstraintSpec:
         end_word=end,
         regex=regex,
         json_schema=schema,
-        grammar=read_grammar(grammar) if grammar else None,
+        grammar=read_grammar(grammar) if grammar is not None else None,
         script=_list(d.get("script"), "script"),
         script_soft=float(soft) if soft is not None else None,
         vocab=vocab,
@@ -153,6 +153,8 @@ def check(spec: ConstraintSpec) -> None:
         raise UserError("--end-word and --sentences contradict: the text must end with the end word and with . ! or ?")
     if spec.script_soft is not None and not spec.script:
         raise UserError("--script-soft needs --script to say which scripts to prefer")
+    if spec.regex == "":
+        raise UserError("--regex is empty; give a pattern the whole output must match, e.g. --regex '[A-Z][a-z]+'")
     kinds = [spec.regex is not None, spec.json_schema is not None, spec.grammar is not None]
     if sum(kinds) > 1:
         raise UserError("give only one of --regex, --json-schema and --grammar")

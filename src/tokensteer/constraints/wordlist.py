@@ -47,8 +47,12 @@ def read_wordlist(path: str) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"word list {path!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"word list {path!r} is not UTF-8 text") from None
     words = []
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         words += line.split("#", 1)[0].replace(",", " ").split()
     if not words:
         raise UserError(f"word list {path!r} has no words")

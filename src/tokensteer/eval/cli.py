@@ -46,7 +46,7 @@ def eval_command(
     OUT/cache, so re-running (to re-score or add methods) never regenerates them.
     Sampling defaults: temperature 1.0, top-p 0.9, 32 new tokens, stop at the first newline.
     """
-    from tokensteer.cli import err, user_errors
+    from tokensteer.cli import err, unescape, user_errors
 
     with user_errors():
         if list_:
@@ -62,7 +62,7 @@ def eval_command(
         from tokensteer.sampling import SamplingConfig
 
         cfg = SamplingConfig(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=() if no_stop else tuple(stop)
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=() if no_stop else tuple(unescape(s) for s in stop)
         )
         cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*cols, console=err, transient=False) as bar:

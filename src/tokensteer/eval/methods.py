@@ -134,13 +134,21 @@ def read_spec(arg: str | None) -> Any:
         path = Path(arg).expanduser()
         if not path.is_file():
             raise UserError(f"method spec file {arg!r} does not exist")
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_text(encoding="utf-8")
             if path.suffix.lower() == ".json":
                 return json.loads(text)
             import yaml
 
             return yaml.safe_load(text)
-        except Exception as e:  # json.JSONDecodeError or yaml.YAMLError
-            raise UserError(f"cannot parse method spec file {arg!r}: {e}") from e
+        except Exception as e:  # UnicodeDecodeError, json.JSONDecodeError or yaml.YAMLError
+            raise UserError(f"cannot parse method spec file {arg!r}: {one_line(e)}") from e
     return arg
+
+
+def one_line(e: Exception) -> str:
+    """A parser's error as one line: YAML's problem and where, else the first line of the message."""
+    mark = getattr(e, "problem_mark", None)
+    if getattr(e, "problem", None) and mark is not None:
+        return f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -42,7 +42,10 @@ class Task:
             p = Path(path).expanduser()
             if not p.is_file():
                 raise UserError(f"prompt file {str(path)!r} does not exist")
-            text, where = p.read_text("utf-8"), str(path)
+            try:
+                text, where = p.read_text("utf-8"), str(path)
+            except UnicodeDecodeError:
+                raise UserError(f"prompt file {str(path)!r} is not UTF-8 text") from None
         items = parse_prompts(text, where)
         for i, it in enumerate(items):
             missing = [f for f in self.required if f not in it.fields]

@@ -67,10 +67,13 @@ class Node:
         return to_string(self)
 
 
+MAX_WEIGHT = 1e6
+
+
 def _finite(x: Number) -> float:
     x = float(x)
-    if not math.isfinite(x):
-        raise UserError(f"weights must be finite numbers, got {x}")
+    if not abs(x) <= MAX_WEIGHT:  # larger ones overflow float32 log-probabilities (and NaN fails this too)
+        raise UserError(f"weights must be finite numbers of size at most {MAX_WEIGHT:g}, got {x}")
     return x
 
 

@@ -323,4 +323,7 @@ def _describe(t: Tok) -> str:
 
 def parse(text: str) -> Formula:
     """Parse a formula string or a recipe name into a Formula; raises FormulaError with a column."""
-    return Parser(text).formula()
+    try:
+        return Parser(text).formula()
+    except RecursionError:
+        raise UserError("the formula nests too deeply (hundreds of parentheses); write it flatter") from None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from tokensteer.errors import UserError
 
@@ -29,6 +30,20 @@ Examples:
 )
 
 MODEL_HELP = "Local Hugging Face model folder or .gguf file (default: bundled Gemma 3 270M)."
+
+
+def _check_out(out: Path, flag: str, inputs: tuple = (), gguf: bool | None = False) -> None:
+    """Before any work: refuse an output that is a folder, of the wrong kind (``gguf``: must it be
+    .gguf? None: any) or one of the inputs, which writing would clobber."""
+    from tokensteer.steering.vecfile import check_writable
+
+    check_writable(out, flag)
+    if gguf is not None and (out.suffix.lower() == ".gguf") != gguf:
+        raise UserError(f"{flag} {out}: " + ("a llama.cpp control vector is written to a .gguf file" if gguf else
+                        "vector files are .safetensors; make a llama.cpp GGUF with `tokensteer steer export`"))
+    for i in inputs:
+        if Path(i).expanduser().is_file() and Path(i).expanduser().resolve() == out.expanduser().resolve():
+            raise UserError(f"{flag} {out} is also the input file; write to a new file so the input is kept")
 
 
 def _load(model: Optional[str]):
@@ -63,6 +78,7 @@ def train(
     from tokensteer.steering.vecfile import save_vector
 
     with user_errors():
+        _check_out(out, "--out", (pairs,))
         ps = load_pairs(pairs)
     lm = _load(model)
     with user_errors():
@@ -74,8 +90,8 @@ def train(
         save_vector(vec, out)
     rec = vec.meta["recommended"]
     err.print(
-        f"[green]wrote[/] {out}: {len(ps.pairs)} pairs, method {method}, {time.perf_counter() - t0:.1f} s; "
-        f"recommended layers {rec['layers']} at strength {rec['strength']} (run `tokensteer steer search {out}` to tune it)",
+        f"[green]wrote[/] {escape(str(out))}: {len(ps.pairs)} pairs, method {method}, {time.perf_counter() - t0:.1f} s; "
+        f"recommended layers {rec['layers']} at strength {rec['strength']} (run `tokensteer steer search {escape(str(out))}` to tune it)",
         highlight=False,
     )
 
@@ -119,6 +135,18 @@ def search(
         v = load_vector(vec)
         if positions not in POSITIONS:
             raise UserError(f"unknown --positions {positions!r}; choose one of {', '.join(POSITIONS)}")
+        if vec.suffix.lower() == ".gguf":
+            raise UserError(f"search updates the vector file in place; import the GGUF first: tokensteer steer import {vec} --out VEC.safetensors")
+        _check_out(plot_path or vec.with_suffix(".curve.png"), "--plot", (vec,), gguf=None)
+        for flag, x in (("--factor", factor), ("--kl-max", kl_max), ("--max-strength", max_strength)):
+            if not 0 < x < float("inf"):
+                raise UserError(f"{flag} must be a finite number > 0, got {x}")
+        if tokens < 1 or bisect_steps < 0:
+            raise UserError(f"--tokens must be ≥ 1 and --bisect-steps ≥ 0, got {tokens} and {bisect_steps}")
+        if not 2 <= prompts <= len(S.SEARCH_PROMPTS):
+            raise UserError(f"--prompts must be between 2 and {len(S.SEARCH_PROMPTS)}, got {prompts}")
+        if not 0 < confidence < 1:
+            raise UserError(f"--confidence must be between 0 and 1, got {confidence}")
     vader = v.meta.get("pairs", {}).get("name") == "sentiment"
     needs = {RESIDUAL_ADD if positions == "all" else RESIDUAL_FN} | (set() if vader else {HIDDEN_STATES})
     lm = load_model(model, backend, "float32", frozenset(needs))
@@ -126,10 +154,6 @@ def search(
         from tokensteer.sampling import SamplingConfig
 
         cfg = SamplingConfig(max_tokens=tokens, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
-        if not 2 <= prompts <= len(S.SEARCH_PROMPTS):
-            raise UserError(f"--prompts must be between 2 and {len(S.SEARCH_PROMPTS)}, got {prompts}")
-        if not 0 < confidence < 1:
-            raise UserError(f"--confidence must be between 0 and 1, got {confidence}")
         res = S.search(lm, v, factor=factor, kl_max=kl_max, layers=parse_layers(layers, lm.n_layers),
                        prompts=S.SEARCH_PROMPTS[:prompts], cfg=cfg, bisect_steps=bisect_steps,
                        confidence=confidence, positions=positions,
@@ -137,7 +161,7 @@ def search(
         S.record(v, res)
         save_vector(v, vec)
         png = S.plot(res, plot_path or vec.with_suffix(".curve.png"))
-    err.print(f"[green]chosen[/] layers {res.layers}, strength {res.strength:.3g}; curve saved in {vec} and {png}", highlight=False)
+    err.print(f"[green]chosen[/] layers {res.layers}, strength {res.strength:.3g}; curve saved in {escape(str(vec))} and {escape(str(png))}", highlight=False)
 
 
 @app.command()
@@ -174,10 +198,11 @@ def export(
     from tokensteer.steering.vecfile import load_vector
 
     with user_errors():
+        _check_out(gguf, "--gguf", (vec,), gguf=True)
         v = load_vector(vec)
         n = v.meta.get("model", {}).get("n_layers", max(v.layers) + 1)
         out = export_gguf(v, gguf, strength, parse_layers(layers, n) if layers else None)
-    err.print(f"[green]wrote[/] {out}", highlight=False)
+    err.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
 
 
 @app.command("import")
@@ -195,5 +220,6 @@ def import_(
             raise UserError(f"{gguf} is not a .gguf file")
         if not gguf.is_file():
             raise UserError(f"{gguf} does not exist")
+        _check_out(out, "--out", (gguf,))
         save_vector(import_gguf(gguf), out)
-    err.print(f"[green]wrote[/] {out}", highlight=False)
+    err.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)

@@ -10,6 +10,7 @@ GGUF key-values (which llama.cpp skips), so importing our export gives back the 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +35,11 @@ def export_gguf(
     from tokensteer.steering.apply import dose
 
     path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        raise UserError(f"{path}: the llama.cpp control vector must be written to a .gguf file")
     strength = vec.recommended_strength if strength is None else float(strength)
+    if not math.isfinite(strength):
+        raise UserError(f"strength must be a finite number, got {strength}")
     layers = list(vec.recommended_layers if layers is None else layers)
     if 0 in layers:
         raise UserError("llama.cpp cannot steer the output of layer 0 (it rejects direction.0); choose layers ≥ 1")
@@ -79,8 +84,9 @@ def import_gguf(path: str | Path) -> SteeringVector:
     path = Path(path).expanduser()
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, KeyError) as e:
-        raise UserError(f"{path} is not a readable GGUF file ({e})") from None
+    except (ValueError, OSError, KeyError, IndexError, EOFError) as e:
+        why = "truncated or corrupt" if isinstance(e, (IndexError, EOFError)) else e
+        raise UserError(f"{path} is not a readable GGUF file ({why})") from None
     arch = _field(reader, "general.architecture")
     if arch != ARCH:
         raise UserError(f"{path} is a GGUF of architecture {arch!r}, not a control vector ({ARCH!r})")

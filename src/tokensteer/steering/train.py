@@ -128,9 +128,13 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
         for part in spec.split(","):
             if "-" in part.strip()[1:]:
                 a, b = part.split("-", 1)
+                if int(a) > int(b):
+                    raise UserError(f"layer range {part.strip()!r} runs backwards; write the lower layer first, e.g. {b.strip()}-{a.strip()}")
                 out += range(int(a), int(b) + 1)
             else:
                 out.append(int(part))
+    except UserError:
+        raise
     except ValueError:
         raise UserError(f"bad layer list {spec!r}; write auto, 6-9, 5,7 or 6") from None
     bad = [i for i in out if not 0 <= i < n_layers]

@@ -90,7 +90,20 @@ class SteeringVector:
             )
 
 
+def check_writable(path: Path, flag: str = "output") -> None:
+    """Raise a UserError if ``path`` cannot be written as a file: it is a folder, or a file stands
+    where one of its parent folders must be."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+
+
 def _atomic_write(path: Path, write) -> None:
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
@@ -107,6 +120,8 @@ def save_vector(vec: SteeringVector, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        raise UserError(f"{path}: vector files are .safetensors; make a llama.cpp GGUF with `tokensteer steer export`")
     tensors = {f"layer.{i}": v.detach().to(torch.float32).contiguous().clone() for i, v in vec.vectors.items()}
     tensors |= {f"probe.{i}": p.detach().to(torch.float32).contiguous().clone() for i, p in vec.probes.items()}
     meta = {k: v for k, v in vec.meta.items() if k != "path"}
@@ -124,6 +139,8 @@ def load_vector(path: str | Path) -> SteeringVector:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder; give a steering vector file (.safetensors or .gguf)")
     if not path.is_file():
         raise UserError(f"steering vector file {str(path)!r} does not exist; make one with `tokensteer steer train`")
     if path.suffix.lower() == ".gguf":
@@ -140,14 +157,20 @@ def load_vector(path: str | Path) -> SteeringVector:
         raise UserError(f"{path} is a safetensors file without tokensteer metadata; it is not a steering vector")
     try:
         meta = json.loads(header["tokensteer"])
-    except json.JSONDecodeError:
-        raise UserError(f"{path} has corrupt tokensteer metadata") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a tokensteer steering vector (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise UserError(f"{path} uses vector format {meta['format_version']}; this tokensteer reads up to {FORMAT_VERSION}: upgrade it")
-    vectors = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("layer.")}
-    probes = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("probe.")}
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{path} is not a tokensteer steering vector (format {meta.get('format')!r})")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise UserError(f"{path} uses vector format {meta['format_version']}; this tokensteer reads up to {FORMAT_VERSION}: upgrade it")
+        vectors = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("layer.")}
+        probes = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("probe.")}
+        if any(not isinstance(meta.get(k, {}), dict) for k in ("model", "recommended", "pairs")):
+            raise ValueError("model, recommended and pairs must be mappings")
+        if len({v.shape for v in vectors.values()}) > 1 or any(v.dim() != 1 for v in vectors.values()):
+            raise ValueError("layer vectors must be one-dimensional and of one size")
+    except (ValueError, TypeError, AttributeError, IndexError) as e:  # JSONDecodeError is a ValueError
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path} has corrupt tokensteer metadata or tensors; retrain or re-export it") from None
     if not vectors:
         raise UserError(f"{path} holds no layer vectors")
     meta["path"] = str(path)
