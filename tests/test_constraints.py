@@ -178,6 +178,12 @@ def test_contradictions_and_mistakes_are_caught(spec, message):
         check(ConstraintSpec(**spec))
 
 
+def test_grammar_errors_are_one_line():
+    with pytest.raises(UserError) as err:
+        check(ConstraintSpec(regex="a(b"))
+    assert "\n" not in str(err.value) and "unclosed group" in str(err.value)
+
+
 def test_spec_from_mapping_reads_files(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(SCHEMA))
     (tmp_path / "words.txt").write_text("the cat # comment\nsat, mat\n")

@@ -111,7 +111,7 @@ def generate(
 
       tokensteer generate "Dear team," -t 0.8 --top-p 0.9 --seed 1 --stop "\\n\\n"
 
-      echo "Q: What is 2+2?\\nA:" | tokensteer generate - --json
+      printf 'Q: What is 2+2?\\nA:' | tokensteer generate - --json
 
       tokensteer generate "The fisherman looked at" --words 7 --end-word sea
 

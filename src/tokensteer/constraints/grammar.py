@@ -80,8 +80,15 @@ def grammar_for(regex: str | None = None, schema: Any = None, lark: str | None =
         raise UserError(f"invalid {'JSON schema' if schema is not None else 'grammar'}: {e}") from e
     error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if error:
-        raise UserError(f"invalid {what}: {messages[0] if messages else 'llguidance rejected it'}")
+        raise UserError(f"invalid {what}: {_one_line(messages[0]) if messages else 'llguidance rejected it'}")
     return grammar
+
+
+def _one_line(msg: str) -> str:
+    """llguidance's multi-line report (source excerpt, caret, ``error: ...``) as its first line and the error."""
+    lines = [line.strip() for line in msg.strip().splitlines() if line.strip()]
+    detail = next((line[len("error:"):].strip() for line in lines[1:] if line.startswith("error:")), None)
+    return f"{lines[0]} {detail}" if lines and detail else (lines[0] if lines else msg)
 
 
 def read_schema(path: str) -> dict:

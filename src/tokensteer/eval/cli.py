@@ -40,7 +40,7 @@ def eval_command(
 
       tokensteer eval --task count --method prompt --prompts my_counts.jsonl --out runs/count
 
-      tokensteer eval --task sentiment-positive --method 'steer:pos.pt@{strength}' --sweep strength=0,2,4 --out runs/dose
+      tokensteer eval --task sentiment-positive --method 'steer:pos.safetensors@{strength}' --sweep strength=0,2,4 --out runs/dose
 
     Writes OUT/results.json, OUT/report.html and PNGs; generated samples are cached under
     OUT/cache, so re-running (to re-score or add methods) never regenerates them.
