@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tokensteer.cli import app
+from tokensteer.errors import UserError
 from tokensteer.steering import export_gguf, save_vector, train_vector
 from tokensteer.steering.pairs import Pair, PairSet
 
@@ -271,3 +272,14 @@ def test_output_under_a_file_fails_before_any_work(tiny_dir, files):
 def test_tokensteer_home_that_is_a_file(files, args):
     r = runner.invoke(app, args, env={"TOKENSTEER_HOME": str(files / "pairs.jsonl")})
     assert_user_error(r, "TOKENSTEER_HOME")
+
+
+def test_a_folder_where_a_file_is_expected_is_named_as_such(tmp_path):
+    from tokensteer.constraints.grammar import read_grammar, read_schema
+    from tokensteer.constraints.wordlist import read_wordlist
+
+    for read in (read_schema, read_grammar, read_wordlist):
+        with pytest.raises(UserError, match="is a folder; give a file"):
+            read(str(tmp_path))
+    with pytest.raises(UserError, match="does not exist"):
+        read_schema(str(tmp_path / "missing.json"))

@@ -1,5 +1,19 @@
 """The one exception type that means "the user asked for something impossible"; the CLI prints it."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class UserError(ValueError):
     """A mistake in the user's input: shown as one line, exit code 2, never a traceback."""
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path when it names a readable file; else a UserError saying it is missing or a folder."""
+    p = Path(path).expanduser()
+    if str(path).strip() and p.is_dir():  # "" would be the current folder
+        raise UserError(f"{what} {str(path)!r} is a folder; give a file")
+    if not p.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+    return p

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from tokensteer.backends.base import Tokenizer
 from tokensteer.constraints.base import Constraint
 from tokensteer.constraints.vocab import TokenTable
-from tokensteer.errors import UserError
+from tokensteer.errors import UserError, existing_file
 
 if TYPE_CHECKING:
     from tokensteer.loop import LoopState
@@ -93,9 +92,7 @@ def _one_line(msg: str) -> str:
 
 def read_schema(path: str) -> dict:
     """Load a JSON Schema file, with clear errors for a missing or unparsable file."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"JSON schema file {path!r} does not exist")
+    p = existing_file(path, "JSON schema file")
     try:
         schema = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -120,9 +117,7 @@ def check_schema(schema: Any, where: str = "the JSON schema") -> None:
 
 def read_grammar(path: str) -> str:
     """A Lark grammar file (``.lark``) or a GBNF one (``.gbnf``, converted by llguidance)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"grammar file {path!r} does not exist")
+    p = existing_file(path, "grammar file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

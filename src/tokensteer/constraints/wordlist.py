@@ -11,14 +11,13 @@ on spelling it are looked up from the listed words that start with it (cached pe
 from __future__ import annotations
 
 import bisect
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from tokensteer.constraints.base import Constraint
 from tokensteer.constraints.vocab import TokenTable
-from tokensteer.errors import UserError
+from tokensteer.errors import UserError, existing_file
 
 if TYPE_CHECKING:
     from tokensteer.loop import LoopState
@@ -44,9 +43,7 @@ def split_runs(data: bytes) -> list[tuple[bool, bytes]]:
 
 def read_wordlist(path: str) -> list[str]:
     """Words from a file: one or more per line, ``#`` starts a comment."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"word list {path!r} does not exist")
+    p = existing_file(path, "word list")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from tokensteer.errors import UserError
+from tokensteer.errors import UserError, existing_file
 from tokensteer.eval.tasks import Item, Task
 
 if TYPE_CHECKING:
@@ -131,9 +130,7 @@ def make_method(spec: str) -> Method:
 def read_spec(arg: str | None) -> Any:
     """For plug-ins: parse ARG as a YAML or JSON file if it names one, else return it unchanged."""
     if arg and arg.lower().endswith((".yaml", ".yml", ".json")):
-        path = Path(arg).expanduser()
-        if not path.is_file():
-            raise UserError(f"method spec file {arg!r} does not exist")
+        path = existing_file(arg, "method spec file")
         try:
             text = path.read_text(encoding="utf-8")
             if path.suffix.lower() == ".json":

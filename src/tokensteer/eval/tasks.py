@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Sequence
 
-from tokensteer.errors import UserError
+from tokensteer.errors import UserError, existing_file
 
 
 @dataclass
@@ -39,9 +39,7 @@ class Task:
             text = resources.files("tokensteer").joinpath("data", "prompts", self.prompt_file).read_text("utf-8")
             where = f"shipped prompt set {self.prompt_file}"
         else:
-            p = Path(path).expanduser()
-            if not p.is_file():
-                raise UserError(f"prompt file {str(path)!r} does not exist")
+            p = existing_file(path, "prompt file")
             try:
                 text, where = p.read_text("utf-8"), str(path)
             except UnicodeDecodeError:
