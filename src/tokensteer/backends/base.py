@@ -18,8 +18,8 @@ from tokensteer.hooks import ResidualEdit
 RESIDUAL_ADD = "residual_add"  # additive vector, same for every row, at every position
 RESIDUAL_FN = "residual_fn"  # arbitrary edits, per row, per phase
 RESIDUAL_FIRST = "residual_first_layer"  # edit the output of block 0 (llama.cpp control vectors start at 1)
-HIDDEN_STATES = "hidden_states"
-LOAD_HF = "load_hf_folders"  # load a Hugging Face folder (e.g. a formula's other model)  # read hidden states (steering training, probes)
+HIDDEN_STATES = "hidden_states"  # read hidden states (steering training, probes)
+LOAD_HF = "load_hf_folders"  # load a Hugging Face folder (e.g. a formula's other model)
 
 
 class Tokenizer(ABC):

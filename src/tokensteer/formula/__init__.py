@@ -20,8 +20,6 @@ from tokensteer.formula.ast import (
     M,
     Model,
     Node,
-    Op,
-    Sum,
     intersection,
     nucleus,
     softunion,
@@ -30,7 +28,7 @@ from tokensteer.formula.ast import (
     topp,
     union,
 )
-from tokensteer.formula.check import check
+from tokensteer.formula.check import any_node, check
 from tokensteer.formula.parser import FormulaError, parse
 from tokensteer.formula.recipes import RECIPES
 
@@ -78,15 +76,10 @@ def required_capabilities(req: "RequestControls") -> frozenset[str]:
     from tokensteer.backends.base import LOAD_HF
     from tokensteer.models import resolve
 
-    return frozenset({LOAD_HF}) if any(resolve(p).kind == "hf" for p in other_models(parse(req.formula).root)) else frozenset()
+    def hf_term(n: Node) -> bool:
+        return isinstance(n, Model) and n.model is not None and resolve(n.model).kind == "hf"
 
-
-def other_models(n: Node) -> list[str]:
-    """Paths of the other local models a formula's terms use, in order."""
-    if isinstance(n, Model):
-        return [n.model] if n.model else []
-    kids = [t for _, t in n.terms] if isinstance(n, Sum) else list(n.args) if isinstance(n, Op) else []
-    return [p for k in kids for p in other_models(k)]
+    return frozenset({LOAD_HF}) if any_node(parse(req.formula).root, hf_term) else frozenset()
 
 
 __all__ = [

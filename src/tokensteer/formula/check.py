@@ -69,20 +69,20 @@ def _has_model(n: Node) -> bool:
     return False
 
 
-def _any(n: Node, pred) -> bool:
+def any_node(n: Node, pred) -> bool:
     """Whether any node of the tree satisfies ``pred``."""
     if pred(n):
         return True
     if isinstance(n, Sum):
-        return any(_any(t, pred) for _, t in n.terms)
+        return any(any_node(t, pred) for _, t in n.terms)
     if isinstance(n, Op):
-        return any(_any(a, pred) for a in n.args)
+        return any(any_node(a, pred) for a in n.args)
     return False
 
 
 def has_other_model(n: Node) -> bool:
     """Whether a term runs on another local model (what speculative mode speeds up)."""
-    return _any(n, lambda x: isinstance(x, Model) and x.model is not None)
+    return any_node(n, lambda x: isinstance(x, Model) and x.model is not None)
 
 
 def check_speculative(f: Formula, k: int) -> None:
@@ -96,7 +96,7 @@ def check_speculative(f: Formula, k: int) -> None:
             "--speculate needs a term on another model, M(model=\"path\"): every other term is a row of "
             "the loaded model's one batched forward, so there is nothing to speculate; drop --speculate"
         )
-    if _any(f.root, lambda x: isinstance(x, Guide)):
+    if any_node(f.root, lambda x: isinstance(x, Guide)):
         raise UserError("--speculate does not support guide terms C(...): they rescore each token's context one at a time; drop --speculate or the guide")
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from tokensteer.errors import UserError
+from tokensteer.errors import UserError, existing_file
 
 app = typer.Typer(
     help="""Steering vectors: train from contrast pairs, pick layer and strength automatically, share with llama.cpp.
@@ -218,8 +218,7 @@ def import_(
     with user_errors():
         if gguf.suffix.lower() != ".gguf":
             raise UserError(f"{gguf} is not a .gguf file")
-        if not gguf.is_file():
-            raise UserError(f"{gguf} does not exist")
+        existing_file(gguf, "control-vector file")
         _check_out(out, "--out", (gguf,))
         save_vector(import_gguf(gguf), out)
     err.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
