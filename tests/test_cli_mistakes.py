@@ -67,6 +67,16 @@ def test_generate_bad_values_fail_before_decoding(tiny_dir, args, fragment):
     assert_user_error(run("generate", "hello", "--model", tiny_dir, "-n", "4", *args), fragment)
 
 
+@pytest.mark.parametrize("dose", ["1e30", "-11", "inf"])
+def test_absurd_steering_strength(tiny_dir, files, dose):
+    r = run("generate", "hello", "--model", tiny_dir, "-n", "4", "--steer", f"{files / 'v.safetensors'}:{dose}")
+    assert_user_error(r, "finite" if dose == "inf" else "out of range")
+
+
+def test_more_tokens_than_the_context(tiny_dir):
+    assert_user_error(run("generate", "hello", "--model", tiny_dir, "-n", "100000"), "lower max tokens (-n)")
+
+
 def test_prompt_that_is_not_utf8(tiny_dir):
     # bytes that are not UTF-8 reach Python as lone surrogates (argv and stdin alike)
     assert_user_error(run("generate", "hi \udcff", "--model", tiny_dir, "-n", "2"), "not valid UTF-8")

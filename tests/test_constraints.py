@@ -126,6 +126,28 @@ def test_script_restriction_hard(tiny, seed):
         assert "\ufffd" not in g.text and ok.fullmatch(g.text), g.text
 
 
+def test_script_restriction_leaves_steps_to_finish_a_character(tiny):
+    """A lone UTF-8 lead byte (3 bytes missing) is allowed only while 3 more tokens fit the budget."""
+    from types import SimpleNamespace
+
+    from tokensteer.constraints.script import ScriptOnly
+
+    table = token_table(tiny.tokenizer)
+    lead = table.tokens.index(b"\xf3")  # starts U+E0100.. (variation selectors, Inherited)
+    only = ScriptOnly(table, ["latin"])
+    for steps_left, allowed in [(1, False), (3, False), (4, True), (None, True)]:
+        state = SimpleNamespace(batch_size=1, step=0, max_tokens=steps_left)
+        only.reset(state)
+        assert bool(only.allowed(state, 0)[lead]) is allowed, steps_left
+    state = SimpleNamespace(batch_size=1, step=0, max_tokens=3)
+    only.reset(state)
+    only.pending[0] = b"\xf3\xa0"  # two bytes missing: a continuation byte leaves one missing
+    cont = table.tokens.index(b"\x84")
+    for step, allowed in [(0, True), (1, True), (2, False)]:  # 3, 2, 1 tokens left
+        state.step = step
+        assert bool(only.allowed(state, 0)[cont]) is allowed, step
+
+
 def test_script_soft_downweights_other_scripts(tiny):
     from tokensteer.constraints.script import ScriptPreference
 

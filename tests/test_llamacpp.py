@@ -223,10 +223,13 @@ def test_full_context_is_a_user_error(tmp_path):
     lm = LlamaCppBackend.load(bundled_gguf(), n_ctx=256)
     try:
         words = "one two three four five six seven eight nine ten "
-        with pytest.raises(ts.UserError, match="context is full"):  # the prompt alone
+        with pytest.raises(ts.UserError, match="exceed the 256-token context .* TOKENSTEER_N_CTX"):  # before any work
             ts.generate(lm, words * 30, max_tokens=8, ignore_eos=True)
-        with pytest.raises(ts.UserError, match="context is full"):  # while decoding
+        with pytest.raises(ts.UserError, match="exceed the 256-token context"):
             ts.generate(lm, words * 24, max_tokens=40, ignore_eos=True)
+        prompts = [f"{i} " + words * 6 for i in range(4)]  # each row fits; the four rows share 256 cells
+        with pytest.raises(ts.UserError, match="context is full"):  # while decoding
+            ts.generate(lm, prompts, max_tokens=40, ignore_eos=True)
         assert len(ts.generate(lm, words, max_tokens=4, ignore_eos=True).tokens) == 4  # still usable
     finally:
         lm.close()

@@ -175,6 +175,14 @@ def test_empty_prompt_is_user_error(tiny):
         ts.generate(tiny, "   ")
 
 
+def test_more_tokens_than_the_context_holds_is_refused_before_any_work(tiny):
+    assert tiny.context_length == 512
+    n = len(tiny.tokenizer.encode("Hello there"))
+    assert len(ts.generate(tiny, "Hello there", max_tokens=512 - n, ignore_eos=True).tokens) == 512 - n
+    with pytest.raises(ts.UserError, match=f"prompt \\({n} tokens\\) plus max tokens \\({513 - n}\\) exceed the 512-token context"):
+        ts.generate(tiny, "Hello there", max_tokens=513 - n)
+
+
 def test_contradictory_mask_is_user_error(tiny):
     class Nothing(Control):
         def mask(self, state):

@@ -164,6 +164,13 @@ def stream(
     if any(len(t) != R for t in texts_per_prompt):
         raise UserError("every prompt must get the same number of conditioning variants")
     rows = [tok.encode(t) for texts in texts_per_prompt for t in texts]
+    longest = max(len(r) for r in rows)
+    if backend.context_length and longest + cfg.max_tokens > backend.context_length:
+        raise UserError(
+            f"the prompt ({longest} tokens) plus max tokens ({cfg.max_tokens}) exceed the "
+            f"{backend.context_length}-token context of the {backend.name} backend; lower max tokens (-n)"
+            + backend.context_hint
+        )
     B = len(prompts)
     state = LoopState(backend, rows[::R], R)
     state.offsets = offsets

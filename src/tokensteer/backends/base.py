@@ -85,6 +85,8 @@ class Backend(ABC):
     capabilities: frozenset[str]
     n_layers: int
     hidden_size: int
+    context_length: int | None = None  # most positions one row may hold (prompt + generated), if known
+    context_hint: str = ""  # how to get a longer context, for the error message
 
     @abstractmethod
     def session(self, edits: Sequence[ResidualEdit] = (), rollback: bool = False) -> Session:

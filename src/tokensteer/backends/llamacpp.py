@@ -143,7 +143,10 @@ class LlamaCppBackend(Backend):
         self._all: list[_Context] = []
         self._idle: list[_Context] = []
         self._finalizer = weakref.finalize(self, _free_all, model, self._all)
-        self._release(self._acquire(1))  # make the first context now, not on the first request
+        first = self._acquire(1)  # make the first context now, not on the first request
+        self.context_length = first.n_ctx  # rows of one session share these cells
+        self.context_hint = " or set TOKENSTEER_N_CTX higher"
+        self._release(first)
 
     @classmethod
     def load(cls, path: Path, model_name: str | None = None, n_threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppBackend":

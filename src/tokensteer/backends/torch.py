@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from tokensteer.backends.packed_head import pack_output_layer
+from tokensteer.backends.packed import pack_decoder_layers, pack_output_layer
 from tokensteer.backends.base import (
     HIDDEN_STATES,
     LOAD_HF,
@@ -108,8 +108,11 @@ class TorchBackend(Backend):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.layers = _decoder_layers(model)
+        self.packed_layers = pack_decoder_layers(self.layers)
         self.n_layers = len(self.layers)
-        self.hidden_size = int(model.config.get_text_config().hidden_size)
+        text_config = model.config.get_text_config()
+        self.hidden_size = int(text_config.hidden_size)
+        self.context_length = getattr(text_config, "max_position_embeddings", None)
         self.dtype = next(model.parameters()).dtype
         self._lock = threading.Lock()
         self._edits: dict[int, list[ResidualEdit]] = {}

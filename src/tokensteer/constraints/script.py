@@ -95,6 +95,7 @@ class ScriptTables:
         self.foreign = torch.zeros(V, dtype=torch.bool)  # holds a character of another script
         self.continuing: list[int] = []  # starts with continuation bytes: checked against the row
         self.whole = torch.zeros(V, dtype=torch.bool)  # ends on a complete character
+        self.need = torch.zeros(V, dtype=torch.int8)  # bytes still missing from its last character
         for i, data in enumerate(table.tokens):
             if not data:
                 continue
@@ -109,6 +110,7 @@ class ScriptTables:
             elif good and (not tail or tail in self.prefixes):
                 self.clean[i] = True
             self.whole[i] = not tail
+            self.need[i] = missing(tail)
 
     def fits(self, pending: bytes, data: bytes) -> tuple[bool, bytes]:
         """Whether ``data`` may follow the incomplete character ``pending``; and the new pending bytes."""
@@ -120,6 +122,13 @@ class ScriptTables:
             return False, b""
         ok = regex.fullmatch(f"[{_char_class(self.scripts)}]*", text) is not None
         return ok and (not tail or tail in self.prefixes), tail
+
+
+def missing(tail: bytes) -> int:
+    """How many bytes the incomplete character ``tail`` still lacks (0 for no tail)."""
+    if not tail:
+        return 0
+    return (2 if tail[0] < 0xE0 else 3 if tail[0] < 0xF0 else 4) - len(tail)
 
 
 def script_tables(table: TokenTable, scripts: tuple[str, ...]) -> ScriptTables:
@@ -142,11 +151,13 @@ class ScriptOnly(Constraint):
 
     def allowed(self, state: LoopState, b: int) -> torch.Tensor:
         pending = self.pending[b]
-        last = self.last_step(state)  # the text must not end inside a character
+        # The text must not end inside a character: a token may leave k bytes missing only if k more
+        # tokens fit the budget (each later token adds at least one byte).
+        spare = self.steps_left(state) - 1
         if not pending:
-            return (self.t.clean & self.t.whole if last else self.t.clean) | self.table.eos
+            return (self.t.clean & (self.t.need <= spare) if spare < 3 else self.t.clean) | self.table.eos
         fits = ((i, self.t.fits(pending, self.table.tokens[i])) for i in self.t.continuing)
-        return self.table.ids_mask(i for i, (ok, tail) in fits if ok and not (last and tail))
+        return self.table.ids_mask(i for i, (ok, tail) in fits if ok and missing(tail) <= spare)
 
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
         if data:

@@ -22,6 +22,7 @@ from tokensteer.steering.vecfile import SteeringVector, load_vector
 
 POSITIONS = ("all", "prompt", "generated")
 MODES = ("add", "gcav")
+MAX_STRENGTH = 10.0  # ten times the residual norm: the stream would be the vector and nothing else
 
 
 def dose(vector: torch.Tensor, strength: float) -> torch.Tensor:
@@ -51,6 +52,13 @@ class Steer:
         missing = [i for i in self.layers if i not in self.vector.vectors]
         if missing:
             raise UserError(f"the vector has no direction for layer(s) {missing}; it has {self.vector.layers}")
+        if self.mode == "add":
+            for x in self._strengths():
+                if not math.isfinite(x) or abs(x) > MAX_STRENGTH:
+                    raise UserError(
+                        f"strength {x:g} is out of range: it is a fraction of the layer's typical residual "
+                        f"norm (0.05-0.3 is usual; |strength| ≤ {MAX_STRENGTH:g})"
+                    )
         if self.mode == "gcav":
             if not self.vector.probes:
                 raise UserError("mode gcav needs probe weights, which this vector file lacks (retrain it)")

@@ -1,0 +1,84 @@
+"""What MKL-packed linear layers buy on the torch backend: time per decode step of 1, 4 and 8 rows
+with no packing, with the output layer packed, and with the output and decoder layers packed.
+
+The three set-ups share one loaded model (the packed layers hold the same weights, so swapping
+modules between steps is exact) and take turns step by step inside the same sessions, so machine
+noise, which on this shared CPU moves step times by ±30 % over minutes, hits all three alike.
+Figures are medians. The last line is one JSON object.
+
+    .venv/bin/python benchmarks/packing.py [--steps 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import tokensteer as ts
+from tokensteer.backends.packed import PackedLinear
+
+PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
+SETUPS = ("none", "head", "head+decoder")
+
+
+def swaps(lm) -> list[tuple[torch.nn.Module, str, PackedLinear, torch.nn.Linear, bool]]:
+    """(parent, name, packed layer, plain twin sharing its weights, is the output layer)."""
+    head = lm.model.get_output_embeddings()
+    out = []
+    for parent in lm.model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, PackedLinear):
+                twin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                twin.weight, twin.bias = child.weight, child.bias
+                out.append((parent, name, child, twin, child is head))
+    return out
+
+
+def use(table, setup: str) -> None:
+    for parent, name, packed, twin, is_head in table:
+        on = setup == "head+decoder" or (setup == "head" and is_head)
+        setattr(parent, name, packed if on else twin)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=90, help="decode steps per row count (a third per set-up)")
+    args = ap.parse_args()
+    lm = ts.load(backend="torch")
+    table = swaps(lm)
+    if not any(t[4] for t in table) or all(t[4] for t in table):
+        raise SystemExit("this model or PyTorch build has no packed output and decoder layers (MKL, float32)")
+    ids = lm.tokenizer.encode(PROMPT)
+    ms: dict[int, dict[str, float]] = {}
+    for rows in (1, 4, 8):
+        times: dict[str, list[float]] = {s: [] for s in SETUPS}
+        session = lm.session(())
+        try:
+            session.prefill([ids] * rows)
+            feed = torch.tensor([ids[-1]] * rows)
+            for k in range(args.steps):
+                setup = SETUPS[k % len(SETUPS)]
+                use(table, setup)
+                start = time.perf_counter()
+                session.step(feed)
+                times[setup].append(time.perf_counter() - start)
+        finally:
+            session.close()
+            use(table, "head+decoder")
+        ms[rows] = {s: statistics.median(v) * 1e3 for s, v in times.items()}
+        print(f"{rows} rows: " + ", ".join(f"{s} {t:.1f} ms" for s, t in ms[rows].items()), flush=True)
+    print(json.dumps({
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": args.steps,
+        "ms_per_step": {f"{r}_rows": {s: round(t, 1) for s, t in v.items()} for r, v in ms.items()},
+        "rows_vs_1row": {s: {f"{r}_rows": round(ms[r][s] / ms[1][s], 3) for r in (4, 8)} for s in SETUPS},
+        "decoder_packing_gain": {f"{r}_rows": round(ms[r]["head+decoder"] / ms[r]["head"], 3) for r in (1, 4, 8)},
+    }))
+
+
+if __name__ == "__main__":
+    main()
