@@ -72,3 +72,13 @@ def test_decoder_layers_are_packed_only_when_big(monkeypatch):
         torch.testing.assert_close(big[1]["mlp"](big[0]["mlp"](x)), want, rtol=1e-4, atol=1e-4)
     monkeypatch.setenv("TOKENSTEER_PACK", "0")
     assert pack_decoder_layers(_decoder(1500)) == 0
+
+
+def test_no_packing_when_the_copies_would_crowd_memory(monkeypatch):
+    import tokensteer.backends.packed as packed
+
+    assert packed.free_memory() > 0
+    monkeypatch.setattr(packed, "free_memory", lambda: 100 << 20)  # 100 MB: the 72 MB of copies would take more than half
+    assert pack_decoder_layers(_decoder(1500)) == 0
+    monkeypatch.setattr(packed, "free_memory", lambda: 200 << 20)
+    assert pack_decoder_layers(_decoder(1500)) == 4

@@ -7,7 +7,8 @@ matrix once per batch height; we keep a height-8 packing (4-8 rows, padded) of t
 layers and of the output layer, plus a height-1 packing of the output layer (Gemma 3's 262k-token
 vocabulary: ~25 % faster than ``linear`` for one row). Other heights use ``linear``. Each packing
 is another copy of its matrix (output layer 2 × 670 MB, decoder layers ~400 MB for Gemma 3 270M),
-so only big float32 models are packed, and ``TOKENSTEER_PACK=0`` turns it off.
+so only big float32 layers are packed, only while the copies take at most half of the free memory,
+and ``TOKENSTEER_PACK=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ class PackedLinear(torch.nn.Linear):
         return out[:n].view(*x.shape[:-1], -1)
 
 
+def free_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _fits_in_memory(elements: int) -> bool:
+    """Whether float32 copies of ``elements`` weights take at most half of the available memory."""
+    free = free_memory()
+    return free is None or 4 * elements <= free // 2
+
+
 def _packable(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
 
@@ -72,6 +91,8 @@ def pack_output_layer(model) -> bool:
     """Swap ``model``'s output layer for a PackedLinear when that helps; True if it did."""
     head = model.get_output_embeddings()
     if not packing_enabled() or not _packable(head) or head.weight.numel() < MIN_SIZE:
+        return False
+    if not _fits_in_memory(len(HEAD_HEIGHTS) * head.weight.numel()):
         return False
     try:
         packed = PackedLinear(head, HEAD_HEIGHTS)
@@ -88,7 +109,8 @@ def pack_decoder_layers(layers: torch.nn.ModuleList) -> int:
         return 0
     found = [(parent, name, child) for layer in layers for parent in layer.modules()
              for name, child in parent.named_children() if _packable(child)]
-    if sum(c.weight.numel() for _, _, c in found) < MIN_SIZE:
+    size = sum(c.weight.numel() for _, _, c in found)
+    if size < MIN_SIZE or not _fits_in_memory(len(BODY_HEIGHTS) * size):
         return 0
     try:
         swaps = [(parent, name, PackedLinear(child, BODY_HEIGHTS)) for parent, name, child in found]
