@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# llama-cpp-python compiles from source the first time (about 6-7 minutes); pip caches the wheel.
-	# Its AMX kernels crash on Q4_K weights (llama.cpp #20824), so they are compiled out; the
-	# weight-repacking kernels that make CPU decoding fast stay on.
+	# Its AMX kernels crash on Q4_K weights (llama.cpp #20824), so they are compiled out (the
+	# backend loads weights unrepacked anyway, so a row's logits do not depend on its batch).
 	CMAKE_BUILD_PARALLEL_LEVEL=2 CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
