@@ -74,7 +74,7 @@ def test_absurd_steering_strength(tiny_dir, files, dose):
 
 
 def test_more_tokens_than_the_context(tiny_dir):
-    assert_user_error(run("generate", "hello", "--model", tiny_dir, "-n", "100000"), "lower max tokens (-n)")
+    assert_user_error(run("generate", "hello", "--model", tiny_dir, "-n", "100000"), "lower max tokens (--max-tokens)")
 
 
 def test_prompt_that_is_not_utf8(tiny_dir):

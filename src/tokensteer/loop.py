@@ -168,7 +168,7 @@ def stream(
     if backend.context_length and longest + cfg.max_tokens > backend.context_length:
         raise UserError(
             f"the prompt ({longest} tokens) plus max tokens ({cfg.max_tokens}) exceed the "
-            f"{backend.context_length}-token context of the {backend.name} backend; lower max tokens (-n)"
+            f"{backend.context_length}-token context of the {backend.name} backend; lower max tokens (--max-tokens)"
             + backend.context_hint
         )
     B = len(prompts)
