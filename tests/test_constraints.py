@@ -324,3 +324,165 @@ def test_banned_cross_tables_match_a_plain_scan(tiny, rest, right):
         elif not right or low[len(rest)] not in WORD_BYTES:
             want_bad.append(i)
     assert sorted(bad.tolist()) == want_bad and sorted(pend.tolist()) == want_pend
+
+
+def _state(max_tokens, step=0, prompt=(), stop=()):
+    """A LoopState stand-in for calling one constraint's mask by hand (one row)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(batch_size=1, step=step, max_tokens=max_tokens, prompt_tokens=[list(prompt)], stop=stop, finished=[False], generated=[[]])
+
+
+def test_exact_words_refuses_a_letterless_piece_the_budget_cannot_finish(tiny):
+    """A piece without a letter ("\\x87") needs another token to count as a word: with exactly one
+    token per word left it is refused (it once made --words 5 in 5 tokens end with 4 words)."""
+    from tokensteer.constraints.counts import ExactWords
+
+    table = token_table(tiny.tokenizer)
+    piece, word = table.tokens.index(b"\x87"), table.tokens.index(b" the")
+    words = ExactWords(table, 5)
+    for budget, allowed in [(5, False), (6, True)]:
+        state = _state(budget)
+        words.start(state)
+        mask = words.allowed(state, 0)
+        assert bool(mask[word]) and bool(mask[piece]) is allowed, budget
+    for seed in range(6):
+        for g in sample(tiny, ConstraintSpec(words=5), seed, max_tokens=5, prompts=["dog dog", "the cat ", "naïve é", "x"]):
+            assert len(g.text.split()) == 5, g.text
+
+
+def test_required_word_is_spelled_within_the_budget(tiny):
+    """With one token left, a required word is forced in its one-token spelling (" five"), not as
+    " f" + "ive" that cannot finish; a budget too small for any spelling is refused up front."""
+    from tokensteer.constraints.keywords import RequiredWords
+
+    table = token_table(tiny.tokenizer)
+    req = RequiredWords(tiny.tokenizer, table, ["five"])
+    state = _state(1, prompt=tiny.tokenizer.encode("x"))
+    req.start(state)
+    assert [table.tokens[i] for i in req.allowed(state, 0).nonzero().flatten().tolist()] == [b" five"]
+    for seed in range(4):
+        for g in sample(tiny, ConstraintSpec(require=["five", "dog"]), seed, max_tokens=2):
+            assert found("five", g.text) and found("dog", g.text), g.text
+    with pytest.raises(UserError, match="need 2 tokens"):
+        sample(tiny, ConstraintSpec(require=["hello world"]), 0, max_tokens=1)
+    with pytest.raises(UserError, match="need 2 tokens"):  # " x" is two tokens: " " + "x"
+        sample(tiny, ConstraintSpec(require=["x"]), 0, max_tokens=1, prompts=["hello"])
+    [g] = sample(tiny, ConstraintSpec(require=["x"]), 0, max_tokens=1, prompts=["hello\n"])  # after a space, "x" is one
+    assert g.text == "x"
+
+
+def test_end_word_alone_is_written_before_the_budget_runs_out(tiny):
+    """--end-word without --words: the last word is the end word even when the budget ends the text."""
+    for seed in range(6):
+        for end in ("dog", "cat."):
+            for g in sample(tiny, ConstraintSpec(end_word=end), seed, max_tokens=3):
+                assert g.text.split()[-1] == end, (end, g.text)
+    with pytest.raises(UserError, match="needs at least 2 tokens"):
+        sample(tiny, ConstraintSpec(end_word="é"), 0, max_tokens=1)
+    with pytest.raises(UserError, match="letter or digit"):
+        check(ConstraintSpec(end_word="!"))
+
+
+def test_sentences_budget_counts_the_tokens_this_vocabulary_needs(tiny):
+    """The tiny vocabulary has no token like "a." so N sentences need 2N - 1 tokens (".a.a."): a
+    smaller budget is refused before decoding instead of ending with too few sentences."""
+    with pytest.raises(UserError, match="--sentences 4 needs at least 7 tokens"):
+        sample(tiny, ConstraintSpec(sentences=4), 0, max_tokens=6)
+    for seed in range(4):
+        for g in sample(tiny, ConstraintSpec(sentences=3), seed, max_tokens=5):
+            assert len(re.findall(r"[.!?]+", g.text)) == 3 and g.text[-1] in ".!?", g.text
+
+
+def test_stop_strings_cannot_cut_constrained_text(tiny):
+    """A stop string inside a word the text must hold is refused up front, one that only a grammar's
+    text would hold is named when it blocks the text; one spread over two tokens ("a" + "t") is
+    never completed, so the text still meets its count."""
+    with pytest.raises(UserError, match="stop string"):
+        tokensteer.generate(tiny, "hello", SamplingConfig(max_tokens=9, stop=("e",)), build(tiny, ConstraintSpec(require=["five"])))
+    with pytest.raises(UserError, match="only text holding a stop string"):  # not "contradict each other"
+        tokensteer.generate(tiny, "hello", SamplingConfig(max_tokens=9, stop=("e",)), build(tiny, ConstraintSpec(regex="hello")))
+    table = token_table(tiny.tokenizer)
+    [words] = build(tiny, ConstraintSpec(words=8))
+    state = _state(30, stop=("at",))
+    words.start(state)
+    ids = {table.tokens.index(x): x for x in (b"t", b"the", b" t", b"a", b"at")}
+    before = words.mask(state)[0]
+    state.generated[0].append(table.tokens.index(b"a"))  # the text ends in "a": "t..." would finish "at"
+    after = words.mask(state)[0]
+    assert {x for i, x in ids.items() if before[i]} == {b"t", b"the", b" t", b"a"}
+    assert {x for i, x in ids.items() if after[i]} == {b" t", b"a"}
+
+
+def test_vocabulary_leaves_steps_to_finish_an_open_word(tiny):
+    """With two tokens left, "h" is refused ("ello" takes two more) but "he" is allowed ("llo"):
+    near the end of the budget every open word must still fit, not only on the last step."""
+    from tokensteer.constraints.wordlist import WordList
+
+    table = token_table(tiny.tokenizer)
+    words = WordList(table, ["hello", "world", "it's"])
+    h, he = table.tokens.index(b"h"), table.tokens.index(b"he")
+    for budget, allowed in [(2, False), (3, True)]:
+        state = _state(budget)
+        words.start(state)
+        mask = words.allowed(state, 0)
+        assert bool(mask[he]) and bool(mask[h]) is allowed, budget
+    for seed in range(4):
+        for g in sample(tiny, ConstraintSpec(vocab=["hello", "world", "it's"]), seed, max_tokens=3):
+            assert all(w in {"hello", "world", "it's"} for w in re.findall(r"[\w']+", g.text.lower())), g.text
+
+
+def test_exact_words_sees_a_letter_finished_by_a_continuation_byte(tiny):
+    """An open piece "\\xc6" becomes the letter "ƀ" with the byte "\\x80": with one token per word left,
+    that token (which gives the piece its letter) is allowed and "!" is not. With --script latin it is
+    the only way on: refusing it dead-ended --words 7 in 8 tokens."""
+    from tokensteer.constraints.counts import ExactWords
+
+    table = token_table(tiny.tokenizer)
+    words = ExactWords(table, 2)
+    state = _state(3, step=1)
+    words.start(state)
+    words.count[0], words.in_word[0], words.cur[0], words.has[0] = 1, True, b"\xc6", False
+    mask = words.allowed(state, 0)
+    assert bool(mask[table.tokens.index(b"\x80")]) and not bool(mask[table.tokens.index(b"\x21")])
+
+
+def test_required_word_that_prefixes_another_is_not_taken_as_written(tiny):
+    """Forcing " to the" and " t": after " to" the keyword "t" is not written (the "o" is glued to
+    it), so forcing goes on; it once stopped there and missed both words."""
+    import torch
+
+    from tokensteer.constraints.keywords import RequiredWords
+
+    table = token_table(tiny.tokenizer)
+    req = RequiredWords(tiny.tokenizer, table, ["to the", "t"], within=5)
+    state = _state(24, step=0, prompt=tiny.tokenizer.encode("one two"))
+    req.start(state)
+    req.generated[0] += b" a b"
+    req.allowed(state, 0)  # three words left before the deadline for the three keyword words: forced
+    req.on_token(state, torch.tensor([table.tokens.index(b" to")]))
+    assert req.forcing[0] and req.spell[0] == b" to"
+    for seed in range(6):
+        for g in sample(tiny, ConstraintSpec(require=["to the", "t"], require_within=5), seed, max_tokens=24, prompts=["five.", "dog dog", "one two", "a\n"]):
+            head = " ".join(g.text.split()[:5])
+            assert found("to the", head) and found("t", head), g.text
+
+
+@pytest.mark.parametrize(
+    "spec, max_tokens",
+    [
+        (ConstraintSpec(words=10, vocab=["the", "cat", "sat", "on", "mat", "dog", "ran"]), 37),
+        (ConstraintSpec(sentences=4, vocab=["a", "dog"]), 32),
+    ],
+)
+def test_two_budgeted_constraints_leave_room_for_each_other(tiny, spec, max_tokens):
+    """Each constraint keeps room in the budget for what it still needs; together they keep room for
+    the sum (an open word must be finished AND the words counted): these once dead-ended."""
+    for seed in (589121, 889248, 339207, 0):
+        gens = sample(tiny, spec, seed, max_tokens=max_tokens, prompts=["a\n", "the cat ", "x", "dog dog"])
+        for g in gens:
+            assert all(w in spec.vocab for w in re.findall(r"[\w']+", g.text.lower())), g.text
+            if spec.words:
+                assert len(g.text.split()) == spec.words, g.text
+            else:
+                assert len(re.findall(r"[.!?]+", g.text)) == spec.sentences and g.text[-1] in ".!?", g.text

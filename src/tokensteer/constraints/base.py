@@ -7,12 +7,12 @@ single combined mask per step.
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from tokensteer.constraints.vocab import TokenTable
+from tokensteer.errors import UserError
 from tokensteer.hooks import Control
 
 if TYPE_CHECKING:
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 class Constraint(Control):
     """A hard constraint: ``allowed(state, b)`` gives row b's bool [V] mask (None = anything)."""
+
+    #: words the text must contain (required words, the end word), checked against stop strings
+    must_write: tuple[str, ...] = ()
 
     def __init__(self, table: TokenTable) -> None:
         self.table = table
@@ -40,7 +43,14 @@ class Constraint(Control):
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
         """Row b accepted ``token`` adding ``data`` (``generated[b]`` already includes it)."""
 
+    def need(self, b: int, tokens: torch.Tensor) -> None:
+        """Record from ``allowed``: per token, how many more tokens this constraint needs after it
+        (so ``AllOf`` can keep room for several constraints' needs together)."""
+        if hasattr(self, "needs"):
+            self.needs[b] = tokens
+
     def mask(self, state: LoopState) -> torch.Tensor | None:
+        self.needs: dict[int, torch.Tensor] = {}  # filled by allowed(): see ``need``
         rows = [None if state.finished[b] else self.allowed(state, b) for b in range(state.batch_size)]
         if all(r is None for r in rows):
             return None
@@ -84,6 +94,10 @@ class AllOf(Control):
 
     def start(self, state: LoopState) -> None:
         for p in self.parts:
+            for word in getattr(p, "must_write", ()):
+                for stop in state.stop:
+                    if stop in word or stop in word.lower():
+                        raise UserError(f"the text must contain {word!r}, which holds the stop string {stop!r}; drop that --stop")
             p.start(state)
 
     @property
@@ -98,33 +112,101 @@ class AllOf(Control):
     def mask(self, state: LoopState) -> torch.Tensor | None:
         # Tokens that add no text, and (with stop strings) tokens holding one: a stop string
         # would cut the text short of the constraints, so constrained rows end with EOS instead.
-        out = self._base(state).expand(state.batch_size, -1)
+        out = (~self.table.empty).expand(state.batch_size, -1)
+        needs: list[list[torch.Tensor]] = [[] for _ in range(state.batch_size)]
         for p in self.parts:
             m = p.mask(state)
             if m is not None:
                 out = out & m
+            for b, need in getattr(p, "needs", {}).items():
+                needs[b].append(need)
+        if state.stop:
+            out = self._without_stops(state, out)
+        for b, ns in enumerate(needs):  # nothing fits from the very start: say so before decoding
+            if state.step == 0 and len(ns) > 1 and not state.finished[b] and not out[b].any():
+                raise UserError(
+                    f"the constraints cannot all be met together in --max-tokens {state.max_tokens}: "
+                    "raise --max-tokens, or they contradict each other"
+                )
+        if state.max_tokens is not None and any(len(n) > 1 for n in needs):
+            # Each part keeps room for its own needs; together they need room for all of them:
+            # prefer tokens that leave it, unless none do (tokens may serve several parts at once).
+            left = state.max_tokens - state.step - 1
+            out = out.clone()
+            for b, ns in enumerate(needs):
+                if len(ns) > 1:
+                    roomy = out[b] & (torch.stack(ns).sum(0) <= left)
+                    if roomy.any():
+                        out[b] = roomy
         return out
 
+    def _without_stops(self, state: LoopState, out: torch.Tensor) -> torch.Tensor:
+        """``out`` without tokens holding a stop string or finishing one begun by the tokens before
+        them; a UserError naming the stop strings if that leaves a row nothing."""
+        seams = [None if state.finished[b] else self._seam(self._tail(state, b), state.stop) for b in range(state.batch_size)]
+        cut = torch.stack([self._holding(state.stop) if m is None else m | self._holding(state.stop) for m in seams])
+        kept = out & ~cut
+        for b in range(state.batch_size):
+            if not state.finished[b] and out[b].any() and not kept[b].any():
+                text = b"".join(self.table.tokens[t] for t in state.generated[b][-8:]).decode("utf-8", "replace")
+                raise UserError(
+                    f"after {text!r} the constraints allow only text holding a stop string ({', '.join(map(repr, state.stop))}); "
+                    "drop that --stop or the constraint that needs it"
+                )
+        return kept
+
     def forced(self, state: LoopState) -> list[list[int]] | None:
-        """Hook 7: a lone part's forced tokens, up to the first one the base mask refuses. With
-        several parts, none: another part could forbid what one of them forces."""
+        """Hook 7: a lone part's forced tokens, up to the first one the base mask (or a stop string
+        across tokens) refuses. With several parts, none: another part could forbid what one forces."""
         if len(self.parts) != 1:
             return None
         rows = self.parts[0].forced(state)
         if not rows:
             return None
-        base = self._base(state)
-        return [list(itertools.takewhile(lambda t: 0 <= t < self.table.size and bool(base[t]), r or [])) for r in rows]
+        base, out = self._base(state), []
+        for b, r in enumerate(rows):
+            tail, keep = self._tail(state, b), []
+            for t in r or []:
+                if not (0 <= t < self.table.size and bool(base[t])) or self._cuts(tail, self.table.tokens[t], state.stop):
+                    break
+                keep.append(t)
+                tail += self.table.tokens[t]
+            out.append(keep)
+        return out
+
+    def _tail(self, state: LoopState, b: int) -> bytes:
+        """The last bytes of row b's generated text, enough to hold the start of any stop string."""
+        longest = max((len(s.encode("utf-8")) for s in state.stop), default=0)
+        if not longest:
+            return b""
+        return b"".join(self.table.tokens[t] for t in state.generated[b][-longest:] if 0 <= t < self.table.size)
+
+    def _cuts(self, tail: bytes, data: bytes, stops: tuple[str, ...]) -> bool:
+        """Whether ``data`` after ``tail`` finishes a stop string begun in ``tail``."""
+        subs = [x.encode("utf-8") for x in stops]
+        return any(tail.endswith(x[:k]) and data.startswith(x[k:]) for x in subs for k in range(1, len(x)))
+
+    def _seam(self, tail: bytes, stops: tuple[str, ...]) -> torch.Tensor | None:
+        """The [V] tokens that would finish a stop string begun at the end of ``tail``, or None."""
+        bad = None
+        for x in (s.encode("utf-8") for s in stops):
+            for k in range(1, len(x)):
+                if tail.endswith(x[:k]):
+                    rest = x[k:]
+                    m = self.table.memo(("starting-raw", rest), lambda: self.table.flags(lambda t: t.startswith(rest)))
+                    bad = m if bad is None else bad | m
+        return bad
 
     def _base(self, state: LoopState) -> torch.Tensor:
         """The [V] tokens every constrained row may take: they add text and hold no stop string."""
         return self.table.memo(("base", state.stop), lambda: ~self.table.empty & ~self._holding(state.stop))
 
     def _holding(self, stops: tuple[str, ...]) -> torch.Tensor:
+        """The [V] tokens that hold a whole stop string (kept per tokenizer and stop strings)."""
         if not stops:
             return torch.zeros(self.table.size, dtype=torch.bool)
         subs = [s.encode("utf-8") for s in stops]
-        return self.table.flags(lambda t: any(s in t for s in subs))
+        return self.table.memo(("holding", stops), lambda: self.table.flags(lambda t: any(s in t for s in subs)))
 
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
         for p in self.parts:

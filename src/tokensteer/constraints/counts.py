@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from tokensteer.constraints.base import Constraint
-from tokensteer.constraints.vocab import TokenTable
+from tokensteer.constraints.vocab import NEVER, TokenTable
 from tokensteer.errors import UserError
 
 if TYPE_CHECKING:
@@ -57,11 +58,6 @@ def _unicode_space(data: bytes) -> bool:
     return False
 
 
-def _if_any(preferred: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """``preferred`` unless it allows nothing (a budget rule must never cause a dead end)."""
-    return preferred if bool(preferred.any()) else fallback
-
-
 def has_letter(data: bytes) -> bool:
     """Whether bytes hold a letter or digit (``\\w``), which makes a whitespace piece a word."""
     return _LETTER.search(data.decode("utf-8", errors="ignore")) is not None
@@ -89,6 +85,7 @@ def word_tables(table: TokenTable) -> dict[str, torch.Tensor]:
             "trail_space": table.flags(lambda t: bool(t) and t[-1] in SPACE),
             "bad_space": table.flags(lambda t: _unicode_space(t) or any(c in ODD_SPACE for c in t)),
             "lead_space": table.flags(lambda t: bool(t) and t[0] in SPACE),
+            "last_has": torch.tensor([bool(s) and has_letter(s[-1]) for s in segs], dtype=torch.bool),
         }
 
     return table.memo("words", build)
@@ -116,6 +113,7 @@ class ExactWords(Constraint):
             raise UserError(f"--end-word must be one word without spaces, got {end_word!r}")
         self.n = n
         self.end = end_word.strip().encode("utf-8") if end_word else None
+        self.must_write = (end_word.strip(),) if end_word else ()
         self.w = word_tables(table)
         if self.end:
             end = self.end
@@ -127,10 +125,24 @@ class ExactWords(Constraint):
                 return end.startswith(t[i + 1 :])
 
             self.starts_end = table.memo(("end-start", end), lambda: table.flags(last_chunk_ok))
-            self.end_tokens = len(self.end)  # worst case: a token per byte
+            # tokens to finish the end word: after each of its prefixes, and as a new word
+            self.end_costs = table.spell_costs(end, raw=True)
+            self.end_new = min(table.spell_costs(b" " + end, raw=True)[0], NEVER)  # after a word
+            self.end_rest = table.memo(("end-rest", end), lambda: self._rest_costs(end))
+            # tokens to write the end word as a new word after this token (int32: cheap per step)
+            self.new_word = torch.where(self.w["trail_space"], self.end_costs[0], self.end_new).int()
 
     def __repr__(self) -> str:
         return f"ExactWords(n={self.n}, end_word={self.end!r})"
+
+    def _rest_costs(self, end: bytes) -> torch.Tensor:
+        """Per token starting the end word (its last piece a prefix of it): tokens still to spell it."""
+        out = torch.full((self.table.size,), NEVER, dtype=torch.int32)
+        for i in self.starts_end.nonzero().flatten().tolist():
+            t = self.table.tokens[i]
+            chunk = t[max((k for k, c in enumerate(t) if c in SPACE), default=-1) + 1 :]
+            out[i] = self.end_costs[len(chunk)]
+        return out
 
     def reset(self, state: LoopState) -> None:
         _check_budget("words", self.n, state)
@@ -173,17 +185,49 @@ class ExactWords(Constraint):
             ok &= ~starting | self.starts_end  # word n must start as the end word
             if in_word and self.count[b] == n:  # and go on spelling it
                 ok &= ~(final & ~starting) | t.ids_mask(self._continuations(b))
-        if n is not None and self.count[b] < n:
-            need = n - self.count[b] + (self.end_tokens - 1 if self.end else 0)
-            if self.steps_left(state) <= need + 1:  # short of budget: every token starts a word
-                ok = _if_any(ok & (after > self.count[b]), ok)
-        if in_word and not self.has[b] and self.steps_left(state) <= 2 + (n - self.count[b] if n else 0):
-            ok = _if_any(ok & w["first_has"], ok)  # the open piece needs a letter to count as a word
-        eos_ok = self.done(b)
+        # the token budget: after this token, the tokens left must still fit what the text needs
         ok = ok & ~t.eos
-        if eos_ok:
-            ok = ok | t.eos
-        return ok
+        need = self._need_after(b, after)
+        self.need(b, need)
+        fits = ok & (need <= self.steps_left(state) - 1)
+        if state.step == 0 and not self.generated[b] and not fits.any() and ok.any():
+            what = " and ".join(x for x in (self.n and f"--words {self.n}", self.end and f"--end-word {self.end.decode()!r}") if x)
+            raise UserError(
+                f"{what} {'need' if self.n and self.end else 'needs'} at least {int(need[ok].min()) + 1} tokens "
+                f"but --max-tokens is {state.max_tokens}; raise --max-tokens"
+            )
+        return fits | t.eos if self.done(b) else fits
+
+    def _need_after(self, b: int, after: torch.Tensor) -> torch.Tensor:
+        """Per token: the fewest tokens the text needs after it (words to start, a letter for an open
+        piece without one, the end word's spelling), counting one token per plain word."""
+        w, n = self.w, self.n
+        in_word = self.in_word[b]
+        goes_on = ~w["has_space"] & in_word  # the token extends the piece being written
+        has_after = w["last_has"] | (goes_on & self.has[b])
+        if in_word and not self.has[b] and self.cur[b][-1:] >= b"\x80":  # bytes that may finish a letter (é)
+            ids = self.table.memo("lead-continuation", lambda: self.table.flags(lambda t: bool(t) and 0x80 <= t[0] < 0xC0).nonzero().flatten().tolist())
+            has_after = has_after.clone()
+            has_after[ids] |= torch.tensor([has_letter(self.cur[b][-3:] + self.table.tokens[i]) for i in ids], dtype=torch.bool) & goes_on[ids]
+        letterless = (~w["trail_space"] & ~has_after).int()
+        if self.end is None:
+            return (n - after).clamp(min=0) + letterless
+        # the end word: go on spelling the open piece as it, or write it as a new word
+        as_end = self.end_rest.masked_fill(goes_on, NEVER)
+        if in_word and self.end.startswith(self.cur[b]):
+            for k, ids in self._continuation_ids(b):
+                as_end[ids] = self.end_costs[len(self.cur[b]) + k]
+        new_word = self.new_word
+        if n is None:
+            return torch.minimum(as_end, new_word + letterless)
+        words_after = (n - after).clamp(min=0)
+        before_end = (words_after - 1).clamp(min=0) + letterless + torch.where(words_after == 1, new_word, self.end_new)
+        return torch.where(words_after == 0, as_end, before_end)
+
+    def _continuation_ids(self, b: int) -> list[tuple[int, list[int]]]:
+        """(bytes added, token ids) of the tokens that extend row b's current word towards the end word."""
+        rest = self.end[len(self.cur[b]) :]
+        return [(k, ids) for k in range(1, len(rest) + 1) if (ids := self.table.exactly_raw(rest[:k]))]
 
     def _continuations(self, b: int) -> list[int]:
         """Tokens that extend row b's current word towards the end word."""
@@ -221,6 +265,28 @@ def sentence_tables(table: TokenTable) -> dict[str, torch.Tensor]:
     return table.memo("sentences", build)
 
 
+def sentence_costs(table: TokenTable, n: int) -> torch.Tensor:
+    """[2, n + 1] fewest tokens that finish the text from ``left`` sentences to go, outside (row 0) or
+    inside (row 1) a run of terminators; a shortest path over the kinds of token the vocabulary has."""
+    s = sentence_tables(table)
+    nonempty = torch.tensor([bool(t) for t in table.tokens], dtype=torch.bool)
+    kinds = {(int(r), bool(lead), bool(trail)) for r, lead, trail, ok in zip(s["runs"], s["lead_term"], s["trail_term"], nonempty) if ok}
+    cost = np.full((2, n + 1), NEVER, dtype=np.int64)
+    cost[1, 0] = 0
+    left = np.arange(n + 1)
+    while True:
+        prev = cost.copy()
+        for in_run in (0, 1):
+            for runs, lead, trail in kinds:
+                to = left - (runs - (lead and in_run))
+                ok = to >= 0
+                cand = np.full(n + 1, NEVER, dtype=np.int64)
+                cand[ok] = cost[int(trail), to[ok]] + 1
+                cost[in_run] = np.minimum(cost[in_run], cand)
+        if (cost == prev).all():
+            return torch.from_numpy(np.minimum(cost, NEVER).astype(np.int32))
+
+
 def count_sentences(data: bytes) -> int:
     """Sentences in generated bytes, as the constraint counts them (runs of ``.!?``)."""
     return _runs(data, TERMINATORS.__contains__)
@@ -235,6 +301,7 @@ class ExactSentences(Constraint):
             raise UserError(f"--sentences must be between 1 and 1000, got {n}")
         self.n = n
         self.s = sentence_tables(table)
+        self.costs = table.memo(("sentence-costs", n), lambda: sentence_costs(table, n))
 
     def __repr__(self) -> str:
         return f"ExactSentences({self.n})"
@@ -253,10 +320,16 @@ class ExactSentences(Constraint):
             ok = s["all_term"] if in_run else torch.zeros_like(t.eos)
         else:
             ok = (after < self.n) | ((after == self.n) & s["trail_term"])
-            left = self.n - count
-            need = 2 * left if in_run else 2 * left - 1
-            if self.steps_left(state) <= need:  # short of budget: close or open a sentence now
-                ok = _if_any(ok & (~s["lead_term"] if in_run else new > 0), ok)
+            # the token budget: after this token, the tokens left must still fit the sentences to go
+            need = self.costs[s["trail_term"].long(), (self.n - after).clamp(0, self.n)]
+            self.need(b, need)
+            fits = ok & (need <= self.steps_left(state) - 1)
+            if state.step == 0 and not self.generated[b] and not fits.any():
+                raise UserError(
+                    f"--sentences {self.n} needs at least {int(self.costs[0, self.n])} tokens with this tokenizer "
+                    f"but --max-tokens is {state.max_tokens}; raise --max-tokens"
+                )
+            ok = fits
         ok = ok & ~t.eos
         if count == self.n and in_run:
             ok = ok | t.eos

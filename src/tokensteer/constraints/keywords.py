@@ -16,7 +16,7 @@ import torch
 from tokensteer.constraints.banned import normalize_phrase
 from tokensteer.constraints.base import Constraint
 from tokensteer.constraints.counts import SPACE, count_words
-from tokensteer.constraints.vocab import WORD_BYTES, TokenTable
+from tokensteer.constraints.vocab import NEVER, WORD_BYTES, TokenTable
 from tokensteer.errors import UserError
 
 #: bytes that would glue onto a keyword and hide it (``\w``, ``'`` and any non-ASCII byte)
@@ -46,6 +46,7 @@ class RequiredWords(Constraint):
         if any(not k for k in self.keywords):
             raise UserError("a required word is empty; give the word to require")
         self.targets = [k.lower().encode("utf-8") for k in self.keywords]
+        self.must_write = tuple(self.keywords)
         self.n_words = [len(k.split()) for k in self.keywords]
         if within is not None and within < sum(self.n_words):
             raise UserError(
@@ -53,7 +54,8 @@ class RequiredWords(Constraint):
             )
         self.within = within
         self.patterns = [keyword_regex(k) for k in self.keywords]
-        self.n_tokens = [len(t) + 1 for t in self.targets]  # worst case: a token per byte
+        # tokens each keyword needs at most, written as a new word (" dog") in its shortest spelling
+        self.n_tokens = [min(table.spell_costs(b" " + t)[0], len(t) + 1) for t in self.targets]
         self.lead_word = table.memo("lead-glue", lambda: table.flags(lambda b: bool(b) and b[0] in GLUE))
 
     def __repr__(self) -> str:
@@ -62,12 +64,20 @@ class RequiredWords(Constraint):
     def reset(self, state: LoopState) -> None:
         B = state.batch_size
         self.spell: list[bytes] = [b""] * B  # lowered bytes written since a keyword was forced
-        self.forcing: list[list[bytes]] = [[] for _ in range(B)]  # targets being spelled
+        self.forcing: list[list[tuple[int, bytes]]] = [[] for _ in range(B)]  # (keyword, bytes) being spelled
+        self.owed: list[set[int]] = [set() for _ in range(B)]  # the keywords missing when forcing began
         self.prompt_space = []
         for b in range(B):
             ids = state.prompt_tokens[b][-1:]
             last = b"".join(self.table.tokens[i] for i in ids if 0 <= i < self.table.size)
             self.prompt_space.append(not last or last[-1] in SPACE)
+            # after a space the first keyword may go without one ("dog" rather than " dog")
+            saved = max(n - self.table.spell_costs(t)[0] for n, t in zip(self.n_tokens, self.targets)) if self.prompt_space[b] else 0
+            need = sum(self.n_tokens) - max(saved, 0)
+            if state.max_tokens is not None and need > state.max_tokens:
+                raise UserError(
+                    f"the required words need {need} tokens to write but --max-tokens is {state.max_tokens}; raise --max-tokens"
+                )
 
     def status(self, b: int) -> tuple[list[int], bool]:
         """(indices of missing keywords, whether a found keyword is at risk of being extended)."""
@@ -81,23 +91,42 @@ class RequiredWords(Constraint):
                 risk = True
         return missing, risk
 
-    def _spelling(self, targets: list[bytes], done: bytes) -> torch.Tensor:
-        """Tokens that go on spelling one of ``targets`` after ``done`` of it is written."""
+    def _spelling(self, b: int, targets: list[tuple[int, bytes]], done: bytes, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens that go on spelling one of ``targets`` (keyword index, bytes) after ``done`` of it is
+        written, leaving enough of the ``budget`` of later tokens to finish it and the other keywords;
+        and per token the tokens still needed after it."""
         t = self.table
         ids: list[int] = []
-        for s in targets:
+        needs: list[int] = []
+        missing = self.owed[b]
+        for k, s in targets:
             if not s.startswith(done) or s == done:
                 continue
-            rest = s[len(done) :]
-            ids += t.prefixes_of(rest)
-            ids += [i for i in t.starting_with(rest) if len(t.lowered[i]) > len(rest) and t.lowered[i][len(rest)] not in GLUE]
-        return t.ids_mask(ids)
+            rest, costs = s[len(done) :], t.spell_costs(s)
+            spare = budget - sum(self.n_tokens[j] for j in missing if j != k)
+            for n in range(1, len(rest) + 1):
+                if costs[len(done) + n] <= spare:
+                    ids += t.exactly(rest[:n])
+                    needs += [costs[len(done) + n] + budget - spare] * len(t.exactly(rest[:n]))
+            if spare >= 0:
+                over = [i for i in t.starting_with(rest) if len(t.lowered[i]) > len(rest) and t.lowered[i][len(rest)] not in GLUE]
+                ids, needs = ids + over, needs + [budget - spare] * len(over)
+        need = torch.zeros(t.size, dtype=torch.long)
+        if ids:  # a token on two spellings (after a space: "dog" and " dog") keeps the smaller need
+            idx = torch.tensor(ids, dtype=torch.long)
+            need[idx] = NEVER
+            need.scatter_reduce_(0, idx, torch.tensor(needs, dtype=torch.long), "amin")
+        return t.ids_mask(ids), need
+
+    def _spelled(self, b: int, mask_need: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        self.need(b, mask_need[1])
+        return mask_need[0]
 
     def allowed(self, state: LoopState, b: int) -> torch.Tensor | None:
         missing, risk = self.status(b)
         t = self.table
         if self.forcing[b]:
-            return self._spelling(self.forcing[b], self.spell[b])
+            return self._spelled(b, self._spelling(b, self.forcing[b], self.spell[b], self.steps_left(state) - 1))
         if not missing:
             return ~self.lead_word if risk else None
         data = bytes(self.generated[b])
@@ -108,10 +137,12 @@ class RequiredWords(Constraint):
             force = True
         if force:
             space = (data[-1] in SPACE) if data else self.prompt_space[b]
-            lead = b"" if space else b" "
-            self.forcing[b] = [lead + self.targets[k] for k in missing]
+            leads = (b"", b" ") if space else (b" ",)  # after a space, " dog" may still be the shorter spelling
+            self.forcing[b] = [(k, lead + self.targets[k]) for k in missing for lead in leads]
+            self.owed[b] = set(missing)
             self.spell[b] = b""
-            return self._spelling(self.forcing[b], b"")
+            return self._spelled(b, self._spelling(b, self.forcing[b], b"", self.steps_left(state) - 1))
+        self.need(b, torch.full((t.size,), need_tokens, dtype=torch.long))
         ok = ~t.eos
         if risk:
             ok &= ~self.lead_word
@@ -121,7 +152,10 @@ class RequiredWords(Constraint):
         if not self.forcing[b]:
             return
         done = self.spell[b] + self.table.lowered[token]
-        if any(done.startswith(s) for s in self.forcing[b]) or not any(s.startswith(done) for s in self.forcing[b]):
+        # a keyword is written once its bytes end at a word boundary (" to" does not write " t")
+        written = any(done == s or (done.startswith(s) and done[len(s)] not in GLUE) for _, s in self.forcing[b])
+        going = [(k, s) for k, s in self.forcing[b] if s.startswith(done) and s != done]
+        if written or not going:
             self.forcing[b], self.spell[b] = [], b""
-        else:
-            self.spell[b] = done
+        else:  # the keywords still owed stay in the budget through the ``owed`` set
+            self.forcing[b], self.spell[b] = going, done

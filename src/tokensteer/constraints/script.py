@@ -95,7 +95,7 @@ class ScriptTables:
         self.foreign = torch.zeros(V, dtype=torch.bool)  # holds a character of another script
         self.continuing: list[int] = []  # starts with continuation bytes: checked against the row
         self.whole = torch.zeros(V, dtype=torch.bool)  # ends on a complete character
-        self.need = torch.zeros(V, dtype=torch.int8)  # bytes still missing from its last character
+        self.need = torch.zeros(V, dtype=torch.int32)  # bytes still missing from its last character
         for i, data in enumerate(table.tokens):
             if not data:
                 continue
@@ -155,9 +155,14 @@ class ScriptOnly(Constraint):
         # tokens fit the budget (each later token adds at least one byte).
         spare = self.steps_left(state) - 1
         if not pending:
+            self.need(b, self.t.need)
             return (self.t.clean & (self.t.need <= spare) if spare < 3 else self.t.clean) | self.table.eos
-        fits = ((i, self.t.fits(pending, self.table.tokens[i])) for i in self.t.continuing)
-        return self.table.ids_mask(i for i, (ok, tail) in fits if ok and missing(tail) <= spare)
+        fits = [(i, missing(tail)) for i in self.t.continuing for ok, tail in [self.t.fits(pending, self.table.tokens[i])] if ok]
+        need = torch.zeros(self.table.size, dtype=torch.long)
+        if fits:
+            need[[i for i, _ in fits]] = torch.tensor([k for _, k in fits], dtype=torch.long)
+        self.need(b, need)
+        return self.table.ids_mask(i for i, k in fits if k <= spare)
 
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
         if data:

@@ -129,6 +129,11 @@ def check(spec: ConstraintSpec) -> None:
             raise UserError("a required word is empty; give the word to require")
     if spec.end_word is not None and (not spec.end_word.strip() or len(spec.end_word.split()) != 1):
         raise UserError(f"--end-word must be one word without spaces, got {spec.end_word!r}")
+    if spec.end_word is not None:
+        from tokensteer.constraints.counts import has_letter
+
+        if not has_letter(spec.end_word.encode("utf-8")):
+            raise UserError(f"--end-word must hold a letter or digit to count as a word, got {spec.end_word!r}")
     needed = [("required word", w) for w in spec.require]
     if spec.end_word:
         needed.append(("end word", spec.end_word.strip()))

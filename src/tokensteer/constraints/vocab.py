@@ -24,6 +24,8 @@ FORMAT = 1
 #: bytes that make up ASCII words (``\w`` restricted to ASCII); every other byte ends a word
 WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 SPACE_BYTES = frozenset(b" \t\n\r\x0b\x0c")
+#: the cost of a spelling no tokens can write
+NEVER = 1 << 20
 
 _tables: "weakref.WeakKeyDictionary[Tokenizer, TokenTable]" = weakref.WeakKeyDictionary()
 
@@ -123,6 +125,22 @@ class TokenTable:
     def prefixes_of(self, target: bytes) -> list[int]:
         """Ids of tokens whose lowered bytes are a non-empty prefix of ``target``."""
         return [i for k in range(1, len(target) + 1) for i in self.exactly(target[:k])]
+
+    def spell_costs(self, target: bytes, raw: bool = False) -> list[int]:
+        """For each offset i, the fewest tokens whose bytes (lowered unless ``raw``) spell exactly
+        ``target[i:]`` (``NEVER`` if none do), so constraints can keep a word's spelling in budget."""
+
+        def build() -> list[int]:
+            find = self.exactly_raw if raw else self.exactly
+            n = len(target)
+            cost = [NEVER] * n + [0]
+            for i in range(n - 1, -1, -1):
+                for k in range(1, n - i + 1):
+                    if cost[i + k] < NEVER and find(target[i : i + k]):
+                        cost[i] = min(cost[i], cost[i + k] + 1)
+            return cost
+
+        return self.memo(("spell-costs", target, raw), build)
 
     def ids_mask(self, ids: Iterable[int]) -> torch.Tensor:
         m = torch.zeros(self.size, dtype=torch.bool)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from tokensteer.constraints.base import Constraint
-from tokensteer.constraints.vocab import TokenTable
+from tokensteer.constraints.vocab import NEVER, TokenTable
 from tokensteer.errors import UserError, existing_file
 
 if TYPE_CHECKING:
@@ -78,6 +78,9 @@ class WordList(Constraint):
         key = ("wordlist", self.listed)
         self.static = table.memo(key, self._static)
         self._inside: dict[bytes, torch.Tensor] = {}
+        self._finish: dict[bytes, int] = {}
+        self._budgeted: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.longest = max(len(w) for w in listed)
 
     def __repr__(self) -> str:
         return f"WordList({len(self.listed)} words)"
@@ -112,9 +115,12 @@ class WordList(Constraint):
                 only_word.setdefault(runs[0][1], []).append(i)
             elif self._fine(runs[1:]):
                 word_then.setdefault(runs[0][1], []).append(i)
+        tails = [split_runs(low) for low in t.lowered]
         return {
             "ok_boundary": ok_boundary, "lead_other": lead_other, "closes": closes,
             "only_word": only_word, "word_then": word_then,
+            "open_unlisted": torch.tensor([bool(r) and r[-1][0] and r[-1][1] not in self.listed for r in tails], dtype=torch.bool),
+            "whole": torch.tensor([len(r) == 1 and r[0][0] for r in tails], dtype=torch.bool),
         }
 
     def _inside_mask(self, cur: bytes) -> torch.Tensor:
@@ -140,6 +146,63 @@ class WordList(Constraint):
                 self._inside[cur] = m
         return m
 
+    def finish_cost(self, prefix: bytes) -> int:
+        """The fewest tokens that complete the open word ``prefix`` into a listed word (0 if it is one)."""
+        if not prefix:
+            return 0
+        cost = self._finish.get(prefix)
+        if cost is None:
+            cost = NEVER
+            for w in self.sorted[bisect.bisect_left(self.sorted, prefix) :]:
+                if not w.startswith(prefix):
+                    break
+                cost = min(cost, self.table.spell_costs(w)[len(prefix)])
+            self._finish[prefix] = cost
+        return cost
+
+    def _open_after(self, cur: bytes, token: int) -> bytes:
+        """The word left open after ``token`` when the open word was ``cur``."""
+        whole, tail = self.table.memo("word-tails", self._tails)[token]
+        return cur + tail if whole else tail
+
+    def _tails(self) -> list[tuple[bool, bytes]]:
+        """Per token: (all word bytes, the word bytes it ends with), from its lowered bytes."""
+        out = []
+        for low in self.table.lowered:
+            runs = split_runs(low)
+            out.append((len(runs) == 1 and runs[0][0], runs[-1][1] if runs and runs[-1][0] else b""))
+        return out
+
+    def _in_budget(self, m: torch.Tensor, cur: bytes, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``m`` without the tokens whose open word cannot be finished in the ``left`` tokens after
+        them, and per token the tokens that finishing it takes."""
+        key = (cur, left)  # ``m`` depends on nothing else
+        if key not in self._budgeted:
+            ids = m.nonzero().flatten().tolist()
+            costs = [self.finish_cost(self._open_after(cur, i)) for i in ids]
+            need = torch.zeros(self.table.size, dtype=torch.long)
+            if ids:
+                need[ids] = torch.tensor(costs, dtype=torch.long)
+            if len(self._budgeted) >= 1024:
+                self._budgeted.clear()
+            self._budgeted[key] = (m & (need <= left), need)
+        return self._budgeted[key]
+
+    def _least_need(self, cur: bytes) -> torch.Tensor:
+        """Per token, 1 if it leaves a word open that is not yet listed (one more token at least), else 0."""
+        s = self.static
+        need = s["open_unlisted"].int()
+        if cur:
+            need = need.clone()
+            need[s["whole"]] = 1
+            done = []
+            for w in self.sorted[bisect.bisect_left(self.sorted, cur) :]:
+                if not w.startswith(cur):
+                    break
+                done += s["only_word"].get(w[len(cur) :], [])
+            need[done] = 0
+        return need
+
     def reset(self, state: LoopState) -> None:
         self.cur = [b""] * state.batch_size
 
@@ -150,6 +213,12 @@ class WordList(Constraint):
             s = self.static
             done = [i for rest, ids in s["only_word"].items() if cur + rest in self.listed for i in ids]
             m = m & (s["closes"] | self.table.eos | self.table.ids_mask(done))
+        left = self.steps_left(state) - 1
+        if left < self.longest:  # near the end of the budget: every open word must still fit
+            m, need = self._in_budget(m, cur, left)
+        else:
+            need = self._least_need(cur)
+        self.need(b, need)
         return m
 
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
