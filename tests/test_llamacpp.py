@@ -246,3 +246,21 @@ def test_cli_json_says_which_backend_ran():
     assert out["backend"] == "llamacpp" and len(out["tokens"]) == 4
     res = CliRunner().invoke(app, ["generate", "Hi", "--backend", "llamacpp", "--model", "/nonexistent.gguf"])
     assert res.exit_code == 2
+
+
+def test_tokenizer_keeps_its_model_alive_and_refuses_after_close():
+    import gc
+
+    from tokensteer.backends.llamacpp import LlamaCppBackend
+    from tokensteer.models import bundled_gguf
+
+    tok = LlamaCppBackend.load(bundled_gguf(), n_ctx=64).tokenizer  # the backend itself is dropped
+    gc.collect()
+    assert tok.decode(tok.encode("Hello world", add_bos=False)) == "Hello world"
+    lm = LlamaCppBackend.load(bundled_gguf(), n_ctx=64)
+    lm.close()
+    with pytest.raises(ts.UserError, match="closed"):
+        lm.tokenizer.encode("Hello")
+    with pytest.raises(ts.UserError, match="closed"):
+        ts.generate(lm, "Hello", max_tokens=2)
+

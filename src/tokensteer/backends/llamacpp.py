@@ -134,7 +134,7 @@ class LlamaCppBackend(Backend):
         self.model = model
         self.model_name = model_name
         self.vocab = llama_cpp.llama_model_get_vocab(model)
-        self.tokenizer = LlamaTokenizer(self.vocab)
+        self.tokenizer = LlamaTokenizer(self.vocab, owner=self)
         self.n_layers = int(llama_cpp.llama_model_n_layer(model))
         self.hidden_size = int(llama_cpp.llama_model_n_embd(model))
         self.n_vocab = self.tokenizer.vocab_size
@@ -175,7 +175,14 @@ class LlamaCppBackend(Backend):
         """Free the model and its contexts now instead of at garbage collection."""
         self._finalizer()
 
+    @property
+    def is_open(self) -> bool:
+        """False once ``close`` has freed the model."""
+        return self._finalizer.alive
+
     def _acquire(self, n_rows: int) -> _Context:
+        if not self.is_open:
+            raise UserError("this llama.cpp model was closed; load it again")
         if n_rows > MAX_SEQS // 2:
             raise UserError(f"the llamacpp backend decodes at most {MAX_SEQS // 2} rows at once; this batch has {n_rows}")
         with self._lock:

@@ -13,13 +13,15 @@ from typing import Sequence
 import llama_cpp
 
 from tokensteer.backends.base import Tokenizer
+from tokensteer.errors import UserError
 
 
 class LlamaTokenizer(Tokenizer):
     """Tokenize and detokenize with the vocabulary stored in the GGUF file."""
 
-    def __init__(self, vocab) -> None:
+    def __init__(self, vocab, owner=None) -> None:
         self._vocab = vocab
+        self._owner = owner  # the backend that owns the model: kept alive while this tokenizer is
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
         bos = int(llama_cpp.llama_vocab_bos(vocab))
         self.bos_id = bos if bos >= 0 else None
@@ -27,7 +29,13 @@ class LlamaTokenizer(Tokenizer):
         self._pieces: dict[int, bytes] = {}
         self._buf = ctypes.create_string_buffer(256)
 
+    def _check_open(self) -> None:
+        """llama.cpp would read freed memory once the model is closed: refuse instead."""
+        if self._owner is not None and not self._owner.is_open:
+            raise UserError("this llama.cpp model was closed; load it again")
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        self._check_open()
         data = text.encode("utf-8")
         n_max = len(data) + 8
         out = (llama_cpp.llama_token * n_max)()
@@ -44,6 +52,7 @@ class LlamaTokenizer(Tokenizer):
         if p is None:
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"token id {token_id} is outside the vocabulary (0–{self.vocab_size - 1})")
+            self._check_open()
             n = llama_cpp.llama_token_to_piece(self._vocab, token_id, self._buf, len(self._buf), 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
