@@ -24,6 +24,8 @@ class Constraint(Control):
 
     #: words the text must contain (required words, the end word), checked against stop strings
     must_write: tuple[str, ...] = ()
+    #: set by ``AllOf`` when other constraints share the token budget: only then are needs recorded
+    shares_budget: bool = False
 
     def __init__(self, table: TokenTable) -> None:
         self.table = table
@@ -46,7 +48,7 @@ class Constraint(Control):
     def need(self, b: int, tokens: torch.Tensor) -> None:
         """Record from ``allowed``: per token, how many more tokens this constraint needs after it
         (so ``AllOf`` can keep room for several constraints' needs together)."""
-        if hasattr(self, "needs"):
+        if self.shares_budget:
             self.needs[b] = tokens
 
     def mask(self, state: LoopState) -> torch.Tensor | None:
@@ -98,6 +100,7 @@ class AllOf(Control):
                 for stop in state.stop:
                     if stop in word or stop in word.lower():
                         raise UserError(f"the text must contain {word!r}, which holds the stop string {stop!r}; drop that --stop")
+            p.shares_budget = len(self.parts) > 1
             p.start(state)
 
     @property

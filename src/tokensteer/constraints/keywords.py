@@ -142,7 +142,8 @@ class RequiredWords(Constraint):
             self.owed[b] = set(missing)
             self.spell[b] = b""
             return self._spelled(b, self._spelling(b, self.forcing[b], b"", self.steps_left(state) - 1))
-        self.need(b, torch.full((t.size,), need_tokens, dtype=torch.long))
+        if self.shares_budget:
+            self.need(b, torch.full((t.size,), need_tokens, dtype=torch.long))
         ok = ~t.eos
         if risk:
             ok &= ~self.lead_word

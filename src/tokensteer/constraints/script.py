@@ -158,10 +158,11 @@ class ScriptOnly(Constraint):
             self.need(b, self.t.need)
             return (self.t.clean & (self.t.need <= spare) if spare < 3 else self.t.clean) | self.table.eos
         fits = [(i, missing(tail)) for i in self.t.continuing for ok, tail in [self.t.fits(pending, self.table.tokens[i])] if ok]
-        need = torch.zeros(self.table.size, dtype=torch.long)
-        if fits:
-            need[[i for i, _ in fits]] = torch.tensor([k for _, k in fits], dtype=torch.long)
-        self.need(b, need)
+        if self.shares_budget:
+            need = torch.zeros(self.table.size, dtype=torch.long)
+            if fits:
+                need[[i for i, _ in fits]] = torch.tensor([k for _, k in fits], dtype=torch.long)
+            self.need(b, need)
         return self.table.ids_mask(i for i, k in fits if k <= spare)
 
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:

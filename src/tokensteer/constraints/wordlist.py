@@ -216,9 +216,9 @@ class WordList(Constraint):
         left = self.steps_left(state) - 1
         if left < self.longest:  # near the end of the budget: every open word must still fit
             m, need = self._in_budget(m, cur, left)
-        else:
-            need = self._least_need(cur)
-        self.need(b, need)
+            self.need(b, need)
+        elif self.shares_budget:
+            self.need(b, self._least_need(cur))
         return m
 
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
