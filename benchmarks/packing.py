@@ -1,7 +1,7 @@
 """What MKL-packed linear layers buy on the torch backend: time per decode step of 1, 2, 4 and 8
 rows with no packing, with the output layer packed, with the output and decoder layers packed, and
-with those layers but only their height-1 and height-8 packings (as before heights 2 and 4
-existed: 2 rows then used ``linear`` and 3-4 rows padded to 8).
+with those layers but only their height-1 and height-8 packings (as before height 4 existed:
+3-4 rows then padded to 8).
 
 The four set-ups share one loaded model (the packed layers hold the same weights, so swapping
 modules between steps is exact) and take turns step by step inside the same sessions, so machine
@@ -83,7 +83,6 @@ def main() -> None:
         "ms_per_step": {f"{r}_rows": {s: round(t, 1) for s, t in v.items()} for r, v in ms.items()},
         "rows_vs_1row": {s: {f"{r}_rows": round(ms[r][s] / ms[1][s], 3) for r in (2, 4, 8)} for s in SETUPS},
         "decoder_packing_gain": {f"{r}_rows": round(ms[r]["head+decoder"] / ms[r]["head"], 3) for r in (1, 4, 8)},
-        "height2_gain_2_rows": round(ms[2]["head+decoder"] / ms[2]["heights 1+8 only"], 3),
         "height4_gain_4_rows": round(ms[4]["head+decoder"] / ms[4]["heights 1+8 only"], 3),
     }))
 

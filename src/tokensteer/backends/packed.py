@@ -5,10 +5,11 @@ PyTorch's float32 ``linear`` re-packs the weight matrix on every call once a bat
 rows, so 4 rows cost far more than one (formula terms and eval batches are rows). MKL can pack a
 matrix once per batch height, and a snug packing beats a padded one (output layer, 4 rows: 39.5 ms
 at height 4, 45 ms at height 8). We keep height-4 (3-4 rows) and height-8 (5-8 rows) packings of
-the decoder's linear layers, and height-1, 2, 4 and 8 packings of the output layer (Gemma 3's
-262k-token vocabulary: one row 27 ms against 38 ms with ``linear``, two rows 36 against 39 ms).
-Other batches use ``linear``. Each packing is another copy of its matrix (output layer 4 × 670 MB,
-decoder layers 2 × 400 MB for Gemma 3 270M), so only big float32 layers are packed, only while the
+the decoder's linear layers and of the output layer, plus a height-1 packing of the output layer
+(Gemma 3's 262k-token vocabulary: one row 27 ms against 38 ms with ``linear``). Two rows and more
+than eight use ``linear`` (a height-2 packing measured no faster inside a whole step). Each packing
+is another copy of its matrix (output layer 3 × 670 MB, decoder layers 2 × 400 MB for Gemma 3
+270M), so only big float32 layers are packed, only while the
 copies take at most half of the free memory (the most useful heights first), and
 ``TOKENSTEER_PACK=0`` turns it off.
 """
@@ -21,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 ROWS = 8  # the tallest packing
-HEIGHTS = (1, 2, 4, ROWS)  # the packings a layer may hold
+HEIGHTS = (1, 4, ROWS)  # the packings a layer may hold
 # Most useful first: when memory is short, a layer gets the packings that fit, in this order.
-HEAD_HEIGHTS = (1, ROWS, 4, 2)  # the output layer: plain decoding first, then batches, then 2-term formulas
+HEAD_HEIGHTS = (1, ROWS, 4)  # the output layer: plain decoding first, then batches
 BODY_HEIGHTS = (ROWS, 4)  # the decoder's small matrices: linear is as fast for one or two rows
 MIN_SIZE = 1 << 24  # only worth the extra memory for big weights (elements: one head, or all decoder linears)
 
@@ -56,8 +57,8 @@ class PackedLinear(torch.nn.Linear):
         self.packed = {h: torch.ops.mkl._mkl_reorder_linear_weight(w, h) for h in sorted(heights)}
 
     def height(self, n: int) -> int | None:
-        """The packing ``n`` rows use, or None for plain ``linear``: one or two rows only a packing of
-        their own height (padding them costs more than ``linear``), more rows the snuggest one."""
+        """The packing ``n`` rows use, or None for plain ``linear``: one row only its own packing
+        (padding it costs more than ``linear``), two rows none, more rows the snuggest one."""
         if n <= 2:
             return n if n in self.packed else None
         return next((h for h in self.packed if h >= n), None)
