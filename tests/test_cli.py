@@ -71,3 +71,13 @@ def test_bad_gguf(tmp_path):
     f = tmp_path / "model.gguf"
     f.write_bytes(b"JUNKJUNK")
     assert_user_error(run("generate", "x", "--model", str(f)), "not a valid GGUF")
+
+
+def test_a_regex_cut_by_max_tokens_is_reported(tiny_dir):
+    """No silent half-matches: the text ends at --max-tokens before 40 digits, so the CLI says so."""
+    for extra in ((), ("--json",), ("--no-stream",)):
+        r = run("generate", "the cat", "--model", str(tiny_dir), "-n", "3", "--regex", r"\d{40}", *extra)
+        assert r.exit_code == 0, r.output
+        assert "ended the text before it matched the regex; raise --max-tokens" in r.stderr
+    done = run("generate", "the cat", "--model", str(tiny_dir), "-n", "3", "--regex", r"\d")
+    assert done.exit_code == 0 and "warning" not in done.stderr

@@ -173,11 +173,13 @@ def generate(
             if trace:  # the formula's per-token trace (tokensteer.formula.trace)
                 obj["trace"] = [r.as_dict() for c in controls for r in (getattr(c, "traces", None) or [[]])[0]]
             typer.echo(json.dumps(obj, ensure_ascii=False))
+            _warn_unfinished(controls, g.finish_reason, max_tokens)
             return
         if not stream_:
             g = tokensteer.generate(lm, prompt, cfg, controls)
             typer.echo(g.text)
             _summary(g.finish_reason, len(g.tokens), g.decode_s, g.tok_s)
+            _warn_unfinished(controls, g.finish_reason, max_tokens)
             if trace:
                 from tokensteer.formula.trace import render_controls
 
@@ -193,6 +195,7 @@ def generate(
         sys.stdout.write("\n")
         decode_s = last - (first or 0.0)
         _summary(reason, n, decode_s, (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
+        _warn_unfinished(controls, reason, max_tokens)
     if trace:  # the formula's per-token trace as a table on stderr
         from tokensteer.formula.trace import render_controls
 
@@ -206,6 +209,17 @@ def unescape(text: str) -> str:
 
 def _summary(reason: str, n: int, decode_s: float, tok_s: float) -> None:
     err.print(f"[dim]{n} tokens, {reason}, {tok_s:.1f} tok/s[/]", highlight=False)
+
+
+def _warn_unfinished(controls: list, reason: str, max_tokens: int) -> None:
+    """Say so when --max-tokens cut the text before a grammar (regex, JSON schema) was complete."""
+    if reason != "length":
+        return
+    found = [c.unfinished(0) for c in controls if hasattr(c, "unfinished")]  # AllOf: a list; one constraint: a label
+    lacking = [u for f in found for u in ([f] if isinstance(f, str) else f or [])]
+    if lacking:
+        msg = f"--max-tokens {max_tokens} ended the text before it matched the {' and '.join(lacking)}; raise --max-tokens"
+        err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 def _as_json(lm, g) -> dict:

@@ -45,6 +45,11 @@ class Constraint(Control):
     def advance(self, state: LoopState, b: int, token: int, data: bytes) -> None:
         """Row b accepted ``token`` adding ``data`` (``generated[b]`` already includes it)."""
 
+    def unfinished(self, b: int) -> str | None:
+        """What row b's text still lacks if it ended now (None when nothing): only grammars can be
+        cut short, since every other constraint plans within the token budget or is refused."""
+        return None
+
     def need(self, b: int, tokens: torch.Tensor) -> None:
         """Record from ``allowed``: per token, how many more tokens this constraint needs after it
         (so ``AllOf`` can keep room for several constraints' needs together)."""
@@ -214,6 +219,10 @@ class AllOf(Control):
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
         for p in self.parts:
             p.on_token(state, tokens)
+
+    def unfinished(self, b: int) -> list[str]:
+        """What row b's text still lacks (e.g. ``["regex"]`` when ``--max-tokens`` cut it off)."""
+        return [u for p in self.parts if isinstance(p, Constraint) and (u := p.unfinished(b))]
 
     def __repr__(self) -> str:
         return f"AllOf({', '.join(repr(p) for p in self.parts)})"

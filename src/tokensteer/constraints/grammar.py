@@ -202,3 +202,9 @@ class Grammar(Constraint):
         if fut is not None:
             fut.result()
         return self.matchers[b].is_accepting()
+
+    def unfinished(self, b: int) -> str | None:
+        """The label (``regex``, ``JSON schema``, ``grammar``) unless row b's text is complete."""
+        if b >= len(getattr(self, "matchers", ())):
+            return None
+        return None if self.accepting(b) or self.matchers[b].is_stopped() else self.label
