@@ -486,3 +486,45 @@ def test_two_budgeted_constraints_leave_room_for_each_other(tiny, spec, max_toke
                 assert len(g.text.split()) == spec.words, g.text
             else:
                 assert len(re.findall(r"[.!?]+", g.text)) == spec.sentences and g.text[-1] in ".!?", g.text
+
+
+def test_regex_plan_costs_count_the_vocabularys_tokens():
+    """(ab){3}c costs 7 single characters but 3 tokens here ("abab", "ab", "c"); near the end of
+    the budget only tokens that leave room to finish are allowed."""
+    from tokensteer.constraints.regexplan import RegexPlan
+    from tokensteer.constraints.vocab import TokenTable
+
+    table = TokenTable([b"", b"a", b"b", b"ab", b"abab", b"c", b"\xe2"], eos_ids=[0])
+    plan = RegexPlan("(ab){3}c", table)
+    assert plan.dist[plan.initial] == 7 and plan.allowed(plan.initial, 99) is None
+    allowed = plan.allowed(plan.initial, 3)  # now exact: 3 tokens
+    assert plan.dist[plan.initial] == 3
+    assert allowed.tolist() == [True, False, False, True, True, False, False]  # EOS, "ab", "abab"
+    assert plan.allowed(plan.initial, 2) is None  # out of reach: llguidance alone decides
+    assert plan.step(plan.initial, "ababab") != plan.dead and plan.step(plan.initial, "abc") == plan.dead
+
+
+@pytest.mark.parametrize("regex", [r"(a|b)*a(a|b){20}", r"\p{L}+"])
+def test_regexes_without_a_small_dfa_go_unplanned(tiny, regex):
+    from tokensteer.constraints.grammar import _plan
+
+    assert _plan(regex, token_table(tiny.tokenizer)) is None
+    g = sample(tiny, ConstraintSpec(regex=regex), 0, n=1, max_tokens=6)[0]
+    assert g.finish_reason in {"length", "eos"}
+
+
+REGEXES = [r"(cat|dog) [0-9]{2,4}!", r"[a-z ]+\.", r"(yes|no), because [a-z]+\.", r"[0-9]{3}-[0-9]{4}", r"the (cat|mat)+ sat"]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(regex=st.sampled_from(REGEXES), spare=st.integers(0, 2), seed=st.integers(0, 10_000))
+def test_regex_finishes_whenever_the_budget_holds_its_shortest_match(tiny, regex, spare, seed):
+    """Sampled freely, a regex used to stop half-matched at --max-tokens; with the plan, every row
+    completes once the budget holds the fewest tokens a match needs (fast-forward on)."""
+    from tokensteer.constraints.regexplan import RegexPlan
+
+    plan = RegexPlan(regex, token_table(tiny.tokenizer))
+    plan.allowed(plan.initial, 1)  # exact token costs
+    need = int(plan.dist[plan.initial])
+    for g in sample(tiny, ConstraintSpec(regex=regex), seed, max_tokens=need + spare):
+        assert re.fullmatch(regex, g.text), (g.text, need + spare)

@@ -19,6 +19,7 @@ import torch
 
 from tokensteer.backends.base import Tokenizer
 from tokensteer.constraints.base import Constraint
+from tokensteer.constraints.regexplan import RegexPlan, RowPlans
 from tokensteer.constraints.vocab import TokenTable
 from tokensteer.errors import UserError, existing_file
 
@@ -132,15 +133,29 @@ def read_grammar(path: str) -> str:
     return text
 
 
+def _plan(regex: str, table: TokenTable) -> RegexPlan | None:
+    """The regex's budget plan, or None when its DFA cannot be built here (too big, or syntax that
+    interegular does not know, such as ``\\p{L}``): llguidance alone then decides, as for JSON."""
+    try:
+        return RegexPlan(regex, table)
+    except Exception:  # interegular raises many kinds of errors for syntax it does not support
+        return None
+
+
 class Grammar(Constraint):
     """The text must match an llguidance grammar; EOS only when the grammar accepts."""
 
-    def __init__(self, tok: Tokenizer, table: TokenTable, grammar: str, label: str = "grammar", fast_forward: bool = True) -> None:
+    def __init__(
+        self, tok: Tokenizer, table: TokenTable, grammar: str, label: str = "grammar", fast_forward: bool = True,
+        regex: str | None = None,
+    ) -> None:
         super().__init__(table)
         self.grammar, self.label, self.fast_forward = grammar, label, fast_forward
         self.llt = lltokenizer(tok, table)
         self.words = (table.size + 31) // 32
         self.pending: list[Future | None] = []  # per row: the next mask, being computed by _POOL
+        self.plan = _plan(regex, table) if regex is not None else None
+        self.rows: RowPlans | None = None
 
     def __repr__(self) -> str:
         return f"Grammar({self.label})"
@@ -160,6 +175,7 @@ class Grammar(Constraint):
         self.pending = [None] * state.batch_size
         opening = first.compute_ff_tokens() if self.fast_forward else []
         self.ff: list[list[int]] = [list(opening) for _ in range(state.batch_size)]
+        self.rows = RowPlans(self.plan, state.batch_size) if self.plan is not None else None
 
     @staticmethod
     def _compute(m, row: np.ndarray) -> None:
@@ -175,13 +191,19 @@ class Grammar(Constraint):
         if fut is None:
             self._compute(m, self.bitmask[b])
         bits = np.unpackbits(self.bitmask[b].view(np.uint8), bitorder="little")[: self.table.size]
-        return torch.from_numpy(bits).view(torch.bool)
+        allowed = torch.from_numpy(bits).view(torch.bool)
+        keep = self.rows.allowed(b, self.steps_left(state)) if self.rows is not None else None
+        if keep is not None and bool((narrowed := allowed & keep).any()):
+            return narrowed  # a regex near the end of the budget: only tokens that leave room to finish
+        return allowed
 
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
         # The next mask depends only on the text so far: start computing it now, so llguidance
         # works while the model runs its forward pass (both release the GIL).
         for b, t in enumerate(tokens.tolist()):
             if not state.finished[b]:
+                if self.rows is not None and t not in self.table.eos_ids:
+                    self.rows.feed(b, self.table.tokens[t] if 0 <= t < self.table.size else b"")
                 m = self.matchers[b]
                 m.consume_token(t)
                 if not m.is_error() and not m.is_stopped():
@@ -195,6 +217,10 @@ class Grammar(Constraint):
     def forced(self, state: LoopState) -> list[list[int]]:
         """Hook 7: the grammar's fixed text after the last token (e.g. ``","age":`` in a schema)."""
         out, self.ff = self.ff, [[] for _ in range(state.batch_size)]
+        if self.rows is not None and state.max_tokens is not None:
+            # forced tokens skip the mask: none may fall in the last steps, where a regex's plan chooses
+            free = max(0, state.max_tokens - state.confirmed - self.plan.longest)
+            out = [ff[:free] if self.rows.planned(b) else ff for b, ff in enumerate(out)]
         return out
 
     def accepting(self, b: int) -> bool:

@@ -234,5 +234,6 @@ def build(lm, spec: ConstraintSpec) -> list:
         from tokensteer.constraints.grammar import Grammar, grammar_for
 
         label = "regex" if spec.regex is not None else "JSON schema" if spec.json_schema is not None else "grammar"
-        parts.append(Grammar(tok, table, grammar_for(spec.regex, spec.json_schema, spec.grammar), label, spec.fast_forward))
+        grammar = grammar_for(spec.regex, spec.json_schema, spec.grammar)
+        parts.append(Grammar(tok, table, grammar, label, spec.fast_forward, regex=spec.regex))
     return [AllOf(parts, table)]
