@@ -204,3 +204,56 @@ def test_eval_workers_split_the_work(tiny_dir, tmp_path):
     res = run("count", ["none"], n=4, out=tmp_path, model=str(tiny_dir), backend="torch", workers=2, batch_size=2, report=False)
     recs = [json.loads(line) for line in (tmp_path / "cache" / "samples.jsonl").read_text().splitlines()]
     assert res["methods"]["none"]["n"] == 4 and len(recs) == 4
+
+
+# ---- regressions found by fuzzing (session 7) ---------------------------------------------------
+
+def test_eval_prompt_files_with_bom_and_unicode_line_separators(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\ufeffThe weather\r\nA day\n", encoding="utf-8")
+    assert [it.prompt for it in get_task("sentiment-positive").items(f)] == ["The weather", "A day"]
+    g = tmp_path / "c.jsonl"  # a BOM must not turn the first JSONL line into a plain-text prompt
+    g.write_text("\ufeff" + json.dumps({"prompt": "The sea\u2028was", "words": 3, "end_word": "calm"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (it,) = get_task("count").items(g)
+    assert it.prompt == "The sea\u2028was" and it.fields == {"words": 3, "end_word": "calm"}
+
+
+def test_eval_cache_keeps_texts_with_unicode_line_separators(tmp_path):
+    from tokensteer.eval.cache import SampleCache
+
+    c = SampleCache(tmp_path)
+    for i, text in enumerate(["a\u2028b", "c\x85d", "e\u2029f"]):
+        c.put({"key": str(i), "text": text, "seconds": 0.1, "tokens": 2, "steps": 2, "calls": 3})
+    c.save()
+    assert {k: r["text"] for k, r in SampleCache(tmp_path).records.items()} == {"0": "a\u2028b", "1": "c\x85d", "2": "e\u2029f"}
+
+
+def test_eval_summary_with_a_metric_only_some_items_have():
+    rows_a = [{"item": 0, "k": 0, "success": True, "words": 3, "sentences_ok": 1.0}, {"item": 1, "k": 0, "success": False, "words": 2}]
+    for rows in (rows_a, rows_a[::-1]):  # whichever item comes first
+        out = get_task("count").summarize(rows)
+        assert out["sentences_ok"] == 1.0 and out["words"] == 2.5 and out["success_rate"] == 0.5
+
+
+def test_eval_dose_response_plot_with_non_numeric_sweep_values(tmp_path):
+    from tokensteer.eval.report import plot_dose_response
+
+    m = {"success_rate": 0.5, "perplexity": 3.0}
+    results = {"task": "t", "methods": {"formula:M": m, "formula:M*2": m},
+               "sweep": {"param": "f", "values": ["M", "M*2"], "series": {"formula:{f}": [["M", "formula:M"], ["M*2", "formula:M*2"]]}}}
+    assert plot_dose_response(results, tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_eval_damaged_cache_records_are_regenerated_not_fatal(tiny, tiny_dir, tmp_path):
+    kw = dict(n=2, lm=tiny, model=str(tiny_dir), report=False, **CFG)
+    good = run("count", ["none"], out=tmp_path, **kw)
+    path = tmp_path / "cache" / "samples.jsonl"
+    lines = path.read_text().split("\n")
+    rec = json.loads(lines[0])
+    for bad in ({k: v for k, v in rec.items() if k != "text"}, rec | {"text": 5}, rec | {"key": [1]},
+                rec | {"seconds": "x"}, rec | {"perplexity": "x"}):
+        path.write_text("\n".join([json.dumps(bad)] + lines[1:]))
+        again = run("count", ["none"], out=tmp_path, **kw)["methods"]["none"]
+        assert {k: v for k, v in again.items() if k != "tok_s"} == {k: v for k, v in good["methods"]["none"].items() if k != "tok_s"}
+    path.write_bytes(b"\xff\xfe garbage\n" + "\n".join(lines[1:]).encode())
+    assert run("count", ["none"], out=tmp_path, **kw)["methods"]["none"]["n"] == 2

@@ -146,6 +146,9 @@ def test_parse_layers():
 
 # ---- files -------------------------------------------------------------------------------------
 
+# keys whose types load_vector checks (they are exercised by the adversarial-file tests instead)
+RESERVED = ("path", "format", "format_version", "model", "recommended", "pairs", "method", "stats", "units")
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**9, 10**9) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
@@ -154,7 +157,7 @@ json_values = st.recursive(
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(meta=st.dictionaries(st.text(max_size=10).filter(lambda k: k not in ("path", "format", "format_version")), json_values, max_size=5),
+@given(meta=st.dictionaries(st.text(max_size=10).filter(lambda k: k not in RESERVED), json_values, max_size=5),
        seed=st.integers(0, 2**31 - 1), layers=st.sets(st.integers(0, 30), min_size=1, max_size=4))
 def test_vector_file_round_trip(tmp_path, meta, seed, layers):
     g = torch.Generator().manual_seed(seed)
@@ -179,7 +182,7 @@ def test_failed_write_leaves_old_file_intact(tmp_path, vec, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write .*disk full"):  # one line on the CLI, not a traceback
         save_vector(vec, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
@@ -532,3 +535,265 @@ def test_search_prompts_are_held_out_from_the_eval_suite():
     for p in map(words, SEARCH_PROMPTS):
         for e in evals:
             assert p != e and p[:5] != e[:5], (p, e)  # no copy, and no opener that paraphrases one (the old list had both)
+
+
+# ---- regressions found by fuzzing (session 7) ---------------------------------------------------
+
+def _write_raw(path, tensors, meta):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"tokensteer": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("case", ["rec_layers_int", "rec_layers_nested", "rec_strength_str", "rec_strength_none",
+                                  "n_layers_str", "nan_vector", "inf_vector", "probe_size", "probe_2d", "probe_nan",
+                                  "layer_name"])
+def test_adversarial_vector_files_are_refused_in_one_line(vec, tmp_path, case):
+    meta = {k: v for k, v in vec.meta.items() if k != "path"} | {"format": "tokensteer-steering-vector", "format_version": 1}
+    H = vec.hidden_size
+    tensors = {"layer.1": vec.vectors[1].clone(), "probe.1": vec.probes[1].clone()}
+    rec = dict(meta["recommended"])
+    if case == "rec_layers_int":
+        meta["recommended"] = rec | {"layers": 1}
+    elif case == "rec_layers_nested":
+        meta["recommended"] = rec | {"layers": [[1]]}
+    elif case == "rec_strength_str":
+        meta["recommended"] = rec | {"strength": "x"}
+    elif case == "rec_strength_none":
+        meta["recommended"] = rec | {"strength": None}
+    elif case == "n_layers_str":
+        meta["model"] = meta["model"] | {"n_layers": "2"}
+    elif case == "nan_vector":
+        tensors["layer.1"][3] = float("nan")
+    elif case == "inf_vector":
+        tensors["layer.1"][0] = float("inf")
+    elif case == "probe_size":
+        tensors["probe.1"] = torch.zeros(3)
+    elif case == "probe_2d":
+        tensors["probe.1"] = torch.zeros(2, H + 1)
+    elif case == "probe_nan":
+        tensors["probe.1"] = torch.full((H + 1,), float("nan"))
+    elif case == "layer_name":
+        tensors["layer.01"] = -tensors["layer.1"]  # two tensors claiming layer 1
+    path = _write_raw(tmp_path / "v.safetensors", tensors, meta)
+    with pytest.raises(UserError, match="corrupt"):
+        load_vector(path)
+
+
+def _gguf(path, tensors, kv=None, raw_dtype=None):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    for k, v in (kv or {}).items():
+        w.add_string(k, v) if isinstance(v, str) else w.add_array(k, v)
+    for name, t in tensors.items():
+        w.add_tensor(name, t, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("kv", [{"tokensteer.metadata": "{"}, {"tokensteer.metadata": "[1]"},
+                                {"tokensteer.metadata": "{}"},  # our metadata without the vectors it promises
+                                {"tokensteer.metadata": "{}", "tokensteer.layer.1": "abc"},
+                                {"tokensteer.metadata": '{"recommended": {"layers": 7}}', "tokensteer.layer.1": [0.5] * 8}])
+def test_gguf_with_corrupt_tokensteer_metadata_is_refused_in_one_line(tmp_path, kv):
+    path = _gguf(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32)}, kv)
+    with pytest.raises(UserError):
+        import_gguf(path)
+
+
+def test_gguf_with_nan_direction_is_refused(tmp_path):
+    path = _gguf(tmp_path / "v.gguf", {"direction.1": np.full(8, np.nan, np.float32)})
+    with pytest.raises(UserError, match="NaN"):
+        import_gguf(path)
+
+
+def test_quantized_gguf_direction_is_dequantized(tmp_path):
+    import gguf
+
+    z = np.random.default_rng(0).standard_normal(32).astype(np.float32)
+    q = gguf.quants.quantize(z.reshape(1, 32), gguf.GGMLQuantizationType.Q8_0)
+    path = _gguf(tmp_path / "q.gguf", {"direction.1": q}, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    back = import_gguf(path)
+    assert back.hidden_size == 32  # not the 34 bytes of the quantized block
+    assert float((back.vectors[1] - torch.from_numpy(z)).abs().max()) < 0.02
+
+
+def test_pair_file_with_bom_and_unicode_line_separators(tmp_path):
+    rows = [("good\u2028day", "bad\x85day"), ("kind\u2029cat", "rude cat")]
+    text = "\ufeff" + "\r\n".join(json.dumps({"positive": p, "negative": n}, ensure_ascii=False) for p, n in rows)
+    f = tmp_path / "p.jsonl"
+    f.write_text(text, encoding="utf-8")
+    assert [(p.positive, p.negative) for p in load_pairs(str(f)).pairs] == rows
+
+
+@given(st.lists(st.tuples(st.text(min_size=1).filter(str.strip), st.text(min_size=1).filter(str.strip)), min_size=1, max_size=8))
+def test_pair_jsonl_round_trip_unescaped(rows):
+    text = "\n".join(json.dumps({"positive": p, "negative": n}, ensure_ascii=False) for p, n in rows)
+    assert [(p.positive, p.negative) for p in parse_jsonl(text, "x")] == rows
+
+
+def test_training_works_when_the_contrast_is_only_in_held_out_pairs(tiny):
+    # pairs 0-2 carry no contrast; pair 3 (the held-out one) does: the vector is trainable
+    same = [Pair(p, p) for p in POS[:3]]
+    ps = PairSet("toy", (*same, Pair(POS[3], NEG[3])), "test")
+    v = train_vector(tiny, ps, "diffmean", layers=[1])
+    assert torch.isfinite(v.vectors[1]).all() and float(v.vectors[1].norm()) > 0
+
+
+def test_train_cli_refuses_a_bad_method_or_read_before_loading_the_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokensteer.cli import app
+
+    for flag, value in (("--method", "PCA"), ("--read", "first")):
+        r = CliRunner().invoke(app, ["steer", "train", "--pairs", "sentiment", "--out", str(tmp_path / "v.safetensors"),
+                                     "--model", str(tmp_path / "no-such-model"), flag, value])
+        assert r.exit_code == 2 and flag in r.output and "no-such-model" not in r.output, r.output
+
+
+def test_steer_spec_paths_may_hold_colons_and_at_signs(tmp_path, vec):
+    for name in ("a:b.safetensors", "c:0.5.safetensors", "x@y.safetensors", "d:ir/w.safetensors"):
+        path = save_vector(vec, tmp_path / name)
+        p = str(path)
+        assert parse_spec(p) == (p, {})
+        assert parse_spec(f"{p}:0.3") == (p, {"strength": 0.3})
+        assert parse_spec(f"{p}@0.3") == (p, {"strength": 0.3})
+        assert parse_spec(f"{p}:-0.2:layers=1:at=generated") == (p, {"strength": -0.2, "layers": "1", "at": "generated"})
+        assert parse_spec(f"{p}@0.3:layers=1") == (p, {"strength": 0.3, "layers": "1"})
+
+
+def test_vector_files_get_ordinary_permissions(tmp_path, vec):
+    path = save_vector(vec, tmp_path / "v.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o644  # mkstemp's 0600 would hide a file meant to be shared
+    out = export_gguf(vec, tmp_path / "v.gguf", strength=0.2, layers=[1])
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_search_tries_a_max_strength_below_the_first_dose(tiny, vec):
+    from tokensteer.sampling import SamplingConfig
+    from tokensteer.steering import search as S
+
+    cfg = SamplingConfig(max_tokens=3, temperature=1.0, seed=3, ignore_eos=True)
+    res = S.search(tiny, vec, lambda t: [1.0] * len(t), prompts=["the cat", "the dog"], layers=[1], factor=1e9,
+                   kl_max=1e9, probe_strength=0.5, max_strength=0.1, bisect_steps=0, cfg=cfg)
+    assert res.strength == 0.1 and [p.strength for p in res.curve] == [0.0, 0.1]
+
+
+def test_search_works_on_a_vector_without_the_middle_layers(tiny):
+    from tokensteer.sampling import SamplingConfig
+    from tokensteer.steering import search as S
+
+    # like an imported llama.cpp vector: only layer 1, outside the tiny model's middle band [0]
+    v = SteeringVector({1: torch.ones(tiny.hidden_size)}, {"units": "raw"})
+    cfg = SamplingConfig(max_tokens=3, temperature=1.0, seed=3, ignore_eos=True)
+    res = S.search(tiny, v, lambda t: [1.0] * len(t), prompts=["the cat", "the dog"], factor=1e9, kl_max=1e9,
+                   max_strength=0.5, bisect_steps=0, cfg=cfg)
+    assert res.layers == [1]
+
+
+def test_search_without_a_way_to_score_fails_before_generating(tiny, monkeypatch):
+    from tokensteer.steering import search as S
+
+    v = SteeringVector({1: torch.ones(tiny.hidden_size)}, {"units": "raw"})
+    monkeypatch.setattr("tokensteer.loop.generate", lambda *a, **k: pytest.fail("generated before refusing"))
+    with pytest.raises(UserError, match="no probe weights"):
+        S.search(tiny, v, prompts=["the cat", "the dog"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.text(alphabet="ab:@.-_ é0", min_size=1, max_size=12).filter(lambda n: n not in (".", "..")),
+       strength=st.floats(-10, 10, allow_nan=False), at=st.booleans())
+def test_steer_spec_finds_any_existing_file_name(tmp_path, name, strength, at):
+    path = tmp_path / name
+    path.write_bytes(b"")
+    p = str(path)
+    assert parse_spec(p) == (p, {})
+    assert parse_spec(f"{p}{'@' if at else ':'}{strength!r}") == (p, {"strength": strength})
+    assert parse_spec(f"{p}:{strength!r}:at=prompt") == (p, {"strength": strength, "at": "prompt"})
+    path.unlink()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_steer_spec_parsing_never_crashes(spec):
+    try:
+        parse_spec(spec)
+    except UserError:
+        pass
+
+
+def test_tilde_of_an_unknown_user_is_a_one_line_error(tmp_path, vec):
+    from typer.testing import CliRunner
+
+    from tokensteer.cli import app
+
+    bad = "~no-such-user-xyz/v"
+    with pytest.raises(UserError, match="cannot expand"):
+        load_vector(bad + ".safetensors")
+    with pytest.raises(UserError, match="cannot expand"):
+        load_pairs(bad + ".jsonl")
+    with pytest.raises(UserError, match="cannot expand"):
+        save_vector(vec, bad + ".safetensors")
+    for args in (["steer", "info", bad + ".safetensors"], ["steer", "import", bad + ".gguf", "--out", str(tmp_path / "o.safetensors")],
+                 ["steer", "train", "--pairs", bad + ".jsonl", "--out", str(tmp_path / "o.safetensors")],
+                 ["steer", "train", "--pairs", "sentiment", "--out", bad + ".safetensors"],
+                 ["eval", "--task", "count", "--prompts", bad + ".jsonl", "--out", str(tmp_path / "e")]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "cannot expand" in r.output, (args, r.output)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_export_refuses_a_strength_that_generate_would_refuse(vec, tmp_path):
+    for bad in (1e38, -11.0, float("nan")):  # 1e38 folded into float32 tensors gave llama.cpp infinite directions
+        with pytest.raises(UserError, match="strength"):
+            export_gguf(vec, tmp_path / "v.gguf", strength=bad, layers=[1])
+        with pytest.raises(UserError, match="out of range"):
+            steer(vec, bad)
+    assert not (tmp_path / "v.gguf").exists()
+
+
+def test_gcav_and_search_refuse_layers_without_a_probe(tiny, vec):
+    from tokensteer.steering import search as S
+
+    partial = SteeringVector(dict(vec.vectors), dict(vec.meta), {0: vec.probes[0]})  # no probe for layer 1
+    with pytest.raises(UserError, match=r"probe weights.*\[1\]"):
+        steer(partial, 0.5, layers=[1], mode="gcav")
+    with pytest.raises(UserError, match="no probe weights"):
+        S.search(tiny, partial, prompts=["the cat", "the dog"], layers=[1])
+
+
+def test_unwritable_outputs_are_one_line_errors(tmp_path, vec, monkeypatch):
+    import errno
+
+    from tokensteer.eval.cache import atomic_write
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    with pytest.raises(UserError, match="Read-only file system"):
+        save_vector(vec, tmp_path / "v.safetensors")
+    with pytest.raises(UserError, match="Read-only file system"):
+        export_gguf(vec, tmp_path / "v.gguf", strength=0.1, layers=[1])
+    with pytest.raises(UserError, match="Read-only file system"):
+        atomic_write(tmp_path / "results.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_strength_sweep_keeps_the_vector_path_and_options(tmp_path, vec):
+    from tokensteer.eval.methods import make_method
+
+    at = str(save_vector(vec, tmp_path / "x@y.safetensors"))
+    plain = str(save_vector(vec, tmp_path / "v.safetensors"))
+    cases = {f"steer:{at}": f"steer:{at}:0.2",  # an '@' in the path is not the strength
+             f"steer:{plain}@0.3": f"steer:{plain}@0.2",
+             f"steer:{plain}@0.3:layers=1": f"steer:{plain}@0.2:layers=1",  # the options are kept
+             f"steer:{plain}:0.3:at=generated": f"steer:{plain}:0.2:at=generated",
+             f"steer:{plain}": f"steer:{plain}:0.2"}
+    for spec, want in cases.items():
+        assert make_method(spec).vary("strength", "0.2").name == want

@@ -27,18 +27,37 @@ def sample_seed(base: int, method: str, item: int, k: int) -> int:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``text`` to ``path`` through a temporary file and os.replace; a failed write (read-only
+    file system, full disk) leaves the old file intact and is one UserError."""
+    from tokensteer.errors import UserError
+
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _well_formed(rec: Any) -> bool:
+    """A cached sample the runner can use: any other record (hand-edited, damaged) is regenerated."""
+    return (
+        isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("text"), str)
+        and all(_is_num(rec.get(k)) for k in ("seconds", "tokens", "steps", "calls"))
+        and (rec.get("perplexity") is None or _is_num(rec["perplexity"]))
+    )
 
 
 class SampleCache:
@@ -48,12 +67,12 @@ class SampleCache:
         self.path = Path(folder) / "samples.jsonl"
         self.records: dict[str, dict[str, Any]] = {}
         if self.path.is_file():
-            for line in self.path.read_text("utf-8").splitlines():
+            for line in self.path.read_bytes().split(b"\n"):  # not splitlines: texts may hold U+2028
                 try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn line from an older, non-atomic writer: regenerate that sample
-                if isinstance(rec, dict) and "key" in rec:
+                    rec = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    continue  # a torn or damaged line (e.g. from an older, non-atomic writer): regenerate that sample
+                if _well_formed(rec):
                     self.records[rec["key"]] = rec
 
     def get(self, key: str) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,12 +72,17 @@ def plot_dose_response(results: dict, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=110)
+    numeric = all(_is_number(v) for pts in sweep["series"].values() for v, _ in pts)
+    labels = list(dict.fromkeys(v for pts in sweep["series"].values() for v, _ in pts))
     for base, pts in sweep["series"].items():
-        xs = [float(v) for v, _ in pts]
+        # numbers on a numeric axis; other values (recipe names, formulas) as evenly spaced categories
+        xs = [float(v) if numeric else labels.index(v) for v, _ in pts]
         ms = [results["methods"][name] for _, name in pts]
         a1.plot(xs, [m["success_rate"] for m in ms], marker="o", label=base)
         a2.plot(xs, [m.get("perplexity") or float("nan") for m in ms], marker="o", label=base)
     for ax, lab in ((a1, "success rate"), (a2, "perplexity")):
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
         ax.set_xlabel(sweep["param"])
         ax.set_ylabel(lab)
         ax.grid(alpha=0.3)
@@ -87,6 +93,13 @@ def plot_dose_response(results: dict, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _is_number(v: str) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except ValueError:
+        return False
 
 
 def _img(path: Path) -> str:

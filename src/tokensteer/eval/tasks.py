@@ -39,7 +39,10 @@ class Task:
             text = resources.files("tokensteer").joinpath("data", "prompts", self.prompt_file).read_text("utf-8")
             where = f"shipped prompt set {self.prompt_file}"
         else:
-            p = existing_file(path, "prompt file")
+            try:
+                p = existing_file(path, "prompt file")
+            except RuntimeError:  # pathlib cannot expand ~name of an unknown user
+                raise UserError(f"prompt file {str(path)!r}: cannot expand '~' (no such user or home folder)") from None
             try:
                 text, where = p.read_text("utf-8"), str(path)
             except UnicodeDecodeError:
@@ -77,17 +80,18 @@ class Task:
     def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         """Task metrics over one method's scored samples (each record has ``item``, ``k`` and metrics)."""
         out = {"success_rate": mean(float(r["success"]) for r in records) if records else 0.0}
-        keys = [k for k, v in (records[0].items() if records else []) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for k in keys:
+        keys = dict.fromkeys(k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        for k in keys:  # a metric some items lack (count's sentences_ok) is the mean over the items that have it
             if k not in ("item", "k"):
-                out[k] = mean(float(r[k]) for r in records)
+                out[k] = mean(float(r[k]) for r in records if k in r)
         return out
 
 
 def parse_prompts(text: str, where: str = "prompts") -> list[Item]:
     """Parse a prompt file: JSONL objects with a ``prompt`` field, or plain lines; ``#`` lines are comments."""
     items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only: splitlines would also cut JSON strings at an unescaped U+2028/U+0085
+    for lineno, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
         s = line.strip()
         if not s or s.startswith("#"):
             continue

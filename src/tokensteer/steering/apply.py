@@ -60,8 +60,9 @@ class Steer:
                         f"norm (0.05-0.3 is usual; |strength| ≤ {MAX_STRENGTH:g})"
                     )
         if self.mode == "gcav":
-            if not self.vector.probes:
-                raise UserError("mode gcav needs probe weights, which this vector file lacks (retrain it)")
+            lacking = [i for i in self.layers if i not in self.vector.probes]
+            if lacking:
+                raise UserError(f"mode gcav needs probe weights, which this vector file lacks for layer(s) {lacking} (retrain it)")
             for p in self._strengths():
                 if not 0 < p < 1:
                     raise UserError(f"mode gcav takes a target probability in (0, 1) as its strength, got {p}")
@@ -140,13 +141,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     """``VEC[:STRENGTH][:key=value...]`` or ``VEC@STRENGTH``; keys: layers, at (positions), mode."""
     if not spec.strip():
         raise UserError("empty --steer value; write VEC or VEC:STRENGTH")
-    path, rest = spec, []
-    if not Path(spec).exists():
-        if ":" in spec:
-            path, *rest = spec.split(":")
-        if "@" in path and not Path(path).exists():
-            path, s = path.rsplit("@", 1)
-            rest = [s] + rest
+    path, rest = _split_path(spec)
     opts: dict = {}
     for part in rest:
         if "=" in part:
@@ -162,6 +157,31 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             if not math.isfinite(opts["strength"]):
                 raise UserError(f"strength must be a finite number, got {part!r}")
     return path, opts
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except RuntimeError:  # ~name of an unknown user
+        return False
+
+
+def _split_path(spec: str) -> tuple[str, list[str]]:
+    """The vector path and the ``:``-separated options after it. The path is the longest prefix
+    that names an existing file (paths may hold ``:`` or ``@``); ``PATH@STRENGTH`` also works."""
+    parts = spec.split(":")
+    for k in range(len(parts), 0, -1):
+        head = ":".join(parts[:k])
+        if _exists(head):
+            return head, parts[k:]
+        if "@" in parts[k - 1] and _exists(head.rsplit("@", 1)[0]):  # PATH@STRENGTH[:...]
+            head, s = head.rsplit("@", 1)
+            return head, [s, *parts[k:]]
+    path, *rest = parts  # nothing exists: split at the first ':' so the error names the file
+    if "@" in path:
+        path, s = path.rsplit("@", 1)
+        rest = [s, *rest]
+    return path, rest
 
 
 def steer_from_spec(spec: str, lm=None) -> Steer:

@@ -35,14 +35,15 @@ MODEL_HELP = "Local Hugging Face model folder or .gguf file (default: bundled Ge
 def _check_out(out: Path, flag: str, inputs: tuple = (), gguf: bool | None = False) -> None:
     """Before any work: refuse an output that is a folder, of the wrong kind (``gguf``: must it be
     .gguf? None: any) or one of the inputs, which writing would clobber."""
-    from tokensteer.steering.vecfile import check_writable
+    from tokensteer.steering.vecfile import check_writable, expand
 
+    out = expand(out)  # the writers expand "~" as the readers do
     check_writable(out, flag)
     if gguf is not None and (out.suffix.lower() == ".gguf") != gguf:
         raise UserError(f"{flag} {out}: " + ("a llama.cpp control vector is written to a .gguf file" if gguf else
                         "vector files are .safetensors; make a llama.cpp GGUF with `tokensteer steer export`"))
     for i in inputs:
-        if Path(i).expanduser().is_file() and Path(i).expanduser().resolve() == out.expanduser().resolve():
+        if expand(i).is_file() and expand(i).resolve() == out.resolve():
             raise UserError(f"{flag} {out} is also the input file; write to a new file so the input is kept")
 
 
@@ -74,11 +75,15 @@ def train(
 
     from tokensteer.cli import err, user_errors
     from tokensteer.steering.pairs import load_pairs
-    from tokensteer.steering.train import parse_layers, train_vector
+    from tokensteer.steering.train import METHODS, READS, parse_layers, train_vector
     from tokensteer.steering.vecfile import save_vector
 
     with user_errors():
         _check_out(out, "--out", (pairs,))
+        if method not in METHODS:  # mistakes fail before the model loads
+            raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+        if read not in READS:
+            raise UserError(f"unknown --read {read!r}; choose one of {', '.join(READS)}")
         ps = load_pairs(pairs)
     lm = _load(model)
     with user_errors():
@@ -213,12 +218,12 @@ def import_(
     """Import a llama.cpp / repeng control-vector GGUF (foreign vectors keep raw units: strength 1 = as llama.cpp adds them)."""
     from tokensteer.cli import err, user_errors
     from tokensteer.steering.gguf_io import import_gguf
-    from tokensteer.steering.vecfile import save_vector
+    from tokensteer.steering.vecfile import expand, save_vector
 
     with user_errors():
         if gguf.suffix.lower() != ".gguf":
             raise UserError(f"{gguf} is not a .gguf file")
-        existing_file(gguf, "control-vector file")
+        existing_file(expand(gguf), "control-vector file")
         _check_out(out, "--out", (gguf,))
         save_vector(import_gguf(gguf), out)
     err.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)

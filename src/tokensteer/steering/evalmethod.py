@@ -22,6 +22,19 @@ class SteerMethod(Method):
             self._controls = [SteeringControl([steer_from_spec(self.spec, lm)])]
         return self._controls
 
+    def vary(self, param: str, value: str) -> Method:
+        """``--sweep strength=...`` sets the strength of any spelling (``VEC``, ``VEC@S``, ``VEC:S:layers=...``),
+        keeping the other options and a path that holds ``@`` or ``:``."""
+        if param != "strength" or "{" in self.spec:
+            return super().vary(param, value)
+        from tokensteer.eval.methods import make_method
+        from tokensteer.steering.apply import parse_spec
+
+        path, opts = parse_spec(self.spec)
+        rest = "".join(f":{k}={v}" for k, v in opts.items() if k != "strength")
+        sep = "@" if self.spec[len(path):].startswith("@") else ":"  # keep the user's spelling (and cache keys)
+        return make_method(f"steer:{path}{sep}{value}{rest}")
+
     def needs(self) -> frozenset[str]:
         from tokensteer.steering.apply import steer_from_spec, steer_needs
 

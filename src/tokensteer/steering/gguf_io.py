@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tokensteer.errors import UserError
-from tokensteer.steering.vecfile import FORMAT, FORMAT_VERSION, LAYER_CONVENTION, SteeringVector, _atomic_write
+from tokensteer.steering.vecfile import FORMAT, FORMAT_VERSION, LAYER_CONVENTION, SteeringVector, _atomic_write, expand, validate
 
 ARCH = "controlvector"
 META_KEY = "tokensteer.metadata"
@@ -32,14 +32,14 @@ def export_gguf(
     """Write a llama.cpp control vector: ``direction.N`` = strength × vector of layer N, atomically."""
     import gguf
 
-    from tokensteer.steering.apply import dose
+    from tokensteer.steering.apply import MAX_STRENGTH, dose
 
-    path = Path(path)
+    path = expand(path)
     if path.suffix.lower() != ".gguf":
         raise UserError(f"{path}: the llama.cpp control vector must be written to a .gguf file")
     strength = vec.recommended_strength if strength is None else float(strength)
-    if not math.isfinite(strength):
-        raise UserError(f"strength must be a finite number, got {strength}")
+    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:  # the limit --steer applies
+        raise UserError(f"strength must be a finite number with |strength| ≤ {MAX_STRENGTH:g}, got {strength:g}")
     layers = list(vec.recommended_layers if layers is None else layers)
     if 0 in layers:
         raise UserError("llama.cpp cannot steer the output of layer 0 (it rejects direction.0); choose layers ≥ 1")
@@ -74,14 +74,17 @@ def export_gguf(
 
 def _field(reader, key: str) -> Any:
     f = reader.get_field(key)
-    return None if f is None else f.contents()
+    try:
+        return None if f is None else f.contents()
+    except UnicodeDecodeError:
+        raise UserError(f"{getattr(reader.data, 'filename', 'the GGUF')}: field {key} is not UTF-8 text (corrupt file)") from None
 
 
 def import_gguf(path: str | Path) -> SteeringVector:
     """Read a control-vector GGUF: ours exactly; llama.cpp's or repeng's as raw-unit vectors."""
     import gguf
 
-    path = Path(path).expanduser()
+    path = expand(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, KeyError, IndexError, EOFError) as e:
@@ -95,9 +98,10 @@ def import_gguf(path: str | Path) -> SteeringVector:
         m = re.fullmatch(r"direction\.(\d+)", t.name)
         if not m:
             raise UserError(f"{path} has tensor {t.name!r}; control vectors hold only direction.N tensors")
-        if t.data.ndim != 1 and not (t.data.ndim == 2 and 1 in t.data.shape):
+        data = _tensor_values(t, path)
+        if data.ndim != 1 and not (data.ndim == 2 and 1 in data.shape):
             raise UserError(f"{path}: tensor {t.name} is not one-dimensional")
-        directions[int(m.group(1))] = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1))
+        directions[int(m.group(1))] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(-1))
     if not directions:
         raise UserError(f"{path} holds no direction tensors")
     sizes = {v.shape[0] for v in directions.values()}
@@ -105,32 +109,49 @@ def import_gguf(path: str | Path) -> SteeringVector:
         raise UserError(f"{path} mixes direction sizes {sorted(sizes)}")
     raw_meta = _field(reader, META_KEY)
     if raw_meta is not None:
-        meta = json.loads(raw_meta)
-        vectors = {}
-        for f in reader.fields.values():
-            m = re.fullmatch(r"tokensteer\.layer\.(\d+)", f.name)
-            if m:
-                vectors[int(m.group(1))] = torch.tensor(np.array(f.contents(), dtype=np.float32))
-        probes = {}
-        for f in reader.fields.values():
-            m = re.fullmatch(r"tokensteer\.probe\.(\d+)", f.name)
-            if m:
-                probes[int(m.group(1))] = torch.tensor(np.array(f.contents(), dtype=np.float32))
+        try:
+            meta = json.loads(raw_meta)
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            vectors, probes = {}, {}
+            for f in reader.fields.values():
+                m = re.fullmatch(r"tokensteer\.(layer|probe)\.(\d+)", f.name)
+                if m:
+                    (vectors if m.group(1) == "layer" else probes)[int(m.group(2))] = torch.tensor(np.array(f.contents(), dtype=np.float32))
+        except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UserError(f"{path} has corrupt tokensteer metadata ({type(e).__name__}); re-export it") from None
         meta["path"] = str(path)
         meta.setdefault("gguf", {})["folded_strength"] = _field(reader, STRENGTH_KEY)
-        return SteeringVector(vectors, meta, probes)
-    hint = _field(reader, f"{ARCH}.model_hint")
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layer_convention": LAYER_CONVENTION,
-        "model": {"id": hint, "hidden_size": sizes.pop()},
-        "units": "raw",
-        "method": {"name": "imported", "from": "repeng" if hint else "llama.cpp", "file": path.name},
-        "recommended": {"layers": sorted(directions), "strength": 1.0, "positions": "all", "by": "import (raw units, as llama.cpp applies it)"},
-        "path": str(path),
-    }
-    return SteeringVector(directions, meta)
+        vec = SteeringVector(vectors, meta, probes)
+    else:
+        hint = _field(reader, f"{ARCH}.model_hint")
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "layer_convention": LAYER_CONVENTION,
+            "model": {"id": hint, "hidden_size": sizes.pop()},
+            "units": "raw",
+            "method": {"name": "imported", "from": "repeng" if hint else "llama.cpp", "file": path.name},
+            "recommended": {"layers": sorted(directions), "strength": 1.0, "positions": "all", "by": "import (raw units, as llama.cpp applies it)"},
+            "path": str(path),
+        }
+        vec = SteeringVector(directions, meta)
+    validate(vec, path)
+    return vec
+
+
+def _tensor_values(t, path: Path) -> np.ndarray:
+    """A tensor's numbers in the shape llama.cpp reads them: float types as they are, quantized
+    types dequantized (their raw ``data`` is bytes, which read as floats would be garbage)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if t.tensor_type in (T.F32, T.F16, T.F64):
+        return np.asarray(t.data)
+    try:
+        return gguf.quants.dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which tokensteer cannot read ({e})") from None
 
 
 def from_repeng(control_vector, model_id: str | None = None) -> SteeringVector:

@@ -57,9 +57,12 @@ def shipped_names() -> list[str]:
 
 
 def parse_jsonl(text: str, source: str) -> list[Pair]:
-    """Parse JSONL pair lines; blank lines are skipped; mistakes name the line."""
+    """Parse JSONL pair lines; blank lines and a leading byte-order mark are skipped; mistakes name the line.
+
+    Lines end at ``\n`` only (JSONL's rule): str.splitlines would also split inside a string at the
+    U+2028, U+2029 or U+0085 that ``json.dumps(..., ensure_ascii=False)`` leaves unescaped."""
     pairs = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -76,7 +79,9 @@ def parse_jsonl(text: str, source: str) -> list[Pair]:
 
 def load_pairs(spec: str) -> PairSet:
     """Load ``spec``: a path to a JSONL file, or the name of a shipped set (see ``shipped_names``)."""
-    path = Path(spec).expanduser()
+    from tokensteer.steering.vecfile import expand
+
+    path = expand(spec)
     if path.is_file():
         try:
             text = path.read_text(encoding="utf-8")

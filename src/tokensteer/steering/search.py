@@ -81,8 +81,9 @@ def default_scorer(lm, vec: SteeringVector, layer: int) -> tuple[str, Scorer]:
     """VADER for sentiment vectors, else the vector's own probe."""
     if vec.meta.get("pairs", {}).get("name") == "sentiment":
         return "vader", vader_scorer
-    if not vec.probes:
-        raise UserError("this vector has no probe to score with; pass a scorer")
+    if layer not in vec.probes:
+        raise UserError("this vector has no probe weights to score the attribute with (vectors imported from llama.cpp or repeng lack them); "
+                        "search a vector trained by `tokensteer steer train`, or pass scorer= in Python")
     return "probe", probe_scorer(lm, vec, layer)
 
 
@@ -130,6 +131,10 @@ def search(
     lucky draw of prompts does not pass a dose the evaluation would reject.
     """
     vec.check_model(lm)
+    by_probe = scorer is None and vec.meta.get("pairs", {}).get("name") != "sentiment"
+    if by_probe:  # no way to score the attribute (no probe at all, or none for a chosen layer): say so before generating
+        for i in (layers or []) if vec.probes else vec.layers[:1]:
+            default_scorer(lm, vec, i)
     cfg = cfg or SamplingConfig(max_tokens=32, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
     say = say or (lambda _msg: None)
     from tokensteer.loop import generate
@@ -149,13 +154,14 @@ def search(
     trials: list[Point] = []
     if layers is None:
         stats = vec.meta.get("stats", {})
-        band = [i for i in default_band(lm.n_layers) if i in vec.vectors]
+        usable = [i for i in vec.layers if i in vec.probes or not by_probe]  # scoring by probe needs the layer's probe
+        band = [i for i in default_band(lm.n_layers) if i in usable] or usable  # a vector made elsewhere may lack the middle layers
         ranked = sorted(band, key=lambda i: (-stats.get(str(i), {}).get("heldout_d_prime", 0.0), i))
         k = max(2, min(layer_prompts, len(prompts)))
         best, best_key = None, None
         for li in ranked[:n_layer_trials]:
             name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, li)
-            p = _evaluate(lm, vec, [li], probe_strength / 2, prompts[:k], cfg, sc, base_ppls[:k], confidence, positions)
+            p = _evaluate(lm, vec, [li], min(probe_strength / 2, max_strength), prompts[:k], cfg, sc, base_ppls[:k], confidence, positions)
             p.feasible = feasible(p)
             trials.append(p)
             gain = p.score - mean(sc(base_texts[:k]))
@@ -176,7 +182,7 @@ def search(
         say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}")
         return p
 
-    lo, hi, s = 0.0, None, probe_strength / 2
+    lo, hi, s = 0.0, None, min(probe_strength / 2, max_strength)  # a small --max-strength is still tried
     while s <= max_strength:
         if run(s).feasible:
             lo, s = s, s * 2
@@ -231,7 +237,7 @@ def plot(res: SearchResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tokensteer.steering.vecfile import _atomic_write
+    from tokensteer.steering.vecfile import _atomic_write, expand
 
     xs = [p.strength for p in res.curve]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -249,7 +255,7 @@ def plot(res: SearchResult, path: str | Path) -> Path:
     ax.axvline(res.strength, color="k", lw=0.8)
     ax.set_title(f"layers {res.layers}: chosen strength {res.strength:.3g}")
     fig.tight_layout()
-    path = Path(path)
+    path = expand(path)
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path

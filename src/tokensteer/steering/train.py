@@ -174,8 +174,12 @@ def train_vector(
         v = direction(method, p, q)
         st = {"median_norm": float(median[li]), "diff_norm": float(diffmean(p, q).norm())}
         if n >= 4 and bool(test.any()):
-            vt = direction(method, p[~test], q[~test])
-            st |= {f"heldout_{k2}": v2 for k2, v2 in separability(p[test], q[test], vt).items()}
+            try:
+                vt = direction(method, p[~test], q[~test])
+            except UserError:  # the contrast is all in the held-out pairs: no held-out figure for this layer
+                vt = None
+            if vt is not None:
+                st |= {f"heldout_{k2}": v2 for k2, v2 in separability(p[test], q[test], vt).items()}
         proj_p, proj_q = p @ v, q @ v
         st |= {"pos_proj_mean": float(proj_p.mean()), "neg_proj_mean": float(proj_q.mean()),
                "proj_std": float(torch.cat([proj_p - proj_p.mean(), proj_q - proj_q.mean()]).std()) if n > 1 else 0.0}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -90,6 +91,14 @@ class SteeringVector:
             )
 
 
+def expand(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded; ``~name`` of an unknown user is a UserError (pathlib raises RuntimeError)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise UserError(f"{str(path)!r}: cannot expand '~' (no such user or home folder)") from None
+
+
 def check_writable(path: Path, flag: str = "output") -> None:
     """Raise a UserError if ``path`` cannot be written as a file: it is a folder, or a file stands
     where one of its parent folders must be."""
@@ -103,15 +112,21 @@ def check_writable(path: Path, flag: str = "output") -> None:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and os.replace; a failed write (read-only file system, full
+    disk, no permission) leaves any old file intact and is one UserError."""
     check_writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; vector files are meant to be shared (as eval results are)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -119,7 +134,7 @@ def save_vector(vec: SteeringVector, path: str | Path) -> Path:
     """Write ``vec`` atomically (temp file + rename) as safetensors with JSON metadata."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = expand(path)  # as load_vector reads it: a quoted "~/v.safetensors" is the home folder's
     if path.suffix.lower() == ".gguf":
         raise UserError(f"{path}: vector files are .safetensors; make a llama.cpp GGUF with `tokensteer steer export`")
     tensors = {f"layer.{i}": v.detach().to(torch.float32).contiguous().clone() for i, v in vec.vectors.items()}
@@ -138,7 +153,7 @@ def load_vector(path: str | Path) -> SteeringVector:
     """Read a vector file; mistakes (missing, not ours, newer format) become UserErrors."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path).expanduser()
+    path = expand(path)
     if path.is_dir():
         raise UserError(f"{str(path)!r} is a folder; give a steering vector file (.safetensors or .gguf)")
     if not path.is_file():
@@ -157,21 +172,72 @@ def load_vector(path: str | Path) -> SteeringVector:
         raise UserError(f"{path} is a safetensors file without tokensteer metadata; it is not a steering vector")
     try:
         meta = json.loads(header["tokensteer"])
+        if not isinstance(meta, dict):
+            raise ValueError("the metadata is not a JSON object")
         if meta.get("format") != FORMAT:
             raise UserError(f"{path} is not a tokensteer steering vector (format {meta.get('format')!r})")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise UserError(f"{path} uses vector format {meta['format_version']}; this tokensteer reads up to {FORMAT_VERSION}: upgrade it")
-        vectors = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("layer.")}
-        probes = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("probe.")}
-        if any(not isinstance(meta.get(k, {}), dict) for k in ("model", "recommended", "pairs")):
-            raise ValueError("model, recommended and pairs must be mappings")
-        if len({v.shape for v in vectors.values()}) > 1 or any(v.dim() != 1 for v in vectors.values()):
-            raise ValueError("layer vectors must be one-dimensional and of one size")
+        vectors, probes = {}, {}
+        for k, v in tensors.items():
+            kind, _, idx = k.partition(".")
+            if kind in ("layer", "probe"):
+                if not idx.isdigit() or str(int(idx)) != idx:
+                    raise ValueError(f"tensor name {k!r}")
+                (vectors if kind == "layer" else probes)[int(idx)] = v
     except (ValueError, TypeError, AttributeError, IndexError) as e:  # JSONDecodeError is a ValueError
         if isinstance(e, UserError):
             raise
         raise UserError(f"{path} has corrupt tokensteer metadata or tensors; retrain or re-export it") from None
-    if not vectors:
-        raise UserError(f"{path} holds no layer vectors")
     meta["path"] = str(path)
-    return SteeringVector(vectors, meta, probes)
+    vec = SteeringVector(vectors, meta, probes)
+    validate(vec, path)
+    return vec
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate(vec: SteeringVector, path: str | Path) -> None:
+    """Raise a one-line UserError unless ``vec`` is usable: finite one-dimensional vectors of one size,
+    probes of that size plus a bias, and metadata fields of the types the rest of tokensteer reads."""
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} has corrupt tokensteer metadata or tensors ({why}); retrain or re-export it")
+
+    meta = vec.meta
+    try:
+        version = meta.get("format_version", 0)
+        if not _is_int(version) and not (isinstance(version, float) and version.is_integer()):
+            raise bad(f"format_version {version!r}")
+        if int(version) > FORMAT_VERSION:
+            raise UserError(f"{path} uses vector format {version}; this tokensteer reads up to {FORMAT_VERSION}: upgrade it")
+        for k in ("model", "recommended", "pairs", "method", "stats"):
+            if not isinstance(meta.get(k, {}), dict):
+                raise bad(f"{k} must be a mapping")
+        for k in ("n_layers", "hidden_size"):
+            if k in meta.get("model", {}) and not _is_int(meta["model"][k]):
+                raise bad(f"model.{k} must be a whole number")
+        if not isinstance(meta.get("units", "relative"), str):
+            raise bad("units must be a string")
+        rec = meta.get("recommended", {})
+        if "layers" in rec and (not isinstance(rec["layers"], list) or not all(_is_int(i) for i in rec["layers"])):
+            raise bad("recommended.layers must be a list of layer numbers")
+        s = rec.get("strength", 0.0)
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+            raise bad(f"recommended.strength {s!r} is not a finite number")
+        if not isinstance(rec.get("positions", "all"), str):
+            raise bad("recommended.positions must be a string")
+    except AttributeError:
+        raise bad("metadata fields of the wrong type") from None
+    if not vec.vectors:
+        raise UserError(f"{path} holds no layer vectors")
+    shapes = {tuple(v.shape) for v in vec.vectors.values()}
+    if len(shapes) > 1 or any(v.dim() != 1 or v.numel() == 0 for v in vec.vectors.values()):
+        raise bad("layer vectors must be one-dimensional and of one size")
+    hidden = vec.hidden_size
+    if any(p.dim() != 1 or p.shape[0] != hidden + 1 for p in vec.probes.values()):
+        raise bad(f"probe weights must have {hidden + 1} numbers (hidden size plus a bias)")
+    for kind, ts in (("layer", vec.vectors), ("probe", vec.probes)):
+        for i, t in sorted(ts.items()):
+            if not bool(torch.isfinite(t.to(torch.float32)).all()):
+                raise bad(f"{kind} {i} holds NaN or infinite numbers")
