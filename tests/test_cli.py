@@ -81,3 +81,10 @@ def test_a_regex_cut_by_max_tokens_is_reported(tiny_dir):
         assert "ended the text before it matched the regex; raise --max-tokens" in r.stderr
     done = run("generate", "the cat", "--model", str(tiny_dir), "-n", "3", "--regex", r"\d")
     assert done.exit_code == 0 and "warning" not in done.stderr
+
+
+def test_tilde_of_an_unknown_user_is_one_line():
+    r = run("generate", "hi", "--model", "~no_such_user_xyz/model")
+    assert_user_error(r, "cannot expand '~'")
+    r = run("generate", "hi", "--json-schema", "~no_such_user_xyz/schema.json")
+    assert_user_error(r, "cannot expand '~'")

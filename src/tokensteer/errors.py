@@ -9,9 +9,17 @@ class UserError(ValueError):
     """A mistake in the user's input: shown as one line, exit code 2, never a traceback."""
 
 
+def expand(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded; ``~name`` of an unknown user is a UserError (pathlib raises RuntimeError)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise UserError(f"{str(path)!r}: cannot expand '~' (no such user or home folder)") from None
+
+
 def existing_file(path: str | Path, what: str) -> Path:
     """``path`` as a Path when it names a readable file; else a UserError saying it is missing or a folder."""
-    p = Path(path).expanduser()
+    p = expand(path)
     if str(path).strip() and p.is_dir():  # "" would be the current folder
         raise UserError(f"{what} {str(path)!r} is a folder; give a file")
     if not p.is_file():

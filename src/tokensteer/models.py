@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from tokensteer.errors import UserError
+from tokensteer.errors import UserError, expand
 
 DEFAULT_MODEL = "gemma-3-270m"
 MANIFEST = "tokensteer-manifest.json"
@@ -147,7 +147,7 @@ def resolve(model: str | None) -> ModelSource:
     """Turn ``--model`` (None for the bundled model) into a source, or a UserError saying what to do."""
     if model is None or model in (DEFAULT_MODEL, "default"):
         return ModelSource("hf", bundled_hf_dir(), DEFAULT_MODEL, bundled=True)
-    path = Path(model).expanduser()
+    path = expand(model)
     if not path.exists():
         raise UserError(
             f"model path {model!r} does not exist; give a local Hugging Face model folder or a "

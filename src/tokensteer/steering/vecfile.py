@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tokensteer.errors import UserError
+from tokensteer.errors import UserError, expand
 
 FORMAT = "tokensteer-steering-vector"
 FORMAT_VERSION = 1
@@ -89,14 +89,6 @@ class SteeringVector:
                 f"({have['n_layers']} layers, hidden {have['hidden_size']}, vocab {have['vocab_size']}); retrain it "
                 f"with `tokensteer steer train --model ...`, or set {MISMATCH_ENV}=1 to use it anyway"
             )
-
-
-def expand(path: str | Path) -> Path:
-    """``path`` with ``~`` expanded; ``~name`` of an unknown user is a UserError (pathlib raises RuntimeError)."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        raise UserError(f"{str(path)!r}: cannot expand '~' (no such user or home folder)") from None
 
 
 def check_writable(path: Path, flag: str = "output") -> None:
