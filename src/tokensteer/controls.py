@@ -36,7 +36,7 @@ class RequestControls:
             from tokensteer.steering import required_capabilities as steer_caps
 
             needs |= steer_caps(self)
-        if self.formula:
+        if self.formula is not None:  # "" is a mistake to report, not "off"
             from tokensteer.formula import required_capabilities as formula_caps
 
             needs |= formula_caps(self)
@@ -56,7 +56,7 @@ def build_controls(lm: Backend, req: RequestControls) -> list[Control]:
         from tokensteer.steering import steering_controls
 
         controls += steering_controls(lm, req)
-    if req.formula:
+    if req.formula is not None:
         from tokensteer.formula import formula_controls
 
         controls += formula_controls(lm, req)

@@ -239,10 +239,12 @@ def stream(
             if allowed is not None:
                 if any(state.finished):  # finished rows only repeat their last token
                     allowed = allowed | torch.tensor(state.finished)[:, None]
-                x = torch.log_softmax(torch.where(allowed, x, float("-inf")), dim=-1)
+                unmasked, x = x, torch.log_softmax(torch.where(allowed, x, float("-inf")), dim=-1)
                 dead = torch.isnan(x[:, 0]).tolist()  # a row with nothing allowed normalises to NaN
                 if any(d and not f for d, f in zip(dead, state.finished)):
-                    raise UserError("the constraints allow no next token: they contradict each other")
+                    filtered = bool(torch.isneginf(unmasked).any())  # a rewriter (e.g. a formula's topk) had excluded some
+                    why = "the tokens the other controls left (e.g. a formula's filters)" if filtered else "each other"
+                    raise UserError(f"the constraints allow no next token: they contradict {why}")
             elif not rewriters:
                 x = torch.log_softmax(x, dim=-1)
             if ahead:  # hook 7's token for this step, already fed to the model

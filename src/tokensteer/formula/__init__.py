@@ -58,28 +58,34 @@ def C(name: str, k: int = 20) -> Guide:
 
 def formula_controls(lm: "Backend", req: "RequestControls") -> list["Control"]:
     """The Controls for a request's ``--formula`` (and ``--trace``)."""
-    if req.trace and not req.formula:
+    if req.trace and req.formula is None:
         from tokensteer.errors import UserError
 
         raise UserError("--trace needs --formula")
     from tokensteer.formula.engine import FormulaControl
 
     k = int(req.extra.get("speculate") or 0)  # --speculate K
-    return [FormulaControl(lm, req.formula, trace=req.trace, speculative=k)] if req.formula else []
+    return [FormulaControl(lm, req.formula, trace=req.trace, speculative=k)] if req.formula is not None else []
 
 
 def required_capabilities(req: "RequestControls") -> frozenset[str]:
     """Formulas only use hooks 1, 3 and 5, which every backend runs; another model given as a
-    Hugging Face folder loads on the torch backend only."""
-    if not req.formula:
+    Hugging Face folder loads on the torch backend only. Checks the formula (and --speculate), so
+    nonsense fails before any model loads."""
+    if req.formula is None:
         return frozenset()
     from tokensteer.backends.base import LOAD_HF
+    from tokensteer.formula.check import check_speculative
     from tokensteer.models import resolve
+
+    f = parse(req.formula)
+    check(f)
+    check_speculative(f, int(req.extra.get("speculate") or 0))
 
     def hf_term(n: Node) -> bool:
         return isinstance(n, Model) and n.model is not None and resolve(n.model).kind == "hf"
 
-    return frozenset({LOAD_HF}) if any_node(parse(req.formula).root, hf_term) else frozenset()
+    return frozenset({LOAD_HF}) if any_node(f.root, hf_term) else frozenset()
 
 
 __all__ = [

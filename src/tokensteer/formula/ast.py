@@ -59,7 +59,7 @@ class Node:
     __rmul__ = __mul__
 
     def __truediv__(self, other: Number) -> Node:
-        if isinstance(other, Node) or float(other) == 0:
+        if isinstance(other, Node) or other == 0:
             raise UserError("formulas can only be divided by a non-zero number")
         return lin([(1.0 / _finite(other), self)])
 
@@ -68,12 +68,16 @@ class Node:
 
 
 MAX_WEIGHT = 1e6
+MIN_TEMPERATURE = 1 / MAX_WEIGHT  # dividing by T is a weight of 1/T
 
 
 def _finite(x: Number) -> float:
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:  # a Python int beyond float range
+        x = math.inf
     if not abs(x) <= MAX_WEIGHT:  # larger ones overflow float32 log-probabilities (and NaN fails this too)
-        raise UserError(f"weights must be finite numbers of size at most {MAX_WEIGHT:g}, got {x}")
+        raise UserError(f"weights must be finite numbers of size at most {MAX_WEIGHT:g} (constants too), got {x:.10g}")
     return x
 
 
@@ -90,8 +94,10 @@ class Model(Node):
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise UserError(f"a term's temperature must be > 0, got {self.temperature}")
+        if not (MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise UserError(f"a term's temperature must be a finite number ≥ {MIN_TEMPERATURE:g}, got {self.temperature}")
+        if self.model is not None and not self.model.strip():
+            raise UserError('model= needs the path of a local model, e.g. M(model="path/to/model")')
 
     def __call__(self, prefix: str = "", model: str | None = None, T: float = 1.0) -> "Model":
         """``M("Be kind:\\n", T=0.7)``: the model behind a conditioning text (as in the string form)."""
@@ -164,12 +170,12 @@ def lin(terms: list[tuple[float, Node]]) -> Node:
     """A normalised linear combination: flattened, equal terms merged, constants folded."""
     merged: dict[Node, float] = {}
     const = 0.0
-    stack = [(w, n) for w, n in terms]
+    stack = list(reversed(terms))  # popped from the end: linear time, terms kept in order
     flat: list[tuple[float, Node]] = []
     while stack:
-        w, n = stack.pop(0)
+        w, n = stack.pop()
         if isinstance(n, Sum):
-            stack[0:0] = [(w * w2, n2) for w2, n2 in n.terms]
+            stack.extend((w * w2, n2) for w2, n2 in reversed(n.terms))
         else:
             flat.append((w, n))
     for w, n in flat:
@@ -177,8 +183,9 @@ def lin(terms: list[tuple[float, Node]]) -> Node:
             const += w * n.value
         else:
             merged[n] = merged.get(n, 0.0) + w
-    out = [(w, n) for n, w in merged.items() if w != 0.0]
+    out = [(_finite(w), n) for n, w in merged.items() if w != 0.0]  # products of weights can overflow
     if const != 0.0:
+        _finite(const)
         out.append((1.0, Const(const)))
     if not out:
         return Const(0.0)
@@ -196,18 +203,21 @@ def op(name: str, *args: Node | Number, param: float | None = None) -> Node:
             raise UserError(f"{name} takes at least {lo} formulas, got {len(nodes)}")
         if param is not None:
             raise UserError(f"{name} takes no number")
+        for a in nodes:
+            if isinstance(a, Const):
+                _finite(a.value)  # a huge floor overflows float32 log-probabilities
         return Op(name, nodes, None)
     if name not in FILTERS:
         raise UserError(f"unknown operator {name!r}")
     if len(nodes) != 1 or param is None:
         raise UserError(f"{name} takes one formula and {FILTERS[name]}, e.g. {name}(M, {_example(name)})")
     p = float(param)
-    if name == "topk" and (p < 1 or p != int(p)):
+    if name == "topk" and not (p >= 1 and math.isfinite(p) and p.is_integer()):
         raise UserError(f"topk needs a whole number k ≥ 1, got {fmt_num(p)}")
     if name in ("topp", "nucleus") and not 0 < p <= 1:
         raise UserError(f"{name} needs p in (0, 1], got {fmt_num(p)}")
-    if name == "temp" and not (p > 0 and math.isfinite(p)):
-        raise UserError(f"temp needs T > 0, got {fmt_num(p)}")
+    if name == "temp" and not (MIN_TEMPERATURE <= p < math.inf):
+        raise UserError(f"temp needs a finite T ≥ {MIN_TEMPERATURE:g}, got {fmt_num(p)}")
     return Op(name, nodes, p)
 
 

@@ -1,8 +1,8 @@
 """Check a formula before it runs: refuse nonsense with a clear message, and say what the
 weights really are (``tokensteer formula check`` prints this report).
 
-Rules: a formula needs at least one model term; guides ``C(..)`` only appear in the top-level sum
-(they rescore its top-k candidates); in every linear combination of distributions the weights
+Rules: a formula needs at least one model term; guides ``C(..)`` are terms of a sum (they rescore
+its top-k candidates); in every linear combination of distributions the weights
 must sum to a positive number Σλ. In ``normalized`` mode (LMA's weighted log-probability average)
 each weight is divided by Σλ; in ``logits`` mode (DExperts, CFG) the weights are used as written
 and Σλ acts as an inverse temperature of the result.
@@ -100,20 +100,20 @@ def check_speculative(f: Formula, k: int) -> None:
         raise UserError("--speculate does not support guide terms C(...): they rescore each token's context one at a time; drop --speculate or the guide")
 
 
-def _check_node(n: Node, mode: str, top: bool) -> None:
-    if isinstance(n, Guide) and not top:
-        raise UserError(
-            f"the guide {to_string(n)} must be a term of the top-level sum (it rescores the formula's "
-            "top-k candidates), not inside an operator or a nested sum"
-        )
+def _check_node(n: Node, mode: str) -> None:
     if isinstance(n, Op):
         for a in n.args:
-            _check_node(a, mode, top and n.name in FILTERS)
+            if isinstance(a, Guide):
+                raise UserError(
+                    f"the guide {to_string(a)} must be a term of a sum (it rescores the sum's top-k "
+                    f"candidates), e.g. M + {to_string(a)}, not an argument of {n.name}"
+                )
+            _check_node(a, mode)
             if not isinstance(a, Const) and not _has_model(a):
                 raise UserError(f"the argument {to_string(a)} of {n.name} has no model term")
     if isinstance(n, Sum):
         for _, t in n.terms:
-            _check_node(t, mode, top)
+            _check_node(t, mode)
         dist = [(w, t) for w, t in n.terms if kind(t) in ("model", "operator")]
         if dist:
             total = sum(w for w, _ in dist)
@@ -136,9 +136,7 @@ def check(f: Formula) -> Report:
     if not _has_model(f.root):
         raise UserError("the formula has no model term: add M (the model on the prompt)")
     filters, body = peel(f.root)
-    _check_node(body, f.mode, top=True)
-    for flt in filters:
-        _check_node(flt, f.mode, top=True)
+    _check_node(f.root, f.mode)
     terms = top_terms(body)
     total = sum(w for w, t in terms if kind(t) in ("model", "operator"))
     if total <= 0:
@@ -151,7 +149,7 @@ def check(f: Formula) -> Report:
     weights = []
     for w, t in terms:
         k = kind(t)
-        eff = w * scale / div if k in ("model", "operator") else w * scale
+        eff = w * scale if k == "guide" else w * scale / div  # the engine divides constants too, not guides
         weights.append(Weight(to_string(t), w, eff, k))
     notes = []
     if f.mode == "normalized":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -41,15 +42,15 @@ def _describe(n: Node) -> str:
     if isinstance(n, Op):
         return f"[bold]{n.name}[/]" + (f" {fmt_num(n.param)}" if n.param is not None else "")
     if isinstance(n, Model):
-        where = "the model" if n.model is None else f"model {n.model}"
-        cond = f" behind {fmt_str(n.prefix)}" if n.prefix else " on the prompt"
+        where = "the model" if n.model is None else f"model {escape(n.model)}"
+        cond = f" behind {escape(fmt_str(n.prefix))}" if n.prefix else " on the prompt"
         t = f", T={fmt_num(n.temperature)}" if n.temperature != 1.0 else ""
         return f"{where}{cond}{t}"
     if isinstance(n, Guide):
-        return f"guide {fmt_str(n.name)} on the top {n.k} candidates"
+        return f"guide {escape(fmt_str(n.name))} on the top {n.k} candidates"
     if isinstance(n, Const):
         return f"constant {fmt_num(n.value)}"
-    return to_string(n)
+    return escape(to_string(n))
 
 
 @app.command("check")
@@ -72,17 +73,17 @@ def check_cmd(formula: str = typer.Argument(..., help="A formula or a recipe nam
     with user_errors():
         f = parse(formula)
         report = check(f)
-    out.print(f"[bold]formula[/] ({f.mode} mode): {f}", highlight=False)
+    out.print(f"[bold]formula[/] ({f.mode} mode): {escape(str(f))}", highlight=False)  # texts are not markup
     out.print(_tree(f.root, ""))
     t = Table(title="top-level weights", title_justify="left")
     for c in ("term", "kind", "written", "effective"):
         t.add_column(c, justify="right" if c in ("written", "effective") else "left", overflow="fold")
     for w in report.weights:
-        t.add_row(w.term, w.kind, f"{w.written:.4g}", f"{w.effective:.4g}")
+        t.add_row(escape(w.term), w.kind, f"{w.written:.4g}", f"{w.effective:.4g}")
     out.print(t)
     out.print(f"Σλ of the distribution terms as written: {report.total:.4g}")
     for note in report.notes:
-        out.print(f"[yellow]note:[/] {note}", highlight=False)
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 @app.command("recipes")

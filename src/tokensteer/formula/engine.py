@@ -205,7 +205,7 @@ class FormulaControl(Control):
             x = self.filter(f, x)
             if f.name == "temp":
                 scale /= f.param
-        out = torch.log_softmax(x, -1)
+        out = self._no_dead_rows(torch.log_softmax(x, -1))
         if self.trace_on:
             pairs, vi, gi = [], iter(values), iter(guide_vals)
             for w, t in terms:
@@ -214,6 +214,21 @@ class FormulaControl(Control):
             kept = torch.where(torch.isneginf(out), torch.full_like(s, NEG_INF), s * scale)
             self._pending = [pairs, torch.logsumexp(kept, -1), out, state.rows[:, 0]]
         return out
+
+    def _no_dead_rows(self, out: torch.Tensor) -> torch.Tensor:
+        """Refuse a step where the formula excludes every token (filters or an intersection with
+        nothing in common normalise to NaN); a finished prompt's row just takes the base model's."""
+        dead = torch.isnan(out[:, 0])  # a row with nothing left normalises to NaN everywhere
+        if not bool(dead.any()):
+            return out
+        state = self._state
+        finished = torch.tensor(state.finished).repeat(out.shape[0] // state.batch_size)  # rows are position-major
+        if bool((dead & ~finished).any()):
+            raise UserError(
+                f"the formula leaves no possible next token at step {state.step + 1}: its filters "
+                "(topk/topp/nucleus) or intersection exclude every token; loosen them, or use union"
+            )
+        return torch.where(dead[:, None], self._base_rows, out)
 
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
         if self.drafts:  # a tentative token: the other models see it in verify()
@@ -279,10 +294,14 @@ class FormulaControl(Control):
             return lp if n.temperature == 1.0 else torch.log_softmax(lp / n.temperature, -1)
         if isinstance(n, Const):
             return torch.full_like(self._base_in, n.value)
-        if isinstance(n, Sum):
+        if isinstance(n, Sum):  # a nested sum (e.g. a recipe inside a formula) may hold guides too
             total = sum(w for w, t in n.terms if kind(t) in ("model", "operator"))
             div = total if self.formula.mode == "normalized" else 1.0
-            return combine([(w / div, self.eval(t)) for w, t in n.terms], may_exclude(n))
+            s = combine([(w / div, self.eval(t)) for w, t in n.terms if not isinstance(t, Guide)], may_exclude(n))
+            for w, t in n.terms:
+                if isinstance(t, Guide):
+                    s = s + w * self.guide_delta(self._state, t, torch.log_softmax(s, -1))
+            return s
         if isinstance(n, Op):
             if n.param is not None:
                 return self.filter(n, self.eval(n.args[0]))

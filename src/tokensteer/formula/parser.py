@@ -15,6 +15,7 @@ Errors say the column and draw a caret under it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from tokensteer.formula.ast import (
     Guide,
     Model,
     Node,
+    lin,
     op,
 )
 
@@ -66,9 +68,13 @@ def _unquote(raw: str, text: str, col: int) -> str:
     if raw[0] == "'":
         body = re.sub(r'(?<!\\)((?:\\\\)*)"', r'\1\\"', body).replace("\\'", "'")
     try:
-        return json.loads(f'"{body}"')
+        value = json.loads(f'"{body}"')
+        value.encode("utf-8")
     except json.JSONDecodeError as e:
         raise FormulaError(f"bad escape in string ({e.msg})", text, col) from None
+    except UnicodeEncodeError:  # "\ud800": a lone surrogate no tokenizer or terminal can encode
+        raise FormulaError("the string is not valid Unicode (a lone surrogate escape like \\ud800)", text, col) from None
+    return value
 
 
 def tokenize(text: str, names: frozenset[str] = frozenset()) -> list[Tok]:
@@ -88,6 +94,8 @@ def tokenize(text: str, names: frozenset[str] = frozenset()) -> list[Tok]:
         if kind == "str":
             out.append(Tok("str", s, i + 1, _unquote(s, text, i + 1)))
         elif kind == "num":
+            if not math.isfinite(float(s)):
+                raise FormulaError(f"the number {s[:20]}{'...' if len(s) > 20 else ''} is too large", text, i + 1)
             out.append(Tok("num", s, i + 1, float(s)))
         elif kind == "op":
             out.append(Tok("op", ALIASES.get(s, s), i + 1))
@@ -153,15 +161,21 @@ class Parser:
         return Formula(root, mode)
 
     def expr(self) -> Node:
-        node = self.product()
+        first = self.product()
+        terms, sign = [(1.0, first)], None
         while True:
             t = self.peek()
             if t.kind == "op" and t.text in "+-":
                 self.next()
-                rhs = self.product()
-                node = node + rhs if t.text == "+" else node - rhs
-            else:
-                return node
+                sign = sign or t
+                terms.append((1.0 if t.text == "+" else -1.0, self.product()))
+            elif sign is None:
+                return first
+            else:  # one normalisation for the whole sum: linear time in its length
+                try:
+                    return lin(terms)
+                except UserError as e:  # a merged weight too large: point at the sum's first sign
+                    raise self.error(str(e), sign) from None
 
     def product(self) -> Node:
         node = self.signed()
@@ -170,16 +184,21 @@ class Parser:
             if t.kind == "op" and t.text in "*/":
                 self.next()
                 rhs = self.signed()
-                if t.text == "/":
-                    if not isinstance(rhs, Const) or rhs.value == 0:
-                        raise self.error("can only divide by a non-zero number", t)
-                    node = node / rhs.value
-                elif isinstance(rhs, Const):
-                    node = node * rhs.value
-                elif isinstance(node, Const):
-                    node = rhs * node.value
-                else:
-                    raise self.error("can only multiply a formula by a number (no product of two formulas)", t)
+                try:
+                    if t.text == "/":
+                        if not isinstance(rhs, Const) or rhs.value == 0:
+                            raise self.error("can only divide by a non-zero number", t)
+                        node = node / rhs.value
+                    elif isinstance(rhs, Const):
+                        node = node * rhs.value
+                    elif isinstance(node, Const):
+                        node = rhs * node.value
+                    else:
+                        raise self.error("can only multiply a formula by a number (no product of two formulas)", t)
+                except FormulaError:
+                    raise
+                except UserError as e:  # a weight too large
+                    raise self.error(str(e), t) from None
             else:
                 return node
 
@@ -252,7 +271,10 @@ class Parser:
                     raise self.error(f"{n} takes a formula and a number, e.g. {n}(M, 0.9)", name)
                 return op(n, self.formula_arg(*pos[0]), param=self.number(*pos[1]))
             if n in self.recipes:
-                return self.recipes[n].build([v for v, _ in pos], {k: v for k, (v, _) in kw.items()})
+                try:
+                    return self.recipes[n].build([v for v, _ in pos], {k: v for k, (v, _) in kw.items()})
+                except FormulaError as e:  # its column is in the recipe's expansion, not in this text
+                    raise self.error(f"recipe {n}: {e.reason}", name) from None
         except FormulaError:
             raise
         except UserError as e:
@@ -307,7 +329,7 @@ class Parser:
             if key != "k":
                 raise self.error(f"C takes no argument named {key}; it takes a guide name and k=", t)
             kf = self.number(v, t)
-            if kf < 1 or kf != int(kf):
+            if not (kf >= 1 and kf.is_integer()):
                 raise self.error(f"k must be a whole number ≥ 1, got {kf}", t)
             k = int(kf)
         from tokensteer.formula.guides import GUIDES
@@ -323,7 +345,8 @@ def _describe(t: Tok) -> str:
 
 def parse(text: str) -> Formula:
     """Parse a formula string or a recipe name into a Formula; raises FormulaError with a column."""
+    p = Parser(text)
     try:
-        return Parser(text).formula()
+        return p.formula()
     except RecursionError:
-        raise UserError("the formula nests too deeply (hundreds of parentheses); write it flatter") from None
+        raise p.error("the formula nests too deeply (hundreds of parentheses); write it flatter", p.toks[min(p.i, len(p.toks) - 1)]) from None

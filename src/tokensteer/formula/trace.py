@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -52,7 +53,7 @@ def render(trace: list[TokenTrace], console: Console) -> None:
     """Print a trace as a table: one row per token, one column per term."""
     if not trace:
         return
-    names = [f"{t.term}\n×{t.weight:.3g}" for t in trace[0].terms]
+    names = [f"{escape(t.term)}\n×{t.weight:.3g}" for t in trace[0].terms]  # texts and tokens are not markup
     table = Table(title="formula trace (log-probabilities of the chosen token)", title_style="bold")
     table.add_column("#", justify="right")
     table.add_column("token")
@@ -63,7 +64,7 @@ def render(trace: list[TokenTrace], console: Console) -> None:
     for r in trace:
         table.add_row(
             str(r.step),
-            repr(r.text),
+            escape(repr(r.text)),
             *[_f(t.logprob) for t in r.terms],
             _f(-r.normalizer),
             _f(r.combined),
@@ -80,9 +81,9 @@ def render_controls(controls: list, console: Console) -> None:
     for c in controls:
         traces, report = getattr(c, "traces", None), getattr(c, "report", None)
         if report is not None:
-            weights = ", ".join(f"{w.term} ×{w.effective:.4g}" for w in report.weights)
+            weights = escape(", ".join(f"{w.term} ×{w.effective:.4g}" for w in report.weights))
             console.print(f"[dim]formula ({report.formula.mode}): effective weights {weights}[/]", highlight=False)
             for note in report.notes:
-                console.print(f"[dim]note: {note}[/]", highlight=False)
+                console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
         if traces:
             render(traces[0], console)
