@@ -528,3 +528,33 @@ def test_regex_finishes_whenever_the_budget_holds_its_shortest_match(tiny, regex
     need = int(plan.dist[plan.initial])
     for g in sample(tiny, ConstraintSpec(regex=regex), seed, max_tokens=need + spare):
         assert re.fullmatch(regex, g.text), (g.text, need + spare)
+
+
+def test_regex_plan_prices_fixed_text_as_the_tokenizer_writes_it():
+    """A run the regex fixes (``","key":``) costs the tokens the tokenizer spells it with, not one
+    per character, even for DFAs too big for exact costs; a wrong spelling is ignored."""
+    from tokensteer.constraints.regexplan import RegexPlan
+    from tokensteer.constraints.vocab import TokenTable
+
+    fixed = '","key":'
+    tokens = [b""] + [c.encode() for c in sorted(set(fixed) | set("ab0123456789"))] + [fixed.encode()]
+    table = TokenTable(tokens, eos_ids=[0])
+    regex = '"[ab]' + fixed + "[0-9]"
+    spelled = RegexPlan(regex, table, lambda text: [len(tokens) - 1] if text == fixed else [])
+    assert spelled.dist[spelled.initial] == 4  # '"', a letter, the run, a digit
+    unspelled = RegexPlan(regex, table, lambda text: [1])  # bytes that do not spell the run
+    assert unspelled.dist[unspelled.initial] == 3 + len(fixed)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000))
+def test_json_schema_finishes_in_a_budget_its_plan_says_fits(tiny, seed):
+    from tokensteer.constraints.grammar import _plan
+    from tokensteer.constraints.regexplan import schema_regex
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["n", "tag"],
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "tag": {"enum": ["cat", "dog"]}}}
+    plan = _plan(schema_regex(schema), token_table(tiny.tokenizer), lambda t: tiny.tokenizer.encode(t, add_bos=False))
+    plan.allowed(plan.initial, 1)
+    for g in sample(tiny, ConstraintSpec(json_schema=schema), seed, max_tokens=int(plan.dist[plan.initial]) + 1):
+        jsonschema.validate(json.loads(g.text), schema)

@@ -133,13 +133,16 @@ def read_grammar(path: str) -> str:
     return text
 
 
-def _plan(regex: str, table: TokenTable) -> RegexPlan | None:
+def _plan(regex: str, table: TokenTable, encode=None) -> RegexPlan | None:
     """The regex's budget plan, or None when its DFA cannot be built here (too big, or syntax that
     interegular does not know, such as ``\\p{L}``): llguidance alone then decides, as for JSON."""
-    try:
-        return RegexPlan(regex, table)
-    except Exception:  # interegular raises many kinds of errors for syntax it does not support
-        return None
+    def build() -> RegexPlan | None:
+        try:
+            return RegexPlan(regex, table, encode)
+        except Exception:  # interegular raises many kinds of errors for syntax it does not support
+            return None
+
+    return table.memo(("regexplan", regex, encode is not None), build)  # reused by later requests
 
 
 class Grammar(Constraint):
@@ -154,7 +157,7 @@ class Grammar(Constraint):
         self.llt = lltokenizer(tok, table)
         self.words = (table.size + 31) // 32
         self.pending: list[Future | None] = []  # per row: the next mask, being computed by _POOL
-        self.plan = _plan(regex, table) if regex is not None else None
+        self.plan = _plan(regex, table, lambda text: tok.encode(text, add_bos=False)) if regex is not None else None
         self.rows: RowPlans | None = None
 
     def __repr__(self) -> str:

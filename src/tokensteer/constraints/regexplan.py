@@ -13,10 +13,10 @@ alone decides, as before), so planning can only ever narrow llguidance's mask, n
 from __future__ import annotations
 
 import codecs
+import heapq
 import threading
-from collections import deque
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,9 +27,10 @@ INF = 1 << 20
 #: at most this many DFA transitions are explored: some regexes (``(a|b)*a(a|b){20}``) have
 #: exponentially many states, which llguidance never builds but a DFA would; those go unplanned
 MAX_MOVES = 5000
-#: DFAs with at most this many states get exact token costs (each state walks the whole vocabulary
-#: once, ~40 ms at 262k tokens); bigger ones keep the one-token-per-character bound
-EXACT_STATES = 32
+#: DFAs with at most this many states get exact token costs (each state walks every group of tokens
+#: once, about a millisecond); bigger ones keep the upper bound
+EXACT_STATES = 256
+EXACT_WORK = 2_000_000  # states × token groups: about 0.3 s of walking
 _CRAWL = threading.Lock()
 
 
@@ -62,6 +63,20 @@ def _bounded_dfa(limit: int) -> Iterator[None]:
             yield
         finally:
             fsm.crawl = original
+
+
+def schema_regex(schema) -> str | None:
+    """A regex for the compact JSON a schema allows (outlines-core builds it), so a JSON Schema can
+    plan too; None when outlines-core cannot express the schema. Its language need not equal
+    llguidance's exactly: the plan only narrows llguidance's mask and steps aside on disagreement."""
+    import json
+
+    try:
+        from outlines_core.json_schema import build_regex_from_schema
+
+        return build_regex_from_schema(json.dumps(schema), "")
+    except Exception:  # unsupported keywords, or outlines-core missing: llguidance alone decides
+        return None
 
 
 def _single_chars(table: TokenTable) -> list[str]:
@@ -105,8 +120,9 @@ def _vocab_chars(table: TokenTable) -> tuple[list[str], list[tuple[np.ndarray, n
 class RegexPlan:
     """A regex's DFA with per-state finishing costs, and the tokens that keep a row finishable."""
 
-    def __init__(self, regex: str, table: TokenTable) -> None:
-        """Raises TooBig, or interegular's own errors, when the regex has no DFA here."""
+    def __init__(self, regex: str, table: TokenTable, encode: Callable[[str], list[int]] | None = None) -> None:
+        """Raises TooBig, or interegular's own errors, when the regex has no DFA here. ``encode``
+        (the tokenizer's, without BOS) prices the runs of characters the regex fixes."""
         import interegular
         from interegular.fsm import anything_else
 
@@ -127,48 +143,80 @@ class RegexPlan:
         self.eos = table.eos.numpy()
         self.size = table.size
         self._walk: tuple | None = None  # (columns, class per character, whole-text tokens): built when first needed
-        # cost to finish, one single-character token per step, by reverse breadth-first search
+        # cost to finish: one single-character token per character, or a run of characters the
+        # regex fixes (``","year":``) in as many tokens as the tokenizer writes it with (Dijkstra)
         usable = np.zeros(n_cls, dtype=bool)
         for c in table.memo("regexplan-single", lambda: _single_chars(table)):
             usable[self.klass(c)] = True
         usable[self.no_class] = False
-        self.dist = np.full(self.dead + 1, INF, dtype=np.int64)
-        queue = deque(index[f] for f in fsm.finals)
-        for f in queue:
-            self.dist[f] = 0
-        back: list[list[int]] = [[] for _ in range(self.dead + 1)]
+        finals = {index[f] for f in fsm.finals}
+        back: list[list[tuple[int, int]]] = [[] for _ in range(self.dead + 1)]
         for s in range(self.dead):
             for c in np.flatnonzero(usable):
-                t = self.trans[s, c]
+                t = int(self.trans[s, c])
                 if t != self.dead:
-                    back[t].append(s)
-        while queue:
-            t = queue.popleft()
-            for s in back[t]:
-                if self.dist[s] == INF:
-                    self.dist[s] = self.dist[t] + 1
-                    queue.append(s)
+                    back[t].append((s, 1))
+        if encode is not None:
+            for s, t, k in self._fixed_runs(finals, encode):
+                back[t].append((s, k))
+        self.dist = np.full(self.dead + 1, INF, dtype=np.int64)
+        heap = [(0, f) for f in finals]
+        while heap:
+            d, t = heapq.heappop(heap)
+            if d >= self.dist[t]:
+                continue
+            self.dist[t] = d
+            for s, k in back[t]:
+                if d + k < self.dist[s]:
+                    heapq.heappush(heap, (d + k, s))
         self.longest = _longest(self.dist)
         self.exact = False
         self._after: dict[int, np.ndarray] = {}
 
+    def _fixed_runs(self, finals: set[int], encode: Callable[[str], list[int]]) -> list[tuple[int, int, int]]:
+        """(start, end, tokens) for every run of characters the regex fixes: states with one way
+        on, through a class of one character, up to the first state with a choice (or a final one)."""
+        only: dict[int, tuple[str, int]] = {}  # state -> (its one character, next state)
+        for s in range(self.dead):
+            if s in finals:
+                continue
+            moves = [c for c in range(self.no_class) if self.trans[s, c] != self.dead]
+            if len(moves) == 1:
+                symbols = self.alphabet.by_transition.get(moves[0], [])
+                if len(symbols) == 1 and isinstance(symbols[0], str):
+                    only[s] = (symbols[0], int(self.trans[s, moves[0]]))
+        runs = []
+        for s in only:
+            text, t = "", s
+            while t in only and len(text) < 256:
+                c, t = only[t]
+                text += c
+            if len(text) > 1:
+                ids = encode(text)
+                if b"".join(self.table.tokens[i] for i in ids if 0 <= i < self.size) == text.encode("utf-8"):
+                    runs.append((s, t, len(ids)))
+        return runs
+
     def _exact_costs(self) -> None:
-        """Replace the per-character costs by exact per-token ones (small DFAs; done once, lazily:
-        only requests that reach the end of their budget pay for it)."""
+        """Replace the upper-bound costs by exact per-token ones (DFAs of up to EXACT_STATES
+        states; done once, lazily: only requests that reach the end of their budget pay for it)."""
         self.exact = True
         if self.dead > EXACT_STATES:
             return
-        walkable = self.walk()[2]
-        after = [self.after(s)[walkable] for s in range(self.dead)]
-        dist = np.where(self.dist == 0, 0, INF)
-        while True:  # Bellman-Ford over tokens: at most one round per state
+        _, group, walkable, _ = self.walk()
+        if self.dead * len(walkable) > EXACT_WORK:
+            return
+        moves = np.stack([self.after(s)[walkable] for s in range(self.dead)])  # [S, walkable groups]
+        if moves.shape[1] == 0:
+            return
+        dist = self.dist.copy()
+        while True:  # Bellman-Ford over tokens, all states at once: at most one round per state
             new = dist.copy()
-            for s in range(self.dead):
-                new[s] = min(new[s], 1 + int(dist[after[s]].min())) if after[s].size else new[s]
+            new[: self.dead] = np.minimum(dist[: self.dead], 1 + dist[moves].min(axis=1))
             if np.array_equal(new, dist):
                 break
             dist = new
-        self.dist = np.minimum(dist, self.dist)
+        self.dist = dist
         self.longest = _longest(self.dist)
 
     def klass(self, c: str) -> int:
@@ -187,24 +235,41 @@ class RegexPlan:
             state = int(self.trans[state, self.klass(c)])
         return state
 
-    def walk(self) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
-        """The vocabulary as DFA input: columns of (token ids, character index), the DFA class of
-        each character, and which tokens are whole text."""
+    def walk(self) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray, np.ndarray]:
+        """The vocabulary as DFA input, grouped: tokens with the same sequence of DFA classes reach
+        the same state from any state (inside a JSON string most tokens do), so one of each group
+        is walked. Returns columns of (group, class) to walk, each token's group, which groups are
+        whole text, and which tokens are."""
         if self._walk is None:
             chars, cols, whole = self.table.memo("regexplan-chars", lambda: _vocab_chars(self.table))
-            self._walk = cols, np.array([self.klass(c) for c in chars], dtype=np.int64), whole
+            cls = np.array([self.klass(c) for c in chars], dtype=np.int64)
+            h1 = np.zeros(self.size, dtype=np.uint64)
+            h2 = np.zeros(self.size, dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for ids, ch in cols:  # two rolling hashes of each token's class sequence
+                    k = cls[ch].astype(np.uint64) + np.uint64(1)
+                    h1[ids] = h1[ids] * np.uint64(1_000_003) + k
+                    h2[ids] = h2[ids] * np.uint64(998_244_353) + k
+            keys, first, group = np.unique(np.stack([h1, h2], 1), axis=0, return_index=True, return_inverse=True)
+            slot = np.full(self.size, -1, dtype=np.int64)
+            slot[first] = np.arange(len(first))
+            gcols = []
+            for ids, ch in cols:
+                keep = slot[ids] >= 0
+                if keep.any():
+                    gcols.append((slot[ids[keep]], cls[ch[keep]]))
+            self._walk = gcols, group.reshape(-1), whole[first] & (keys != 0).any(1), whole
         return self._walk
 
     def after(self, state: int) -> np.ndarray:
-        """[V] the state each token leads to from ``state`` (meaningful for whole-text tokens only;
-        kept for the states seen)."""
+        """Per token group (see ``walk``), the state it leads to from ``state``; kept for the states seen."""
         out = self._after.get(state)
         if out is None:
-            cols, cls, _ = self.walk()
-            out = np.full(self.size, state, dtype=np.int64)
-            for ids, chars in cols:
-                out[ids] = self.trans[out[ids], cls[chars]]
-            if len(self._after) >= 256:
+            cols, group, _, _ = self.walk()
+            out = np.full(int(group.max()) + 1, state, dtype=np.int64)
+            for idx, c in cols:
+                out[idx] = self.trans[out[idx], c]
+            if len(self._after) >= 1024:
                 self._after.clear()
             self._after[state] = out
         return out
@@ -221,7 +286,8 @@ class RegexPlan:
                 return None
         if self.dist[state] > steps_left:
             return None
-        ok = (self.dist[self.after(state)] <= steps_left - 1) & self.walk()[2]
+        _, group, walkable, whole = self.walk()
+        ok = ((self.dist[self.after(state)] <= steps_left - 1) & walkable)[group]
         return torch.from_numpy(ok | self.eos)
 
 

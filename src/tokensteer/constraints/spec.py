@@ -234,6 +234,9 @@ def build(lm, spec: ConstraintSpec) -> list:
         from tokensteer.constraints.grammar import Grammar, grammar_for
 
         label = "regex" if spec.regex is not None else "JSON schema" if spec.json_schema is not None else "grammar"
+        from tokensteer.constraints.regexplan import schema_regex
+
         grammar = grammar_for(spec.regex, spec.json_schema, spec.grammar)
-        parts.append(Grammar(tok, table, grammar, label, spec.fast_forward, regex=spec.regex))
+        plan = spec.regex if spec.regex is not None else schema_regex(spec.json_schema) if spec.json_schema is not None else None
+        parts.append(Grammar(tok, table, grammar, label, spec.fast_forward, regex=plan))
     return [AllOf(parts, table)]
