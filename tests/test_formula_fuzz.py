@@ -15,18 +15,7 @@ from tokensteer.errors import UserError
 from tokensteer.formula import FormulaControl, check, parse
 from tokensteer.formula.ast import Model
 from tokensteer.formula.parser import FormulaError
-from tokensteer.hooks import Control
-
-
-class Recorder(Control):
-    """Keeps the log-probabilities the formula produced at every step."""
-
-    def __init__(self) -> None:
-        self.steps: list[torch.Tensor] = []
-
-    def logprobs(self, state, logprobs):
-        self.steps.append(logprobs.clone())
-        return logprobs
+from test_formula_speculative import Recorder
 
 
 @pytest.mark.parametrize(

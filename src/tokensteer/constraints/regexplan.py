@@ -1,13 +1,15 @@
-"""Budget planning for ``--regex``: keep room to finish the match within ``--max-tokens``.
+"""Budget planning for ``--regex`` and ``--json-schema``: keep room to finish within ``--max-tokens``.
 
 llguidance says which tokens a regex allows next, not how many tokens the match still needs, so a
-small budget used to end the text half-matched. Here the regex's DFA (built by interegular) gives
-every state a cost: the fewest tokens that reach a full match. For small DFAs it is exact over the
-vocabulary's whole-text tokens (each token walked from each state); for big ones it is one token
-per character, an upper bound the single-character tokens can always meet. While the budget is
-tight, a token is allowed only if the state it leads to can still finish in the steps left.
-Regexes interegular cannot read, and texts its DFA disagrees with, are left unplanned (llguidance
-alone decides, as before), so planning can only ever narrow llguidance's mask, never widen it.
+small budget used to end the text half-matched. Here the regex's DFA (built by interegular; a JSON
+Schema becomes a regex through outlines-core) gives every state a cost: the fewest tokens that
+reach a full match. For small DFAs it is exact over the vocabulary's whole-text tokens (walked
+from every state, one token per group of tokens with the same DFA classes); for big ones it is an
+upper bound: one single-character token per character, or a run of fixed text in the tokens the
+tokenizer spells it with. While the budget is tight, a token is allowed only if the state it leads
+to can still finish in the steps left. Regexes interegular cannot read, and texts its DFA
+disagrees with, are left unplanned (llguidance alone decides, as before), so planning can only
+ever narrow llguidance's mask, never widen it.
 """
 
 from __future__ import annotations
