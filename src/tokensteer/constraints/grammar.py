@@ -142,7 +142,13 @@ def _plan(regex: str, table: TokenTable, encode=None) -> RegexPlan | None:
         except Exception:  # interegular raises many kinds of errors for syntax it does not support
             return None
 
-    return table.memo(("regexplan", regex, encode is not None), build)  # reused by later requests
+    plans = table.memo("regexplans", dict)  # per tokenizer, reused by later requests
+    key = (regex, encode is not None)
+    if key not in plans:
+        if len(plans) >= 16:  # a long-lived process meeting many patterns keeps the newest
+            del plans[next(iter(plans))]
+        plans[key] = build()
+    return plans[key]
 
 
 class Grammar(Constraint):

@@ -268,10 +268,10 @@ class RegexPlan:
         out = self._after.get(state)
         if out is None:
             cols, group, _, _ = self.walk()
-            out = np.full(int(group.max()) + 1, state, dtype=np.int64)
+            out = np.full(int(group.max()) + 1, state, dtype=np.int32)
             for idx, c in cols:
                 out[idx] = self.trans[out[idx], c]
-            if len(self._after) >= 1024:
+            if len(self._after) >= 128:
                 self._after.clear()
             self._after[state] = out
         return out
