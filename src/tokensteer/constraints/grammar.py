@@ -135,7 +135,7 @@ def read_grammar(path: str) -> str:
 
 def _plan(regex: str, table: TokenTable, encode=None) -> RegexPlan | None:
     """The regex's budget plan, or None when its DFA cannot be built here (too big, or syntax that
-    interegular does not know, such as ``\\p{L}``): llguidance alone then decides, as for JSON."""
+    interegular does not know, such as ``\\p{L}``): llguidance alone then decides, as for Lark grammars."""
     def build() -> RegexPlan | None:
         try:
             return RegexPlan(regex, table, encode)

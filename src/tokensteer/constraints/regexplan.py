@@ -144,7 +144,7 @@ class RegexPlan:
         self.table = table
         self.eos = table.eos.numpy()
         self.size = table.size
-        self._walk: tuple | None = None  # (columns, class per character, whole-text tokens): built when first needed
+        self._walk: tuple | None = None  # the vocabulary grouped for walking (see ``walk``), built when first needed
         # cost to finish: one single-character token per character, or a run of characters the
         # regex fixes (``","year":``) in as many tokens as the tokenizer writes it with (Dijkstra)
         usable = np.zeros(n_cls, dtype=bool)
@@ -200,12 +200,12 @@ class RegexPlan:
         return runs
 
     def _exact_costs(self) -> None:
-        """Replace the upper-bound costs by exact per-token ones (DFAs of up to EXACT_STATES
-        states; done once, lazily: only requests that reach the end of their budget pay for it)."""
+        """Replace the upper-bound costs by exact per-token ones (at most EXACT_STATES states and
+        EXACT_WORK walking; done once, lazily: only requests that reach the end of their budget pay)."""
         self.exact = True
         if self.dead > EXACT_STATES:
             return
-        _, group, walkable, _ = self.walk()
+        _, _, walkable, _ = self.walk()
         if self.dead * len(walkable) > EXACT_WORK:
             return
         moves = np.stack([self.after(s)[walkable] for s in range(self.dead)])  # [S, walkable groups]
