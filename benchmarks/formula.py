@@ -6,6 +6,11 @@ seconds per token. Targets: 2-term ≤ 1.15, 4-term ≤ 1.4. The same rounds als
 bare ``step`` for 2 and 4 rows against 1 (no loop, no formula): the floor a formula of that many
 rows can reach, so ``ratio − floor`` is what the engine itself adds. The last line is one JSON object.
 
+Both formulas only read their same-model terms as a weighted sum, so on a backend that can mix rows
+(``HEAD_MIX``) the output layer runs once on Σ wᵢ·hᵢ instead of once per row; there the same
+formulas also run unfused (``*-unfused``, every row through the output layer), and the bare step is
+also timed with that mix (``bare_step_*rows_mixed_vs_1``, the fused formula's floor).
+
     .venv/bin/python benchmarks/formula.py [--rounds 5] [--tokens 32] [--backends torch,llamacpp]
 """
 
@@ -17,6 +22,7 @@ import statistics
 import time
 
 import tokensteer as ts
+from tokensteer.backends.base import HEAD_MIX
 from tokensteer.formula.engine import FormulaControl
 
 PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
@@ -31,12 +37,13 @@ def per_token(lm, controls, tokens: int) -> float:
     return g.decode_s / (len(g.tokens) - 1)
 
 
-def bare_step(lm, rows: int, tokens: int) -> float:
-    """Median seconds of the backend's own step for ``rows`` copies of the prompt (no loop)."""
+def bare_step(lm, rows: int, tokens: int, mixed: bool = False) -> float:
+    """Median seconds of the backend's own step for ``rows`` copies of the prompt (no loop), with
+    every row through the output layer or (``mixed``) only their sum."""
     import torch
 
     ids = lm.tokenizer.encode(PROMPT)
-    sess = lm.session(())
+    sess = lm.session((), mix=torch.ones(1, rows)) if mixed else lm.session(())
     try:
         sess.prefill([ids] * rows)
         feed = torch.tensor([ids[-1]] * rows)
@@ -52,29 +59,36 @@ def bare_step(lm, rows: int, tokens: int) -> float:
 
 def bench(backend: str, rounds: int, tokens: int) -> dict:
     lm = ts.load(backend=backend)
+    mixes = HEAD_MIX in lm.capabilities
     ctrls = {"plain": []} | {k: [FormulaControl(lm, f)] for k, f in FORMULAS.items()}
+    if mixes:
+        for k, f in FORMULAS.items():
+            c = FormulaControl(lm, f)
+            c.fused = None  # every term's row through the output layer, as without HEAD_MIX
+            ctrls[f"{k}-unfused"] = [c]
     for c in ctrls.values():  # warm up every path once
         per_token(lm, c, 4)
     times: dict[str, list[float]] = {k: [] for k in ctrls}
-    steps: dict[int, list[float]] = {1: [], 2: [], 4: []}
+    kinds = [(1, False), (2, False), (4, False)] + ([(2, True), (4, True)] if mixes else [])
+    steps: dict[tuple[int, bool], list[float]] = {k: [] for k in kinds}
     for r in range(rounds):
         for k, c in ctrls.items():
             times[k].append(per_token(lm, c, tokens))
-        for n in steps:
-            steps[n].append(bare_step(lm, n, tokens))
+        for n, mixed in steps:
+            steps[n, mixed].append(bare_step(lm, n, tokens, mixed))
         print(f"[{backend}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1] * 1000:.1f} ms" for k, v in times.items())
-              + "; bare step " + ", ".join(f"{n} rows {v[-1] * 1000:.1f} ms" for n, v in steps.items()), flush=True)
+              + "; bare step " + ", ".join(f"{n} rows{' mixed' if m else ''} {v[-1] * 1000:.1f} ms" for (n, m), v in steps.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    floor = {n: statistics.median(steps[n]) / statistics.median(steps[1]) for n in (2, 4)}
-    # ratios per round too (each round's three runs are back to back), to show the spread
-    per_round = {k: [a / p for a, p in zip(times[k], times["plain"])] for k in FORMULAS}
+    one = statistics.median(steps[1, False])
+    # ratios per round too (each round's runs are back to back), to show the spread
+    per_round = {k: [a / p for a, p in zip(times[k], times["plain"])] for k in ctrls if k != "plain"}
     return {
         "backend": backend,
+        "fused": {k: c[0].fused is not None and mixes for k, c in ctrls.items() if k in FORMULAS},
         "plain_ms_per_token": med["plain"] * 1000,
-        **{f"{k}_ms_per_token": med[k] * 1000 for k in FORMULAS},
-        **{f"ratio_{k}": med[k] / med["plain"] for k in FORMULAS},
-        "bare_step_2rows_vs_1": floor[2],
-        "bare_step_4rows_vs_1": floor[4],
+        **{f"{k}_ms_per_token": med[k] * 1000 for k in ctrls if k != "plain"},
+        **{f"ratio_{k}": med[k] / med["plain"] for k in ctrls if k != "plain"},
+        **{f"bare_step_{n}rows{'_mixed' if m else ''}_vs_1": statistics.median(v) / one for (n, m), v in steps.items() if n > 1},
         **{f"ratio_{k}_rounds": [round(x, 3) for x in v] for k, v in per_round.items()},
     }
 

@@ -35,9 +35,9 @@ def ref_lp(lm, text: str, gen: list[int]) -> torch.Tensor:
         return torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].float(), -1)
 
 
-def run(lm, formula: str, n: int = 5, **kw):
+def run(lm, formula: str, n: int = 5, trace: bool = True, **kw):
     rec = Recorder()
-    ctrl = FormulaControl(lm, formula, trace=True)
+    ctrl = FormulaControl(lm, formula, trace=trace)
     gens = ts.generate(lm, PROMPTS, max_tokens=n, ignore_eos=True, controls=[ctrl, rec], **kw)
     return ctrl, rec, gens
 
@@ -77,6 +77,40 @@ REFERENCES = {
 def test_operator_matches_reference_formula(tiny, formula):
     _, rec, gens = run(tiny, formula, temperature=1.0, seed=0)
     assert len(rec.steps) == 5
+    for gen, got in rec.steps:
+        for b, prompt in enumerate(PROMPTS):
+            want = torch.log_softmax(REFERENCES[formula](lambda pre: ref_lp(tiny, pre + prompt, gen[b])), -1)
+            finite = torch.isfinite(want)
+            assert torch.equal(finite, torch.isfinite(got[b])), formula
+            torch.testing.assert_close(got[b][finite], want[finite], atol=2e-4, rtol=1e-4)
+
+
+# Head rows each formula needs when the backend sums its same-model terms (None: it is not fused).
+FUSED_ROWS = {
+    'M + 2*(M("good ") - M("bad "))': 1,
+    'normalized: M - 0.6*M("bad ")': 1,
+    'normalized: 0.5*M + 1.5*M("good ")': 1,
+    'temp(M + M("good "), 0.5)': 1,
+    'topp(M("good "), 0.5)': 1,  # only the prefixed row is read: weights [0, 1]
+    'nucleus(M + 2*M("good ") - 2*M("bad "), 0.8)': 2,  # the base row too, for the nucleus
+}
+
+
+@pytest.mark.parametrize("formula", list(REFERENCES))
+def test_fused_terms_match_reference_formula(tiny, formula):
+    """Without --trace, a formula whose same-model terms only meet in its top-level sum has the
+    backend compute Σ wᵢ·logitsᵢ as one row; the result still matches the reference."""
+    rows = []
+
+    class Rows(Control):
+        def logprobs(self, state, lp):
+            rows.append(state.rows_per_prompt if state.mix is not None else None)
+            return lp
+
+    rec = Recorder()
+    ctrl = FormulaControl(tiny, formula)
+    ts.generate(tiny, PROMPTS, max_tokens=5, ignore_eos=True, temperature=1.0, seed=0, controls=[ctrl, rec, Rows()])
+    assert set(rows) == {FUSED_ROWS.get(formula)}, formula
     for gen, got in rec.steps:
         for b, prompt in enumerate(PROMPTS):
             want = torch.log_softmax(REFERENCES[formula](lambda pre: ref_lp(tiny, pre + prompt, gen[b])), -1)

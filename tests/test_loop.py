@@ -207,3 +207,58 @@ def test_draw_matches_its_distribution_and_never_picks_zero_weight():
     expected = p[0][keep].double() * n
     chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
     assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
+
+
+def test_session_mix_returns_the_mixed_rows_logits(tiny):
+    """A session with a row mix returns mix @ (each row's logits), per group of rows, at prefill,
+    step and extend: the output layer is linear, so mixing hidden states first is exact."""
+    from tokensteer.backends.base import HEAD_MIX
+
+    assert HEAD_MIX in tiny.capabilities
+    rows = [tiny.tokenizer.encode(t) for t in ("the cat sat", "a dog", "one two three four", "the fox")]
+    mix = torch.tensor([[1.0, 2.0], [0.0, -0.5]])  # 2 prompts × 2 rows -> 2 prompts × 2 mixed rows
+    plain, mixed = tiny.session(), tiny.session(mix=mix)
+
+    def grouped(x):  # [4, ..., V] per-row logits -> the mix of each prompt's pair
+        return torch.einsum("or,br...->bo...", mix, x.view(2, 2, *x.shape[1:])).flatten(0, 1)
+
+    torch.testing.assert_close(mixed.prefill(rows), grouped(plain.prefill(rows)), atol=1e-4, rtol=1e-4)
+    feed = torch.tensor([5, 6, 7, 8])
+    torch.testing.assert_close(mixed.step(feed), grouped(plain.step(feed)), atol=1e-4, rtol=1e-4)
+    block = torch.tensor([[9, 10, 11]] * 4)
+    torch.testing.assert_close(mixed.extend(block), grouped(plain.extend(block)), atol=1e-4, rtol=1e-4)
+    again = tiny.session()  # the mix belongs to its session only
+    assert again.prefill(rows).shape[0] == 4
+
+
+def test_loop_mixes_rows_only_for_the_one_control_with_variants(tiny):
+    """The loop asks the backend for a control's row mix, and the controls then see R' rows; not
+    when another control also has variant rows, or a rewriter runs before the mixing one."""
+    seen: dict[str, tuple] = {}
+
+    class Mixer(Control):
+        def __init__(self, name):
+            self.name = name
+
+        def variants(self, prompt):
+            return ["good " + prompt, "bad " + prompt]
+
+        def row_mix(self):
+            return torch.tensor([[1.0, 1.0, -1.0]])
+
+        def logprobs(self, state, lp):
+            seen[self.name] = (state.rows_per_prompt, state.mix is not None)
+            return lp
+
+    class Plain(Control):
+        def logprobs(self, state, lp):
+            return lp
+
+    out = ts.generate(tiny, "the cat", max_tokens=4, ignore_eos=True, controls=[Mixer("a")])
+    assert seen["a"] == (1, True)
+    single = ts.generate(tiny, ["the cat"], max_tokens=4, ignore_eos=True, controls=[Mixer("a")])[0]
+    assert out.tokens == single.tokens
+    ts.generate(tiny, "the cat", max_tokens=2, ignore_eos=True, controls=[Mixer("b"), Mixer("c")])
+    assert seen["b"] == seen["c"] == (5, False)
+    ts.generate(tiny, "the cat", max_tokens=2, ignore_eos=True, controls=[Plain(), Mixer("d")])
+    assert seen["d"] == (3, False)

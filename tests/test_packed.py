@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not mkl_packing_available(), reason="this PyTorc
 def layer(request):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, MIN_SIZE // 256 if request.param == "head" else 512, bias=request.param == "body")
-    return lin, PackedLinear(lin) if request.param == "head" else PackedLinear(lin, BODY_HEIGHTS)
+    return lin, PackedLinear(lin, pad_two=True) if request.param == "head" else PackedLinear(lin, BODY_HEIGHTS)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9])
@@ -46,6 +46,7 @@ def test_rows_take_the_snuggest_packing(n, height):
     lin = torch.nn.Linear(64, 64)
     assert PackedLinear(lin).height(n) == height
     assert PackedLinear(lin, BODY_HEIGHTS).height(n) == (None if n <= 2 else height)
+    assert PackedLinear(lin, pad_two=True).height(n) == (4 if n == 2 else height)
 
 
 def test_gradients_flow_through_the_plain_layer(layer):

@@ -2,7 +2,8 @@
 
 A control overrides only the hooks it needs:
 
-1. ``variants``      extra conditioning rows of the same batch (e.g. the prompt behind a prefix);
+1. ``variants``      extra conditioning rows of the same batch (e.g. the prompt behind a prefix),
+                     and ``row_mix``: read them only as linear combinations, at less cost;
 2. ``residual_edits`` changes to the residual stream after chosen decoder layers;
 3. ``logprobs``      rewrites the next-token log-probabilities before sampling, seeing every row;
 4. ``mask``          a boolean mask of allowed next tokens;
@@ -93,6 +94,14 @@ class Control:
     def variants(self, prompt: str) -> Sequence[str]:
         """Hook 1: extra conditioning texts; each runs as one more row beside the prompt's row."""
         return ()
+
+    def row_mix(self) -> torch.Tensor | None:
+        """With hook 1: a [R', 1 + k] matrix when this control reads its prompt's row and its k
+        variant rows only through R' < 1 + k linear combinations of their logits. A backend that
+        can (``HEAD_MIX``) then returns those combinations as the rows (the output layer is linear,
+        so it runs once per combination instead of once per row), and ``state.rows`` holds R' rows.
+        The loop asks only when this is the one control with variants and no rewriter precedes it."""
+        return None
 
     def residual_edits(self, n_rows: int, rows_per_prompt: int) -> Sequence[ResidualEdit]:
         """Hook 2: residual-stream edits for a batch of ``n_rows`` rows."""

@@ -4,7 +4,10 @@ Each prompt owns ``R`` rows of the batch: its own row first, then the conditioni
 controls ask for (hook 1). Every step the backend returns one logit row per batch row; the loop
 turns them into log-probabilities, lets the controls rewrite them (hook 3) and mask them (hook 4),
 samples one token per prompt, tells the controls (hook 5), and feeds that token to all R rows.
-Residual edits (hook 2) run inside the backend's forward pass. With a drafting (speculative)
+Residual edits (hook 2) run inside the backend's forward pass. A control that only needs fixed
+linear combinations of its rows' logits (a formula's weighted sum) can have the backend run the
+output layer on those combinations of the rows' hidden states instead (``Control.row_mix``); the
+controls then see R' < R rows. With a drafting (speculative)
 control, sampled tokens stay tentative until its ``verify`` (hook 6) keeps k of them and gives the
 next token; the loop then trims the dropped ones from the session and emits only confirmed tokens.
 When the one masking control names tokens that must come next (hook 7), the loop feeds them with
@@ -20,7 +23,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tokensteer.backends.base import Backend
+from tokensteer.backends.base import HEAD_MIX, Backend
 from tokensteer.errors import UserError
 from tokensteer.hooks import Control, RepetitionPenalty
 from tokensteer.sampling import SamplingConfig, make_sampler, row_generators
@@ -76,6 +79,7 @@ class LoopState:
         self.step = 0
         self.forward_calls = 0
         self.offsets: dict[int, int] = {}  # id(control) -> first variant row of that control
+        self.mix: torch.Tensor | None = None  # [R', R] when the rows are combinations (Control.row_mix)
         self.max_tokens: int | None = None  # the step budget, so constraints can finish in time
         self.stop: tuple[str, ...] = ()  # stop strings, which constraints must not let cut the text
         self.confirmed = 0  # tokens emitted per prompt so far (counts against max_tokens)
@@ -151,7 +155,7 @@ def stream(
         controls.append(RepetitionPenalty(cfg.repetition_penalty))
     tok = backend.tokenizer
     # Hook 1: each prompt's rows are its own text, then every control's variants in order.
-    offsets, texts_per_prompt = {}, []
+    offsets, texts_per_prompt, with_rows = {}, [], set()
     for p in prompts:
         texts, r = [p], 1
         for c in controls:
@@ -159,6 +163,8 @@ def stream(
             offsets[id(c)] = r
             texts += vs
             r += len(vs)
+            if vs:
+                with_rows.add(id(c))
         texts_per_prompt.append(texts)
     R = len(texts_per_prompt[0])
     if any(len(t) != R for t in texts_per_prompt):
@@ -172,8 +178,10 @@ def stream(
             + backend.context_hint
         )
     B = len(prompts)
-    state = LoopState(backend, rows[::R], R)
-    state.offsets = offsets
+    drafter = _drafter(controls)
+    mix = _row_mix(controls, with_rows, backend, R) if drafter is None else None
+    state = LoopState(backend, rows[::R], R if mix is None else mix.shape[0])
+    state.offsets, state.mix = offsets, mix
     state.max_tokens, state.stop = cfg.max_tokens, tuple(cfg.stop)
     if cfg.max_tokens == 0:
         return
@@ -186,7 +194,6 @@ def stream(
         if missing:
             raise UserError(f"{type(c).__name__} needs {', '.join(sorted(missing))}, which the {backend.name} backend lacks")
 
-    drafter = _drafter(controls)
     forcer = _forcer(controls) if drafter is None else None
     rewriters = [c for c in controls if c.rewrites]
     sampler = make_sampler(cfg)
@@ -194,7 +201,7 @@ def stream(
     state.cfg, state.generators = cfg, gen
     detoks = [_Detok(tok, cfg.stop) for _ in prompts]
     eos = frozenset() if cfg.ignore_eos else tok.eos_ids
-    session = backend.session(edits, rollback=drafter is not None)
+    session = backend.session(edits, rollback=drafter is not None, **({"mix": mix} if mix is not None else {}))
     try:
         logits = session.prefill(rows)
         state.forward_calls += 1
@@ -230,7 +237,7 @@ def stream(
                 for c in rewriters:  # hook 3
                     x = c.logprobs(state, x)
             else:  # nothing rewrites: mask the raw logits and normalise once, below
-                x = logits.float().view(B, R, -1)[:, 0]
+                x = logits.float().view(B, state.rows_per_prompt, -1)[:, 0]
             allowed = None
             for c in controls:  # hook 4: one combined mask, applied once
                 m = c.mask(state)
@@ -302,6 +309,24 @@ def _drafter(controls: Sequence[Control]) -> Control | None:
             "follow tokens would have to run again on the verified distribution; drop --speculate or those controls"
         )
     return drafters[0]
+
+
+def _row_mix(controls: Sequence[Control], with_rows: set[int], backend: Backend, R: int) -> torch.Tensor | None:
+    """The [R', R] row mix the output layer should compute instead of R rows (``Control.row_mix``):
+    only for the one control with variant rows, when no rewriter before it would read the mixed
+    row as the prompt's own, and only on a backend that can mix."""
+    owners = [c for c in controls if id(c) in with_rows]
+    if len(owners) != 1 or HEAD_MIX not in backend.capabilities:
+        return None
+    (owner,) = owners
+    if next(c for c in controls if c.rewrites or c is owner) is not owner:
+        return None
+    mix = owner.row_mix()
+    if mix is None:
+        return None
+    if mix.dim() != 2 or mix.shape[1] != R:
+        raise RuntimeError(f"{type(owner).__name__}.row_mix gave shape {tuple(mix.shape)} for {R} rows")
+    return mix if mix.shape[0] < R else None  # no fewer rows through the output layer: nothing to gain
 
 
 def _forcer(controls: Sequence[Control]) -> Control | None:

@@ -20,6 +20,7 @@ RESIDUAL_FN = "residual_fn"  # arbitrary edits, per row, per phase
 RESIDUAL_FIRST = "residual_first_layer"  # edit the output of block 0 (llama.cpp control vectors start at 1)
 HIDDEN_STATES = "hidden_states"  # read hidden states (steering training, probes)
 LOAD_HF = "load_hf_folders"  # load a Hugging Face folder (e.g. a formula's other model)
+HEAD_MIX = "head_mix"  # run the output layer on linear combinations of rows (``session(mix=...)``)
 
 
 class Tokenizer(ABC):
@@ -89,9 +90,16 @@ class Backend(ABC):
     context_hint: str = ""  # how to get a longer context, for the error message
 
     @abstractmethod
-    def session(self, edits: Sequence[ResidualEdit] = (), rollback: bool = False) -> Session:
+    def session(
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None
+    ) -> Session:
         """Start a session whose forward passes apply ``edits``; ``rollback`` asks for a cache that
-        ``trim`` can roll back any distance (backends may keep more history for it)."""
+        ``trim`` can roll back any distance (backends may keep more history for it).
+
+        ``mix`` [R', R] (backends with ``HEAD_MIX`` only): every group of R consecutive rows returns
+        R' logit rows, the output layer applied to those combinations of the group's final hidden
+        states. The output layer is linear, so that equals the same combinations of the rows'
+        logits, at the cost of R' rows instead of R through the (often biggest) last matrix."""
 
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
         """Residual stream after each requested layer: per text a [len(layers), T, H] tensor."""

@@ -6,8 +6,9 @@ rows, so 4 rows cost far more than one (formula terms and eval batches are rows)
 matrix once per batch height, and a snug packing beats a padded one (output layer, 4 rows: 39.5 ms
 at height 4, 45 ms at height 8). We keep height-4 (3-4 rows) and height-8 (5-8 rows) packings of
 the decoder's linear layers and of the output layer, plus a height-1 packing of the output layer
-(Gemma 3's 262k-token vocabulary: one row 27 ms against 38 ms with ``linear``). Two rows and more
-than eight use ``linear`` (a height-2 packing measured no faster inside a whole step). Each packing
+(Gemma 3's 262k-token vocabulary: one row 27 ms against 38 ms with ``linear``). Two rows through the
+output layer pad to height 4 (45 ms against 62 ms with ``linear``; a whole 2-row step 12 % faster);
+through the decoder's small matrices they use ``linear``, as do more than eight rows. Each packing
 is another copy of its matrix (output layer 3 × 670 MB, decoder layers 2 × 400 MB for Gemma 3
 270M), so only big float32 layers are packed, only while the
 copies take at most half of the free memory (the most useful heights first), and
@@ -47,19 +48,21 @@ class PackedLinear(torch.nn.Linear):
     """A float32 ``nn.Linear`` that also holds MKL packings of its weight (shared, not copied: same
     parameters, same state-dict keys). Rows without a packing go through plain ``linear``."""
 
-    def __init__(self, linear: torch.nn.Linear, heights: tuple[int, ...] = HEAD_HEIGHTS) -> None:
+    def __init__(self, linear: torch.nn.Linear, heights: tuple[int, ...] = HEAD_HEIGHTS, pad_two: bool = False) -> None:
         if not set(heights) <= set(HEIGHTS):
             raise ValueError(f"packings are for {HEIGHTS} rows, not {heights}")
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.pad_two = pad_two  # two rows padded to a taller packing rather than plain ``linear``
         w = linear.weight.detach()
         self.packed = {h: torch.ops.mkl._mkl_reorder_linear_weight(w, h) for h in sorted(heights)}
 
     def height(self, n: int) -> int | None:
         """The packing ``n`` rows use, or None for plain ``linear``: one row only its own packing
-        (padding it costs more than ``linear``), two rows none, more rows the snuggest one."""
-        if n <= 2:
+        (padding it costs more than ``linear``), two rows none unless ``pad_two``, more rows the
+        snuggest one."""
+        if n == 1 or (n == 2 and not self.pad_two):
             return n if n in self.packed else None
         return next((h for h in self.packed if h >= n), None)
 
@@ -108,7 +111,7 @@ def pack_output_layer(model) -> bool:
     if not heights:
         return False
     try:
-        packed = PackedLinear(head, heights)
+        packed = PackedLinear(head, heights, pad_two=True)
     except RuntimeError:  # an MKL without packed GEMM: keep the plain layer
         return False
     model.set_output_embeddings(packed)

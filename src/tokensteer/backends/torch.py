@@ -16,6 +16,7 @@ import torch
 
 from tokensteer.backends.packed import pack_decoder_layers, pack_output_layer
 from tokensteer.backends.base import (
+    HEAD_MIX,
     HIDDEN_STATES,
     LOAD_HF,
     RESIDUAL_ADD,
@@ -118,8 +119,14 @@ class TorchBackend(Backend):
         self._edits: dict[int, list[ResidualEdit]] = {}
         self._ctx = EditContext("prefill", 0)
         self._record: dict[int, torch.Tensor] | None = None
+        self._mix: torch.Tensor | None = None  # the running session's row mix, applied before the output layer
         for i, layer in enumerate(self.layers):
             layer.register_forward_hook(self._make_hook(i))
+        head = model.get_output_embeddings()
+        softcap = getattr(text_config, "final_logit_softcapping", None)
+        if isinstance(head, torch.nn.Linear) and head.bias is None and not softcap:  # logits linear in the hidden state
+            head.register_forward_pre_hook(self._mix_rows)
+            self.capabilities = self.capabilities | {HEAD_MIX}
 
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32") -> "TorchBackend":
@@ -164,13 +171,26 @@ class TorchBackend(Backend):
 
         return hook
 
-    def session(self, edits: Sequence[ResidualEdit] = (), rollback: bool = False) -> "TorchSession":
+    def _mix_rows(self, module, args):
+        """Output-layer pre-hook: replace each group of R rows [N, T, H] by the mix's R' combinations."""
+        m = self._mix
+        if m is None:
+            return None
+        h = args[0]
+        groups = h.reshape(h.shape[0] // m.shape[1], m.shape[1], *h.shape[1:])
+        return (torch.einsum("or,br...->bo...", m.to(h.dtype), groups).flatten(0, 1), *args[1:])
+
+    def session(
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None
+    ) -> "TorchSession":
+        if mix is not None and HEAD_MIX not in self.capabilities:
+            raise UserError(f"{self.model_name}'s output layer is not linear (a bias or logit soft-capping); it cannot mix rows")
         for e in edits:
             if not 0 <= e.layer < self.n_layers:
                 raise UserError(f"layer {e.layer} is out of range: this model has layers 0–{self.n_layers - 1}")
             if e.vector is not None and e.vector.shape[-1] != self.hidden_size:
                 raise UserError(f"a steering vector of size {e.vector.shape[-1]} does not fit hidden size {self.hidden_size}")
-        return TorchSession(self, edits, rollback)
+        return TorchSession(self, edits, rollback, mix)
 
     @torch.inference_mode()
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
@@ -195,10 +215,13 @@ class TorchBackend(Backend):
 class TorchSession(Session):
     """Rows of one generate call with a transformers DynamicCache; left padding for ragged prompts."""
 
-    def __init__(self, backend: TorchBackend, edits: Sequence[ResidualEdit], rollback: bool = False) -> None:
+    def __init__(
+        self, backend: TorchBackend, edits: Sequence[ResidualEdit], rollback: bool = False, mix: torch.Tensor | None = None
+    ) -> None:
         from transformers import DynamicCache
 
         self.b = backend
+        self.mix = None if mix is None else mix.detach().float()
         self.edits: dict[int, list[ResidualEdit]] = {}
         for e in edits:
             self.edits.setdefault(e.layer, []).append(e)
@@ -218,7 +241,7 @@ class TorchSession(Session):
         T' = 1 (prefill) or T (decode) positions."""
         b = self.b
         with b._lock:
-            b._edits, b._ctx = self.edits, EditContext(phase, self.n_rows)
+            b._edits, b._ctx, b._mix = self.edits, EditContext(phase, self.n_rows), self.mix
             try:
                 out = b.model(
                     input_ids=ids,
@@ -229,7 +252,7 @@ class TorchSession(Session):
                     logits_to_keep=1 if phase == "prefill" else ids.shape[1],
                 )
             finally:
-                b._edits = {}
+                b._edits, b._mix = {}, None
         return out.logits.float()
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:

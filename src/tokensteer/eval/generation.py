@@ -76,9 +76,9 @@ class CountingBackend:
         self.inner = inner
         self.counter = {"calls": 0, "rows": 0}
 
-    def session(self, edits=(), rollback=False):
+    def session(self, edits=(), rollback=False, **kw):
         self.counter = {"calls": 0, "rows": 0}
-        return _CountingSession(self.inner.session(edits, rollback), self.counter)
+        return _CountingSession(self.inner.session(edits, rollback, **kw), self.counter)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -16,7 +16,7 @@ import torch
 from tokensteer.backends.base import Backend, Session
 from tokensteer.errors import UserError
 from tokensteer.formula.ast import Const, Formula, Guide, Model, Node, Op, Sum, to_string
-from tokensteer.formula.check import Report, check, check_speculative, kind, peel, top_terms
+from tokensteer.formula.check import Report, any_node, check, check_speculative, kind, peel, top_terms
 from tokensteer.formula.guides import get_guide
 from tokensteer.formula.parser import parse
 from tokensteer.formula.speculative import SpecStats, accept, draft_of
@@ -109,6 +109,7 @@ class FormulaControl(Control):
         self.draft_root = draft_of(formula.root) if self.drafts else None
         if self.draft_root is not None:
             self._collect(self.draft_root)  # the draft's stand-ins for other models may need rows
+        self.fused = None if self.drafts or trace else fusion(formula, self.prefixes)
         self.stats = SpecStats()
         self.guides = {g.name: get_guide(g.name) for g in self._guides(formula.root)}
         self._other_lms = {path: load_other(lm, path) for path, _ in self.others}
@@ -116,6 +117,7 @@ class FormulaControl(Control):
         self._other_lp: list[torch.Tensor] = []
         self.traces: list[list[TokenTrace]] = []
         self._pending: list | None = None
+        self._mixed: torch.Tensor | None = None  # this step's fused same-model row, when the loop mixed rows
 
     # the formula's terms ------------------------------------------------------------------
     def _collect(self, n: Node) -> None:
@@ -145,6 +147,15 @@ class FormulaControl(Control):
     def variants(self, prompt: str) -> Sequence[str]:
         return [p + prompt for p in self.prefixes]
 
+    def row_mix(self) -> torch.Tensor | None:
+        """Ask for Σ wᵢ·logitsᵢ of the same-model terms as one row (see ``fusion``), plus the
+        prompt's own row when a nucleus filter needs the base distribution."""
+        if self.fused is None:
+            return None
+        weights, needs_base = self.fused
+        rows = [weights] + ([[1.0] + [0.0] * (len(weights) - 1)] if needs_base else [])
+        return torch.tensor(rows, dtype=torch.float32)
+
     def start(self, state: LoopState) -> None:
         for s in self._sessions:
             s.close()
@@ -172,10 +183,16 @@ class FormulaControl(Control):
         return lp
 
     def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
+        self._state = state
+        if state.mix is not None:  # row 0 is the same-model terms' weighted sum, row 1 the base if asked
+            self._mixed = self._base_in = state.rows[:, 0]
+            self._base_rows = state.rows[:, 1] if state.rows_per_prompt > 1 else self._mixed
+            self._rows = None
+            return self._combine(self.formula.root)
+        self._mixed = None
         self._base_in = logprobs
         self._rows = state.variant_rows(self) if self.prefixes else None
         self._base_rows = state.rows[:, 0]
-        self._state = state
         if self.drafts:  # speculative: sample from the draft, keep what verify() will need
             q = self._combine(self.draft_root)
             self._held.append((self._base_in, self._rows, self._base_rows))
@@ -191,7 +208,11 @@ class FormulaControl(Control):
         normalized = self.formula.mode == "normalized"
         total = sum(w for w, t in terms if kind(t) in ("model", "operator"))
         div = total if normalized else 1.0
-        values = [(w / div, self.eval(t)) for w, t in terms if kind(t) not in ("guide",)]
+        mixed = self._mixed
+        if mixed is None:
+            values = [(w / div, self.eval(t)) for w, t in terms if kind(t) != "guide"]
+        else:  # the backend already summed the same-model terms (their log-softmax constants cancel below)
+            values = [(1.0, mixed)] + [(w / div, self.eval(t)) for w, t in terms if kind(t) != "guide" and not _same_model(t)]
         s = combine(values, any(may_exclude(t) for _, t in terms))
         guide_vals = []
         for w, t in terms:
@@ -361,6 +382,36 @@ class FormulaControl(Control):
                 )
             )
         self._pending = None
+
+
+def _same_model(n: Node) -> bool:
+    return isinstance(n, Model) and n.model is None
+
+
+def fusion(formula: Formula, prefixes: list[str]) -> tuple[list[float], bool] | None:
+    """Weights over [prompt row, variant rows] when the formula reads its same-model terms only as
+    a weighted sum at the top (``M + 2*(M("a") - M("b"))``, under any filters), else None.
+
+    Then Σ wᵢ·log pᵢ = Σ wᵢ·zᵢ − Σ wᵢ·log Zᵢ: the constants vanish in the final normalisation, and
+    Σ wᵢ·zᵢ is the output layer applied once to Σ wᵢ·hᵢ. The flag asks for the prompt's own row
+    as well, which a nucleus filter (DExperts' base nucleus) restricts to.
+    """
+    if not prefixes:
+        return None
+    filters, body = peel(formula.root)
+    terms = top_terms(body)
+    total = sum(w for w, t in terms if kind(t) in ("model", "operator"))
+    div = total if formula.mode == "normalized" else 1.0
+    weights = [0.0] * (1 + len(prefixes))
+    for w, t in terms:
+        if _same_model(t):
+            if t.temperature != 1.0:
+                return None
+            weights[1 + prefixes.index(t.prefix) if t.prefix else 0] += w / div
+        elif any_node(t, _same_model):
+            return None  # inside an operator (union, a filter, a nested temperature): needs its own row
+    needs_base = any_node(formula.root, lambda n: isinstance(n, Op) and n.name == "nucleus")
+    return weights, needs_base
 
 
 _OTHERS: dict[tuple[int, str], Backend] = {}
