@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.util
 from typing import Callable
 
-from tokensteer.backends.base import HIDDEN_STATES, LOAD_HF, RESIDUAL_ADD, RESIDUAL_FIRST, RESIDUAL_FN, Backend, Session, Tokenizer
+from tokensteer.backends.base import HEAD_MIX, HIDDEN_STATES, LOAD_HF, RESIDUAL_ADD, RESIDUAL_FIRST, RESIDUAL_FN, Backend, Session, Tokenizer
 from tokensteer.errors import UserError
 from tokensteer.models import ModelSource, bundled_gguf, ensure_bundled
 
 BACKENDS = ("auto", "torch", "llamacpp")
-LLAMACPP_CAPABILITIES = frozenset({RESIDUAL_ADD})
+LLAMACPP_CAPABILITIES = frozenset({RESIDUAL_ADD, HEAD_MIX})  # mixing runs a head-only model, or mixes logits
 
 #: what each capability lets a control do, for error messages
 CAPABILITY_TEXT = {

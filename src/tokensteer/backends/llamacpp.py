@@ -6,6 +6,10 @@ output buffer. Forking a row copies its sequence (cells are shared, nothing is r
 backtracking removes the tail of each sequence. Additive steering uses llama.cpp's control
 vectors, which add one vector per layer to every row at every position.
 
+A session with a row mix (a formula's weighted sum) stops each graph after the final norm and runs
+the mixed rows through a head-only copy of the model (``llamacpp_head``), so the 262k-row output
+layer runs once per mix instead of once per row.
+
 What this backend cannot do, and the torch backend can: read hidden states, run non-additive or
 per-row residual edits, and edit the output of layer 0 (llama.cpp has no control vector there).
 """
@@ -26,6 +30,7 @@ import torch
 
 from tokensteer.backends import LLAMACPP_CAPABILITIES
 from tokensteer.backends.base import Backend, Session
+from tokensteer.backends.llamacpp_head import Capture, Head, build_head, head_path
 from tokensteer.backends.llamacpp_vocab import LlamaTokenizer
 from tokensteer.errors import UserError
 from tokensteer.hooks import ResidualEdit
@@ -89,13 +94,16 @@ class _Batch:
 class _Context:
     """One llama.cpp context (KV cache, control vector, batch) that one session uses at a time."""
 
-    def __init__(self, model, n_ctx: int, n_seq: int, n_threads: int) -> None:
+    def __init__(self, model, n_ctx: int, n_seq: int, n_threads: int, capture: bool = False) -> None:
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, N_BATCH, N_BATCH, n_seq
         p.n_threads = p.n_threads_batch = n_threads
         p.kv_unified = True  # rows share cells: a fork costs nothing and any row may grow long
         p.swa_full = True  # keep every cell of sliding-window layers, so backtracking stays exact
         p.no_perf = True
+        self.capture = Capture() if capture else None  # stops the graph before the output layer on demand
+        if self.capture is not None:
+            p.cb_eval = self.capture.cfunc
         self.ptr = llama_cpp.llama_init_from_model(model, p)
         if not self.ptr:
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
@@ -117,9 +125,11 @@ class _Context:
             self.ptr = None
 
 
-def _free_all(model, contexts: list[_Context]) -> None:
+def _free_all(model, contexts: list[_Context], heads: list[Head]) -> None:
     for c in contexts:
         c.free()
+    for h in heads:
+        h.free()
     if model:
         llama_cpp.llama_model_free(model)
 
@@ -130,9 +140,11 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     capabilities = LLAMACPP_CAPABILITIES
 
-    def __init__(self, model, model_name: str, n_threads: int, n_ctx: int) -> None:
+    def __init__(self, model, model_name: str, n_threads: int, n_ctx: int, path: Path | None = None) -> None:
         self.model = model
         self.model_name = model_name
+        self.path = path
+        self._head: Head | None | bool = None  # the head-only model: None untried, False unusable
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.tokenizer = LlamaTokenizer(self.vocab, owner=self)
         self.n_layers = int(llama_cpp.llama_model_n_layer(model))
@@ -142,7 +154,8 @@ class LlamaCppBackend(Backend):
         self._lock = threading.Lock()
         self._all: list[_Context] = []
         self._idle: list[_Context] = []
-        self._finalizer = weakref.finalize(self, _free_all, model, self._all)
+        self._heads: list[Head] = []
+        self._finalizer = weakref.finalize(self, _free_all, model, self._all, self._heads)
         first = self._acquire(1)  # make the first context now, not on the first request
         self.context_length = first.n_ctx  # rows of one session share these cells
         self.context_hint = " or set TOKENSTEER_N_CTX higher"
@@ -169,7 +182,7 @@ class LlamaCppBackend(Backend):
                 f"llama.cpp cannot load {path}: the file is corrupt or its architecture is not supported "
                 f"by llama-cpp-python {llama_cpp.__version__}; try --backend torch"
             )
-        return cls(model, model_name or Path(path).name, n_threads or default_threads(), n_ctx)
+        return cls(model, model_name or Path(path).name, n_threads or default_threads(), n_ctx, Path(path))
 
     def close(self) -> None:
         """Free the model and its contexts now instead of at garbage collection."""
@@ -180,16 +193,16 @@ class LlamaCppBackend(Backend):
         """False once ``close`` has freed the model."""
         return self._finalizer.alive
 
-    def _acquire(self, n_rows: int) -> _Context:
+    def _acquire(self, n_rows: int, capture: bool = False) -> _Context:
         if not self.is_open:
             raise UserError("this llama.cpp model was closed; load it again")
         if n_rows > MAX_SEQS // 2:
             raise UserError(f"the llamacpp backend decodes at most {MAX_SEQS // 2} rows at once; this batch has {n_rows}")
         with self._lock:
             for i, c in enumerate(self._idle):
-                if c.n_seq >= 2 * n_rows:  # spare ids for rows that select() duplicates
+                if c.n_seq >= 2 * n_rows and (c.capture is not None) == capture:  # spare ids for rows that select() duplicates
                     return self._idle.pop(i)
-        c = _Context(self.model, self.n_ctx, min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows)), self.n_threads)
+        c = _Context(self.model, self.n_ctx, min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows)), self.n_threads, capture)
         with self._lock:
             self._all.append(c)
         return c
@@ -217,11 +230,66 @@ class LlamaCppBackend(Backend):
                 return f"layer {e.layer} is out of range: this model has layers 0–{self.n_layers - 1}"
         return None
 
-    def session(self, edits: Sequence[ResidualEdit] = (), rollback: bool = False) -> "LlamaSession":
+    def session(
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None
+    ) -> "LlamaSession":
         why = self.unsupported(edits)
         if why:
             raise UserError(why)
-        return LlamaSession(self, edits)
+        return LlamaSession(self, edits, mix)
+
+    def head(self) -> Head | None:
+        """The head-only model that runs mixed rows (built into the cache on first use and checked
+        against the model's own logits), or None where it does not reproduce them."""
+        with self._lock:
+            if self._head is None:
+                self._head = self._open_head() or False
+            return self._head or None
+
+    def _open_head(self) -> Head | None:
+        from tokensteer.models import home
+
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            dst = head_path(self.path, home() / "heads")
+            if not dst.exists():
+                build_head(self.path, dst)
+            head = Head(dst, self.n_threads, self._rms_eps())
+        except (ValueError, OSError, KeyError):
+            return None
+        self._heads.append(head)
+        return head if self._head_reproduces_logits(head) else None
+
+    def _rms_eps(self) -> float:
+        buf = ctypes.create_string_buffer(64)
+        arch = buf.value.decode() if llama_cpp.llama_model_meta_val_str(self.model, b"general.architecture", buf, 64) > 0 else ""
+        key = f"{arch}.attention.layer_norm_rms_epsilon".encode()
+        return float(buf.value) if llama_cpp.llama_model_meta_val_str(self.model, key, buf, 64) > 0 else 1e-6
+
+    def _head_reproduces_logits(self, head: Head) -> bool:
+        """Run a probe text through the model twice, whole and stopped at the final norm + head."""
+        c = _Context(self.model, 64, 1, self.n_threads, capture=True)
+        try:
+            ids = np.asarray(self.tokenizer.encode("The lighthouse keeper climbed the stairs and"), np.int32)[:32]
+            n, b = len(ids), c.batch
+            b.token[:n], b.pos[:n], b.seq[:n], b.logits[:n] = ids, np.arange(n), 0, 0
+            b.logits[n - 1] = 1
+            b.c.n_tokens = n
+            if llama_cpp.llama_decode(c.ptr, b.c) != 0:
+                return False
+            addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
+            full = np.ctypeslib.as_array((ctypes.c_float * self.n_vocab).from_address(addr)).copy()
+            llama_cpp.llama_memory_clear(c.mem, False)
+            c.capture.on, c.capture.h = True, None
+            rc = llama_cpp.llama_decode(c.ptr, b.c)
+            c.capture.on = False
+            if rc != 0 or c.capture.h is None or c.capture.h.size != self.hidden_size or head.n_vocab != self.n_vocab:
+                return False
+            got = head.logits(c.capture.h.reshape(1, -1))[0]
+        finally:
+            c.free()
+        return int(got.argmax()) == int(full.argmax()) and float(np.abs(got - full).max()) <= 0.02 * max(1.0, float(np.abs(full).max()))
 
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
         raise UserError(f"the llamacpp backend cannot read hidden states (needed to train steering vectors and probes); {TORCH_HINT}")
@@ -242,9 +310,11 @@ def _control_vector(b: LlamaCppBackend, edits: list[ResidualEdit]) -> tuple[np.n
 class LlamaSession(Session):
     """The rows of one generate call: one sequence id each in a context taken from the backend's pool."""
 
-    def __init__(self, backend: LlamaCppBackend, edits: Sequence[ResidualEdit]) -> None:
+    def __init__(self, backend: LlamaCppBackend, edits: Sequence[ResidualEdit], mix: torch.Tensor | None = None) -> None:
         self.b = backend
         self.c: _Context | None = None
+        self.mix = None if mix is None else mix.detach().float().numpy()  # [R', R] (see Session)
+        self.head = backend.head() if mix is not None else None  # None: mix the full logits instead
         self.seqs = np.zeros(0, np.int32)  # sequence id of each row
         self.pos = np.zeros(0, np.int32)  # next position of each row
         self.cvecs = {
@@ -276,14 +346,44 @@ class LlamaSession(Session):
             "set TOKENSTEER_N_CTX higher, or shorten the prompt or --max-tokens"
         )
 
-    def _decode(self, n: int) -> None:
+    def _decode(self, n: int, capture: bool = False) -> None:
+        """Decode the batch's first n tokens; with ``capture``, stop after the final norm (``_hidden``)."""
         batch = self.c.batch
         batch.c.n_tokens = n
-        rc = llama_cpp.llama_decode(self.c.ptr, batch.c)
+        if capture:
+            self.c.capture.on, self.c.capture.h = True, None
+        try:
+            rc = llama_cpp.llama_decode(self.c.ptr, batch.c)
+        finally:
+            if capture:
+                self.c.capture.on = False
         if rc == 1:
             raise self._full()
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _hidden(self, n: int) -> np.ndarray:
+        """The [n, H] final normalised hidden states of the last (captured) decode, in batch order."""
+        h = self.c.capture.h
+        if h is None or h.size != n * self.b.hidden_size:
+            raise RuntimeError("llama.cpp did not stop at the final norm of this model")
+        return h.reshape(n, -1)
+
+    def _mix_rows(self, x: np.ndarray) -> np.ndarray:
+        """[G * R, ...] rows -> [G * R', ...]: each group of R rows replaced by the mix's combinations."""
+        R = self.mix.shape[1]
+        return np.einsum("or,gr...->go...", self.mix, x.reshape(-1, R, *x.shape[1:])).reshape(-1, *x.shape[1:])
+
+    def _mixed(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Logits of the mixed rows of final hidden states ``h`` [N, H], through the head model."""
+        u = self._mix_rows(np.asarray(h, np.float32))
+        return torch.from_numpy(self.head.logits(np.ascontiguousarray(u, np.float32)))
+
+    def _mix_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Without the head model: mix the full logits (the same result, no saving)."""
+        if self.mix is None:
+            return logits
+        return torch.from_numpy(self._mix_rows(logits.numpy()).astype(np.float32))
 
     def _logits(self, n: int) -> np.ndarray:
         """The [n, V] logits of the last decode, in batch order, viewed in place (no copy)."""
@@ -296,7 +396,7 @@ class LlamaSession(Session):
         if not rows or any(len(r) == 0 for r in rows):
             raise UserError("every prompt needs at least one token")
         if self.c is None:
-            self.c = self.b._acquire(len(rows))
+            self.c = self.b._acquire(len(rows), capture=self.head is not None)
         else:
             self.c.reset()
             self._phase = None
@@ -307,7 +407,8 @@ class LlamaSession(Session):
             raise UserError(f"{len(rows)} rows do not fit one llama.cpp batch of {self.c.n_batch}; set TOKENSTEER_N_CTX higher")
         n = len(rows)
         self.seqs = np.arange(n, dtype=np.int32)
-        out = torch.empty(n, self.b.n_vocab)
+        capture = self.head is not None
+        out = torch.empty(n, self.b.hidden_size if capture else self.b.n_vocab)
         batch, batch_size = self.c.batch, self.c.n_batch
         # One row per call: llama.cpp's matmul kernels change with the number of tokens in a call,
         # so a row prefilled alone gets exactly the cache (and logits) it gets in any batch.
@@ -326,10 +427,10 @@ class LlamaSession(Session):
                 batch.seq[:k] = i
                 batch.logits[:k] = 0
                 batch.logits[k - 1] = start + k == len(tokens)
-                self._decode(k)
-            out[i] = torch.from_numpy(self._logits(1)[0])
+                self._decode(k, capture and start + k == len(tokens))
+            out[i] = torch.from_numpy(self._hidden(1)[0] if capture else self._logits(1)[0])
         self.pos = np.array([len(r) for r in rows], np.int32)
-        return out
+        return self._mixed(out) if capture else self._mix_logits(out)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         n = len(self.seqs)
@@ -341,8 +442,12 @@ class LlamaSession(Session):
         batch.pos[:n] = self.pos
         batch.seq[:n] = self.seqs
         batch.logits[:n] = 1
-        self._decode(n)
+        self._decode(n, self.head is not None)
         self.pos += 1
+        if self.head is not None:
+            return self._mixed(self._hidden(n))
+        if self.mix is not None:
+            return self._mix_logits(torch.from_numpy(self._logits(n)))
         addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
         if self._view is None or self._view[:2] != (addr, n):  # llama.cpp reuses its buffer: keep the view
             self._view = (addr, n, torch.from_numpy(self._logits(n)))
@@ -366,9 +471,14 @@ class LlamaSession(Session):
         batch.pos[:m] = (self.pos[None, :] + np.arange(k, dtype=np.int32)[:, None]).reshape(-1)
         batch.seq[:m] = np.tile(self.seqs, k)
         batch.logits[:m] = 1
-        self._decode(m)
+        capture = self.head is not None
+        self._decode(m, capture)
         self.pos += k
-        return torch.from_numpy(self._logits(m).copy()).view(k, n, -1).transpose(0, 1).contiguous()
+        if capture:  # position-major [k * n, H] -> k mixed blocks through the head at once
+            out = self._mixed(self._hidden(m))
+        else:
+            out = self._mix_logits(torch.from_numpy(self._logits(m).copy()))
+        return out.view(k, out.shape[0] // k, -1).transpose(0, 1).contiguous()
 
     def trim(self, n: int) -> None:
         if n <= 0:
