@@ -70,6 +70,7 @@ REFERENCES = {
         ~nucleus_ref(f(""), 0.8), float("-inf")
     ),
     "M + 3": lambda f: f("") + 3,
+    'M + 2*M("good ") - 3': lambda f: f("") + 2 * f("good ") - 3,
 }
 
 
@@ -92,6 +93,7 @@ FUSED_ROWS = {
     'normalized: 0.5*M + 1.5*M("good ")': 1,
     'temp(M + M("good "), 0.5)': 1,
     'topp(M("good "), 0.5)': 1,  # only the prefixed row is read: weights [0, 1]
+    'M + 2*M("good ") - 3': 1,  # the constant only shifts every token alike
     'nucleus(M + 2*M("good ") - 2*M("bad "), 0.8)': 2,  # the base row too, for the nucleus
 }
 

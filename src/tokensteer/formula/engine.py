@@ -211,8 +211,11 @@ class FormulaControl(Control):
         mixed = self._mixed
         if mixed is None:
             values = [(w / div, self.eval(t)) for w, t in terms if kind(t) != "guide"]
-        else:  # the backend already summed the same-model terms (their log-softmax constants cancel below)
-            values = [(1.0, mixed)] + [(w / div, self.eval(t)) for w, t in terms if kind(t) != "guide" and not _same_model(t)]
+        else:  # the backend already summed the same-model terms; their log-softmax constants, and
+            # constant terms, only shift every token alike and vanish in the normalisation below
+            values = [(1.0, mixed)] + [(w / div, self.eval(t)) for w, t in terms if kind(t) not in ("guide", "constant") and not _same_model(t)]
+            if len(values) == 1 and not filters and all(kind(t) != "guide" for _, t in terms):
+                return mixed  # the mixed row's log-probabilities are the formula's
         s = combine(values, any(may_exclude(t) for _, t in terms))
         guide_vals = []
         for w, t in terms:
