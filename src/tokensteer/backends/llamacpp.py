@@ -258,8 +258,11 @@ class LlamaCppBackend(Backend):
             head = Head(dst, self.n_threads, self._rms_eps())
         except (ValueError, OSError, KeyError):
             return None
+        if not self._head_reproduces_logits(head):
+            head.free()
+            return None
         self._heads.append(head)
-        return head if self._head_reproduces_logits(head) else None
+        return head
 
     def _rms_eps(self) -> float:
         buf = ctypes.create_string_buffer(64)
