@@ -121,6 +121,30 @@ def test_fused_terms_match_reference_formula(tiny, formula):
             torch.testing.assert_close(got[b][finite], want[finite], atol=2e-4, rtol=1e-4)
 
 
+def test_fused_terms_combine_with_other_models_and_guides(tiny, tiny_dir):
+    """Fused same-model rows still add up with another model's term and a guide's."""
+
+    class LengthGuide:
+        def logprob(self, texts):
+            return torch.tensor([-10.0 / max(1, len(t)) for t in texts])
+
+    register_guide("test-length2", LengthGuide)
+    try:
+        f = f'M + 1.5*M("good ") - 0.5*M(model="{tiny_dir}") + 2*C("test-length2", k=4)'
+        fused, unfused = FormulaControl(tiny, f), FormulaControl(tiny, f)
+        unfused.fused = None
+        assert fused.fused is not None
+        a, b = Recorder(), Recorder()
+        ts.generate(tiny, PROMPTS, max_tokens=5, ignore_eos=True, temperature=1.0, seed=3, controls=[fused, a])
+        ts.generate(tiny, PROMPTS, max_tokens=5, ignore_eos=True, temperature=1.0, seed=3, controls=[unfused, b])
+        for (ga, x), (gb, y) in zip(a.steps, b.steps):
+            assert ga == gb
+            torch.testing.assert_close(x, y, atol=2e-4, rtol=1e-4)
+    finally:
+        GUIDES.pop("test-length2")
+        get_guide.cache_clear()
+
+
 def test_guide_term_rescores_top_k_candidates(tiny):
     """C(g) adds λ·(log C(text+token) − log C(text)) on the k best tokens of the rest, 0 elsewhere."""
 
@@ -215,6 +239,9 @@ def test_cli_formula_check_and_generate_trace(tiny_dir):
     r = CliRunner().invoke(app, ["formula", "check", 'normalized: M - 0.6*M("adult")'])
     assert r.exit_code == 0, r.output
     assert "2.5" in r.output and "-1.5" in r.output and "effective" in r.output
+    assert "output layer runs on 1" in " ".join(r.output.split())  # the two terms are summed before it
+    r = CliRunner().invoke(app, ["formula", "check", 'union(M, M("a"))'])
+    assert "output layer runs on 2" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["formula", "check", "M + (M"])
     assert r.exit_code == 2 and "column" in r.output
     r = CliRunner().invoke(app, ["formula", "recipes"])

@@ -67,6 +67,7 @@ def check_cmd(formula: str = typer.Argument(..., help="A formula or a recipe nam
     """
     from tokensteer.cli import user_errors
     from tokensteer.formula.check import check
+    from tokensteer.formula.engine import fusion, prefixes_of
     from tokensteer.formula.parser import parse
 
     out = Console()
@@ -82,6 +83,11 @@ def check_cmd(formula: str = typer.Argument(..., help="A formula or a recipe nam
         t.add_row(escape(w.term), w.kind, f"{w.written:.4g}", f"{w.effective:.4g}")
     out.print(t)
     out.print(f"Σλ of the distribution terms as written: {report.total:.4g}")
+    prefixes = prefixes_of(f.root)
+    if prefixes:
+        rows, fused = 1 + len(prefixes), fusion(f, prefixes)
+        head = f"{1 + fused[1]} (the same-model terms are summed before it)" if fused else f"{rows} (a same-model term sits inside an operator)"
+        out.print(f"per token: {rows} rows of one batched forward; the output layer runs on {head}; --trace runs it on all {rows}")
     for note in report.notes:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 

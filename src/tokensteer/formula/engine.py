@@ -391,6 +391,14 @@ def _same_model(n: Node) -> bool:
     return isinstance(n, Model) and n.model is None
 
 
+def prefixes_of(n: Node) -> list[str]:
+    """The conditioning texts of the same-model terms, in order of appearance: one row each."""
+    if isinstance(n, Model):
+        return [n.prefix] if n.model is None and n.prefix else []
+    parts = [t for _, t in n.terms] if isinstance(n, Sum) else list(n.args) if isinstance(n, Op) else []
+    return list(dict.fromkeys(p for a in parts for p in prefixes_of(a)))
+
+
 def fusion(formula: Formula, prefixes: list[str]) -> tuple[list[float], bool] | None:
     """Weights over [prompt row, variant rows] when the formula reads its same-model terms only as
     a weighted sum at the top (``M + 2*(M("a") - M("b"))``, under any filters), else None.
