@@ -7,9 +7,9 @@ samples one token per prompt, tells the controls (hook 5), and feeds that token 
 Residual edits (hook 2) run inside the backend's forward pass. A control that only needs fixed
 linear combinations of its rows' logits (a formula's weighted sum) can have the backend run the
 output layer on those combinations of the rows' hidden states instead (``Control.row_mix``); the
-controls then see R' < R rows. With a drafting (speculative)
-control, sampled tokens stay tentative until its ``verify`` (hook 6) keeps k of them and gives the
-next token; the loop then trims the dropped ones from the session and emits only confirmed tokens.
+controls then see R' < R rows. With a drafting (speculative) control, sampled tokens stay
+tentative until its ``verify`` (hook 6) keeps k of them and gives the next token; the loop then
+trims the dropped ones from the session and emits only confirmed tokens.
 When the one masking control names tokens that must come next (hook 7), the loop feeds them with
 the sampled token in one forward pass and then runs hooks 3–5 at each of them on its logits.
 """
