@@ -31,7 +31,7 @@ metadata = st.dictionaries(
 )
 
 
-def write_gguf(path, meta: dict, layers: int = 3, norm_bias: bool = False) -> dict[str, np.ndarray]:
+def write_gguf(path, meta: dict, layers: int = 3, norm_bias: bool = False, untied: bool = False) -> dict[str, np.ndarray]:
     """A small fake model file: metadata, ``layers`` blocks, a final norm and an output matrix."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(layers)
@@ -52,6 +52,8 @@ def write_gguf(path, meta: dict, layers: int = 3, norm_bias: bool = False) -> di
     tensors = {"token_embd.weight": rng.standard_normal((V, H), np.float32), "output_norm.weight": rng.random(H, np.float32)}
     if norm_bias:
         tensors["output_norm.bias"] = rng.random(H, np.float32)
+    if untied:
+        tensors["output.weight"] = rng.standard_normal((V, H), np.float32)
     for i in range(layers):
         tensors[f"blk.{i}.attn_q.weight"] = rng.standard_normal((H, H), np.float32)
         tensors[f"blk.{i}.attn_norm.weight"] = rng.random(H, np.float32)
@@ -86,6 +88,15 @@ def test_head_file_keeps_metadata_and_output_layer_and_zeroes_one_block(tmp_path
     assert not list(dst.parent.glob("*.part"))  # written through a temporary file, renamed at the end
     ttype, dims, raw = read_tensor(src, "token_embd.weight")  # the walker finds what gguf's reader finds
     assert ttype == 0 and dims == [H, V] and raw == tensors["token_embd.weight"].tobytes()
+
+
+def test_an_untied_model_keeps_its_output_matrix_and_zeroes_its_input_embedding(tmp_path):
+    tensors = write_gguf(tmp_path / "m.gguf", {}, untied=True)
+    build_head(tmp_path / "m.gguf", tmp_path / "h.gguf")
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "h.gguf").tensors}
+    assert np.array_equal(np.asarray(got["output.weight"].data), tensors["output.weight"])
+    emb = got["token_embd.weight"]  # never read: rows arrive as embeddings; kept only for its shape
+    assert emb.tensor_type == gguf.GGMLQuantizationType.Q4_0 and list(emb.shape) == [H, V] and not np.asarray(emb.data).any()
 
 
 def test_files_without_an_rms_normed_output_layer_are_refused(tmp_path):

@@ -167,7 +167,8 @@ def read_tensor(path: Path, name: str) -> tuple[int, list[int], bytes]:
 
 def build_head(src: Path, dst: Path) -> None:
     """Write the head model of the GGUF file ``src`` to ``dst`` (atomically): its metadata with one
-    block, that block's matrices zero, the final norm's weight one, every other tensor copied.
+    block, that block's matrices zero, the final norm's weight one, the output matrix and any
+    other tensor copied (the input embedding too when it doubles as the output matrix).
     Raises ValueError when the file has no RMS-normed output layer to copy."""
     import mmap
 
@@ -186,11 +187,12 @@ def build_head(src: Path, dst: Path) -> None:
             raise ValueError("no RMS-normed output layer")
         q4 = int(GGMLQuantizationType.Q4_0)
         out: list[tuple[str, list[int], int, bytes | range]] = []  # data, or the source bytes to copy
+        untied = "output.weight" in names  # then the input embedding is never read (rows come as embeddings)
         for name, dims, ttype, first, size in lay.tensors:
             count = math.prod(dims)
-            if name.startswith("blk."):
-                if not name.startswith("blk.0."):
-                    continue
+            if name.startswith("blk.") and not name.startswith("blk.0."):
+                continue
+            if name.startswith("blk.") or (untied and name == "token_embd.weight"):
                 if len(dims) >= 2 and dims[0] % 32 == 0:  # a zero matrix, as small as it gets
                     out.append((name, dims, q4, bytes(count // 32 * 18)))
                 else:
