@@ -94,6 +94,7 @@ FUSED_ROWS = {
     'temp(M + M("good "), 0.5)': 1,
     'topp(M("good "), 0.5)': 1,  # only the prefixed row is read: weights [0, 1]
     'M + 2*M("good ") - 3': 1,  # the constant only shifts every token alike
+    'M(T=0.5) + M("good ", T=2)': 1,  # a term's temperature divides its weight
     'nucleus(M + 2*M("good ") - 2*M("bad "), 0.8)': 2,  # the base row too, for the nucleus
 }
 

@@ -401,7 +401,7 @@ def prefixes_of(n: Node) -> list[str]:
 
 def fusion(formula: Formula, prefixes: list[str]) -> tuple[list[float], bool] | None:
     """Weights over [prompt row, variant rows] when the formula reads its same-model terms only as
-    a weighted sum at the top (``M + 2*(M("a") - M("b"))``, under any filters), else None.
+    a weighted sum at the top (``M + 2*(M("a", T=0.5) - M("b"))``, under any filters), else None.
 
     Then Σ wᵢ·log pᵢ = Σ wᵢ·zᵢ − Σ wᵢ·log Zᵢ: the constants vanish in the final normalisation, and
     Σ wᵢ·zᵢ is the output layer applied once to Σ wᵢ·hᵢ. The flag asks for the prompt's own row
@@ -415,12 +415,10 @@ def fusion(formula: Formula, prefixes: list[str]) -> tuple[list[float], bool] | 
     div = total if formula.mode == "normalized" else 1.0
     weights = [0.0] * (1 + len(prefixes))
     for w, t in terms:
-        if _same_model(t):
-            if t.temperature != 1.0:
-                return None
-            weights[1 + prefixes.index(t.prefix) if t.prefix else 0] += w / div
+        if _same_model(t):  # w·log softmax(z/T) = (w/T)·z − a constant: a temperature is a weight too
+            weights[1 + prefixes.index(t.prefix) if t.prefix else 0] += w / div / t.temperature
         elif any_node(t, _same_model):
-            return None  # inside an operator (union, a filter, a nested temperature): needs its own row
+            return None  # inside an operator (union, intersection, a filter): needs its own row
     needs_base = any_node(formula.root, lambda n: isinstance(n, Op) and n.name == "nucleus")
     return weights, needs_base
 
