@@ -1,11 +1,12 @@
 """What MKL-packed linear layers buy on the torch backend: time per decode step of 1, 2, 4 and 8
-rows with no packing, with the output layer packed, with the output and decoder layers packed, and
+rows with no packing, with the output layer packed, with the output and decoder layers packed,
 with those layers but only their height-1 and height-8 packings (as before height 4 existed:
-3-4 rows then padded to 8).
+3-4 rows then padded to 8), and with two rows through the output layer's plain ``linear`` instead
+of padded to its height-4 packing (as before that padding).
 
-The four set-ups share one loaded model (the packed layers hold the same weights, so swapping
+The five set-ups share one loaded model (the packed layers hold the same weights, so swapping
 modules between steps is exact) and take turns step by step inside the same sessions, so machine
-noise, which on this shared CPU moves step times by ±30 % over minutes, hits all three alike.
+noise, which on this shared CPU moves step times by ±30 % over minutes, hits all of them alike.
 Figures are medians. The last line is one JSON object.
 
     .venv/bin/python benchmarks/packing.py [--steps 90]
@@ -24,7 +25,7 @@ import tokensteer as ts
 from tokensteer.backends.packed import PackedLinear
 
 PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
-SETUPS = ("none", "head", "head+decoder", "heights 1+8 only")
+SETUPS = ("none", "head", "head+decoder", "heights 1+8 only", "2 rows unpadded")
 
 
 def swaps(lm) -> list[tuple[torch.nn.Module, str, PackedLinear, torch.nn.Linear, bool]]:
@@ -42,8 +43,11 @@ def swaps(lm) -> list[tuple[torch.nn.Module, str, PackedLinear, torch.nn.Linear,
 
 def use(table, setup: str) -> None:
     for parent, name, packed, twin, is_head in table:
-        on = setup in ("head+decoder", "heights 1+8 only") or (setup == "head" and is_head)
+        on = setup in ("head+decoder", "heights 1+8 only", "2 rows unpadded") or (setup == "head" and is_head)
         setattr(parent, name, packed if on else twin)
+        if not hasattr(packed, "pads_two"):
+            packed.pads_two = packed.pad_two
+        packed.pad_two = packed.pads_two and setup != "2 rows unpadded"
         if not hasattr(packed, "all_packings"):
             packed.all_packings = packed.packed
         tallest = {h: p for h, p in packed.all_packings.items() if h in (1, 8)}
@@ -84,6 +88,7 @@ def main() -> None:
         "rows_vs_1row": {s: {f"{r}_rows": round(ms[r][s] / ms[1][s], 3) for r in (2, 4, 8)} for s in SETUPS},
         "decoder_packing_gain": {f"{r}_rows": round(ms[r]["head+decoder"] / ms[r]["head"], 3) for r in (1, 4, 8)},
         "height4_gain_4_rows": round(ms[4]["head+decoder"] / ms[4]["heights 1+8 only"], 3),
+        "pad_two_gain_2_rows": round(ms[2]["head+decoder"] / ms[2]["2 rows unpadded"], 3),
     }))
 
 

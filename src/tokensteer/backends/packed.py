@@ -7,7 +7,7 @@ matrix once per batch height, and a snug packing beats a padded one (output laye
 at height 4, 45 ms at height 8). We keep height-4 (3-4 rows) and height-8 (5-8 rows) packings of
 the decoder's linear layers and of the output layer, plus a height-1 packing of the output layer
 (Gemma 3's 262k-token vocabulary: one row 27 ms against 38 ms with ``linear``). Two rows through the
-output layer pad to height 4 (45 ms against 62 ms with ``linear``; a whole 2-row step 12 % faster);
+output layer pad to height 4 (45 ms against 62 ms with ``linear``; a whole 2-row step 0.87–0.97×);
 through the decoder's small matrices they use ``linear``, as do more than eight rows. Each packing
 is another copy of its matrix (output layer 3 × 670 MB, decoder layers 2 × 400 MB for Gemma 3
 270M), so only big float32 layers are packed, only while the
