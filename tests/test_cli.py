@@ -88,3 +88,12 @@ def test_tilde_of_an_unknown_user_is_one_line():
     assert_user_error(r, "cannot expand '~'")
     r = run("generate", "hi", "--json-schema", "~no_such_user_xyz/schema.json")
     assert_user_error(r, "cannot expand '~'")
+
+
+def test_models_lists_the_caches_including_formula_heads(tmp_path):
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "m.head-0.gguf").write_bytes(b"x" * (3 << 20))
+    r = runner.invoke(app, ["models"], env={"TOKENSTEER_HOME": str(tmp_path)})
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "formula heads" in out and "1 file, 3 MB" in out
