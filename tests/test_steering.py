@@ -450,6 +450,11 @@ def test_search_records_curve_and_plot(tiny, vec, tmp_path):
     assert len(back.meta["recommended"]["curve"]) == len(res.curve)
     png = S.plot(res, tmp_path / "v.curve.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    guarded = S.search(tiny, vec, scorer, prompts=["the cat", "the dog"], layers=[1], factor=1e9, kl_max=1e9,
+                       probe_strength=0.5, max_strength=0.5, bisect_steps=0, cfg=cfg, guard=0.9)
+    S.record(vec, guarded)
+    assert load_vector(save_vector(vec, tmp_path / "g.safetensors")).meta["recommended"]["guard"] == 0.9
+    S.record(vec, res)  # the module's shared vector goes back to its unguarded recommendation
 
 
 def test_search_respects_the_coherence_bound(tiny, vec):
@@ -797,3 +802,60 @@ def test_eval_strength_sweep_keeps_the_vector_path_and_options(tmp_path, vec):
              f"steer:{plain}": f"steer:{plain}:0.2"}
     for spec, want in cases.items():
         assert make_method(spec).vary("strength", "0.2").name == want
+
+
+# ---- guard: sample within the unsteered model's nucleus ---------------------------------------
+
+def test_guard_keeps_every_token_in_the_unsteered_nucleus(tiny, vec):
+    """With guard p, each generated token lies in the top-p nucleus of the *unsteered* model at
+    that point (checked by teacher-forcing a plain session); without it, strong steering leaves it."""
+    from tokensteer.formula.engine import nucleus_mask
+    from tokensteer.steering.apply import Steer, controls_for
+
+    prompts = ["the cat", "a quick brown fox", "hello"]
+
+    def outside(gens, p):
+        s = tiny.session(())
+        lp = torch.log_softmax(s.prefill([tiny.tokenizer.encode(q) for q in prompts]), -1)
+        n = 0
+        for t in range(6):
+            tok = torch.tensor([g.tokens[t] for g in gens])
+            n += int((~nucleus_mask(lp, p).gather(1, tok[:, None])).sum())
+            lp = torch.log_softmax(s.step(tok), -1)
+        s.close()
+        return n
+
+    for seed in range(3):
+        kw = dict(max_tokens=6, ignore_eos=True, temperature=1.0, seed=seed)
+        guarded = ts.generate(tiny, prompts, controls=controls_for([Steer(vec, 3.0, guard=0.5)]), **kw)
+        assert outside(guarded, 0.5) == 0
+    free = [ts.generate(tiny, prompts, controls=controls_for([Steer(vec, 3.0)]), max_tokens=6, ignore_eos=True, temperature=1.0, seed=s)
+            for s in range(3)]
+    assert sum(outside(g, 0.5) for g in free) > 0  # the test can fail: unguarded steering does leave it
+
+
+def test_guard_of_one_changes_nothing_and_specs_carry_it(tiny, vec, tmp_path):
+    from tokensteer.steering.apply import Steer, SteerGuard, controls_for
+
+    prompts = ["the cat", "hello"]
+    a = greedy(tiny, prompts, controls_for([Steer(vec, 1.0)]))
+    b = greedy(tiny, prompts, controls_for([Steer(vec, 1.0, guard=1.0)]))
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    path = str(save_vector(vec, tmp_path / "v.safetensors"))
+    assert parse_spec(f"{path}:0.3:guard=0.8") == (path, {"strength": 0.3, "guard": 0.8})
+    for bad in ("guard=x", "guard=0", "guard=1.5", "guard=nan"):
+        with pytest.raises(UserError, match="guard"):
+            steering_controls(tiny, RequestControls(steer=[f"{path}:0.3:{bad}"]))
+    ctls = steering_controls(tiny, RequestControls(steer=[f"{path}:0.3:guard=0.9", f"{path}:0.1:guard=0.7"]))
+    assert isinstance(ctls[-1], SteerGuard) and ctls[-1].p == 0.7  # the tightest guard
+    saved = vec.meta.get("recommended")
+    vec.meta["recommended"] = {"layers": [1], "strength": 0.2, "guard": 0.8}  # as a guarded search records it
+    try:
+        path = str(save_vector(vec, tmp_path / "g.safetensors"))
+        ctls = steering_controls(tiny, RequestControls(steer=[path]))
+        assert isinstance(ctls[-1], SteerGuard) and ctls[-1].p == 0.8
+    finally:
+        if saved is None:
+            vec.meta.pop("recommended")
+        else:
+            vec.meta["recommended"] = saved

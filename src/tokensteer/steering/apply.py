@@ -3,6 +3,10 @@
 Strength is in the vector's units (relative for trained vectors: a fraction of the layer's median
 residual norm). Several vectors combine by summing per layer; a list of strengths gives one per
 prompt of a batch. Mode ``gcav`` is GCAV's closed-form minimal push (torch only).
+
+A ``guard`` p keeps the steered text fluent at stronger doses: tokens are sampled only among the
+*unsteered* model's top-p nucleus (DExperts' base nucleus), read from a second, plain session
+stepped in lockstep (so it works on llama.cpp too). It costs that second forward per token.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ class Steer:
     layers: Sequence[int] | None = None  # None: the file's recommended layers
     positions: Positions = "all"
     mode: str = "add"
+    guard: float | None = None  # sample only within the unsteered model's top-p nucleus (see module doc)
 
     def __post_init__(self) -> None:
+        if self.guard is not None and not (math.isfinite(self.guard) and 0 < self.guard <= 1):
+            raise UserError(f"guard must be a top-p in (0, 1], got {self.guard:g}")
         if self.positions not in POSITIONS:
             raise UserError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
         if self.mode not in MODES:
@@ -133,12 +140,45 @@ class SteeringControl(Control):
         return edits
 
 
+class SteerGuard(Control):
+    """Sample only among the unsteered model's top-p tokens (see the module doc): a plain session
+    of the same backend, prefilled with the prompts and fed every accepted token."""
+
+    label = "a steering guard (guard=)"
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self._plain = None
+
+    def start(self, state) -> None:
+        if self._plain is not None:
+            self._plain.close()
+        self._plain = state.backend.session(())
+        self._lp = torch.log_softmax(self._plain.prefill(state.prompt_tokens).float(), -1)
+
+    def logprobs(self, state, logprobs: torch.Tensor) -> torch.Tensor:
+        from tokensteer.formula.engine import nucleus_mask
+
+        keep = nucleus_mask(self._lp, self.p)
+        return torch.log_softmax(logprobs.masked_fill(~keep, float("-inf")), -1)
+
+    def on_token(self, state, tokens: torch.Tensor) -> None:
+        self._lp = torch.log_softmax(self._plain.step(tokens).float(), -1)
+
+
+def controls_for(steers: Sequence[Steer]) -> list[Control]:
+    """The controls that apply ``steers``: their residual edits, and a guard when any asks for one
+    (the tightest top-p wins)."""
+    guards = [s.guard for s in steers if s.guard is not None]
+    return [SteeringControl(list(steers))] + ([SteerGuard(min(guards))] if guards else [])
+
+
 def _uniform(s: Steer) -> bool:
     return s.mode == "add" and s.positions == "all" and not s.per_row
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """``VEC[:STRENGTH][:key=value...]`` or ``VEC@STRENGTH``; keys: layers, at (positions), mode."""
+    """``VEC[:STRENGTH][:key=value...]`` or ``VEC@STRENGTH``; keys: layers, at (positions), mode, guard."""
     if not spec.strip():
         raise UserError("empty --steer value; write VEC or VEC:STRENGTH")
     path, rest = _split_path(spec)
@@ -146,9 +186,14 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     for part in rest:
         if "=" in part:
             k, v = part.split("=", 1)
-            if k not in ("layers", "at", "mode"):
-                raise UserError(f"unknown steering option {k!r} in {spec!r}; use layers=, at= or mode=")
+            if k not in ("layers", "at", "mode", "guard"):
+                raise UserError(f"unknown steering option {k!r} in {spec!r}; use layers=, at=, mode= or guard=")
             opts[k] = v
+            if k == "guard":
+                try:
+                    opts[k] = float(v)
+                except ValueError:
+                    raise UserError(f"bad guard {v!r} in {spec!r}; write guard=0.8 (a top-p of the unsteered model)") from None
         elif part:
             try:
                 opts["strength"] = float(part)
@@ -192,13 +237,15 @@ def steer_from_spec(spec: str, lm=None) -> Steer:
         vec.check_model(lm)
     n_layers = lm.n_layers if lm is not None else vec.meta.get("model", {}).get("n_layers", max(vec.layers) + 1)
     layers = parse_layers(opts.get("layers"), n_layers) if "layers" in opts else None
-    return Steer(vec, opts.get("strength"), layers, opts.get("at", vec.meta.get("recommended", {}).get("positions", "all")), opts.get("mode", "add"))
+    rec = vec.meta.get("recommended", {})
+    return Steer(vec, opts.get("strength"), layers, opts.get("at", rec.get("positions", "all")), opts.get("mode", "add"),
+                 opts.get("guard", rec.get("guard")))
 
 
 def steering_controls(lm, req) -> list[Control]:
     """The Controls for ``req.steer`` (a list of ``VEC[:strength]`` strings) on a loaded backend."""
     steers = [steer_from_spec(s, lm) for s in req.steer]
-    return [SteeringControl(steers)] if steers else []
+    return controls_for(steers) if steers else []
 
 
 def required_capabilities(req) -> frozenset[str]:

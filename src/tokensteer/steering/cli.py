@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -116,6 +117,7 @@ def search(
     bisect_steps: int = typer.Option(3, help="Bisection steps after the doubling phase."),
     confidence: float = typer.Option(0.9, help="A dose passes when this one-sided bootstrap bound of its perplexity ratio is ≤ --factor (0.5: the plain estimate)."),
     positions: str = typer.Option("all", help="Positions steered: all, prompt or generated."),
+    guard: Optional[float] = typer.Option(None, help="Search with a guard: sample only within the unsteered model's top-p nucleus (e.g. 0.8); stronger doses stay fluent, each token costs a second forward. Saved with the recommendation."),
 ) -> None:
     """Pick layer and strength automatically and save the dose–response curve in the file and a plot.
 
@@ -126,6 +128,8 @@ def search(
     Example:
 
       tokensteer steer search pos.safetensors --factor 1.5
+
+      tokensteer steer search pos.safetensors --guard 0.8
     """
     from tokensteer.cli import err, spinner, user_errors
     from tokensteer.steering import search as S
@@ -152,6 +156,8 @@ def search(
             raise UserError(f"--prompts must be between 2 and {len(S.SEARCH_PROMPTS)}, got {prompts}")
         if not 0 < confidence < 1:
             raise UserError(f"--confidence must be between 0 and 1, got {confidence}")
+        if guard is not None and not (math.isfinite(guard) and 0 < guard <= 1):
+            raise UserError(f"--guard is a top-p in (0, 1], got {guard}")
     vader = v.meta.get("pairs", {}).get("name") == "sentiment"
     needs = {RESIDUAL_ADD if positions == "all" else RESIDUAL_FN} | (set() if vader else {HIDDEN_STATES})
     lm = load_model(model, backend, "float32", frozenset(needs))
@@ -161,12 +167,12 @@ def search(
         cfg = SamplingConfig(max_tokens=tokens, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
         res = S.search(lm, v, factor=factor, kl_max=kl_max, layers=parse_layers(layers, lm.n_layers),
                        prompts=S.SEARCH_PROMPTS[:prompts], cfg=cfg, bisect_steps=bisect_steps,
-                       confidence=confidence, positions=positions,
+                       confidence=confidence, positions=positions, guard=guard,
                        max_strength=max_strength, say=lambda m: (say(m), err.print(f"[dim]{m}[/]", highlight=False)))
         S.record(v, res)
         save_vector(v, vec)
         png = S.plot(res, plot_path or vec.with_suffix(".curve.png"))
-    err.print(f"[green]chosen[/] layers {res.layers}, strength {res.strength:.3g}; curve saved in {escape(str(vec))} and {escape(str(png))}", highlight=False)
+    err.print(f"[green]chosen[/] layers {res.layers}, strength {res.strength:.3g}{f', guard {guard:g}' if guard else ''}; curve saved in {escape(str(vec))} and {escape(str(png))}", highlight=False)
 
 
 @app.command()

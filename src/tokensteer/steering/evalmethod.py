@@ -17,9 +17,9 @@ class SteerMethod(Method):
 
     def controls(self, lm, task, item):
         if self._controls is None:
-            from tokensteer.steering.apply import SteeringControl, steer_from_spec
+            from tokensteer.steering.apply import controls_for, steer_from_spec
 
-            self._controls = [SteeringControl([steer_from_spec(self.spec, lm)])]
+            self._controls = controls_for([steer_from_spec(self.spec, lm)])
         return self._controls
 
     def vary(self, param: str, value: str) -> Method:

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from tokensteer.errors import UserError
 from tokensteer.sampling import SamplingConfig
-from tokensteer.steering.apply import Steer, SteeringControl
+from tokensteer.steering.apply import Steer, controls_for
 from tokensteer.steering.scoring import coherence, continuation_ids, ratio_upper_bound
 from tokensteer.steering.search_prompts import SEARCH_PROMPTS
 from tokensteer.steering.train import default_band
@@ -87,12 +87,14 @@ def default_scorer(lm, vec: SteeringVector, layer: int) -> tuple[str, Scorer]:
     return "probe", probe_scorer(lm, vec, layer)
 
 
-def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence, positions="all") -> Point:
-    """Generate with one dose, then score it: attribute, the eval's perplexity ratio with its bound, KL."""
+def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence, positions="all", guard=None) -> Point:
+    """Generate with one dose, then score it: attribute, the eval's perplexity ratio with its bound, KL
+    (of the steered model from the base, before any guard)."""
     from tokensteer.loop import generate
 
-    ctl = SteeringControl([Steer(vec, strength, layers, positions)])
-    gens = generate(lm, prompts, cfg, [ctl])
+    ctls = controls_for([Steer(vec, strength, layers, positions, guard=guard)])
+    ctl = ctls[0]
+    gens = generate(lm, prompts, cfg, ctls)
     texts = [g.text for g in gens]
     coh = coherence(lm, prompts, continuation_ids(lm, prompts, texts), ctl.residual_edits(len(prompts), 1))
     ratio, bound = ratio_upper_bound(coh.perplexity, base, confidence)
@@ -122,6 +124,7 @@ def search(
     positions: str = "all",
     cfg: SamplingConfig | None = None,
     say: Say | None = None,
+    guard: float | None = None,
 ) -> SearchResult:
     """Choose layers (unless given) and the strongest strength whose perplexity bound holds; returns the curve.
 
@@ -161,7 +164,7 @@ def search(
         best, best_key = None, None
         for li in ranked[:n_layer_trials]:
             name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, li)
-            p = _evaluate(lm, vec, [li], min(probe_strength / 2, max_strength), prompts[:k], cfg, sc, base_ppls[:k], confidence, positions)
+            p = _evaluate(lm, vec, [li], min(probe_strength / 2, max_strength), prompts[:k], cfg, sc, base_ppls[:k], confidence, positions, guard)
             p.feasible = feasible(p)
             trials.append(p)
             gain = p.score - mean(sc(base_texts[:k]))
@@ -176,7 +179,7 @@ def search(
     curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True, 1.0, layers)]
 
     def run(s: float) -> Point:
-        p = _evaluate(lm, vec, layers, s, prompts, cfg, sc, base_ppls, confidence, positions)
+        p = _evaluate(lm, vec, layers, s, prompts, cfg, sc, base_ppls, confidence, positions, guard)
         p.feasible = feasible(p)
         curve.append(p)
         say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}")
@@ -201,7 +204,7 @@ def search(
     return SearchResult(
         layers, chosen.strength,
         {"score": base_score, "perplexity": base_ppl, "scorer": name, "factor": factor, "kl_max": kl_max,
-         "confidence": confidence, "positions": positions, "prompts": len(prompts),
+         "confidence": confidence, "positions": positions, "guard": guard, "prompts": len(prompts),
          "perplexity_definition": "eval suite: text re-tokenized after its prompt, uncontrolled model, ratio of means",
          "sampling": {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}},
         curve, trials,
@@ -223,6 +226,7 @@ def record(vec: SteeringVector, res: SearchResult) -> None:
         "layers": res.layers,
         "strength": res.strength,
         "positions": res.baseline.get("positions", "all"),
+        "guard": res.baseline.get("guard"),
         "by": "automatic search (strongest dose with the bootstrap bound of perplexity ≤ factor × uncontrolled and KL ≤ kl_max)",
         "criteria": res.baseline,
         "curve": [asdict(p) for p in res.curve],

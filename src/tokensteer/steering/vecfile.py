@@ -219,6 +219,9 @@ def validate(vec: SteeringVector, path: str | Path) -> None:
             raise bad(f"recommended.strength {s!r} is not a finite number")
         if not isinstance(rec.get("positions", "all"), str):
             raise bad("recommended.positions must be a string")
+        g = rec.get("guard")
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1):
+            raise bad(f"recommended.guard {g!r} is not a top-p in (0, 1]")
     except AttributeError:
         raise bad("metadata fields of the wrong type") from None
     if not vec.vectors:
