@@ -257,3 +257,20 @@ def test_eval_damaged_cache_records_are_regenerated_not_fatal(tiny, tiny_dir, tm
         assert {k: v for k, v in again.items() if k != "tok_s"} == {k: v for k, v in good["methods"]["none"].items() if k != "tok_s"}
     path.write_bytes(b"\xff\xfe garbage\n" + "\n".join(lines[1:]).encode())
     assert run("count", ["none"], out=tmp_path, **kw)["methods"]["none"]["n"] == 2
+
+
+def test_model_evaluations_count_every_session_of_a_batch(tiny):
+    """A control that opens its own session (a steering guard's plain one) is counted too; before,
+    opening it reset the count."""
+    import torch
+
+    from tokensteer.eval.generation import CountingBackend
+
+    counting = CountingBackend(tiny)
+    a = counting.session()
+    a.prefill([tiny.tokenizer.encode(t) for t in ("the cat", "a dog", "hello")])
+    b = counting.session()
+    b.prefill([tiny.tokenizer.encode("the cat")])
+    a.step(torch.tensor([5, 6, 7]))
+    b.step(torch.tensor([5]))
+    assert counting.counter["evals"] == 3 + 1 + 3 + 1

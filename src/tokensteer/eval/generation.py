@@ -57,12 +57,11 @@ class _CountingSession:
         self.inner, self.counter = inner, counter
 
     def prefill(self, rows):
-        self.counter["calls"] += 1
-        self.counter["rows"] = len(rows)
+        self.counter["evals"] += len(rows)
         return self.inner.prefill(rows)
 
     def step(self, tokens):
-        self.counter["calls"] += 1
+        self.counter["evals"] += len(tokens)
         return self.inner.step(tokens)
 
     def __getattr__(self, name: str) -> Any:
@@ -70,15 +69,14 @@ class _CountingSession:
 
 
 class CountingBackend:
-    """Delegates to a backend and counts forward calls and rows of the sessions it opens."""
+    """Delegates to a backend and counts the rows every session it opens runs through the model."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.counter = {"calls": 0, "rows": 0}
+        self.counter = {"evals": 0}  # rows run through the model, over every session of the batch
 
     def session(self, edits=(), rollback=False, **kw):
-        self.counter = {"calls": 0, "rows": 0}
-        return _CountingSession(self.inner.session(edits, rollback, **kw), self.counter)
+        return _CountingSession(self.inner.session(edits, rollback, **kw), self.counter)  # a guard's plain session counts too
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -95,8 +93,7 @@ def run_batch(lm: Any, task: Task, method: Method, batch: Batch, cfg: SamplingCo
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(g.tokens) for g in gens)
     longest = max((len(g.tokens) for g in gens), default=0)
-    rows_per_prompt = counting.counter["rows"] // max(1, len(batch.units))
-    calls = counting.counter["calls"] * rows_per_prompt
+    calls = counting.counter["evals"] / max(1, len(batch.units))
     out = []
     for u, g in zip(batch.units, gens):
         out.append(
@@ -113,7 +110,7 @@ def run_batch(lm: Any, task: Task, method: Method, batch: Batch, cfg: SamplingCo
                 "finish_reason": g.finish_reason,
                 # the batch's wall time, shared out by tokens: sums give the batched throughput
                 "seconds": seconds * (len(g.tokens) / n_tokens) if n_tokens else seconds / len(gens),
-                "calls": calls,  # model evaluations (forward calls × rows per prompt) of the batch
+                "calls": calls,  # model evaluations (rows through the model, per prompt) of the batch
                 "steps": longest,  # tokens of the batch's longest sample
                 "batch_size": len(batch.units),
                 "backend": g.backend,
