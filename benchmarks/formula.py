@@ -63,9 +63,7 @@ def bench(backend: str, rounds: int, tokens: int) -> dict:
     ctrls = {"plain": []} | {k: [FormulaControl(lm, f)] for k, f in FORMULAS.items()}
     if mixes:
         for k, f in FORMULAS.items():
-            c = FormulaControl(lm, f)
-            c.fused = None  # every term's row through the output layer, as without HEAD_MIX
-            ctrls[f"{k}-unfused"] = [c]
+            ctrls[f"{k}-unfused"] = [FormulaControl(lm, f, fuse=False)]  # every term's row through the output layer
     for c in ctrls.values():  # warm up every path once
         per_token(lm, c, 4)
     times: dict[str, list[float]] = {k: [] for k in ctrls}

@@ -78,9 +78,14 @@ REFERENCES = {
 def test_operator_matches_reference_formula(tiny, formula):
     _, rec, gens = run(tiny, formula, temperature=1.0, seed=0)
     assert len(rec.steps) == 5
-    for gen, got in rec.steps:
+    assert_matches_reference(tiny, formula, rec.steps)
+
+
+def assert_matches_reference(lm, formula: str, steps) -> None:
+    """Every recorded step's log-probabilities equal REFERENCES[formula] on the model's own terms."""
+    for gen, got in steps:
         for b, prompt in enumerate(PROMPTS):
-            want = torch.log_softmax(REFERENCES[formula](lambda pre: ref_lp(tiny, pre + prompt, gen[b])), -1)
+            want = torch.log_softmax(REFERENCES[formula](lambda pre: ref_lp(lm, pre + prompt, gen[b])), -1)
             finite = torch.isfinite(want)
             assert torch.equal(finite, torch.isfinite(got[b])), formula
             torch.testing.assert_close(got[b][finite], want[finite], atol=2e-4, rtol=1e-4)
@@ -114,12 +119,7 @@ def test_fused_terms_match_reference_formula(tiny, formula):
     ctrl = FormulaControl(tiny, formula)
     ts.generate(tiny, PROMPTS, max_tokens=5, ignore_eos=True, temperature=1.0, seed=0, controls=[ctrl, rec, Rows()])
     assert set(rows) == {FUSED_ROWS.get(formula)}, formula
-    for gen, got in rec.steps:
-        for b, prompt in enumerate(PROMPTS):
-            want = torch.log_softmax(REFERENCES[formula](lambda pre: ref_lp(tiny, pre + prompt, gen[b])), -1)
-            finite = torch.isfinite(want)
-            assert torch.equal(finite, torch.isfinite(got[b])), formula
-            torch.testing.assert_close(got[b][finite], want[finite], atol=2e-4, rtol=1e-4)
+    assert_matches_reference(tiny, formula, rec.steps)
 
 
 def test_fused_terms_combine_with_other_models_and_guides(tiny, tiny_dir):
@@ -132,8 +132,7 @@ def test_fused_terms_combine_with_other_models_and_guides(tiny, tiny_dir):
     register_guide("test-length2", LengthGuide)
     try:
         f = f'M + 1.5*M("good ") - 0.5*M(model="{tiny_dir}") + 2*C("test-length2", k=4)'
-        fused, unfused = FormulaControl(tiny, f), FormulaControl(tiny, f)
-        unfused.fused = None
+        fused, unfused = FormulaControl(tiny, f), FormulaControl(tiny, f, fuse=False)
         assert fused.fused is not None
         a, b = Recorder(), Recorder()
         ts.generate(tiny, PROMPTS, max_tokens=5, ignore_eos=True, temperature=1.0, seed=3, controls=[fused, a])
@@ -290,10 +289,9 @@ def test_fused_formulas_equal_unfused_ones(tiny):
     @given(_fuzz_trees(), st.sampled_from(["logits", "normalized"]))
     def check(node, mode):
         try:
-            fused, plain = FormulaControl(tiny, Formula(node, mode)), FormulaControl(tiny, Formula(node, mode))
+            fused, plain = FormulaControl(tiny, Formula(node, mode)), FormulaControl(tiny, Formula(node, mode), fuse=False)
         except UserError:
             assume(False)
-        plain.fused = None
         runs = []
         for ctrl in (fused, plain):
             rec = Recorder()

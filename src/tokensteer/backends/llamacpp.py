@@ -30,6 +30,7 @@ import torch
 
 from tokensteer.backends import LLAMACPP_CAPABILITIES
 from tokensteer.backends.base import Backend, Session
+from tokensteer.backends.llamacpp_batch import Batch
 from tokensteer.backends.llamacpp_head import Capture, Head, build_head, head_path
 from tokensteer.backends.llamacpp_vocab import LlamaTokenizer
 from tokensteer.errors import UserError
@@ -69,28 +70,6 @@ def default_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-class _Batch:
-    """A llama_batch whose arrays are numpy arrays we own, so a step fills them without a Python loop."""
-
-    def __init__(self, n: int) -> None:
-        self.token = np.zeros(n, np.int32)
-        self.pos = np.zeros(n, np.int32)
-        self.n_seq_id = np.ones(n, np.int32)
-        self.seq = np.zeros(n, np.int32)
-        self.logits = np.zeros(n, np.int8)
-        p_seq = ctypes.POINTER(llama_cpp.llama_seq_id)
-        self.seq_ptrs = (p_seq * n)(*(ctypes.cast(self.seq.ctypes.data + 4 * i, p_seq) for i in range(n)))
-        self.c = llama_cpp.llama_batch(
-            n_tokens=0,
-            token=self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
-            embd=None,
-            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
-            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=self.seq_ptrs,
-            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
-        )
-
-
 class _Context:
     """One llama.cpp context (KV cache, control vector, batch) that one session uses at a time."""
 
@@ -110,7 +89,7 @@ class _Context:
         self.mem = llama_cpp.llama_get_memory(self.ptr)
         self.n_seq, self.n_ctx = n_seq, int(llama_cpp.llama_n_ctx(self.ptr))
         self.n_batch = int(llama_cpp.llama_n_batch(self.ptr))  # llama.cpp caps it at n_ctx
-        self.batch = _Batch(self.n_batch)
+        self.batch = Batch(self.n_batch)
         self.cvec_on = False
 
     def reset(self) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from tokensteer.backends.llamacpp_batch import Batch
 from tokensteer.errors import UserError
 
 ROWS = 64  # mixed rows per head call (llama.cpp sizes its logits buffers by this)
@@ -229,28 +230,6 @@ def build_head(src: Path, dst: Path) -> None:
                 os.unlink(tmp)
 
 
-class _EmbdBatch:
-    """A llama_batch of embeddings (no tokens), arrays owned by numpy."""
-
-    def __init__(self, n: int, width: int) -> None:
-        self.embd = np.zeros((n, width), np.float32)
-        self.pos = np.arange(n, dtype=np.int32)
-        self.n_seq_id = np.ones(n, np.int32)
-        self.seq = np.zeros(n, np.int32)
-        self.logits = np.ones(n, np.int8)
-        p_seq = ctypes.POINTER(llama_cpp.llama_seq_id)
-        self.seq_ptrs = (p_seq * n)(*(ctypes.cast(self.seq.ctypes.data + 4 * i, p_seq) for i in range(n)))
-        self.c = llama_cpp.llama_batch(
-            n_tokens=0,
-            token=None,
-            embd=self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
-            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=self.seq_ptrs,
-            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
-        )
-
-
 class Head:
     """The head model of one GGUF file: ``logits(u)`` is the output layer applied to rows ``u``."""
 
@@ -273,7 +252,9 @@ class Head:
         self.width = int(llama_cpp.llama_model_n_embd(self.model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
         self.eps = eps
-        self.batch = _EmbdBatch(ROWS, self.width)
+        self.batch = Batch(ROWS, self.width)
+        self.batch.pos[:] = np.arange(ROWS)  # every call starts from an empty cache: rows at 0..k-1
+        self.batch.logits[:] = 1
         self.lock = threading.Lock()
 
     def logits(self, u: np.ndarray) -> np.ndarray:

@@ -91,7 +91,11 @@ def combine(terms: Sequence[tuple[float, torch.Tensor]], exclusive: bool = True)
 class FormulaControl(Control):
     """Generate from a formula over next-token distributions (see ``tokensteer.formula``)."""
 
-    def __init__(self, lm: Backend, formula: Formula | Node | str, trace: bool = False, speculative: int = 0) -> None:
+    def __init__(
+        self, lm: Backend, formula: Formula | Node | str, trace: bool = False, speculative: int = 0, fuse: bool = True
+    ) -> None:
+        """``fuse=False`` sends every term's row through the output layer even when the formula
+        only needs their weighted sum (what ``--trace`` needs; benchmarks compare the two)."""
         if isinstance(formula, str):
             formula = parse(formula)
         elif isinstance(formula, Node):
@@ -109,7 +113,7 @@ class FormulaControl(Control):
         self.draft_root = draft_of(formula.root) if self.drafts else None
         if self.draft_root is not None:
             self._collect(self.draft_root)  # the draft's stand-ins for other models may need rows
-        self.fused = None if self.drafts or trace else fusion(formula, self.prefixes)
+        self.fused = fusion(formula, self.prefixes) if fuse and not (self.drafts or trace) else None
         self.stats = SpecStats()
         self.guides = {g.name: get_guide(g.name) for g in self._guides(formula.root)}
         self._other_lms = {path: load_other(lm, path) for path, _ in self.others}
