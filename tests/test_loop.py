@@ -262,3 +262,68 @@ def test_loop_mixes_rows_only_for_the_one_control_with_variants(tiny):
     assert seen["b"] == seen["c"] == (5, False)
     ts.generate(tiny, "the cat", max_tokens=2, ignore_eos=True, controls=[Plain(), Mixer("d")])
     assert seen["d"] == (3, False)
+
+
+class _Finishing(Control):
+    """Counts start/finish calls; optionally fails at a given step."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.started = self.finished = 0
+        self.fail_at = fail_at
+
+    def start(self, state) -> None:
+        self.started += 1
+
+    def on_token(self, state, tokens) -> None:
+        if state.step == self.fail_at:
+            raise RuntimeError("boom")
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+def test_finish_runs_once_however_generation_ends(tiny):
+    done = _Finishing()
+    ts.generate(tiny, "the cat", max_tokens=5, ignore_eos=True, controls=[done])
+    assert (done.started, done.finished) == (1, 1)
+    failed = _Finishing(fail_at=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        ts.generate(tiny, "the cat", max_tokens=5, ignore_eos=True, controls=[failed])
+    assert failed.finished == 1
+    dropped = _Finishing()
+    events = ts.stream(tiny, "the cat", max_tokens=20, ignore_eos=True, controls=[dropped])
+    next(events)
+    assert dropped.finished == 0
+    events.close()  # a client that stops reading
+    assert dropped.finished == 1
+
+
+def test_controls_close_their_own_sessions_when_generation_ends(tiny):
+    """A steering guard's plain session is closed at the end, not left open until the next run."""
+    from tokensteer.steering.apply import SteerGuard
+
+    opened = []
+
+    class Tracking:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def session(self, *a, **kw):
+            s = self.inner.session(*a, **kw)
+            close = s.close
+            rec = {"closed": False}
+
+            def closing() -> None:
+                rec["closed"] = True
+                close()
+
+            s.close = closing
+            opened.append(rec)
+            return s
+
+    lm = Tracking(tiny)
+    ts.generate(lm, "the cat", max_tokens=4, ignore_eos=True, controls=[SteerGuard(0.9)])
+    assert len(opened) == 2 and all(r["closed"] for r in opened)

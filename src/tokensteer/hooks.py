@@ -110,6 +110,10 @@ class Control:
     def start(self, state: LoopState) -> None:
         """Called once after prefill, before the first token is chosen."""
 
+    def finish(self) -> None:
+        """Called once when the generation ends, however it ends (done, error, or a stream dropped
+        early): release what ``start`` opened, such as a backend session of its own."""
+
     def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
         """Hook 3: map [B, V] next-token log-probabilities to new ones; ``state.rows`` has all rows."""
         return logprobs

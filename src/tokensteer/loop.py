@@ -288,6 +288,8 @@ def stream(
             state.forward_calls += 1
     finally:
         session.close()
+        for c in controls:
+            c.finish()
 
 
 def _drafter(controls: Sequence[Control]) -> Control | None:

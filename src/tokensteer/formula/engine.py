@@ -161,9 +161,8 @@ class FormulaControl(Control):
         return torch.tensor(rows, dtype=torch.float32)
 
     def start(self, state: LoopState) -> None:
-        for s in self._sessions:
-            s.close()
-        self._sessions, self._other_lp = [], []
+        self.finish()
+        self._other_lp = []
         self._drafted, self._held, self._q = [], [], []  # speculative: tokens, sources, draft log-probs
         self._unfed: torch.Tensor | None = None  # the last verdict's token, not yet fed to other models
         self.stats = SpecStats()
@@ -176,6 +175,12 @@ class FormulaControl(Control):
             sess = other.session(rollback=self.drafts)
             self._sessions.append(sess)
             self._other_lp.append(self._fit(torch.log_softmax(sess.prefill(rows).float(), -1)))
+
+    def finish(self) -> None:
+        """Close the other models' sessions (their KV caches) as soon as the generation ends."""
+        for s in self._sessions:
+            s.close()
+        self._sessions = []
 
     def _fit(self, lp: torch.Tensor) -> torch.Tensor:
         """Match another model's logit width to ours (padded embedding rows differ)."""

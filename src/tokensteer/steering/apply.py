@@ -151,8 +151,7 @@ class SteerGuard(Control):
         self._plain = None
 
     def start(self, state) -> None:
-        if self._plain is not None:
-            self._plain.close()
+        self.finish()
         self._plain = state.backend.session(())
         self._lp = torch.log_softmax(self._plain.prefill(state.prompt_tokens).float(), -1)
 
@@ -164,6 +163,11 @@ class SteerGuard(Control):
 
     def on_token(self, state, tokens: torch.Tensor) -> None:
         self._lp = torch.log_softmax(self._plain.step(tokens).float(), -1)
+
+    def finish(self) -> None:
+        if self._plain is not None:
+            self._plain.close()
+            self._plain = None
 
 
 def controls_for(steers: Sequence[Steer]) -> list[Control]:
