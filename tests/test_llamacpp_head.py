@@ -160,6 +160,42 @@ def test_mixed_rows_match_mixed_logits(llama):
 
 
 @pytest.mark.model
+def test_c_and_python_eval_callbacks_capture_the_same_final_norms(llama, monkeypatch):
+    """The compiled callback is only a faster copy of the Python one: the same rows, bit for bit;
+    disarmed, neither stops the graph, so the model's logits come out as usual."""
+    import tokensteer.backends.llamacpp_head as head_mod
+    from tokensteer.backends.llamacpp import _Context
+
+    ids = np.asarray(llama.tokenizer.encode(PROMPTS[0]), np.int32)
+
+    def capture(native: bool) -> tuple[np.ndarray, bool]:
+        if not native:
+            monkeypatch.setattr("tokensteer.backends.native.library", lambda *a: None)
+        c = _Context(llama.model, 64, 1, llama.n_threads, capture=True)
+        monkeypatch.undo()
+        try:
+            assert c.capture.native == native
+            n, b = len(ids), c.batch
+            b.token[:n], b.pos[:n], b.seq[:n], b.logits[:n] = ids, np.arange(n), 0, 1
+            b.c.n_tokens = n
+            c.capture.arm()
+            assert llama_cpp.llama_decode(c.ptr, b.c) == 0
+            c.capture.disarm()
+            h = c.capture.h
+            llama_cpp.llama_memory_clear(c.mem, False)
+            assert llama_cpp.llama_decode(c.ptr, b.c) == 0  # disarmed: the whole graph runs
+            logits_ok = bool(np.isfinite(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(c.ptr, n - 1), (llama.n_vocab,))).all())
+            return h, logits_ok and c.capture.h is h
+        finally:
+            c.free()
+
+    assert head_mod.Capture(8).native, "no C compiler here: the compiled callback was not built"
+    (hc, okc), (hp, okp) = capture(True), capture(False)
+    assert hc.shape == (len(ids) * llama.hidden_size,) and np.array_equal(hc, hp)
+    assert okc and okp
+
+
+@pytest.mark.model
 def test_without_the_head_model_sessions_mix_full_logits(llama):
     """Where the head model is unusable, a mixing session still returns the exact mixed logits."""
     saved, llama._head = llama._head, False

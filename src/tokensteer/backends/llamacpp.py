@@ -80,9 +80,10 @@ class _Context:
         p.kv_unified = True  # rows share cells: a fork costs nothing and any row may grow long
         p.swa_full = True  # keep every cell of sliding-window layers, so backtracking stays exact
         p.no_perf = True
-        self.capture = Capture() if capture else None  # stops the graph before the output layer on demand
+        # stops the graph before the output layer on demand; room for a full batch of final norms
+        self.capture = Capture(N_BATCH * int(llama_cpp.llama_model_n_embd(model))) if capture else None
         if self.capture is not None:
-            p.cb_eval = self.capture.cfunc
+            p.cb_eval, p.cb_eval_user_data = self.capture.cfunc, self.capture.user_data
         self.ptr = llama_cpp.llama_init_from_model(model, p)
         if not self.ptr:
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
@@ -263,9 +264,9 @@ class LlamaCppBackend(Backend):
             addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
             full = np.ctypeslib.as_array((ctypes.c_float * self.n_vocab).from_address(addr)).copy()
             llama_cpp.llama_memory_clear(c.mem, False)
-            c.capture.on, c.capture.h = True, None
+            c.capture.arm()
             rc = llama_cpp.llama_decode(c.ptr, b.c)
-            c.capture.on = False
+            c.capture.disarm()
             if rc != 0 or c.capture.h is None or c.capture.h.size != self.hidden_size or head.n_vocab != self.n_vocab:
                 return False
             got = head.logits(c.capture.h.reshape(1, -1))[0]
@@ -333,12 +334,12 @@ class LlamaSession(Session):
         batch = self.c.batch
         batch.c.n_tokens = n
         if capture:
-            self.c.capture.on, self.c.capture.h = True, None
+            self.c.capture.arm()
         try:
             rc = llama_cpp.llama_decode(self.c.ptr, batch.c)
         finally:
             if capture:
-                self.c.capture.on = False
+                self.c.capture.disarm()
         if rc == 1:
             raise self._full()
         if rc != 0:

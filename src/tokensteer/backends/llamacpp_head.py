@@ -42,14 +42,48 @@ _ggml.ggml_get_data_f32.argtypes = [ctypes.c_void_p]
 _ggml.ggml_is_contiguous.restype, _ggml.ggml_is_contiguous.argtypes = ctypes.c_bool, [ctypes.c_void_p]
 
 
-class Capture:
-    """An eval callback for a context: while ``on``, copy ``result_norm`` and stop the graph there
-    (llama.cpp then skips the output layer); while off, ask for no node, so decoding runs as usual."""
+class _CaptureState(ctypes.Structure):
+    """The C callback's state (``capture_state`` in native/evalstop.c)."""
 
-    def __init__(self) -> None:
+    _fields_ = [("on", ctypes.c_int32), ("status", ctypes.c_int32), ("n", ctypes.c_int64), ("cap", ctypes.c_int64),
+                ("dst", ctypes.POINTER(ctypes.c_float))]
+
+
+class Capture:
+    """An eval callback for a context: while armed, copy ``result_norm`` and stop the graph there
+    (llama.cpp then skips the output layer); while not, ask for no node, so decoding runs as usual.
+
+    llama.cpp calls it for every node of every step, so it runs as a small C function when one can
+    be compiled (``native``), else as the Python ``_call`` below, which does the same.
+    """
+
+    def __init__(self, room: int) -> None:
+        from tokensteer.backends.native import library
+
         self.on = False
         self.h: np.ndarray | None = None  # [n_outputs * n_embd] float32 of the last capture
-        self.cfunc = llama_cpp.ggml_backend_sched_eval_callback(self._call)
+        lib = library("evalstop", Path(_ggml._name).parent, Path(_ggml._name).name)
+        self.native = lib is not None
+        if self.native:
+            self._buf = np.empty(room, np.float32)  # room: floats of the largest result_norm
+            self._state = _CaptureState(0, 0, 0, room, self._buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+            self.cfunc = ctypes.cast(lib.tokensteer_capture, llama_cpp.ggml_backend_sched_eval_callback)
+            self.user_data = ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p)
+        else:
+            self.cfunc = llama_cpp.ggml_backend_sched_eval_callback(self._call)
+            self.user_data = None
+
+    def arm(self) -> None:
+        self.on, self.h = True, None
+        if self.native:
+            self._state.on, self._state.status, self._state.n = 1, 0, 0
+
+    def disarm(self) -> None:
+        """Stop capturing; ``h`` keeps what the last armed decode copied (None if nothing)."""
+        self.on = False
+        if self.native:
+            self._state.on = 0
+            self.h = self._buf[: self._state.n].copy() if self._state.status == 1 else None
 
     def _call(self, t, ask, _user) -> bool:
         if not self.on:
