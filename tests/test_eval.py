@@ -137,8 +137,8 @@ def test_eval_seeds_are_deterministic(tiny, tiny_dir, tmp_path):
 
 
 def test_eval_sample_text_does_not_depend_on_the_other_methods(tiny, tiny_dir, tmp_path):
-    """`none` and `prompt` samples share batches; each sample's text must still be the same whether or
-    not the other method is in the run (the cache key promises it)."""
+    """A method's batches are its own, so each `none` sample's text is the same whether or not another
+    method (`prompt`, also without controls) is in the run (the cache key promises it)."""
     kw = dict(n=3, samples=2, lm=tiny, model=str(tiny_dir), report=False, batch_size=4,
               sampling=SamplingConfig(max_tokens=10, temperature=1.5))
     run("count", ["none"], out=tmp_path / "a", **kw)
@@ -150,6 +150,15 @@ def test_eval_sample_text_does_not_depend_on_the_other_methods(tiny, tiny_dir, t
 
     a, b = texts(tmp_path / "a"), texts(tmp_path / "b")
     assert len(a) == 6 and a == b
+
+
+def test_methods_never_share_a_batch():
+    from tokensteer.eval.generation import Unit, plan_batches
+
+    units = [Unit(m, i, 0, None, "p", i, f"{m}{i}") for i in range(3) for m in ("none", "prompt")]
+    shared = []  # one control list shared by every unit of "prompt"
+    batches = plan_batches(units, lambda u: [] if u.method == "none" else shared, batch_size=8)
+    assert [(b.method, [u.index for u in b.units]) for b in batches] == [("none", [0, 1, 2]), ("prompt", [0, 1, 2])]
 
 
 def test_eval_every_task_runs_on_tiny(tiny, tiny_dir, tmp_path):

@@ -1,8 +1,10 @@
 """Generating a method's samples in batches through the one decode loop, in this or worker processes.
 
-Samples whose method gives the same control list (or none) share a batch. Each sample draws from
-its own seed, so its text does not depend on which samples share its batch (up to the rounding of
-batched forward passes). A counting wrapper around the backend measures model calls per token.
+Samples of one method that get the same control list (or none) share a batch; methods never
+share one, so a method's batches, and hence its texts, do not depend on which other methods are in
+the run (batch size changes the rounding of batched forward passes, and on llama.cpp from 8 rows
+the kernels). Each sample draws from its own seed, so its text does not depend on which samples
+share its batch, up to that rounding. A counting wrapper around the backend measures model calls per token.
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ class Batch:
 
 
 def plan_batches(units: Sequence[Unit], controls_of: Callable[[Unit], list], batch_size: int) -> list[Batch]:
-    """Group units by their control list (identity; empty lists match across methods), in order."""
+    """Group units by method and control list (identity; empty lists match within a method), in order."""
     groups: dict[Any, list[Unit]] = {}
     keep = []  # hold the lists so their ids stay unique while grouping
     for u in units:
         c = controls_of(u)
         keep.append(c)
-        groups.setdefault(id(c) if c else None, []).append(u)
+        groups.setdefault((u.method, id(c) if c else None), []).append(u)
     out = []
     for us in groups.values():
         for s in range(0, len(us), batch_size):
