@@ -41,7 +41,7 @@ def test_prompt_from_stdin(tiny_dir):
     "args, fragment",
     [
         (["generate", ""], "empty"),
-        (["generate", "x", "-n", "-1"], "max tokens"),
+        (["generate", "x", "-n", "-1"], "--max-tokens (-n) must be ≥ 0"),
         (["generate", "x", "--temperature", "-1"], "temperature"),
         (["generate", "x", "--top-p", "1.5"], "top-p"),
         (["generate", "x", "--model", "/no/such/model"], "does not exist"),
@@ -49,6 +49,52 @@ def test_prompt_from_stdin(tiny_dir):
 )
 def test_bad_input_is_one_line_exit_2(args, fragment):
     assert_user_error(run(*args), fragment)
+
+
+def test_a_user_error_is_exactly_one_line_on_stderr():
+    r = run("generate", "x", "--model", "/no/such/model")  # a progress line ran before it (and once left a blank line)
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: "), repr(r.stderr)
+
+
+HELP_PAGES = [[], ["generate"], ["models"], ["eval"], ["steer"], ["formula"],
+              *(["steer", c] for c in ("train", "search", "info", "export", "import")), ["formula", "check"], ["formula", "recipes"]]
+
+
+@pytest.mark.parametrize("page", HELP_PAGES, ids=" ".join)
+def test_help_shows_no_type_after_flags(page):
+    r = runner.invoke(app, [*page, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "--help" in r.output and "<bool>" not in r.output
+    if page == ["generate"]:
+        assert "<int>" in r.output  # options that take a value keep their type
+
+
+def help_text(*page: str) -> str:
+    r = runner.invoke(app, [*page, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_help_teaches_the_steer_spec_and_the_doses_that_work():
+    gen = help_text("generate")
+    assert all(s in gen for s in ("VEC:STRENGTH", ":at=generated|prompt|all", ":layers=", ":mode=gcav", ":guard=P", "--steer pos.safetensors:0.1"))
+    assert all(ex in gen for ex in ("--formula positive --trace", "--sentences 2", "--regex '[0-9]{6}'", "--grammar answer.lark"))
+    ev = help_text("eval")
+    assert "steer:PATH[@STRENGTH]" in ev and "strength=0,0.05,0.1" in ev and "0,2,4" not in ev
+    assert "[default: \\n]" in ev  # the newline default on one line, as it is typed
+    steer = help_text("steer")
+    assert "pos.safetensors:0.1" in steer and "llama-cli -m MODEL.gguf --control-vector pos.gguf" in steer
+    assert "llama-cli -m MODEL.gguf --control-vector pos.gguf" in help_text("steer", "export")
+    assert "Examples:" in help_text("steer", "search") and "--prompts 16 --tokens 16" in help_text("steer", "search")
+    assert "tokensteer steer info pos.safetensors" in help_text("steer", "info")
+    assert "tokensteer steer import pos.gguf --out" in help_text("steer", "import")
+
+
+def test_formula_help_lists_the_guides():
+    from tokensteer.formula.guides import GUIDES
+
+    out = " ".join(help_text("formula").split())
+    assert f"an offline guide: {', '.join(GUIDES)}" in out
 
 
 def test_not_a_model_folder(tmp_path):

@@ -209,10 +209,29 @@ def test_search_plot_path_mistakes(tiny_dir, files):
     assert_user_error(run(*common[:2], files / "v.gguf", *common[3:-1]), "import the GGUF first")
 
 
+def test_search_says_what_it_does_from_the_start(tiny_dir, files, tmp_path):
+    """The unsteered baseline takes minutes on the real model: a line says so before it starts, also off a terminal."""
+    vec = tmp_path / "v.safetensors"
+    vec.write_bytes((files / "v.safetensors").read_bytes())
+    r = run("steer", "search", vec, "--model", tiny_dir, "--backend", "torch", "--prompts", "2", "--tokens", "2",
+            "--bisect-steps", "0", "--factor", "100", "--kl-max", "100", "--max-strength", "0.2")
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    steps = [next(i for i, line in enumerate(lines) if line.startswith(s))
+             for s in ("loaded", "continuing 2 prompts without steering for the baseline", "trying layers", "layer ",
+                       "searching the strength at layer", "strength 0.125:", "chosen")]
+    assert steps == sorted(steps), lines
+
+
 # ---- formula and eval ----
 
 def test_deeply_nested_formula():
     assert_user_error(run("formula", "check", "(" * 2000 + "M" + ")" * 2000), "nests too deeply")
+
+
+def test_eval_negative_max_tokens_names_the_flag(tiny_dir, tmp_path):
+    r = run("eval", "--model", tiny_dir, "--task", "sentiment-positive", "--max-tokens", "-1", "--out", tmp_path / "ev")
+    assert_user_error(r, "--max-tokens must be ≥ 0, got -1")
 
 
 def test_eval_out_or_cache_is_a_file(tiny_dir, files):
@@ -257,6 +276,12 @@ def test_eval_stop_escape_reaches_sampling(tiny_dir, tmp_path):
             "--max-tokens", "2", "-m", "none", "--no-report", "--out", tmp_path / "ev", "--stop", r"\n\n")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["sampling"]["stop"] == ["\n\n"]
+
+
+def test_missing_model_of_a_formula_term_names_the_term(tiny_dir):
+    r = run("generate", "hello", "--model", tiny_dir, "-n", "2", "--formula", 'M + M(model="/no/such/model")')
+    assert_user_error(r, 'the formula term M(model="/no/such/model") names a path that does not exist')
+    assert "omit --model" not in r.output
 
 
 def test_formula_weight_that_overflows_float32(tiny_dir):

@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from tokensteer.errors import UserError
 
@@ -28,6 +29,36 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
+
+
+class _NoFlagTypes:
+    """typer's rich --help prints a value type after every option, so each flag (--help too) shows a
+    stray `<bool>` though it takes no value. It prints a metavar in that place instead, so give flags
+    an empty one."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:
+            if isinstance(p, TyperOption) and p.is_flag and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class Command(_NoFlagTypes, TyperCommand):
+    """A command whose --help shows no type after flags."""
+
+
+class Group(_NoFlagTypes, TyperGroup):
+    """A command group whose --help shows no type after flags."""
+
+
+def use_help_classes(t: typer.Typer) -> None:
+    """Build every command and group of ``t`` and its sub-apps as Command / Group (typer's ``cls=``)."""
+    t.info.cls = t.info.cls or Group
+    for c in t.registered_commands:
+        c.cls = Command if c.cls in (None, TyperCommand) else c.cls
+    for g in t.registered_groups:
+        use_help_classes(g.typer_instance)
 
 
 def fail(msg: str) -> None:
@@ -49,10 +80,13 @@ def user_errors() -> Iterator[None]:
 
 @contextmanager
 def spinner(label: str) -> Iterator:
-    """A progress line with elapsed time for long steps whose length we cannot know in advance."""
+    """A progress line with elapsed time for long steps whose length we cannot know in advance.
+
+    Off when stderr is not a terminal: it would show nothing there and rich ends it with a blank line."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as p:
+    cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*cols, console=err, transient=True, disable=not err.is_interactive) as p:
         task = p.add_task(label, total=None)
         yield lambda msg: p.update(task, description=msg)
 
@@ -88,7 +122,9 @@ def generate(
     formula: Optional[str] = typer.Option(None, help="A formula over next-token distributions, or a recipe name (see `tokensteer formula --help`).", rich_help_panel="Controls"),
     trace: bool = typer.Option(False, help="With --formula: print each term's log-probability per token.", rich_help_panel="Controls"),
     speculate: int = typer.Option(0, help="With a --formula that uses another model: draft K tokens from the loaded model, verify them in one forward of the other (same output distribution; 0 = off).", rich_help_panel="Controls"),
-    steer: list[str] = typer.Option([], help="Steering vector file, optionally VEC:STRENGTH (repeatable).", rich_help_panel="Controls"),
+    steer: list[str] = typer.Option([], help="A steering vector: VEC, VEC:STRENGTH or VEC@STRENGTH (default: the file's recommended dose), then "
+                                    "options :at=generated|prompt|all, :layers=6-8 (or 5,7), :mode=gcav, :guard=P (sample within the unsteered "
+                                    "top-P), e.g. pos.safetensors:0.1:at=generated (repeatable).", rich_help_panel="Controls"),
     ban: list[str] = typer.Option([], help="A word or phrase that must never appear, in any casing (repeatable).", rich_help_panel="Constraints"),
     require: list[str] = typer.Option([], help="A word that must appear (repeatable).", rich_help_panel="Constraints"),
     words: Optional[int] = typer.Option(None, help="Generate exactly this many words.", rich_help_panel="Constraints"),
@@ -121,7 +157,17 @@ def generate(
 
       tokensteer generate "Bonjour, je" --script Latin --script-soft 0.1
 
+      tokensteer generate "The weather today" --formula positive --trace -n 20
+
       tokensteer generate "The day" --formula 'M + M(model="other-model")' --speculate 4
+
+      tokensteer generate "The hotel was" --steer pos.safetensors:0.1:at=generated
+
+      tokensteer generate "The museum opened" --sentences 2 -n 60
+
+      tokensteer generate "Order number:" --regex '[0-9]{6}' -n 8
+
+      tokensteer generate "Answer:" --grammar answer.lark -n 30
     """
     import tokensteer
     from tokensteer.controls import RequestControls, build_controls
@@ -135,6 +181,8 @@ def generate(
             raise UserError("the prompt is not valid UTF-8 text") from None
         if not prompt.strip():
             raise UserError("the prompt is empty; give some text to continue")
+        if max_tokens < 0:
+            raise UserError(f"--max-tokens (-n) must be ≥ 0, got {max_tokens}")
         cfg = SamplingConfig(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -287,6 +335,9 @@ app.add_typer(formula_app, name="formula")
 
 def main() -> None:
     app()
+
+
+use_help_classes(app)  # after every sub-app above is registered
 
 
 if __name__ == "__main__":

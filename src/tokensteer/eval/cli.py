@@ -9,17 +9,17 @@ import typer
 
 def eval_command(
     task: Optional[str] = typer.Option(None, "--task", help="sentiment-positive, sentiment-negative, detox, topic, count or keywords."),
-    method: list[str] = typer.Option([], "--method", "-m", help="KIND or KIND:ARG (repeatable): none, prompt, formula:positive, steer:PATH@STRENGTH, constraints:SPEC."),
+    method: list[str] = typer.Option([], "--method", "-m", help="KIND or KIND:ARG (repeatable): none, prompt, formula:positive, steer:PATH\\[@STRENGTH] (without @STRENGTH: the file's recommended dose), constraints:SPEC."),
     out: str = typer.Option("eval-out", "--out", "-o", help="Folder for results.json, report.html, PNGs and the sample cache."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Your own prompts: one per line, or JSONL with the task's fields."),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N prompts."),
     samples: int = typer.Option(1, "--samples", "-k", help="Continuations per prompt (detox: RealToxicityPrompts uses 25)."),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help="PARAM=V1,V2,... run each method that has PARAM once per value, e.g. strength=0,2,4."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="PARAM=V1,V2,... run each method that has PARAM once per value, e.g. strength=0,0.05,0.1."),
     seed: int = typer.Option(0, help="Base seed; every (method, prompt, sample) derives its own from it."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="Most new tokens per continuation."),
     temperature: float = typer.Option(1.0, "--temperature", "-t", help="Sampling temperature."),
     top_p: float = typer.Option(0.9, help="Nucleus sampling mass."),
-    stop: list[str] = typer.Option(["\n"], help="Stop strings (repeatable; default: a newline). Use --no-stop to generate to --max-tokens."),
+    stop: list[str] = typer.Option([r"\n"], help="Stop strings (repeatable; \\n is a newline, \\t a tab). Use --no-stop to generate to --max-tokens."),
     no_stop: bool = typer.Option(False, "--no-stop", help="Do not stop at a newline."),
     batch_size: int = typer.Option(16, help="Prompts generated together (same controls only)."),
     workers: int = typer.Option(1, help="Parallel worker processes, each loading the model."),
@@ -40,7 +40,7 @@ def eval_command(
 
       tokensteer eval --task count --method prompt --prompts my_counts.jsonl --out runs/count
 
-      tokensteer eval --task sentiment-positive --method 'steer:pos.safetensors@{strength}' --sweep strength=0,2,4 --out runs/dose
+      tokensteer eval --task sentiment-positive --method 'steer:pos.safetensors@{strength}' --sweep strength=0,0.05,0.1 --out runs/dose
 
     Writes OUT/results.json, OUT/report.html and PNGs; generated samples are cached under
     OUT/cache, so re-running (to re-score or add methods) never regenerates them.
@@ -52,10 +52,12 @@ def eval_command(
         if list_:
             _list()
             return
-        if task is None:
-            from tokensteer.errors import UserError
+        from tokensteer.errors import UserError
 
+        if task is None:
             raise UserError("give --task (see `tokensteer eval --list`)")
+        if max_tokens < 0:
+            raise UserError(f"--max-tokens must be ≥ 0, got {max_tokens}")
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from tokensteer.eval.runner import run

@@ -75,6 +75,8 @@ def required_capabilities(req: "RequestControls") -> frozenset[str]:
     if req.formula is None:
         return frozenset()
     from tokensteer.backends.base import LOAD_HF
+    from tokensteer.errors import UserError, expand
+    from tokensteer.formula.ast import fmt_str
     from tokensteer.formula.check import check_speculative
     from tokensteer.models import resolve
 
@@ -83,7 +85,12 @@ def required_capabilities(req: "RequestControls") -> frozenset[str]:
     check_speculative(f, int(req.extra.get("speculate") or 0))
 
     def hf_term(n: Node) -> bool:
-        return isinstance(n, Model) and n.model is not None and resolve(n.model).kind == "hf"
+        if not isinstance(n, Model) or n.model is None:
+            return False
+        if not expand(n.model).exists():  # resolve's message would say "omit --model", which does not apply here
+            raise UserError(f"the formula term M(model={fmt_str(n.model)}) names a path that does not exist; give a local "
+                            "Hugging Face model folder or .gguf file with the loaded model's tokenizer (nothing is downloaded)")
+        return resolve(n.model).kind == "hf"
 
     return frozenset({LOAD_HF}) if any_node(f.root, hf_term) else frozenset()
 

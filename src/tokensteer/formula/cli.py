@@ -9,15 +9,16 @@ from rich.table import Table
 from rich.tree import Tree
 
 from tokensteer.formula.ast import Const, Guide, Model, Node, Op, Sum, fmt_num, fmt_str, to_string
+from tokensteer.formula.guides import GUIDES
 
 app = typer.Typer(
     help=(
         "Formulas over next-token distributions (model arithmetic).\n\n"
         "Terms: M (the model on the prompt), M(\"text\") (the prompt behind a conditioning text), "
         "M(\"text\", T=0.7), M(model=\"path\") (another local model, same tokenizer), C(\"positive\") "
-        "(an offline guide), numbers. Operators: + - * /, union(a, b) (max), softunion(a, b) "
-        "(log-sum-exp), intersection(a, b) (min), topk(f, k), topp(f, p), nucleus(f, p) (the base "
-        "model's nucleus), temp(f, T). Start with 'normalized:' for LMA's weighted average instead "
+        f"(an offline guide: {', '.join(GUIDES)}), numbers. Operators: + - * /, union(a, b) (max), "
+        "softunion(a, b) (log-sum-exp), intersection(a, b) (min), topk(f, k), topp(f, p), nucleus(f, p) "
+        "(the base model's nucleus), temp(f, T). Start with 'normalized:' for LMA's weighted average instead "
         "of plain logit arithmetic."
     ),
     no_args_is_help=True,

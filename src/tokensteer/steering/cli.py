@@ -22,9 +22,9 @@ Examples:
 
   tokensteer steer search pos.safetensors
 
-  tokensteer generate "The hotel was" --steer pos.safetensors:0.3
+  tokensteer generate "The hotel was" --steer pos.safetensors:0.1
 
-  tokensteer steer export pos.safetensors --gguf pos.gguf   (then: llama-cli --control-vector pos.gguf)
+  tokensteer steer export pos.safetensors --gguf pos.gguf   (then: llama-cli -m MODEL.gguf --control-vector pos.gguf)
 """,
     no_args_is_help=True,
     add_completion=False,
@@ -90,7 +90,8 @@ def train(
     with user_errors():
         chosen = parse_layers(layers, lm.n_layers)
         t0 = time.perf_counter()
-        with Progress(TextColumn("reading hidden states"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as p:
+        cols = (TextColumn("reading hidden states"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*cols, console=err, transient=True, disable=not err.is_interactive) as p:  # off a terminal: nothing, not a blank line
             task = p.add_task("read", total=2 * len(ps.pairs))
             vec = train_vector(lm, ps, method, chosen, read, progress=lambda d, n: p.update(task, completed=d))
         save_vector(vec, out)
@@ -125,11 +126,13 @@ def search(
     Coherence is the eval suite's perplexity of the steered text over the uncontrolled text's, on
     neutral prompts that are not the eval's, with a bootstrap bound so a lucky draw does not pass.
 
-    Example:
+    Examples:
 
       tokensteer steer search pos.safetensors --factor 1.5
 
       tokensteer steer search pos.safetensors --guard 0.8
+
+      tokensteer steer search pos.safetensors --prompts 16 --tokens 16   (quicker, noisier)
     """
     from tokensteer.cli import err, spinner, user_errors
     from tokensteer.steering import search as S
@@ -172,12 +175,17 @@ def search(
         S.record(v, res)
         save_vector(v, vec)
         png = S.plot(res, plot_path or vec.with_suffix(".curve.png"))
-    err.print(f"[green]chosen[/] layers {res.layers}, strength {res.strength:.3g}{f', guard {guard:g}' if guard else ''}; curve saved in {escape(str(vec))} and {escape(str(png))}", highlight=False)
+    err.print(f"[green]chosen[/] layers {res.layers}, strength {res.strength:.3g}{f', guard {guard:g}' if guard else ''}; curve saved in {escape(str(vec))} and {escape(str(png))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def info(vec: Path = typer.Argument(..., help="Vector file (.safetensors or .gguf).")) -> None:
-    """Show a vector's provenance: model, method, pairs, recommended layers and strength."""
+    """Show a vector's provenance: model, method, pairs, recommended layers and strength.
+
+    Example:
+
+      tokensteer steer info pos.safetensors
+    """
     from tokensteer.cli import user_errors
     from tokensteer.steering.vecfile import load_vector
 
@@ -201,7 +209,7 @@ def export(
 
     Example:
 
-      tokensteer steer export pos.safetensors --gguf pos.gguf && llama-cli -m model.gguf --control-vector pos.gguf
+      tokensteer steer export pos.safetensors --gguf pos.gguf && llama-cli -m MODEL.gguf --control-vector pos.gguf
     """
     from tokensteer.cli import err, user_errors
     from tokensteer.steering.gguf_io import export_gguf
@@ -221,7 +229,12 @@ def import_(
     gguf: Path = typer.Argument(..., help="A control-vector GGUF (from tokensteer, llama.cpp's cvector-generator or repeng)."),
     out: Path = typer.Option(..., help="Output vector file (.safetensors)."),
 ) -> None:
-    """Import a llama.cpp / repeng control-vector GGUF (foreign vectors keep raw units: strength 1 = as llama.cpp adds them)."""
+    """Import a llama.cpp / repeng control-vector GGUF (foreign vectors keep raw units: strength 1 = as llama.cpp adds them).
+
+    Example:
+
+      tokensteer steer import pos.gguf --out pos2.safetensors
+    """
     from tokensteer.cli import err, user_errors
     from tokensteer.steering.gguf_io import import_gguf
     from tokensteer.steering.vecfile import expand, save_vector

@@ -144,6 +144,7 @@ def search(
     from tokensteer.loop import generate
 
     prompts = list(prompts)
+    say(f"continuing {len(prompts)} prompts without steering for the baseline…")
     base = generate(lm, prompts, cfg)
     base_texts = [g.text for g in base]
     base_ppls = coherence(lm, prompts, continuation_ids(lm, prompts, base_texts)).perplexity
@@ -163,6 +164,7 @@ def search(
         ranked = sorted(band, key=lambda i: (-stats.get(str(i), {}).get("heldout_d_prime", 0.0), i))
         k = max(2, min(layer_prompts, len(prompts)))
         best, best_key = None, None
+        say(f"trying layers {', '.join(map(str, ranked[:n_layer_trials]))} on {k} prompts…")
         for li in ranked[:n_layer_trials]:
             name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, li)
             p = _evaluate(lm, vec, [li], min(probe_strength / 2, max_strength), prompts[:k], cfg, sc, base_ppls[:k], confidence, positions, guard)
@@ -186,6 +188,7 @@ def search(
         say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}")
         return p
 
+    say(f"searching the strength at layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))} on {len(prompts)} prompts…")
     lo, hi, s = 0.0, None, min(probe_strength / 2, max_strength)  # a small --max-strength is still tried
     while s <= max_strength:
         if run(s).feasible:
