@@ -107,7 +107,7 @@ def train(
 def search(
     vec: Path = typer.Argument(..., help="Vector file to tune (updated in place)."),
     factor: float = typer.Option(1.5, help="Allowed perplexity of steered text, as a multiple of the uncontrolled text's."),
-    kl_max: float = typer.Option(2.0, help="Allowed mean KL from the base model, in nats per token, of the distribution sampled (the steered one, after --guard if given)."),
+    kl_max: float = typer.Option(2.0, help="Allowed mean KL(steered ‖ base) in nats per token."),
     layers: str = typer.Option("auto", help="auto (rank by held-out separability, try the best few), or a-b / list."),
     max_strength: float = typer.Option(2.0, help="Largest strength to try."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Where to save the dose–response plot (default VEC with .curve.png)."),

@@ -1,7 +1,5 @@
 """Coherence of steered text: its perplexity under the base model and the KL of steered from base.
 
-The KL is of the distribution the steered text was sampled from: with a guard, the steered
-distribution cut to the base model's top-p nucleus and renormalised, as ``SteerGuard`` samples it.
 Both come from one teacher-forced pass that steps a steered session and a plain session in
 lockstep through the same tokens (the public Session API, so any backend works), never holding
 more than one step of full distributions.
@@ -27,12 +25,8 @@ class Coherence:
 
 
 @torch.inference_mode()
-def coherence(lm, prompts: Sequence[str], continuations: Sequence[Sequence[int]], edits: Sequence[ResidualEdit] = (),
-              guard: float | None = None) -> Coherence:
-    """Teacher-force ``continuations`` (token ids) after ``prompts`` with and without ``edits``
-    (and, with ``guard``, the steered distribution restricted to the base model's nucleus)."""
-    from tokensteer.formula.engine import nucleus_mask
-
+def coherence(lm, prompts: Sequence[str], continuations: Sequence[Sequence[int]], edits: Sequence[ResidualEdit] = ()) -> Coherence:
+    """Teacher-force ``continuations`` (token ids) after ``prompts`` with and without ``edits``."""
     rows = [lm.tokenizer.encode(p) for p in prompts]
     base = lm.session(())
     steered = lm.session(edits) if edits else None
@@ -45,9 +39,7 @@ def coherence(lm, prompts: Sequence[str], continuations: Sequence[Sequence[int]]
         for t in range(T):
             pb = torch.log_softmax(lb.float(), dim=-1)
             ps = torch.log_softmax(ls.float(), dim=-1) if steered else None
-            if steered and guard is not None:
-                ps = torch.log_softmax(ps.masked_fill(~nucleus_mask(pb, guard), float("-inf")), dim=-1)
-            step_kl = (ps.exp() * (ps - pb)).nan_to_num(0.0).sum(dim=-1) if steered else None  # 0·log 0 = 0
+            step_kl = (ps.exp() * (ps - pb)).sum(dim=-1) if steered else None
             nxt = []
             for i, c in enumerate(continuations):
                 if t < len(c):

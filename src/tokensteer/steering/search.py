@@ -5,8 +5,7 @@ best few at one strength on a few prompts and keeps the layer that moves the att
 unit of perplexity. The strength search doubles, then bisects, to find the strongest dose whose
 steered text stays coherent: the eval suite's perplexity (the text re-tokenized after its prompt,
 under the base model, ratio of means) ≤ ``factor`` × the uncontrolled text's at a one-sided
-bootstrap confidence bound, and mean KL(sampled ‖ base) ≤ ``kl_max`` nats per token, where
-"sampled" is the steered distribution after the guard, if any. Prompts are
+bootstrap confidence bound, and mean KL(steered ‖ base) ≤ ``kl_max`` nats per token. Prompts are
 neutral openers held out from the eval suite's. The strongest coherent dose wins; the whole
 dose–response curve is saved in the vector file and as a plot.
 """
@@ -41,7 +40,7 @@ class Point:
     score: float  # mean attribute success of the steered texts
     perplexity: float  # mean base-model perplexity of the steered texts
     ppl_ratio: float
-    kl: float  # mean KL(sampled ‖ base) per token: the steered distribution, after the guard if any
+    kl: float  # mean KL(steered ‖ base) per token
     feasible: bool
     ppl_ratio_bound: float = float("nan")  # one-sided bootstrap upper bound of ppl_ratio
     layers: list[int] = field(default_factory=list)
@@ -90,14 +89,14 @@ def default_scorer(lm, vec: SteeringVector, layer: int) -> tuple[str, Scorer]:
 
 def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence, positions="all", guard=None) -> Point:
     """Generate with one dose, then score it: attribute, the eval's perplexity ratio with its bound, KL
-    from the base of the distribution sampled (after the guard, when there is one)."""
+    (of the steered model from the base, before any guard)."""
     from tokensteer.loop import generate
 
     ctls = controls_for([Steer(vec, strength, layers, positions, guard=guard)])
     ctl = ctls[0]
     gens = generate(lm, prompts, cfg, ctls)
     texts = [g.text for g in gens]
-    coh = coherence(lm, prompts, continuation_ids(lm, prompts, texts), ctl.residual_edits(len(prompts), 1), guard)
+    coh = coherence(lm, prompts, continuation_ids(lm, prompts, texts), ctl.residual_edits(len(prompts), 1))
     ratio, bound = ratio_upper_bound(coh.perplexity, base, confidence)
     kl = mean(coh.kl) if coh.kl else 0.0
     return Point(layers[0], strength, mean(scorer(texts)), _mean_finite(coh.perplexity), ratio, kl, True, bound, list(layers))
