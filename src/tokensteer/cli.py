@@ -316,7 +316,7 @@ def models(
     t.add_row("GGUF cache", f"{gguf} ({'ready' if any(gguf.glob('*.ok')) else 'missing'})")
     t.add_row("converted cache", f"{m.bundled_hf_dir()} ({m.cache_status()})")
     heads = sorted((m.home() / "heads").glob("*.gguf"))
-    size = sum(h.stat().st_size for h in heads) >> 20
+    size = round(sum(h.stat().st_size for h in heads) / 1e6)  # MB, as the README counts
     t.add_row("formula heads", f"{m.home() / 'heads'} ({len(heads)} file{'s' * (len(heads) != 1)}, {size} MB; llama.cpp formulas build one per model on first use)")
     Console().print(t)
     if m.cache_status() != "ready":
