@@ -257,6 +257,12 @@ def build_head(src: Path, dst: Path) -> None:
                     else:
                         w.write(data)
                     w.write(bytes(-len(data) % align))
+                # Written pages sit in the page cache in small pieces; dropped and read back through
+                # readahead they come in large ones, and the output layer streams them ~20 % faster
+                # (head step 16.1-17.0 ms before, 13.2-13.9 after; results/formula.md "Session 9").
+                w.flush()
+                os.fsync(w.fileno())
+                os.posix_fadvise(w.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             os.chmod(tmp, 0o644)
             os.replace(tmp, dst)
         finally:
