@@ -443,6 +443,7 @@ def test_search_records_curve_and_plot(tiny, vec, tmp_path):
     assert strengths == sorted(strengths) and strengths[0] == 0.0 and 0.25 in strengths and 1.0 in strengths
     assert res.strength in strengths[1:] and all(p.feasible for p in res.curve)
     assert all(p.kl >= 0 for p in res.curve) and res.curve[0].kl == 0.0
+    assert all(0.0 <= p.distinct2 <= 1.0 for p in res.curve)  # repetition, shown beside perplexity
     S.record(vec, res)
     path = save_vector(vec, tmp_path / "v.safetensors")
     back = load_vector(path)

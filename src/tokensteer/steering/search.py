@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 
 from tokensteer.errors import UserError
+from tokensteer.eval.scorers import distinct_n
 from tokensteer.sampling import SamplingConfig
 from tokensteer.steering.apply import Steer, controls_for
 from tokensteer.steering.scoring import coherence, continuation_ids, ratio_upper_bound
@@ -44,6 +45,7 @@ class Point:
     feasible: bool
     ppl_ratio_bound: float = float("nan")  # one-sided bootstrap upper bound of ppl_ratio
     layers: list[int] = field(default_factory=list)
+    distinct2: float = float("nan")  # distinct-2 of the texts: shown, not a criterion; perplexity misses repetition
 
 
 @dataclass
@@ -100,7 +102,8 @@ def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence,
     coh = coherence(lm, prompts, continuation_ids(lm, prompts, texts), ctl.residual_edits(len(prompts), 1))
     ratio, bound = ratio_upper_bound(coh.perplexity, base, confidence)
     kl = mean(coh.kl) if coh.kl else 0.0
-    return Point(layers[0], strength, mean(scorer(texts)), _mean_finite(coh.perplexity), ratio, kl, True, bound, list(layers))
+    return Point(layers[0], strength, mean(scorer(texts)), _mean_finite(coh.perplexity), ratio, kl, True, bound, list(layers),
+                 distinct_n(texts, 2))
 
 
 def _mean_finite(xs: Sequence[float]) -> float:
@@ -171,7 +174,7 @@ def search(
             p.feasible = feasible(p)
             trials.append(p)
             gain = p.score - mean(sc(base_texts[:k]))
-            say(f"layer {li}: score {p.score:.2f} (+{gain:.2f}), perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}")
+            say(f"layer {li}: score {p.score:.2f} (+{gain:.2f}), perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}, distinct-2 {p.distinct2:.2f}")
             key = gain / max(math.log(p.ppl_ratio), 0.05)  # attribute gained per nat of perplexity
             if best_key is None or key > best_key:
                 best, best_key = li, key
@@ -179,13 +182,14 @@ def search(
     layers = list(layers)
     name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, layers[0])
     base_score = mean(sc(base_texts))
-    curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True, 1.0, layers)]
+    curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True, 1.0, layers, distinct_n(base_texts, 2))]
 
     def run(s: float) -> Point:
         p = _evaluate(lm, vec, layers, s, prompts, cfg, sc, base_ppls, confidence, positions, guard)
         p.feasible = feasible(p)
         curve.append(p)
-        say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}")
+        say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}, "
+            f"distinct-2 {p.distinct2:.2f} (uncontrolled {curve[0].distinct2:.2f})")
         return p
 
     say(f"searching the strength at layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))} on {len(prompts)} prompts…")
