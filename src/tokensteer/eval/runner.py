@@ -37,7 +37,7 @@ def parse_sweep(spec: str | None) -> tuple[str, list[str]] | None:
     name, eq, values = spec.partition("=")
     vals = [v.strip() for v in values.split(",") if v.strip()]
     if not eq or not name.strip() or not vals:
-        raise UserError(f"--sweep must look like PARAM=V1,V2,... (e.g. strength=0,2,4), got {spec!r}")
+        raise UserError(f"--sweep must look like PARAM=V1,V2,... (e.g. strength=0,0.05,0.1), got {spec!r}")
     return name.strip(), vals
 
 
