@@ -422,6 +422,9 @@ def test_cli_train_info_export_import(tiny_dir, tmp_path):
     assert torch.equal(load_vector(tmp_path / "w.safetensors").vectors[1], load_vector(vec).vectors[1])
     r = CliRunner().invoke(app, ["generate", "the cat", "--model", str(tiny_dir), "-n", "4", "--steer", f"{vec}:0.3", "--no-stream"])
     assert r.exit_code == 0, r.output
+    for t, warned in (("0", True), ("1", False)):  # a guard with greedy decoding gets a warning to sample
+        r = CliRunner().invoke(app, ["generate", "the cat", "--model", str(tiny_dir), "-n", "4", "--steer", f"{vec}:0.3:guard=0.8", "-t", t, "--no-stream"])
+        assert r.exit_code == 0 and ("guard" in r.stderr and "-t 1" in r.stderr) == warned, r.output
     r = CliRunner().invoke(app, ["steer", "train", "--pairs", "nope", "--out", str(vec)])
     assert r.exit_code == 2 and "nope" in r.output
     r = CliRunner().invoke(app, ["steer", "export", str(vec), "--gguf", str(tmp_path / "x.gguf"), "--layers", "0"])

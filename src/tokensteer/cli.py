@@ -215,6 +215,7 @@ def generate(
     lm = load_model(model, backend, dtype, needs)
     with user_errors():
         controls = build_controls(lm, req)
+        _warn_greedy_guard(controls, cfg.temperature)
         if as_json:
             g = tokensteer.generate(lm, prompt, cfg, controls)
             obj = _as_json(lm, g)
@@ -257,6 +258,16 @@ def unescape(text: str) -> str:
 
 def _summary(reason: str, n: int, decode_s: float, tok_s: float) -> None:
     err.print(f"[dim]{n} tokens, {reason}, {tok_s:.1f} tok/s[/]", highlight=False)
+
+
+def _warn_greedy_guard(controls: list, temperature: float) -> None:
+    """A steering guard keeps sampling inside the unsteered nucleus; greedy decoding needs no such
+    help and, at the strong doses a guard allows, tends to loop, so say to sample."""
+    from tokensteer.steering.apply import SteerGuard
+
+    if temperature == 0 and any(isinstance(c, SteerGuard) for c in controls):
+        msg = "a steering guard (guard=) is made for sampling; greedy decoding at its strong doses tends to repeat itself: add -t 1"
+        err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 def _warn_unfinished(controls: list, reason: str, max_tokens: int) -> None:
