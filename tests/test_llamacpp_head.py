@@ -1,4 +1,5 @@
-"""The head-only model that lets llama.cpp run a formula's mixed rows through the output layer once."""
+"""The output layers that run a formula's mixed rows once on llama.cpp: our Q8_0 kernel (which plain
+sessions use too) and the head-only model (where the kernel cannot run)."""
 
 from __future__ import annotations
 
@@ -110,10 +111,29 @@ def test_files_without_an_rms_normed_output_layer_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llama():
+def llama_any():
     lm = ts.load(None, backend="llamacpp")
     yield lm
     lm.close()
+
+
+@pytest.fixture(params=["kernel", "model"])
+def llama(request, llama_any):
+    """The bundled model with its mixing head: our kernel, or the head-only model (the kernel
+    switched off, so plain sessions use llama.cpp's own output layer as on a CPU without it)."""
+    lm = llama_any
+    if request.param == "kernel":
+        if lm.plain_head() is None:
+            pytest.skip("the Q8_0 output kernel cannot be built on this machine")
+        yield lm
+        return
+    saved = lm._q8, lm._head
+    lm._q8, lm._head = False, None
+    try:
+        assert lm.head() is not None and lm.plain_head() is None
+        yield lm
+    finally:
+        lm._q8, lm._head = saved
 
 
 PROMPTS = ["The old lighthouse keeper climbed the stairs one last time and", "My favourite food is"]
@@ -133,6 +153,32 @@ def paired(lm, mix: torch.Tensor, steps: int = 12):
             feed = torch.tensor([t] * len(rows))
             la, lb = a.step(feed), b.step(feed)
         return pairs
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.model
+def test_the_output_kernel_gives_llama_cpps_own_logits(llama_any):
+    """Plain sessions finish with our kernel where it runs. It quantises activations as llama.cpp
+    does, so its logits are llama.cpp's own up to the order of float sums: same greedy tokens,
+    differences far below the gaps between tokens."""
+    lm = llama_any
+    if lm.plain_head() is None:
+        pytest.skip("the Q8_0 output kernel cannot be built on this machine")
+    rows = [lm.tokenizer.encode(p + x) for x in PROMPTS for p in PREFIXES]
+    a = lm.session()
+    saved, lm._q8 = lm._q8, False
+    b = lm.session()
+    lm._q8 = saved
+    assert a.head is not None and b.head is None
+    try:
+        la, lb = a.prefill(rows), b.prefill(rows)
+        for t in lm.tokenizer.encode(TEXT, add_bos=False)[:8]:
+            assert torch.equal(la.argmax(-1), lb.argmax(-1))
+            assert float((la - lb).abs().max()) < 0.02
+            feed = torch.tensor([t] * len(rows))
+            la, lb = a.step(feed).clone(), b.step(feed)
     finally:
         a.close()
         b.close()
@@ -160,7 +206,8 @@ def test_mixed_rows_match_mixed_logits(llama):
 
 
 @pytest.mark.model
-def test_c_and_python_eval_callbacks_capture_the_same_final_norms(llama, monkeypatch):
+def test_c_and_python_eval_callbacks_capture_the_same_final_norms(llama_any, monkeypatch):
+    llama = llama_any
     """The compiled callback is only a faster copy of the Python one: the same rows, bit for bit;
     disarmed, neither stops the graph, so the model's logits come out as usual."""
     import tokensteer.backends.llamacpp_head as head_mod
@@ -196,15 +243,17 @@ def test_c_and_python_eval_callbacks_capture_the_same_final_norms(llama, monkeyp
 
 
 @pytest.mark.model
-def test_without_the_head_model_sessions_mix_full_logits(llama):
+def test_without_the_head_model_sessions_mix_full_logits(llama_any):
+    llama = llama_any
     """Where the head model is unusable, a mixing session still returns the exact mixed logits."""
-    saved, llama._head = llama._head, False
+    saved = llama._head, llama._q8
+    llama._head = llama._q8 = False
     try:
         mix = torch.tensor([[1.0, 2.0, -2.0, 0.5], [1.0, 0.0, 0.0, 0.0]])
         for got, want in paired(llama, mix, steps=4):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     finally:
-        llama._head = saved
+        llama._head, llama._q8 = saved
 
 
 @pytest.mark.model

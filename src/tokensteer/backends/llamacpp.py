@@ -6,9 +6,12 @@ output buffer. Forking a row copies its sequence (cells are shared, nothing is r
 backtracking removes the tail of each sequence. Additive steering uses llama.cpp's control
 vectors, which add one vector per layer to every row at every position.
 
-A session with a row mix (a formula's weighted sum) stops each graph after the final norm and runs
-the mixed rows through a head-only copy of the model (``llamacpp_head``), so the 262k-row output
-layer runs once per mix instead of once per row.
+Where the output matrix is Q8_0 and the CPU has AVX-512 VNNI (the bundled model on this machine),
+every session stops llama.cpp's graph after the final norm and runs the output layer in our own
+kernel (``q8head``), which is faster than llama.cpp's and reads the matrix once per 4 rows. Else a
+session with a row mix (a formula's weighted sum) does so through a head-only copy of the model
+(``llamacpp_head``), so the 262k-row output layer runs once per mix instead of once per row, and
+plain sessions keep llama.cpp's own output layer.
 
 What this backend cannot do, and the torch backend can: read hidden states, run non-additive or
 per-row residual edits, and edit the output of layer 0 (llama.cpp has no control vector there).
@@ -33,6 +36,7 @@ from tokensteer.backends.base import Backend, Session
 from tokensteer.backends.llamacpp_batch import Batch
 from tokensteer.backends.llamacpp_head import Capture, Head, build_head, head_path
 from tokensteer.backends.llamacpp_vocab import LlamaTokenizer
+from tokensteer.backends.q8head import Q8Head
 from tokensteer.errors import UserError
 from tokensteer.hooks import ResidualEdit
 
@@ -124,7 +128,8 @@ class LlamaCppBackend(Backend):
         self.model = model
         self.model_name = model_name
         self.path = path
-        self._head: Head | None | bool = None  # the head-only model: None untried, False unusable
+        self._head: Head | Q8Head | None | bool = None  # the mixing head: None untried, False unusable
+        self._q8: Q8Head | None | bool = None  # our output kernel: None untried, False unusable
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.tokenizer = LlamaTokenizer(self.vocab, owner=self)
         self.n_layers = int(llama_cpp.llama_model_n_layer(model))
@@ -134,7 +139,7 @@ class LlamaCppBackend(Backend):
         self._lock = threading.Lock()
         self._all: list[_Context] = []
         self._idle: list[_Context] = []
-        self._heads: list[Head] = []
+        self._heads: list[Head | Q8Head] = []
         self._finalizer = weakref.finalize(self, _free_all, model, self._all, self._heads)
         first = self._acquire(1)  # make the first context now, not on the first request
         self.context_length = first.n_ctx  # rows of one session share these cells
@@ -218,13 +223,36 @@ class LlamaCppBackend(Backend):
             raise UserError(why)
         return LlamaSession(self, edits, mix)
 
-    def head(self) -> Head | None:
-        """The head-only model that runs mixed rows (built into the cache on first use and checked
-        against the model's own logits), or None where it does not reproduce them."""
+    def head(self) -> Head | Q8Head | None:
+        """The output layer that runs mixed rows: our kernel (``plain_head``), else the head-only
+        model (built into the cache on first use); each checked against the model's own logits.
+        None where neither reproduces them: sessions then mix the full logits."""
+        q8 = self.plain_head()
         with self._lock:
             if self._head is None:
-                self._head = self._open_head() or False
+                self._head = q8 or self._open_head() or False
             return self._head or None
+
+    def plain_head(self) -> Q8Head | None:
+        """Our output kernel for this model, which every session uses in place of llama.cpp's
+        output layer; None where it cannot run (see ``q8head``) or does not reproduce the logits."""
+        with self._lock:
+            if self._q8 is None:
+                self._q8 = self._open_q8() or False
+            return self._q8 or None
+
+    def _open_q8(self) -> Q8Head | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            head = Q8Head(self.path, self.n_threads)
+        except (ValueError, OSError, KeyError):
+            return None
+        if not self._head_reproduces_logits(head):
+            head.free()
+            return None
+        self._heads.append(head)
+        return head
 
     def _open_head(self) -> Head | None:
         from tokensteer.models import home
@@ -250,7 +278,7 @@ class LlamaCppBackend(Backend):
         key = f"{arch}.attention.layer_norm_rms_epsilon".encode()
         return float(buf.value) if llama_cpp.llama_model_meta_val_str(self.model, key, buf, 64) > 0 else 1e-6
 
-    def _head_reproduces_logits(self, head: Head) -> bool:
+    def _head_reproduces_logits(self, head: Head | Q8Head) -> bool:
         """Run a probe text through the model twice, whole and stopped at the final norm + head."""
         c = _Context(self.model, 64, 1, self.n_threads, capture=True)
         try:
@@ -297,7 +325,9 @@ class LlamaSession(Session):
         self.b = backend
         self.c: _Context | None = None
         self.mix = None if mix is None else mix.detach().float().numpy()  # [R', R] (see Session)
-        self.head = backend.head() if mix is not None else None  # None: mix the full logits instead
+        # the output layer run after a captured final norm; None: llama.cpp's own (mixing full logits)
+        self.head = backend.head() if mix is not None else backend.plain_head()
+        self._out: np.ndarray | None = None  # plain sessions' logits buffer, reused every step
         self.seqs = np.zeros(0, np.int32)  # sequence id of each row
         self.pos = np.zeros(0, np.int32)  # next position of each row
         self.cvecs = {
@@ -354,6 +384,8 @@ class LlamaSession(Session):
 
     def _mix_rows(self, x: np.ndarray) -> np.ndarray:
         """[G * R, ...] rows -> [G * R', ...]: each group of R rows replaced by the mix's combinations."""
+        if self.mix is None:
+            return x
         R = self.mix.shape[1]
         return np.einsum("or,gr...->go...", self.mix, x.reshape(-1, R, *x.shape[1:])).reshape(-1, *x.shape[1:])
 
@@ -427,6 +459,10 @@ class LlamaSession(Session):
         batch.logits[:n] = 1
         self._decode(n, self.head is not None)
         self.pos += 1
+        if self.head is not None and self.mix is None:  # our output kernel into a reused buffer
+            if self._out is None or self._out.shape[0] != n:
+                self._out = np.empty((n, self.b.n_vocab), np.float32)
+            return torch.from_numpy(self.head.logits(self._hidden(n), self._out))
         if self.head is not None:
             return self._mixed(self._hidden(n))
         if self.mix is not None:

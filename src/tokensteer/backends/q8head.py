@@ -1,0 +1,71 @@
+"""The output layer of a GGUF model whose output matrix is Q8_0, run by our own kernel.
+
+On Gemma 3 270M that layer is the tied 262,144 x 640 Q8_0 embedding (178 MB of the 246 MB file),
+and in llama.cpp it costs more than the 18 blocks before it: ~16 ms of a 25 ms step, plus ~2.5 ms
+for each extra row, because llama.cpp's kernel runs it row by row. ``native/q8head.c`` reads the
+matrix once per 4 rows with AVX-512 VNNI dot products (activations quantised as llama.cpp does), so
+a decoding session can stop llama.cpp's graph at the final norm (``Capture``) and finish here:
+one row costs less than in llama.cpp, four rows cost ~1.3x one row, and a formula's mixed rows
+(``Session`` ``mix``) need no second model. Where the kernel cannot be built (no C compiler, no
+AVX-512 VNNI) or the matrix is another type, ``open`` returns None and llama.cpp's layer runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+Q8_0 = 8  # ggml's type id
+
+
+def _kernel() -> ctypes.CDLL | None:
+    from tokensteer.backends.native import library
+
+    lib = library("q8head", flags=("-O3", "-march=native", "-fopenmp"))
+    if lib is not None:
+        f = lib.tokensteer_q8_0_logits
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+class Q8Head:
+    """``logits(u)``: the output matrix of one GGUF file applied to rows ``u`` (final-norm outputs)."""
+
+    def __init__(self, path: Path, n_threads: int) -> None:
+        """Raises ValueError when the file's output matrix is not Q8_0 with rows of 64k values, or
+        the kernel cannot be built here."""
+        import mmap
+
+        from tokensteer.backends.llamacpp_head import layout
+
+        self._lib = _kernel()
+        if self._lib is None:
+            raise ValueError("the Q8_0 output kernel cannot be built on this machine")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            tensors = {t[0]: t[1:] for t in layout(buf).tensors}
+        dims, ttype, start, size = tensors.get("output.weight") or tensors["token_embd.weight"]
+        if ttype != Q8_0 or len(dims) != 2 or dims[0] % 64:
+            raise ValueError("the output matrix is not Q8_0 with rows of a multiple of 64 values")
+        self.width, self.n_vocab = int(dims[0]), int(dims[1])
+        self.n_threads = n_threads
+        self._w: np.memmap | None = np.memmap(path, np.uint8, mode="r", offset=start, shape=(size,))
+
+    def logits(self, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[n, V] float32 logits of rows ``u`` [n, width], written into ``out`` when given."""
+        if self._w is None:
+            raise RuntimeError("this output layer was freed")
+        u = np.ascontiguousarray(u, np.float32)
+        n = u.shape[0]
+        if out is None:
+            out = np.empty((n, self.n_vocab), np.float32)
+        if n:
+            rc = self._lib.tokensteer_q8_0_logits(self._w.ctypes.data, self.n_vocab, self.width, u.ctypes.data, n, out.ctypes.data, self.n_threads)
+            if rc != 0:
+                raise MemoryError("the Q8_0 output kernel could not allocate its buffers")
+        return out
+
+    def free(self) -> None:
+        self._w = None
