@@ -328,7 +328,14 @@ def models(
     t.add_row("converted cache", f"{m.bundled_hf_dir()} ({m.cache_status()})")
     heads = sorted((m.home() / "heads").glob("*.gguf"))
     size = round(sum(h.stat().st_size for h in heads) / 1e6)  # MB, as the README counts
-    t.add_row("formula heads", f"{m.home() / 'heads'} ({len(heads)} file{'s' * (len(heads) != 1)}, {size} MB; llama.cpp formulas build one per model on first use)")
+    t.add_row("formula heads", f"{m.home() / 'heads'} ({len(heads)} file{'s' * (len(heads) != 1)}, {size} MB; llama.cpp formulas build one per model on first use where the output kernel cannot run)")
+    native = m.home() / "native"
+    kernel = (
+        "built" if any(native.glob("q8head-*.so"))
+        else "cannot be built here (no C compiler or no AVX-512 VNNI): llama.cpp's own output layer runs" if any(native.glob("q8head-*.failed"))
+        else "built on first llama.cpp use"
+    )
+    t.add_row("output kernel", f"{native} (Q8_0 output layer for llama.cpp: {kernel})")
     Console().print(t)
     if m.cache_status() != "ready":
         err.print("[dim]the first `tokensteer generate` builds the cache (about a minute)[/]")
