@@ -429,7 +429,8 @@ def test_cli_train_info_export_import(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "nope" in r.output
     r = CliRunner().invoke(app, ["steer", "export", str(vec), "--gguf", str(tmp_path / "x.gguf"), "--layers", "0"])
     assert r.exit_code == 2 and "layer 0" in r.output
-    for bad, word in ((["--positions", "middle"], "positions"), (["--prompts", "1"], "prompts"), (["--confidence", "1.5"], "confidence")):
+    for bad, word in ((["--positions", "middle"], "positions"), (["--prompts", "1"], "prompts"), (["--confidence", "1.5"], "confidence"),
+                      (["--min-distinct", "1.5"], "min-distinct")):
         r = CliRunner().invoke(app, ["steer", "search", str(vec), "--model", str(tiny_dir), *bad])
         assert r.exit_code == 2 and word in r.output, r.output
 
@@ -467,9 +468,37 @@ def test_search_respects_the_coherence_bound(tiny, vec):
 
     cfg = SamplingConfig(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
     scorer = lambda texts: [1.0 for _ in texts]
-    with pytest.raises(UserError, match="no strength kept the text coherent"):
+    with pytest.raises(UserError, match=r"no strength kept the text coherent: the weakest dose, 0\.125, failed on KL .* > 1e-09"):
         S.search(tiny, vec, scorer, prompts=["the cat", "the dog"], layers=[1], factor=1e9, kl_max=1e-9,
                  probe_strength=0.5, max_strength=1.0, bisect_steps=1, cfg=cfg)
+
+
+def test_repetitive_doses_fail_the_search(tiny, vec, monkeypatch):
+    """Text that loops ("jewel jewel jewel") has a low perplexity; distinct-2 against the uncontrolled
+    text's is what rejects it."""
+    from tokensteer.sampling import SamplingConfig
+    from tokensteer.steering import search as S
+    from tokensteer.steering.search import Point, failed
+
+    looping = Point(11, 0.5, 0.94, 15.0, 1.1, 1.0, True, 1.2, [11], distinct2=0.40)
+    varied = Point(11, 0.25, 0.88, 15.0, 1.1, 1.0, True, 1.2, [11], distinct2=0.62)
+    assert failed(varied, 0.88, 1.5, 2.0, 0.6) == []
+    assert failed(looping, 0.88, 1.5, 2.0, 0.6) == ["distinct-2 0.40 < 0.6 × uncontrolled 0.88 (repetitive)"]
+    assert failed(looping, 0.88, 1.5, 2.0, 0.0) == []  # 0 turns the criterion off
+    assert len(failed(looping, 0.88, 1.1, 0.5, 0.6)) == 3
+
+    cfg = SamplingConfig(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    kw = dict(prompts=["the cat", "the dog", "hello"], layers=[1], factor=1e9, kl_max=1e9, probe_strength=0.5,
+              max_strength=1.0, bisect_steps=0, cfg=cfg)
+    res = S.search(tiny, vec, lambda t: [1.0] * len(t), **kw)
+    d = {p.strength: p.distinct2 for p in res.curve}
+    # the same search, with the steered texts made to repeat themselves from strength 0.5 on
+    real = S._evaluate
+    monkeypatch.setattr(S, "_evaluate", lambda *a, **k: (p := real(*a, **k), setattr(p, "distinct2", 0.1 if p.strength >= 0.5 else p.distinct2))[0])
+    res2 = S.search(tiny, vec, lambda t: [1.0] * len(t), **kw)
+    assert res.strength == 1.0 and d[0.25] >= 0.6 * d[0.0]
+    assert res2.strength == 0.25 and [p.feasible for p in res2.curve if p.strength >= 0.5] == [False]
+    assert res2.baseline["min_distinct"] == 0.6 and res2.baseline["distinct2"] == d[0.0]
 
 
 def test_search_measures_the_eval_suites_perplexity(tiny):

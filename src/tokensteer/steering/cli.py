@@ -108,6 +108,7 @@ def search(
     vec: Path = typer.Argument(..., help="Vector file to tune (updated in place)."),
     factor: float = typer.Option(1.5, help="Allowed perplexity of steered text, as a multiple of the uncontrolled text's."),
     kl_max: float = typer.Option(2.0, help="Allowed mean KL(steered ‖ base) in nats per token."),
+    min_distinct: float = typer.Option(0.6, help="Least distinct-2 of steered text, as a fraction of the uncontrolled text's: rejects doses whose text repeats itself, which perplexity misses (0 turns it off)."),
     layers: str = typer.Option("auto", help="auto (rank by held-out separability, try the best few), or a-b / list."),
     max_strength: float = typer.Option(2.0, help="Largest strength to try."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Where to save the dose–response plot (default VEC with .curve.png)."),
@@ -124,7 +125,8 @@ def search(
 
     The attribute is scored by VADER for sentiment vectors and by the vector's own probe otherwise.
     Coherence is the eval suite's perplexity of the steered text over the uncontrolled text's, on
-    neutral prompts that are not the eval's, with a bootstrap bound so a lucky draw does not pass.
+    neutral prompts that are not the eval's, with a bootstrap bound so a lucky draw does not pass;
+    the KL from the unsteered model and the text's distinct-2 (repetition) are bounded as well.
 
     Examples:
 
@@ -157,6 +159,8 @@ def search(
             raise UserError(f"--tokens must be ≥ 1 and --bisect-steps ≥ 0, got {tokens} and {bisect_steps}")
         if not 2 <= prompts <= len(S.SEARCH_PROMPTS):
             raise UserError(f"--prompts must be between 2 and {len(S.SEARCH_PROMPTS)}, got {prompts}")
+        if not 0 <= min_distinct <= 1:
+            raise UserError(f"--min-distinct is a fraction of the uncontrolled text's distinct-2, between 0 and 1; got {min_distinct}")
         if not 0 < confidence < 1:
             raise UserError(f"--confidence must be between 0 and 1, got {confidence}")
         if guard is not None and not (math.isfinite(guard) and 0 < guard <= 1):
@@ -168,7 +172,7 @@ def search(
         from tokensteer.sampling import SamplingConfig
 
         cfg = SamplingConfig(max_tokens=tokens, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
-        res = S.search(lm, v, factor=factor, kl_max=kl_max, layers=parse_layers(layers, lm.n_layers),
+        res = S.search(lm, v, factor=factor, kl_max=kl_max, min_distinct=min_distinct, layers=parse_layers(layers, lm.n_layers),
                        prompts=S.SEARCH_PROMPTS[:prompts], cfg=cfg, bisect_steps=bisect_steps,
                        confidence=confidence, positions=positions, guard=guard,
                        max_strength=max_strength, say=lambda m: (say(m), err.print(f"[dim]{m}[/]", highlight=False)))

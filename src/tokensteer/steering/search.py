@@ -5,8 +5,9 @@ best few at one strength on a few prompts and keeps the layer that moves the att
 unit of perplexity. The strength search doubles, then bisects, to find the strongest dose whose
 steered text stays coherent: the eval suite's perplexity (the text re-tokenized after its prompt,
 under the base model, ratio of means) ≤ ``factor`` × the uncontrolled text's at a one-sided
-bootstrap confidence bound, and mean KL(steered ‖ base) ≤ ``kl_max`` nats per token. Prompts are
-neutral openers held out from the eval suite's. The strongest coherent dose wins; the whole
+bootstrap confidence bound, mean KL(steered ‖ base) ≤ ``kl_max`` nats per token, and distinct-2
+≥ ``min_distinct`` × the uncontrolled text's (text that repeats itself has a low perplexity, so
+only this catches it). Prompts are neutral openers held out from the eval suite's. The strongest coherent dose wins; the whole
 dose–response curve is saved in the vector file and as a plot.
 """
 
@@ -45,7 +46,7 @@ class Point:
     feasible: bool
     ppl_ratio_bound: float = float("nan")  # one-sided bootstrap upper bound of ppl_ratio
     layers: list[int] = field(default_factory=list)
-    distinct2: float = float("nan")  # distinct-2 of the texts: shown, not a criterion; perplexity misses repetition
+    distinct2: float = float("nan")  # distinct-2 of the texts (repetition, which perplexity misses)
 
 
 @dataclass
@@ -106,6 +107,18 @@ def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence,
                  distinct_n(texts, 2))
 
 
+def failed(p: Point, base_distinct2: float, factor: float, kl_max: float, min_distinct: float) -> list[str]:
+    """The coherence criteria a dose fails, in words (empty: the dose is coherent)."""
+    why = []
+    if not p.ppl_ratio_bound <= factor:
+        why.append(f"perplexity bound ×{p.ppl_ratio_bound:.2f} > ×{factor:g}")
+    if not p.kl <= kl_max:
+        why.append(f"KL {p.kl:.2f} > {kl_max:g}")
+    if math.isfinite(base_distinct2) and not p.distinct2 >= min_distinct * base_distinct2:
+        why.append(f"distinct-2 {p.distinct2:.2f} < {min_distinct:g} × uncontrolled {base_distinct2:.2f} (repetitive)")
+    return why
+
+
 def _mean_finite(xs: Sequence[float]) -> float:
     ok = [x for x in xs if math.isfinite(x)]
     return mean(ok) if ok else float("inf")
@@ -118,6 +131,7 @@ def search(
     prompts: Sequence[str] = SEARCH_PROMPTS,
     factor: float = 1.5,
     kl_max: float = 2.0,
+    min_distinct: float = 0.6,
     layers: Sequence[int] | None = None,
     n_layer_trials: int = 3,
     layer_prompts: int = 16,
@@ -135,7 +149,8 @@ def search(
     Perplexity is the eval suite's (the continuation text re-tokenized after its prompt, scored by
     the uncontrolled model, mean over prompts); a dose is coherent when the one-sided
     ``confidence`` bootstrap bound of its ratio to the uncontrolled text's is ≤ ``factor``, so a
-    lucky draw of prompts does not pass a dose the evaluation would reject.
+    lucky draw of prompts does not pass a dose the evaluation would reject; its KL and repetition
+    must stay within ``kl_max`` and ``min_distinct`` as well (see ``failed``).
     """
     vec.check_model(lm)
     by_probe = scorer is None and vec.meta.get("pairs", {}).get("name") != "sentiment"
@@ -152,9 +167,10 @@ def search(
     base_texts = [g.text for g in base]
     base_ppls = coherence(lm, prompts, continuation_ids(lm, prompts, base_texts)).perplexity
     base_ppl = _mean_finite(base_ppls)
+    base_distinct2 = distinct_n(base_texts, 2)
 
     def feasible(p: Point) -> bool:
-        return p.ppl_ratio_bound <= factor and p.kl <= kl_max
+        return not failed(p, base_distinct2, factor, kl_max, min_distinct)
 
     # Stage 1: held-out separability ranks the layers; stage 2: the top few are tried causally at
     # the first dose on the first few prompts; the one that gains most attribute per nat of
@@ -182,14 +198,15 @@ def search(
     layers = list(layers)
     name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, layers[0])
     base_score = mean(sc(base_texts))
-    curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True, 1.0, layers, distinct_n(base_texts, 2))]
+    curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True, 1.0, layers, base_distinct2)]
 
     def run(s: float) -> Point:
         p = _evaluate(lm, vec, layers, s, prompts, cfg, sc, base_ppls, confidence, positions, guard)
         p.feasible = feasible(p)
         curve.append(p)
+        why = failed(p, base_distinct2, factor, kl_max, min_distinct)
         say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}, "
-            f"distinct-2 {p.distinct2:.2f} (uncontrolled {curve[0].distinct2:.2f})")
+            f"distinct-2 {p.distinct2:.2f} (uncontrolled {base_distinct2:.2f}){' — rejected: ' + '; '.join(why) if why else ''}")
         return p
 
     say(f"searching the strength at layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))} on {len(prompts)} prompts…")
@@ -207,11 +224,17 @@ def search(
                 lo = mid
             else:
                 hi = mid
+    if not any(p.feasible and p.strength > 0 for p in curve):
+        weakest = min((p for p in curve if p.strength > 0), key=lambda p: p.strength)
+        raise UserError(f"no strength kept the text coherent: the weakest dose, {weakest.strength:.3g}, failed on "
+                        f"{'; '.join(failed(weakest, base_distinct2, factor, kl_max, min_distinct))}; "
+                        "try other layers, a lower --max-strength, or looser --factor / --kl-max / --min-distinct")
     chosen = choose(curve)
     curve.sort(key=lambda p: p.strength)
     return SearchResult(
         layers, chosen.strength,
-        {"score": base_score, "perplexity": base_ppl, "scorer": name, "factor": factor, "kl_max": kl_max,
+        {"score": base_score, "perplexity": base_ppl, "distinct2": base_distinct2, "scorer": name, "factor": factor, "kl_max": kl_max,
+         "min_distinct": min_distinct,
          "confidence": confidence, "positions": positions, "guard": guard, "prompts": len(prompts),
          "perplexity_definition": "eval suite: text re-tokenized after its prompt, uncontrolled model, ratio of means",
          "sampling": {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}},
@@ -235,7 +258,8 @@ def record(vec: SteeringVector, res: SearchResult) -> None:
         "strength": res.strength,
         "positions": res.baseline.get("positions", "all"),
         "guard": res.baseline.get("guard"),
-        "by": "automatic search (strongest dose with the bootstrap bound of perplexity ≤ factor × uncontrolled and KL ≤ kl_max)",
+        "by": "automatic search (strongest dose with the bootstrap bound of perplexity ≤ factor × uncontrolled, KL ≤ kl_max "
+              "and distinct-2 ≥ min_distinct × uncontrolled)",
         "criteria": res.baseline,
         "curve": [asdict(p) for p in res.curve],
         "layer_trials": [asdict(p) for p in res.layer_trials],
