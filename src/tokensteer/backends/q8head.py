@@ -58,9 +58,13 @@ class Q8Head:
         if self._w is None:
             raise RuntimeError("this output layer was freed")
         u = np.ascontiguousarray(u, np.float32)
+        if u.ndim != 2 or u.shape[1] != self.width:
+            raise ValueError(f"rows of {self.width} values expected, got shape {u.shape}")
         n = u.shape[0]
         if out is None:
             out = np.empty((n, self.n_vocab), np.float32)
+        elif out.shape != (n, self.n_vocab) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous float32 array of shape {(n, self.n_vocab)}")
         if n:
             rc = self._lib.tokensteer_q8_0_logits(self._w.ctypes.data, self.n_vocab, self.width, u.ctypes.data, n, out.ctypes.data, self.n_threads)
             if rc != 0:
