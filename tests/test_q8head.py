@@ -9,9 +9,20 @@ from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
 
+import tokensteer.backends.q8head as q8head  # noqa: E402
 from tokensteer.backends.q8head import Q8Head, _kernel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_kernel() is None, reason="the Q8_0 output kernel cannot be built on this machine")
+
+
+@pytest.fixture(params=["native", "avx2"])
+def variant(request, monkeypatch):
+    """The kernel this CPU builds, and its AVX2 path (compiled without AVX-512 where the CPU has it)."""
+    if request.param == "avx2":
+        if _kernel(("-mno-avx512f",)) is None:
+            pytest.skip("no AVX2 build here")
+        monkeypatch.setattr(q8head, "_kernel", lambda: _kernel(("-mno-avx512f",)))
+    return request.param
 
 
 def write(path, W: np.ndarray, qtype=gguf.GGMLQuantizationType.Q8_0, untied: bool = False) -> np.ndarray:
@@ -43,7 +54,7 @@ def reference(W: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(v=st.integers(1, 70), blocks=st.sampled_from([2, 4, 6]), rows=st.integers(1, 9), seed=st.integers(0, 2**16), untied=st.booleans())
-def test_kernel_matches_the_reference_and_rows_do_not_interact(tmp_path_factory, v, blocks, rows, seed, untied):
+def test_kernel_matches_the_reference_and_rows_do_not_interact(tmp_path_factory, variant, v, blocks, rows, seed, untied):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((v, 32 * blocks)).astype(np.float32)
     path = tmp_path_factory.mktemp("q8") / "m.gguf"
@@ -71,7 +82,7 @@ def test_other_types_and_widths_are_refused(tmp_path):
         Q8Head(tmp_path / "odd.gguf", 1)
 
 
-def test_bad_shapes_are_refused_not_read_past(tmp_path):
+def test_bad_shapes_are_refused_not_read_past(tmp_path, variant):
     W = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     write(tmp_path / "m.gguf", W)
     head = Q8Head(tmp_path / "m.gguf", 1)

@@ -332,7 +332,7 @@ def models(
     native = m.home() / "native"
     kernel = (
         "built" if any(native.glob("q8head-*.so"))
-        else "cannot be built here (no C compiler or no AVX-512 VNNI): llama.cpp's own output layer runs" if any(native.glob("q8head-*.failed"))
+        else "cannot be built here (no C compiler, or neither AVX-512 VNNI nor AVX2): llama.cpp's own output layer runs" if any(native.glob("q8head-*.failed"))
         else "built on first llama.cpp use"
     )
     t.add_row("output kernel", f"{native} (Q8_0 output layer for llama.cpp: {kernel})")

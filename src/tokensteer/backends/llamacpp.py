@@ -6,7 +6,7 @@ output buffer. Forking a row copies its sequence (cells are shared, nothing is r
 backtracking removes the tail of each sequence. Additive steering uses llama.cpp's control
 vectors, which add one vector per layer to every row at every position.
 
-Where the output matrix is Q8_0 and the CPU has AVX-512 VNNI (the bundled model on this machine),
+Where the output matrix is Q8_0 and the CPU has AVX-512 VNNI or AVX2 (the bundled model here),
 every session stops llama.cpp's graph after the final norm and runs the output layer in our own
 kernel (``q8head``), which is faster than llama.cpp's and reads the matrix once per 4 rows. Else a
 session with a row mix (a formula's weighted sum) does so through a head-only copy of the model

@@ -3,11 +3,12 @@
 On Gemma 3 270M that layer is the tied 262,144 x 640 Q8_0 embedding (178 MB of the 246 MB file),
 and in llama.cpp it costs more than the 18 blocks before it: ~16 ms of a 25 ms step, plus ~2.5 ms
 for each extra row, because llama.cpp's kernel runs it row by row. ``native/q8head.c`` reads the
-matrix once per 4 rows with AVX-512 VNNI dot products (activations quantised as llama.cpp does), so
+matrix once per 4 rows with AVX-512 VNNI (or AVX2) dot products (activations quantised as llama.cpp does), so
 a decoding session can stop llama.cpp's graph at the final norm (``Capture``) and finish here:
 one row costs less than in llama.cpp, four rows cost ~1.3x one row, and a formula's mixed rows
-(``Session`` ``mix``) need no second model. Where the kernel cannot be built (no C compiler, no
-AVX-512 VNNI) or the matrix is another type, ``open`` returns None and llama.cpp's layer runs.
+(``Session`` ``mix``) need no second model. Where the kernel cannot be built (no C compiler, neither
+AVX-512 VNNI nor AVX2) or the matrix is another type, ``Q8Head`` raises ValueError and the backend
+keeps llama.cpp's own layer.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import numpy as np
 Q8_0 = 8  # ggml's type id
 
 
-def _kernel() -> ctypes.CDLL | None:
+def _kernel(extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernel for this CPU (``extra`` compiler flags, e.g. ``-mno-avx512f`` to test
+    the AVX2 path on an AVX-512 machine); None where it cannot be built."""
     from tokensteer.backends.native import library
 
-    lib = library("q8head", flags=("-O3", "-march=native", "-fopenmp"))
+    lib = library("q8head", flags=("-O3", "-march=native", "-fopenmp", *extra))
     if lib is not None:
         f = lib.tokensteer_q8_0_logits
         f.restype = ctypes.c_int

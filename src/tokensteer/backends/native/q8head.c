@@ -4,12 +4,16 @@
  * llama.cpp runs this layer per row with a dot-product kernel, so 4 rows cost ~1.5x one row, and it
  * has no call that runs the layer alone (a formula's mixed rows need that). Here each row's
  * activations are quantised like llama.cpp's (Q8_0: 32 values, one scale), each weight block is
- * loaded once per group of 4 rows, and the integer dot products run on AVX-512 VNNI. A row's
- * logits do not depend on the other rows in the call (same operations in the same order), so
- * batched rows equal rows decoded alone, bit for bit. Without AVX-512 VNNI this file does not
- * compile and callers keep llama.cpp's own output layer. */
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__) || !defined(__F16C__)
-#error "needs AVX-512 (F, BW, VNNI) and F16C"
+ * loaded once per group of 4 rows, and the integer dot products run on AVX-512 VNNI (two blocks per
+ * instruction) or AVX2. A row's logits do not depend on the other rows in the call (same operations
+ * in the same order), so batched rows equal rows decoded alone, bit for bit. On other CPUs this
+ * file does not compile and callers keep llama.cpp's own output layer. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#define VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VNNI 0
+#else
+#error "needs AVX-512 (F, BW, VNNI) or AVX2 with FMA, and F16C"
 #endif
 #include <immintrin.h>
 #include <math.h>
@@ -22,8 +26,9 @@
 #define BLOCK_BYTES 34 /* fp16 scale + 32 int8 */
 #define PREFETCH 1024  /* bytes ahead of the weight block being read */
 
-/* Quantise rows like llama.cpp's quantize_row_q8_0 and store them as x + 128 (unsigned, for VNNI);
- * each block's scale is written 8 times, so two blocks' scales load as one 16-lane vector. */
+/* Quantise rows like llama.cpp's quantize_row_q8_0; for VNNI they are stored as x + 128 (its
+ * unsigned operand). Each block's scale is written 8 times, so two blocks' scales load as one
+ * 16-lane vector. */
 static void quantize_rows(const float *x, int64_t n_rows, int64_t n_embd, uint8_t *xq, float *xd) {
     const int64_t nb = n_embd / BLOCK;
     for (int64_t i = 0; i < n_rows * nb; i++) {
@@ -32,10 +37,11 @@ static void quantize_rows(const float *x, int64_t n_rows, int64_t n_embd, uint8_
         for (int j = 0; j < BLOCK; j++) amax = fmaxf(amax, fabsf(s[j]));
         const float d = amax / 127.f, id = d ? 1.f / d : 0.f;
         for (int j = 0; j < 8; j++) xd[i * 8 + j] = d;
-        for (int j = 0; j < BLOCK; j++) xq[i * BLOCK + j] = (uint8_t) ((int) roundf(s[j] * id) + 128);
+        for (int j = 0; j < BLOCK; j++) xq[i * BLOCK + j] = (uint8_t) ((int) roundf(s[j] * id) + (VNNI ? 128 : 0));
     }
 }
 
+#if VNNI
 static inline float hsum(__m512 a) {
     __m256 b = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
@@ -72,6 +78,37 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, int
     }
     for (int r = 0; r < nr; r++) out[r * stride] = hsum(acc[r]);
 }
+#else
+static inline float hsum(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* AVX2: one block per iteration; |q| times x with q's sign, in pairs of int16 then int32 lanes. */
+static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, int64_t nb, const uint8_t *xq,
+                                                         const float *xd, const int nr, float *out, int64_t stride) {
+    __m256 acc[GROUP];
+    for (int r = 0; r < GROUP; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * BLOCK_BYTES;
+        _mm_prefetch((const char *) (blk + PREFETCH), _MM_HINT_T0);
+        const __m256i q = _mm256_loadu_si256((const __m256i *) (blk + 2));
+        const __m256i aq = _mm256_sign_epi8(q, q);
+        uint16_t h;
+        memcpy(&h, blk, 2);
+        const float dw = _cvtsh_ss(h);
+        for (int r = 0; r < nr; r++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *) (xq + (r * nb + b) * BLOCK));
+            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(x, q)), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * xd[(r * nb + b) * 8]), acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r * stride] = hsum(acc[r]);
+}
+#endif
 
 /* out[r * n_vocab + v] = W[v] . x[r] for Q8_0 rows W [n_vocab, n_embd] (n_embd a multiple of 64). */
 int tokensteer_q8_0_logits(const uint8_t *w, int64_t n_vocab, int64_t n_embd, const float *x, int64_t n_rows,
