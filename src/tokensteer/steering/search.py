@@ -7,8 +7,8 @@ steered text stays coherent: the eval suite's perplexity (the text re-tokenized 
 under the base model, ratio of means) ≤ ``factor`` × the uncontrolled text's at a one-sided
 bootstrap confidence bound, mean KL(steered ‖ base) ≤ ``kl_max`` nats per token, and distinct-2
 ≥ ``min_distinct`` × the uncontrolled text's (text that repeats itself has a low perplexity, so
-only this catches it). Prompts are neutral openers held out from the eval suite's. The strongest coherent dose wins; the whole
-dose–response curve is saved in the vector file and as a plot.
+only this catches it). Prompts are neutral openers held out from the eval suite's. The strongest
+coherent dose wins; the whole dose–response curve is saved in the vector file and as a plot.
 """
 
 from __future__ import annotations
