@@ -25,7 +25,7 @@ import os
 import threading
 import weakref
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import llama_cpp
 import numpy as np
@@ -242,28 +242,26 @@ class LlamaCppBackend(Backend):
             return self._q8 or None
 
     def _open_q8(self) -> Q8Head | None:
-        if self.path is None or not self.path.is_file():
-            return None
-        try:
-            head = Q8Head(self.path, self.n_threads)
-        except (ValueError, OSError, KeyError):
-            return None
-        if not self._head_reproduces_logits(head):
-            head.free()
-            return None
-        self._heads.append(head)
-        return head
+        return self._checked(lambda: Q8Head(self.path, self.n_threads))
 
     def _open_head(self) -> Head | None:
         from tokensteer.models import home
 
-        if self.path is None or not self.path.is_file():
-            return None
-        try:
+        def make() -> Head:
             dst = head_path(self.path, home() / "heads")
             if not dst.exists():
                 build_head(self.path, dst)
-            head = Head(dst, self.n_threads, self._rms_eps())
+            return Head(dst, self.n_threads, self._rms_eps())
+
+        return self._checked(make)
+
+    def _checked(self, make: Callable[[], Head | Q8Head]) -> Head | Q8Head | None:
+        """The output layer ``make()`` builds from this model's file, kept (and freed with the model)
+        when it reproduces the model's own logits; None when it cannot be built or does not."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            head = make()
         except (ValueError, OSError, KeyError):
             return None
         if not self._head_reproduces_logits(head):
