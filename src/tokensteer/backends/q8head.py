@@ -3,10 +3,10 @@
 On Gemma 3 270M that layer is the tied 262,144 x 640 Q8_0 embedding (178 MB of the 246 MB file),
 and in llama.cpp it costs more than the 18 blocks before it: ~16 ms of a 25 ms step, plus ~2.5 ms
 for each extra row, because llama.cpp's kernel runs it row by row. ``native/q8head.c`` reads the
-matrix once per 4 rows with AVX-512 VNNI (or AVX2) dot products (activations quantised as llama.cpp does), so
-a decoding session can stop llama.cpp's graph at the final norm (``Capture``) and finish here:
-one row costs less than in llama.cpp, four rows cost ~1.3x one row, and a formula's mixed rows
-(``Session`` ``mix``) need no second model. Where the kernel cannot be built (no C compiler, neither
+matrix once per 4 rows with AVX-512 VNNI (or AVX2) dot products, activations quantised as llama.cpp
+quantises them, so a decoding session can stop llama.cpp's graph at the final norm (``Capture``)
+and finish here: one row costs less than in llama.cpp, four rows cost ~1.3x one row, and a
+formula's mixed rows (``Session`` ``mix``) need no second model. Where the kernel cannot be built (no C compiler, neither
 AVX-512 VNNI nor AVX2) or the matrix is another type, ``Q8Head`` raises ValueError and the backend
 keeps llama.cpp's own layer.
 """
@@ -38,8 +38,8 @@ class Q8Head:
     """``logits(u)``: the output matrix of one GGUF file applied to rows ``u`` (final-norm outputs)."""
 
     def __init__(self, path: Path, n_threads: int) -> None:
-        """Raises ValueError when the file's output matrix is not Q8_0 with rows of 64k values, or
-        the kernel cannot be built here."""
+        """Raises ValueError when the file's output matrix is not Q8_0 with rows of a multiple of 64
+        values (the kernel takes blocks in pairs), or the kernel cannot be built here."""
         import mmap
 
         from tokensteer.backends.llamacpp_head import layout
