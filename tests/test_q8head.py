@@ -15,14 +15,17 @@ from tokensteer.backends.q8head import Q8Head, _kernel  # noqa: E402
 pytestmark = pytest.mark.skipif(_kernel() is None, reason="the Q8_0 output kernel cannot be built on this machine")
 
 
-@pytest.fixture(params=["native", "avx2"])
+@pytest.fixture(params=["amx", "native", "avx2"])
 def variant(request, monkeypatch):
-    """The kernel this CPU builds, and its AVX2 path (compiled without AVX-512 where the CPU has it)."""
+    """The AMX kernel, the kernel this CPU builds without AMX, and its AVX2 path (compiled without
+    AVX-512 where the CPU has it). Returns Q8Head's ``amx`` argument."""
+    if request.param == "amx" and q8head._amx() is None:
+        pytest.skip("no AMX here")
     if request.param == "avx2":
         if _kernel(("-mno-avx512f",)) is None:
             pytest.skip("no AVX2 build here")
         monkeypatch.setattr(q8head, "_kernel", lambda: _kernel(("-mno-avx512f",)))
-    return request.param
+    return request.param == "amx"
 
 
 def write(path, W: np.ndarray, qtype=gguf.GGMLQuantizationType.Q8_0, untied: bool = False) -> np.ndarray:
@@ -53,7 +56,7 @@ def reference(W: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(v=st.integers(1, 70), blocks=st.sampled_from([2, 4, 6]), rows=st.integers(1, 9), seed=st.integers(0, 2**16), untied=st.booleans())
+@given(v=st.integers(1, 70), blocks=st.sampled_from([2, 4, 6]), rows=st.integers(1, 20), seed=st.integers(0, 2**16), untied=st.booleans())
 def test_kernel_matches_the_reference_and_rows_do_not_interact(tmp_path_factory, variant, v, blocks, rows, seed, untied):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((v, 32 * blocks)).astype(np.float32)
@@ -61,7 +64,8 @@ def test_kernel_matches_the_reference_and_rows_do_not_interact(tmp_path_factory,
     Wq = write(path, W, untied=untied)
     x = (rng.standard_normal((rows, 32 * blocks)) * rng.uniform(0.1, 10, (rows, 1))).astype(np.float32)
     x[0, :32] = 0  # an all-zero block (scale 0)
-    head = Q8Head(path, n_threads=2)
+    head = Q8Head(path, n_threads=2, amx=variant)
+    assert head.uses_amx == variant
     got = head.logits(x)
     want = reference(Wq, x)
     assert got.shape == (rows, v) and got.dtype == np.float32
@@ -85,7 +89,7 @@ def test_other_types_and_widths_are_refused(tmp_path):
 def test_bad_shapes_are_refused_not_read_past(tmp_path, variant):
     W = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     write(tmp_path / "m.gguf", W)
-    head = Q8Head(tmp_path / "m.gguf", 1)
+    head = Q8Head(tmp_path / "m.gguf", 1, amx=variant)
     with pytest.raises(ValueError, match="rows of 64"):
         head.logits(np.zeros((2, 32), np.float32))
     with pytest.raises(ValueError, match="out must be"):

@@ -330,12 +330,22 @@ def models(
     size = round(sum(h.stat().st_size for h in heads) / 1e6)  # MB, as the README counts
     t.add_row("formula heads", f"{m.home() / 'heads'} ({len(heads)} file{'s' * (len(heads) != 1)}, {size} MB; llama.cpp formulas build one per model on first use where the output kernel cannot run)")
     native = m.home() / "native"
-    kernel = (
-        "built" if any(native.glob("q8head-*.so"))
-        else "cannot be built here (no C compiler, or neither AVX-512 VNNI nor AVX2): llama.cpp's own output layer runs" if any(native.glob("q8head-*.failed"))
-        else "built on first llama.cpp use"
-    )
-    t.add_row("output kernel", f"{native} (Q8_0 output layer for llama.cpp: {kernel})")
+
+    def built(name: str, refused: str, missing: str | None = None) -> str:
+        """Whether the C kernel ``name`` is built in the cache, refused by this machine, or not tried yet."""
+        if missing:
+            return missing
+        if any(native.glob(f"{name}-*.so")):
+            return "built"
+        return refused if any(native.glob(f"{name}-*.failed")) else "built on first llama.cpp use"
+
+    out_layer = built("q8head", "cannot be built here (no C compiler, or neither AVX-512 VNNI nor AVX2): llama.cpp's own output layer runs")
+    t.add_row("output kernel", f"{native} (Q8_0 output layer for llama.cpp: {out_layer})")
+    from tokensteer.backends import matmul
+
+    no_headers = None if matmul._headers() is not None else "not built: llama-cpp-python's ggml headers are missing, llama.cpp's own kernels run"
+    blocks = built("matmul", "cannot be built here (no C compiler, or no AVX-512 VNNI and VBMI): llama.cpp's own kernels run", no_headers)
+    t.add_row("block kernels", f"{native} (matrix products and GEGLU of llama.cpp's blocks: {blocks})")
     Console().print(t)
     if m.cache_status() != "ready":
         err.print("[dim]the first `tokensteer generate` builds the cache (about a minute)[/]")

@@ -35,6 +35,7 @@ from tokensteer.backends import LLAMACPP_CAPABILITIES
 from tokensteer.backends.base import Backend, Session
 from tokensteer.backends.llamacpp_batch import Batch
 from tokensteer.backends.llamacpp_head import Capture, Head, build_head, head_path
+from tokensteer.backends.matmul import PREFILL_ROWS, splice_function
 from tokensteer.backends.llamacpp_vocab import LlamaTokenizer
 from tokensteer.backends.q8head import Q8Head
 from tokensteer.errors import UserError
@@ -77,15 +78,17 @@ def default_threads() -> int:
 class _Context:
     """One llama.cpp context (KV cache, control vector, batch) that one session uses at a time."""
 
-    def __init__(self, model, n_ctx: int, n_seq: int, n_threads: int, capture: bool = False) -> None:
+    def __init__(self, model, n_ctx: int, n_seq: int, n_threads: int, capture: bool = False, splice: int | None = None) -> None:
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, N_BATCH, N_BATCH, n_seq
         p.n_threads = p.n_threads_batch = n_threads
         p.kv_unified = True  # rows share cells: a fork costs nothing and any row may grow long
         p.swa_full = True  # keep every cell of sliding-window layers, so backtracking stays exact
         p.no_perf = True
-        # stops the graph before the output layer on demand; room for a full batch of final norms
-        self.capture = Capture(N_BATCH * int(llama_cpp.llama_model_n_embd(model))) if capture else None
+        # stops the graph before the output layer on demand (room for a full batch of final norms),
+        # and hands the blocks' matrix products to our kernels (``matmul``) when ``splice`` is set
+        self.captures = capture
+        self.capture = Capture(N_BATCH * int(llama_cpp.llama_model_n_embd(model)), splice) if capture or splice else None
         if self.capture is not None:
             p.cb_eval, p.cb_eval_user_data = self.capture.cfunc, self.capture.user_data
         self.ptr = llama_cpp.llama_init_from_model(model, p)
@@ -141,6 +144,10 @@ class LlamaCppBackend(Backend):
         self._idle: list[_Context] = []
         self._heads: list[Head | Q8Head] = []
         self._finalizer = weakref.finalize(self, _free_all, model, self._all, self._heads)
+        self._splice: int | None = None  # our kernels for the blocks' matrix products (``matmul``)
+        fn = splice_function()
+        if fn is not None and self._splice_reproduces_logits(fn):
+            self._splice = fn
         first = self._acquire(1)  # make the first context now, not on the first request
         self.context_length = first.n_ctx  # rows of one session share these cells
         self.context_hint = " or set TOKENSTEER_N_CTX higher"
@@ -185,9 +192,9 @@ class LlamaCppBackend(Backend):
             raise UserError(f"the llamacpp backend decodes at most {MAX_SEQS // 2} rows at once; this batch has {n_rows}")
         with self._lock:
             for i, c in enumerate(self._idle):
-                if c.n_seq >= 2 * n_rows and (c.capture is not None) == capture:  # spare ids for rows that select() duplicates
+                if c.n_seq >= 2 * n_rows and c.captures == capture:  # spare ids for rows that select() duplicates
                     return self._idle.pop(i)
-        c = _Context(self.model, self.n_ctx, min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows)), self.n_threads, capture)
+        c = _Context(self.model, self.n_ctx, min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows)), self.n_threads, capture, self._splice)
         with self._lock:
             self._all.append(c)
         return c
@@ -276,6 +283,35 @@ class LlamaCppBackend(Backend):
         key = f"{arch}.attention.layer_norm_rms_epsilon".encode()
         return float(buf.value) if llama_cpp.llama_model_meta_val_str(self.model, key, buf, 64) > 0 else 1e-6
 
+    @property
+    def splices(self) -> bool:
+        """True when our kernels run the blocks' matrix products (see ``matmul``)."""
+        return self._splice is not None
+
+    def _splice_reproduces_logits(self, fn: int) -> bool:
+        """Run a probe text with llama.cpp's matrix kernels and with ours: the same next tokens at
+        nearly every position, and logits within 10 % of their range (activations are rounded to
+        8 bits in both, a little differently)."""
+        ids = np.asarray(self.tokenizer.encode("The lighthouse keeper climbed the stairs one last time, and the sea"), np.int32)[:32]
+        got = []
+        for splice in (None, fn):
+            c = _Context(self.model, 64, 1, self.n_threads, splice=splice)
+            try:
+                if c.capture is not None:
+                    c.capture.limit(len(ids))
+                n, b = len(ids), c.batch
+                b.token[:n], b.pos[:n], b.seq[:n], b.logits[:n] = ids, np.arange(n), 0, 1
+                b.c.n_tokens = n
+                if llama_cpp.llama_decode(c.ptr, b.c) != 0:
+                    return False
+                addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
+                got.append(np.ctypeslib.as_array((ctypes.c_float * (n * self.n_vocab)).from_address(addr)).reshape(n, -1).copy())
+            finally:
+                c.free()
+        ours, theirs = got[1], got[0]
+        agree = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
+        return agree >= 0.8 and float(np.abs(ours - theirs).max()) <= 0.1 * max(1.0, float(np.ptp(theirs)))
+
     def _head_reproduces_logits(self, head: Head | Q8Head) -> bool:
         """Run a probe text through the model twice, whole and stopped at the final norm + head."""
         c = _Context(self.model, 64, 1, self.n_threads, capture=True)
@@ -357,10 +393,16 @@ class LlamaSession(Session):
             "set TOKENSTEER_N_CTX higher, or shorten the prompt or --max-tokens"
         )
 
-    def _decode(self, n: int, capture: bool = False) -> None:
-        """Decode the batch's first n tokens; with ``capture``, stop after the final norm (``_hidden``)."""
+    def _decode(self, n: int, capture: bool = False, prefill: bool = False) -> None:
+        """Decode the batch's first n tokens; with ``capture``, stop after the final norm (``_hidden``).
+        Our matrix kernels (``matmul``) run every step and short prefills: at every row count, so
+        a row's step is the same in any batch, but past ``PREFILL_ROWS`` tokens of one prompt
+        llama.cpp's own kernels are faster (a prompt is prefilled alone, so it is still the same
+        prompt in any batch)."""
         batch = self.c.batch
         batch.c.n_tokens = n
+        if self.c.capture is not None:
+            self.c.capture.limit(PREFILL_ROWS if prefill else n)
         if capture:
             self.c.capture.arm()
         try:
@@ -440,7 +482,7 @@ class LlamaSession(Session):
                 batch.seq[:k] = i
                 batch.logits[:k] = 0
                 batch.logits[k - 1] = start + k == len(tokens)
-                self._decode(k, capture and start + k == len(tokens))
+                self._decode(k, capture and start + k == len(tokens), prefill=True)
             out[i] = torch.from_numpy(self._hidden(1)[0] if capture else self._logits(1)[0])
         self.pos = np.array([len(r) for r in rows], np.int32)
         return self._mixed(out) if capture else self._mix_logits(out)

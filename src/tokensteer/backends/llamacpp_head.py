@@ -47,7 +47,7 @@ class _CaptureState(ctypes.Structure):
     """The C callback's state (``capture_state`` in native/evalstop.c)."""
 
     _fields_ = [("on", ctypes.c_int32), ("status", ctypes.c_int32), ("n", ctypes.c_int64), ("cap", ctypes.c_int64),
-                ("dst", ctypes.POINTER(ctypes.c_float))]
+                ("dst", ctypes.POINTER(ctypes.c_float)), ("splice", ctypes.c_void_p), ("max_rows", ctypes.c_int64)]
 
 
 class Capture:
@@ -55,10 +55,12 @@ class Capture:
     (llama.cpp then skips the output layer); while not, ask for no node, so decoding runs as usual.
 
     llama.cpp calls it for every node of every step, so it runs as a small C function when one can
-    be compiled (``native``), else as the Python ``_call`` below, which does the same.
+    be compiled (``native``), else as the Python ``_call`` below, which does the same. The C one
+    also offers every node to ``splice`` (``matmul.splice_function``), which runs the blocks'
+    matrix products of at most ``limit`` rows in our own kernels.
     """
 
-    def __init__(self, room: int) -> None:
+    def __init__(self, room: int, splice: int | None = None) -> None:
         from tokensteer.backends.native import library
 
         self.on = False
@@ -67,12 +69,22 @@ class Capture:
         self.native = lib is not None
         if self.native:
             self._buf = np.empty(room, np.float32)  # room: floats of the largest result_norm
-            self._state = _CaptureState(0, 0, 0, room, self._buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+            self._state = _CaptureState(0, 0, 0, room, self._buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), splice, 0)
             self.cfunc = ctypes.cast(lib.tokensteer_capture, llama_cpp.ggml_backend_sched_eval_callback)
             self.user_data = ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p)
         else:
             self.cfunc = llama_cpp.ggml_backend_sched_eval_callback(self._call)
             self.user_data = None
+
+    @property
+    def splices(self) -> bool:
+        """True when our kernels take over the blocks' matrix products."""
+        return self.native and bool(self._state.splice)
+
+    def limit(self, rows: int) -> None:
+        """Splice matrix products of at most ``rows`` rows (tokens) in the next decodes."""
+        if self.native:
+            self._state.max_rows = rows
 
     def arm(self) -> None:
         self.on, self.h = True, None

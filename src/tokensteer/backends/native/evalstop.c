@@ -1,7 +1,9 @@
-/* llama.cpp's eval callback for a capturing context, in C: llama.cpp calls it for every node of
- * every step (about 700 per step on Gemma 3 270M), which costs a Python callback ~2 ms a step.
+/* llama.cpp's eval callback for our contexts, in C: llama.cpp calls it for every node of every
+ * step (about 700 per step on Gemma 3 270M), which costs a Python callback ~2 ms a step.
  * While `on`, it asks for the final norm's output ("result_norm"), copies it to `dst` and stops the
- * graph there, so the output layer is skipped; while off it asks for nothing. Mirrors Capture._call. */
+ * graph there, so the output layer is skipped; while off it asks for nothing. Mirrors Capture._call.
+ * With `splice` set, it first offers every node to it (native/matmul.c), which may turn a matrix
+ * product of at most `max_rows` rows into our own kernel's op before llama.cpp computes the graph. */
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -18,10 +20,15 @@ typedef struct {
     int64_t n;       /* out: floats copied */
     int64_t cap;     /* in: room in dst, in floats */
     float * dst;     /* in */
+    bool (*splice)(struct ggml_tensor *, int64_t);  /* in: NULL, or native/matmul.c's tokensteer_splice */
+    int64_t max_rows;                               /* in: most rows a spliced product may have */
 } capture_state;
 
 bool tokensteer_capture(struct ggml_tensor * t, bool ask, void * user) {
     capture_state * s = (capture_state *) user;
+    if (ask && s->splice && s->splice(t, s->max_rows)) {
+        return false;  /* our kernel computes it in place: nothing to look at */
+    }
     if (!s->on) {
         return !ask;
     }

@@ -1,0 +1,101 @@
+"""The matrix products of llama.cpp's transformer blocks, run by our own kernels.
+
+llama.cpp multiplies a quantised weight matrix by each row of a batch separately, decoding every
+weight block again for every row, so on Gemma 3 270M a decode step of 4 rows costs ~1.9x a step
+of 1. ``native/matmul.c`` decodes each block once and meets up to 4 rows with it (AVX-512 VNNI),
+for Q8_0, Q5_0, Q4_K and Q6_K weights. It is spliced into llama.cpp's own graphs: the eval
+callback (``Capture``) offers each node to ``tokensteer_splice`` before llama.cpp computes the
+graph, which turns a matching product into a ggml custom op that llama.cpp's threads run in place.
+
+A row's result never depends on the other rows of the call, so batched rows stay bit-identical to
+rows decoded alone. Where the kernel cannot be built (no C compiler, no AVX-512 VNNI/VBMI, no ggml
+headers beside llama-cpp-python) or with ``TOKENSTEER_NO_NATIVE=1``, llama.cpp keeps its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from functools import cache
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+TYPES = {"Q8_0": 8, "Q5_0": 6, "Q4_K": 12, "Q6_K": 14}  # ggml type ids the kernel takes
+PREFILL_ROWS = 16  # past this many tokens in one call llama.cpp's own matrix kernels are faster
+
+
+def _headers() -> Path | None:
+    """The folder holding llama-cpp-python's ``ggml.h`` (installed beside the package when it is
+    built from source), or None."""
+    pkg = Path(llama_cpp.__file__).parent
+    for d in (pkg.parent / "include", pkg / "include"):
+        if (d / "ggml.h").is_file():
+            return d
+    return None
+
+
+@cache
+def _kernel() -> ctypes.CDLL | None:
+    """The compiled kernel for this CPU and this llama.cpp, or None where it cannot be built."""
+    from tokensteer.backends.native import library
+
+    inc = _headers()
+    if inc is None:
+        return None
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    # the header's hash joins the cache key: a rebuilt llama.cpp may lay out ggml_tensor differently
+    tag = hashlib.sha1((inc / "ggml.h").read_bytes()).hexdigest()[:12]
+    flags = ("-O3", "-march=native", f"-I{inc}", f"-DTOKENSTEER_GGML_H={tag}")
+    lib = library("matmul", lib_dir, "libggml-base.so", flags)
+    if lib is not None:
+        f = lib.tokensteer_matmul_slice
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def splice_function() -> int | None:
+    """Address of ``tokensteer_splice`` for the eval callback, or None where the kernel cannot run."""
+    lib = _kernel()
+    return None if lib is None else ctypes.cast(lib.tokensteer_splice, ctypes.c_void_p).value
+
+
+def matmul(weights: np.ndarray, type_name: str, n_out: int, x: np.ndarray, slices: int = 1) -> np.ndarray:
+    """``x @ W.T`` for the GGUF-encoded matrix ``weights`` (raw bytes of ``n_out`` rows) and float
+    rows ``x`` [n, n_in], computed in ``slices`` pieces of output rows as llama.cpp's threads would.
+    For tests; raises ValueError for a type or shape the kernel does not take."""
+    lib = _kernel()
+    if lib is None:
+        raise ValueError("the matrix kernel cannot be built on this machine")
+    if type_name not in TYPES:
+        raise ValueError(f"the kernel takes {', '.join(TYPES)} weights, not {type_name}")
+    w = np.ascontiguousarray(weights).view(np.uint8)
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty((x.shape[0], n_out), np.float32)
+    for i in range(slices):
+        rc = lib.tokensteer_matmul_slice(TYPES[type_name], w.ctypes.data, n_out, x.shape[1], x.ctypes.data, x.shape[0],
+                                         x.shape[1], out.ctypes.data, n_out, i, slices)
+        if rc == 1:
+            raise ValueError(f"rows of {x.shape[1]} {type_name} values are not a shape the kernel takes")
+        if rc != 0:
+            raise MemoryError("the matrix kernel could not allocate its buffers")
+    return out
+
+
+def geglu(a: np.ndarray, b: np.ndarray, slices: int = 1) -> np.ndarray:
+    """``gelu(a) * b`` (tanh GELU) as the spliced GEGLU op computes it, in ``slices`` pieces. For tests."""
+    lib = _kernel()
+    if lib is None:
+        raise ValueError("the matrix kernel cannot be built on this machine")
+    a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"gelu(a) * b needs arrays of one shape, got {a.shape} and {b.shape}")
+    y = np.empty_like(a)
+    f = lib.tokensteer_geglu_slice
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    for i in range(slices):
+        f(a.ctypes.data, b.ctypes.data, y.ctypes.data, a.size, i, slices)
+    return y
