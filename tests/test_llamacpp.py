@@ -86,24 +86,6 @@ def test_next_token_top1_agreement_with_torch(llama, bundled):
     assert agree >= 0.9, f"top-1 agreement {agree:.2f}"
 
 
-def _all_logits(llama, ids: list[int], splice) -> np.ndarray:
-    """[n, V] logits of every position of ``ids`` in one decode, with or without our block kernels."""
-    from tokensteer.backends.llamacpp import _Context
-
-    c = _Context(llama.model, 256, 1, llama.n_threads, splice=splice)
-    try:
-        if c.capture is not None:
-            c.capture.limit(len(ids))
-        n, b = len(ids), c.batch
-        b.token[:n], b.pos[:n], b.seq[:n], b.logits[:n] = ids, np.arange(n), 0, 1
-        b.c.n_tokens = n
-        assert llama_cpp.llama_decode(c.ptr, b.c) == 0
-        addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
-        return np.ctypeslib.as_array((ctypes.c_float * (n * llama.n_vocab)).from_address(addr)).reshape(n, -1).copy()
-    finally:
-        c.free()
-
-
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
     """Mean KL(softmax p || softmax q) over rows."""
     lp, lq = torch.log_softmax(torch.from_numpy(p).double(), -1), torch.log_softmax(torch.from_numpy(q).double(), -1)
@@ -120,7 +102,7 @@ def test_our_block_kernels_are_at_least_as_close_to_float32_as_llama_cpps(llama,
         "climbed the spiral stairs, trimmed the wick and watched the ships pass safely by. When the "
         "storm came in the winter of 1887, the light did not go out."
     )
-    theirs, ours = _all_logits(llama, ids, None), _all_logits(llama, ids, llama._splice)
+    theirs, ours = llama._all_logits(ids, None), llama._all_logits(ids, llama._splice)
     with torch.no_grad():
         ref = bundled.model(torch.tensor([ids])).logits[0].float().numpy()
     assert not np.array_equal(ours, theirs)

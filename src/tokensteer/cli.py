@@ -343,7 +343,7 @@ def models(
     t.add_row("output kernel", f"{native} (Q8_0 output layer for llama.cpp: {out_layer})")
     from tokensteer.backends import matmul
 
-    no_headers = None if matmul._headers() is not None else "not built: llama-cpp-python's ggml headers are missing, llama.cpp's own kernels run"
+    no_headers = None if matmul.ggml_headers() is not None else "not built: llama-cpp-python's ggml headers are missing, llama.cpp's own kernels run"
     blocks = built("matmul", "cannot be built here (no C compiler, or no AVX-512 VNNI and VBMI): llama.cpp's own kernels run", no_headers)
     t.add_row("block kernels", f"{native} (matrix products and GEGLU of llama.cpp's blocks: {blocks})")
     Console().print(t)

@@ -35,8 +35,8 @@ from tokensteer.backends import LLAMACPP_CAPABILITIES
 from tokensteer.backends.base import Backend, Session
 from tokensteer.backends.llamacpp_batch import Batch
 from tokensteer.backends.llamacpp_head import Capture, Head, build_head, head_path
-from tokensteer.backends.matmul import PREFILL_ROWS, splice_function
 from tokensteer.backends.llamacpp_vocab import LlamaTokenizer
+from tokensteer.backends.matmul import PREFILL_ROWS, splice_function
 from tokensteer.backends.q8head import Q8Head
 from tokensteer.errors import UserError
 from tokensteer.hooks import ResidualEdit
@@ -292,25 +292,29 @@ class LlamaCppBackend(Backend):
         """Run a probe text with llama.cpp's matrix kernels and with ours: the same next tokens at
         nearly every position, and logits within 10 % of their range (activations are rounded to
         8 bits in both, a little differently)."""
-        ids = np.asarray(self.tokenizer.encode("The lighthouse keeper climbed the stairs one last time, and the sea"), np.int32)[:32]
-        got = []
-        for splice in (None, fn):
-            c = _Context(self.model, 64, 1, self.n_threads, splice=splice)
-            try:
-                if c.capture is not None:
-                    c.capture.limit(len(ids))
-                n, b = len(ids), c.batch
-                b.token[:n], b.pos[:n], b.seq[:n], b.logits[:n] = ids, np.arange(n), 0, 1
-                b.c.n_tokens = n
-                if llama_cpp.llama_decode(c.ptr, b.c) != 0:
-                    return False
-                addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
-                got.append(np.ctypeslib.as_array((ctypes.c_float * (n * self.n_vocab)).from_address(addr)).reshape(n, -1).copy())
-            finally:
-                c.free()
-        ours, theirs = got[1], got[0]
+        ids = self.tokenizer.encode("The lighthouse keeper climbed the stairs one last time, and the sea")[:32]
+        theirs, ours = self._all_logits(ids, None), self._all_logits(ids, fn)
+        if theirs is None or ours is None:
+            return False
         agree = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
         return agree >= 0.8 and float(np.abs(ours - theirs).max()) <= 0.1 * max(1.0, float(np.ptp(theirs)))
+
+    def _all_logits(self, ids: Sequence[int], splice: int | None) -> np.ndarray | None:
+        """[n, V] logits of every position of ``ids`` (at most 256) decoded at once in a fresh
+        context, with our block kernels spliced in when ``splice`` is set; None if llama.cpp fails."""
+        c = _Context(self.model, 256, 1, self.n_threads, splice=splice)
+        try:
+            if c.capture is not None:
+                c.capture.limit(len(ids))
+            n, b = len(ids), c.batch
+            b.token[:n], b.pos[:n], b.seq[:n], b.logits[:n] = ids, np.arange(n), 0, 1
+            b.c.n_tokens = n
+            if llama_cpp.llama_decode(c.ptr, b.c) != 0:
+                return None
+            addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
+            return np.ctypeslib.as_array((ctypes.c_float * (n * self.n_vocab)).from_address(addr)).reshape(n, -1).copy()
+        finally:
+            c.free()
 
     def _head_reproduces_logits(self, head: Head | Q8Head) -> bool:
         """Run a probe text through the model twice, whole and stopped at the final norm + head."""

@@ -76,11 +76,6 @@ class Capture:
             self.cfunc = llama_cpp.ggml_backend_sched_eval_callback(self._call)
             self.user_data = None
 
-    @property
-    def splices(self) -> bool:
-        """True when our kernels take over the blocks' matrix products."""
-        return self.native and bool(self._state.splice)
-
     def limit(self, rows: int) -> None:
         """Splice matrix products of at most ``rows`` rows (tokens) in the next decodes."""
         if self.native:

@@ -26,7 +26,7 @@ TYPES = {"Q8_0": 8, "Q5_0": 6, "Q4_K": 12, "Q6_K": 14}  # ggml type ids the kern
 PREFILL_ROWS = 16  # past this many tokens in one call llama.cpp's own matrix kernels are faster
 
 
-def _headers() -> Path | None:
+def ggml_headers() -> Path | None:
     """The folder holding llama-cpp-python's ``ggml.h`` (installed beside the package when it is
     built from source), or None."""
     pkg = Path(llama_cpp.__file__).parent
@@ -41,7 +41,7 @@ def _kernel() -> ctypes.CDLL | None:
     """The compiled kernel for this CPU and this llama.cpp, or None where it cannot be built."""
     from tokensteer.backends.native import library
 
-    inc = _headers()
+    inc = ggml_headers()
     if inc is None:
         return None
     lib_dir = Path(llama_cpp.__file__).parent / "lib"

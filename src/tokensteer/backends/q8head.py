@@ -8,9 +8,9 @@ quantises them, so a decoding session can stop llama.cpp's graph at the final no
 and finish here: one row costs less than in llama.cpp, four rows cost ~1.3x one row, and a
 formula's mixed rows (``Session`` ``mix``) need no second model. On CPUs with AMX,
 ``native/q8amx.c`` repacks the matrix once into tiles (0.2 s, ~190 MB) and one tile instruction
-then serves 16 rows: 4 rows cost ~1.05x one row and 16 rows ~1.3x. Where the kernel cannot be built (no C compiler, neither
-AVX-512 VNNI nor AVX2) or the matrix is another type, ``Q8Head`` raises ValueError and the backend
-keeps llama.cpp's own layer.
+then serves 16 rows: 4 rows cost ~1.05x one row and 16 rows ~1.3x. Where the kernel cannot be
+built (no C compiler, neither AVX-512 VNNI nor AVX2) or the matrix is another type, ``Q8Head``
+raises ValueError and the backend keeps llama.cpp's own layer.
 """
 
 from __future__ import annotations
