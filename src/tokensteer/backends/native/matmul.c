@@ -312,10 +312,12 @@ static int32_t matmul_params[GGML_MAX_OP_PARAMS / sizeof(int32_t)], geglu_params
 static int ready; /* 0 not yet, 1 ready, -1 failed */
 
 static bool prepare(void) {
-    if (ready) return ready > 0;
+    /* Two threads may race here on first use: both build the same bytes, and `ready` is set only
+     * once they are in place (never "failed" while another thread is still building). */
+    if (__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) return ready > 0;
     struct ggml_init_params p = {16 * 1024, NULL, true};
     struct ggml_context *ctx = ggml_init(p);
-    ready = -1;
+    int ok = 0;
     if (ctx) {
         struct ggml_tensor *a = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 1);
         struct ggml_tensor *m = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, &a, 1, run_matmul, GGML_N_TASKS_MAX, NULL);
@@ -323,11 +325,12 @@ static bool prepare(void) {
         if (m && g) {
             memcpy(matmul_params, m->op_params, sizeof(matmul_params));
             memcpy(geglu_params, g->op_params, sizeof(geglu_params));
-            ready = 1;
+            ok = 1;
         }
         ggml_free(ctx);
     }
-    return ready > 0;
+    __atomic_store_n(&ready, ok ? 1 : -1, __ATOMIC_RELEASE);
+    return ok;
 }
 
 static bool f32_host(const struct ggml_tensor *t) {
