@@ -22,7 +22,7 @@ import time
 import torch
 
 import tokensteer as ts
-from tokensteer.backends.packed import PackedLinear
+from tokensteer.backends.torch.packed import PackedLinear
 
 PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
 SETUPS = ("none", "head", "head+decoder", "heights 1+8 only", "2 rows unpadded")

@@ -14,7 +14,7 @@ import tokensteer as ts
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from tokensteer.backends.llamacpp_head import build_head, read_tensor  # noqa: E402  (needs llama_cpp)
+from tokensteer.backends.llamacpp.gguf import build_head, read_tensor  # noqa: E402  (needs llama_cpp)
 
 H, V = 32, 40  # row width and vocabulary of the little files
 
@@ -210,15 +210,15 @@ def test_c_and_python_eval_callbacks_capture_the_same_final_norms(llama_any, mon
     llama = llama_any
     """The compiled callback is only a faster copy of the Python one: the same rows, bit for bit;
     disarmed, neither stops the graph, so the model's logits come out as usual."""
-    import tokensteer.backends.llamacpp_head as head_mod
-    from tokensteer.backends.llamacpp import _Context
+    import tokensteer.backends.llamacpp.capture as head_mod
+    from tokensteer.backends.llamacpp.context import Context
 
     ids = np.asarray(llama.tokenizer.encode(PROMPTS[0]), np.int32)
 
     def capture(native: bool) -> tuple[np.ndarray, bool]:
         if not native:
-            monkeypatch.setattr("tokensteer.backends.native.library", lambda *a: None)
-        c = _Context(llama.model, 64, 1, llama.n_threads, capture=True)
+            monkeypatch.setattr("tokensteer.backends.llamacpp.native.library", lambda *a: None)
+        c = Context(llama.model, 64, 1, llama.n_threads, capture=True)
         monkeypatch.undo()
         try:
             assert c.capture.native == native

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
 
-from tokensteer.backends import matmul  # noqa: E402
+from tokensteer.backends.llamacpp import kernels as matmul  # noqa: E402
 
 pytestmark = pytest.mark.skipif(matmul._kernel() is None, reason="the block kernels cannot be built on this machine")
 

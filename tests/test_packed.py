@@ -4,7 +4,7 @@ the other rows of its batch, and only big float32 models are packed."""
 import pytest
 import torch
 
-from tokensteer.backends.packed import (
+from tokensteer.backends.torch.packed import (
     BODY_HEIGHTS,
     MIN_SIZE,
     PackedLinear,
@@ -85,7 +85,7 @@ def test_decoder_layers_are_packed_only_when_big(monkeypatch):
 
 def test_packings_are_dropped_when_the_copies_would_crowd_memory(monkeypatch):
     """Each height of the 2 × 4.5M-element decoder takes 72 MB; only half the free memory is used."""
-    import tokensteer.backends.packed as packed
+    import tokensteer.backends.torch.packed as packed
 
     assert packed.free_memory() > 0
     monkeypatch.setattr(packed, "free_memory", lambda: 100 << 20)

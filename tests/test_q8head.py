@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
 
-import tokensteer.backends.q8head as q8head  # noqa: E402
-from tokensteer.backends.q8head import Q8Head, _kernel  # noqa: E402
+import tokensteer.backends.llamacpp.q8head as q8head  # noqa: E402
+from tokensteer.backends.llamacpp.q8head import Q8Head, _kernel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_kernel() is None, reason="the Q8_0 output kernel cannot be built on this machine")
 

@@ -341,7 +341,7 @@ def models(
 
     out_layer = built("q8head", "cannot be built here (no C compiler, or neither AVX-512 VNNI nor AVX2): llama.cpp's own output layer runs")
     t.add_row("output kernel", f"{native} (Q8_0 output layer for llama.cpp: {out_layer})")
-    from tokensteer.backends import matmul
+    from tokensteer.backends.llamacpp import kernels as matmul
 
     no_headers = None if matmul.ggml_headers() is not None else "not built: llama-cpp-python's ggml headers are missing, llama.cpp's own kernels run"
     blocks = built("matmul", "cannot be built here (no C compiler, or no AVX-512 VNNI and VBMI): llama.cpp's own kernels run", no_headers)

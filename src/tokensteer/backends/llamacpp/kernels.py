@@ -39,7 +39,7 @@ def ggml_headers() -> Path | None:
 @cache
 def _kernel() -> ctypes.CDLL | None:
     """The compiled kernel for this CPU and this llama.cpp, or None where it cannot be built."""
-    from tokensteer.backends.native import library
+    from tokensteer.backends.llamacpp.native import library
 
     inc = ggml_headers()
     if inc is None:

@@ -28,7 +28,7 @@ Q8_0 = 8  # ggml's type id
 def _kernel(extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled kernel for this CPU (``extra`` compiler flags, e.g. ``-mno-avx512f`` to test
     the AVX2 path on an AVX-512 machine); None where it cannot be built."""
-    from tokensteer.backends.native import library
+    from tokensteer.backends.llamacpp.native import library
 
     lib = library("q8head", flags=("-O3", "-march=native", "-fopenmp", *extra))
     if lib is not None:
@@ -41,7 +41,7 @@ def _kernel(extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 @cache
 def _amx() -> ctypes.CDLL | None:
     """The AMX kernel, or None where it cannot be built (no AMX) or Linux refuses tile state."""
-    from tokensteer.backends.native import library
+    from tokensteer.backends.llamacpp.native import library
 
     lib = library("q8amx", flags=("-O3", "-march=native", "-fopenmp"))
     if lib is None or lib.tokensteer_amx_enable() != 0:
@@ -64,7 +64,7 @@ class Q8Head:
         use the AMX tiles where the CPU has them."""
         import mmap
 
-        from tokensteer.backends.llamacpp_head import layout
+        from tokensteer.backends.llamacpp.gguf import layout
 
         self._lib = _kernel()
         if self._lib is None:

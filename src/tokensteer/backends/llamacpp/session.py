@@ -1,0 +1,251 @@
+"""A llama.cpp session: the rows of one batch, one sequence id each, in a context from the backend's pool."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Sequence
+
+import llama_cpp
+import numpy as np
+import torch
+
+from tokensteer.backends.base import Session
+from tokensteer.backends.llamacpp.kernels import PREFILL_ROWS
+from tokensteer.errors import UserError
+from tokensteer.hooks import ResidualEdit
+
+if TYPE_CHECKING:
+    from tokensteer.backends.llamacpp.backend import LlamaCppBackend
+    from tokensteer.backends.llamacpp.context import Context
+
+
+def control_vector(b: LlamaCppBackend, edits: list[ResidualEdit]) -> tuple[np.ndarray, int, int] | None:
+    """Sum additive edits into llama.cpp's control-vector layout: layers 1..L-1, one row each."""
+    if not edits:
+        return None
+    H = b.hidden_size
+    buf = np.zeros((b.n_layers - 1) * H, np.float32)
+    for e in edits:
+        buf[(e.layer - 1) * H : e.layer * H] += e.vector.detach().float().cpu().numpy()
+    layers = [e.layer for e in edits]
+    return buf, min(layers), max(layers)
+
+
+class LlamaSession(Session):
+    """The rows of one generate call: one sequence id each in a context taken from the backend's pool."""
+
+    def __init__(self, backend: LlamaCppBackend, edits: Sequence[ResidualEdit], mix: torch.Tensor | None = None) -> None:
+        self.b = backend
+        self.c: Context | None = None
+        self.mix = None if mix is None else mix.detach().float().numpy()  # [R', R] (see Session)
+        # the output layer run after a captured final norm; None: llama.cpp's own (mixing full logits)
+        self.head = backend.head() if mix is not None else backend.plain_head()
+        self._out: np.ndarray | None = None  # plain sessions' logits buffer, reused every step
+        self.seqs = np.zeros(0, np.int32)  # sequence id of each row
+        self.pos = np.zeros(0, np.int32)  # next position of each row
+        self.cvecs = {
+            "prefill": control_vector(backend, [e for e in edits if e.positions in ("all", "prompt")]),
+            "decode": control_vector(backend, [e for e in edits if e.positions in ("all", "generated")]),
+        }
+        self._phase: str | None = None
+        self._view: tuple[int, int, torch.Tensor] | None = None  # (address, rows, tensor)
+
+    def _set_phase(self, phase: str) -> None:
+        if phase == self._phase:
+            return
+        if self._phase is None or self.cvecs[phase] is not self.cvecs[self._phase]:
+            cv, c = self.cvecs[phase], self.c
+            if cv is None:
+                if c.cvec_on:
+                    llama_cpp.llama_set_adapter_cvec(c.ptr, None, 0, 0, -1, -1)
+            else:
+                buf, lo, hi = cv
+                data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                if llama_cpp.llama_set_adapter_cvec(c.ptr, data, buf.size, self.b.hidden_size, lo, hi) != 0:
+                    raise RuntimeError("llama.cpp rejected the control vector")
+            c.cvec_on = cv is not None
+        self._phase = phase
+
+    def _full(self) -> UserError:
+        return UserError(
+            f"the llama.cpp context is full ({self.c.n_ctx} tokens shared by all rows); "
+            "set TOKENSTEER_N_CTX higher, or shorten the prompt or --max-tokens"
+        )
+
+    def _decode(self, n: int, capture: bool = False, prefill: bool = False) -> None:
+        """Decode the batch's first n tokens; with ``capture``, stop after the final norm (``_hidden``).
+        Our matrix kernels (``matmul``) run every step and short prefills: at every row count, so
+        a row's step is the same in any batch, but past ``PREFILL_ROWS`` tokens of one prompt
+        llama.cpp's own kernels are faster (a prompt is prefilled alone, so it is still the same
+        prompt in any batch)."""
+        batch = self.c.batch
+        batch.c.n_tokens = n
+        if self.c.capture is not None:
+            self.c.capture.limit(PREFILL_ROWS if prefill else n)
+        if capture:
+            self.c.capture.arm()
+        try:
+            rc = llama_cpp.llama_decode(self.c.ptr, batch.c)
+        finally:
+            if capture:
+                self.c.capture.disarm()
+        if rc == 1:
+            raise self._full()
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _hidden(self, n: int) -> np.ndarray:
+        """The [n, H] final normalised hidden states of the last (captured) decode, in batch order."""
+        h = self.c.capture.h
+        if h is None or h.size != n * self.b.hidden_size:
+            raise RuntimeError("llama.cpp did not stop at the final norm of this model")
+        return h.reshape(n, -1)
+
+    def _mix_rows(self, x: np.ndarray) -> np.ndarray:
+        """[G * R, ...] rows -> [G * R', ...]: each group of R rows replaced by the mix's combinations."""
+        if self.mix is None:
+            return x
+        R = self.mix.shape[1]
+        return np.einsum("or,gr...->go...", self.mix, x.reshape(-1, R, *x.shape[1:])).reshape(-1, *x.shape[1:])
+
+    def _mixed(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Logits of the mixed rows of final hidden states ``h`` [N, H], through the head model."""
+        u = self._mix_rows(np.asarray(h, np.float32))
+        return torch.from_numpy(self.head.logits(np.ascontiguousarray(u, np.float32)))
+
+    def _mix_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Without the head model: mix the full logits (the same result, no saving)."""
+        if self.mix is None:
+            return logits
+        return torch.from_numpy(self._mix_rows(logits.numpy()).astype(np.float32))
+
+    def _logits(self, n: int) -> np.ndarray:
+        """The [n, V] logits of the last decode, in batch order, viewed in place (no copy)."""
+        addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
+        if not addr:
+            raise RuntimeError("llama.cpp returned no logits")
+        return np.ctypeslib.as_array((ctypes.c_float * (n * self.b.n_vocab)).from_address(addr)).reshape(n, -1)
+
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        if not rows or any(len(r) == 0 for r in rows):
+            raise UserError("every prompt needs at least one token")
+        if self.c is None:
+            self.c = self.b.acquire(len(rows), capture=self.head is not None)
+        else:
+            self.c.reset()
+            self._phase = None
+        self._set_phase("prefill")
+        if sum(len(r) for r in {tuple(r) for r in rows}) > self.c.n_ctx:
+            raise self._full()
+        if len(rows) > self.c.n_batch:
+            raise UserError(f"{len(rows)} rows do not fit one llama.cpp batch of {self.c.n_batch}; set TOKENSTEER_N_CTX higher")
+        n = len(rows)
+        self.seqs = np.arange(n, dtype=np.int32)
+        capture = self.head is not None
+        out = torch.empty(n, self.b.hidden_size if capture else self.b.n_vocab)
+        batch, batch_size = self.c.batch, self.c.n_batch
+        # One row per call: llama.cpp's matmul kernels change with the number of tokens in a call,
+        # so a row prefilled alone gets exactly the cache (and logits) it gets in any batch.
+        first: dict[tuple[int, ...], int] = {}
+        for i, r in enumerate(rows):
+            j = first.setdefault(tuple(r), i)
+            if j != i:  # the same tokens as an earlier row: share its cache cells
+                llama_cpp.llama_memory_seq_cp(self.c.mem, j, i, -1, -1)
+                out[i] = out[j]
+                continue
+            tokens = np.asarray(r, np.int32)
+            for start in range(0, len(tokens), batch_size):
+                k = len(tokens[start : start + batch_size])
+                batch.token[:k] = tokens[start : start + k]
+                batch.pos[:k] = np.arange(start, start + k, dtype=np.int32)
+                batch.seq[:k] = i
+                batch.logits[:k] = 0
+                batch.logits[k - 1] = start + k == len(tokens)
+                self._decode(k, capture and start + k == len(tokens), prefill=True)
+            out[i] = torch.from_numpy(self._hidden(1)[0] if capture else self._logits(1)[0])
+        self.pos = np.array([len(r) for r in rows], np.int32)
+        return self._mixed(out) if capture else self._mix_logits(out)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = len(self.seqs)
+        if tokens.shape[0] != n:
+            raise ValueError(f"step got {tokens.shape[0]} tokens for {n} rows")
+        self._set_phase("decode")
+        batch = self.c.batch
+        batch.token[:n] = tokens.numpy()
+        batch.pos[:n] = self.pos
+        batch.seq[:n] = self.seqs
+        batch.logits[:n] = 1
+        self._decode(n, self.head is not None)
+        self.pos += 1
+        if self.head is not None and self.mix is None:  # our output kernel into a reused buffer
+            if self._out is None or self._out.shape[0] != n:
+                self._out = np.empty((n, self.b.n_vocab), np.float32)
+            return torch.from_numpy(self.head.logits(self._hidden(n), self._out))
+        if self.head is not None:
+            return self._mixed(self._hidden(n))
+        if self.mix is not None:
+            return self._mix_logits(torch.from_numpy(self._logits(n)))
+        addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
+        if self._view is None or self._view[:2] != (addr, n):  # llama.cpp reuses its buffer: keep the view
+            self._view = (addr, n, torch.from_numpy(self._logits(n)))
+        return self._view[2]
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """k tokens per row in one llama_decode call: [N, k] -> [N, k, V] logits (a copy)."""
+        n, k = tokens.shape
+        if n != len(self.seqs):
+            raise ValueError(f"extend got {n} rows of tokens for {len(self.seqs)} rows")
+        if n * k > self.c.n_batch:  # more than one batch holds: step instead
+            return super().extend(tokens)
+        self._set_phase("decode")
+        # Position by position, every row each time: the cells land in the order k steps would put
+        # them, so a later trim frees the newest cells of every row (with row-major batches a row's
+        # next token went to a cell before its older ones; its logits then drifted by up to 0.8).
+        # llama.cpp's kernels depend on the tokens per call, so logits match k steps closely
+        # (KL ~0.005 on Gemma 3 270M Q4_K_M), not bit for bit.
+        batch, m = self.c.batch, n * k
+        batch.token[:m] = tokens.numpy().astype(np.int32).T.reshape(-1)
+        batch.pos[:m] = (self.pos[None, :] + np.arange(k, dtype=np.int32)[:, None]).reshape(-1)
+        batch.seq[:m] = np.tile(self.seqs, k)
+        batch.logits[:m] = 1
+        capture = self.head is not None
+        self._decode(m, capture)
+        self.pos += k
+        if capture:  # position-major [k * n, H] -> k mixed blocks through the head at once
+            out = self._mixed(self._hidden(m))
+        else:
+            out = self._mix_logits(torch.from_numpy(self._logits(m).copy()))
+        return out.view(k, out.shape[0] // k, -1).transpose(0, 1).contiguous()
+
+    def trim(self, n: int) -> None:
+        if n <= 0:
+            return
+        if n > int(self.pos.min()):
+            raise ValueError(f"cannot trim {n} tokens from a row of {int(self.pos.min())}")
+        self.pos -= n
+        for s, p in zip(self.seqs.tolist(), self.pos.tolist()):
+            llama_cpp.llama_memory_seq_rm(self.c.mem, s, p, -1)
+
+    def select(self, rows: Sequence[int]) -> None:
+        rows = [int(r) for r in rows]
+        old = self.seqs.tolist()
+        kept = set()
+        new: list[int] = []
+        for r in rows:
+            s = old[r]
+            if s in kept:  # a duplicate: fork the sequence into a free id (cells are shared)
+                s = next(i for i in range(self.c.n_seq) if i not in kept and i not in old)
+                llama_cpp.llama_memory_seq_cp(self.c.mem, old[r], s, -1, -1)
+            kept.add(s)
+            new.append(s)
+        for s in set(old) - kept:
+            llama_cpp.llama_memory_seq_rm(self.c.mem, s, -1, -1)
+        self.seqs = np.array(new, np.int32)
+        self.pos = self.pos[rows]
+
+    def close(self) -> None:
+        if self.c is not None:
+            self._view = None
+            self.b.release(self.c)
+            self.c = None
