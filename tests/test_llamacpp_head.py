@@ -15,6 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 from tokensteer.backends.llamacpp.gguf import build_head, read_tensor  # noqa: E402  (needs llama_cpp)
+from tokensteer.backends.llamacpp.native import status as native_status  # noqa: E402
 
 H, V = 32, 40  # row width and vocabulary of the little files
 
@@ -236,7 +237,8 @@ def test_c_and_python_eval_callbacks_capture_the_same_final_norms(llama_any, mon
         finally:
             c.free()
 
-    assert head_mod.Capture(8).native, "no C compiler here: the compiled callback was not built"
+    if not head_mod.Capture(8).native:
+        pytest.skip(f"no compiled callback here ({native_status('evalstop')})")
     (hc, okc), (hp, okp) = capture(True), capture(False)
     assert hc.shape == (len(ids) * llama.hidden_size,) and np.array_equal(hc, hp)
     assert okc and okp

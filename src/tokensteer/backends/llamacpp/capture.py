@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -30,8 +29,8 @@ class Capture:
     """An eval callback for a context: while armed, copy ``result_norm`` and stop the graph there
     (llama.cpp then skips the output layer); while not, ask for no node, so decoding runs as usual.
 
-    llama.cpp calls it for every node of every step, so it runs as a small C function when one can
-    be compiled (``native``), else as the Python ``_call`` below, which does the same. The C one
+    llama.cpp calls it for every node of every step, so it runs as a small C function where the
+    install built one (``native``), else as the Python ``_call`` below, which does the same. The C one
     also offers every node to ``splice`` (``matmul.splice_function``), which runs the blocks'
     matrix products of at most ``limit`` rows in our own kernels.
     """
@@ -41,7 +40,7 @@ class Capture:
 
         self.on = False
         self.h: np.ndarray | None = None  # [n_outputs * n_embd] float32 of the last capture
-        lib = library("evalstop", Path(_ggml._name).parent, Path(_ggml._name).name)
+        lib = library("evalstop")
         self.native = lib is not None
         if self.native:
             self._buf = np.empty(room, np.float32)  # room: floats of the largest result_norm

@@ -8,18 +8,17 @@ callback (``Capture``) offers each node to ``tokensteer_splice`` before llama.cp
 graph, which turns a matching product into a ggml custom op that llama.cpp's threads run in place.
 
 A row's result never depends on the other rows of the call, so batched rows stay bit-identical to
-rows decoded alone. Where the kernel cannot be built (no C compiler, no AVX-512 VNNI/VBMI, no ggml
-headers beside llama-cpp-python) or with ``TOKENSTEER_NO_NATIVE=1``, llama.cpp keeps its own.
+rows decoded alone. Where the install did not build the kernel (no C compiler, no ggml headers
+beside llama-cpp-python), on CPUs without AVX-512 VNNI/VBMI, or with ``TOKENSTEER_NO_NATIVE=1``,
+llama.cpp keeps its own (see docs/native.md).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 from functools import cache
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 
 TYPES = {"Q8_0": 8, "Q5_0": 6, "Q4_K": 12, "Q6_K": 14}  # ggml type ids the kernel takes
@@ -27,28 +26,20 @@ PREFILL_ROWS = 16  # past this many tokens in one call llama.cpp's own matrix ke
 
 
 def ggml_headers() -> Path | None:
-    """The folder holding llama-cpp-python's ``ggml.h`` (installed beside the package when it is
-    built from source), or None."""
-    pkg = Path(llama_cpp.__file__).parent
-    for d in (pkg.parent / "include", pkg / "include"):
-        if (d / "ggml.h").is_file():
-            return d
-    return None
+    """The folder of llama-cpp-python's ggml headers (installed beside the package when it is built
+    from source; the kernel is compiled against them), or None."""
+    from tokensteer.backends.llamacpp.native.variants import find_ggml
+
+    found = find_ggml()
+    return None if found is None else found[1]
 
 
 @cache
 def _kernel() -> ctypes.CDLL | None:
-    """The compiled kernel for this CPU and this llama.cpp, or None where it cannot be built."""
+    """The installed kernel for this CPU and this llama.cpp, or None where there is none."""
     from tokensteer.backends.llamacpp.native import library
 
-    inc = ggml_headers()
-    if inc is None:
-        return None
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    # the header's hash joins the cache key: a rebuilt llama.cpp may lay out ggml_tensor differently
-    tag = hashlib.sha1((inc / "ggml.h").read_bytes()).hexdigest()[:12]
-    flags = ("-O3", "-march=native", f"-I{inc}", f"-DTOKENSTEER_GGML_H={tag}")
-    lib = library("matmul", lib_dir, "libggml-base.so", flags)
+    lib = library("matmul")
     if lib is not None:
         f = lib.tokensteer_matmul_slice
         f.restype = ctypes.c_int
@@ -69,7 +60,7 @@ def matmul(weights: np.ndarray, type_name: str, n_out: int, x: np.ndarray, slice
     For tests; raises ValueError for a type or shape the kernel does not take."""
     lib = _kernel()
     if lib is None:
-        raise ValueError("the matrix kernel cannot be built on this machine")
+        raise ValueError("the matrix kernel is not built for this machine")
     if type_name not in TYPES:
         raise ValueError(f"the kernel takes {', '.join(TYPES)} weights, not {type_name}")
     w = np.ascontiguousarray(weights).view(np.uint8)
@@ -89,7 +80,7 @@ def geglu(a: np.ndarray, b: np.ndarray, slices: int = 1) -> np.ndarray:
     """``gelu(a) * b`` (tanh GELU) as the spliced GEGLU op computes it, in ``slices`` pieces. For tests."""
     lib = _kernel()
     if lib is None:
-        raise ValueError("the matrix kernel cannot be built on this machine")
+        raise ValueError("the matrix kernel is not built for this machine")
     a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
     if a.shape != b.shape:
         raise ValueError(f"gelu(a) * b needs arrays of one shape, got {a.shape} and {b.shape}")

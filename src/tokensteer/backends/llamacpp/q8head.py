@@ -8,9 +8,9 @@ quantises them, so a decoding session can stop llama.cpp's graph at the final no
 and finish here: one row costs less than in llama.cpp, four rows cost ~1.3x one row, and a
 formula's mixed rows (``Session`` ``mix``) need no second model. On CPUs with AMX,
 ``native/q8amx.c`` repacks the matrix once into tiles (0.2 s, ~190 MB) and one tile instruction
-then serves 16 rows: 4 rows cost ~1.05x one row and 16 rows ~1.3x. Where the kernel cannot be
-built (no C compiler, neither AVX-512 VNNI nor AVX2) or the matrix is another type, ``Q8Head``
-raises ValueError and the backend keeps llama.cpp's own layer.
+then serves 16 rows: 4 rows cost ~1.05x one row and 16 rows ~1.3x. Where the install did not
+build the kernel (no C compiler), on CPUs with neither AVX-512 VNNI nor AVX2, or where the matrix
+is another type, ``Q8Head`` raises ValueError and the backend keeps llama.cpp's own layer.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import numpy as np
 Q8_0 = 8  # ggml's type id
 
 
-def _kernel(extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """The compiled kernel for this CPU (``extra`` compiler flags, e.g. ``-mno-avx512f`` to test
-    the AVX2 path on an AVX-512 machine); None where it cannot be built."""
+@cache
+def _kernel(variant: str | None = None) -> ctypes.CDLL | None:
+    """The installed kernel: the best build this CPU runs, or the named ``variant`` (``avx2``
+    tests that path on an AVX-512 machine); None where there is none."""
     from tokensteer.backends.llamacpp.native import library
 
-    lib = library("q8head", flags=("-O3", "-march=native", "-fopenmp", *extra))
+    lib = library("q8head", variant)
     if lib is not None:
         f = lib.tokensteer_q8_0_logits
         f.restype = ctypes.c_int
@@ -40,10 +41,10 @@ def _kernel(extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 
 @cache
 def _amx() -> ctypes.CDLL | None:
-    """The AMX kernel, or None where it cannot be built (no AMX) or Linux refuses tile state."""
+    """The AMX kernel, or None where there is none (no AMX) or Linux refuses tile state."""
     from tokensteer.backends.llamacpp.native import library
 
-    lib = library("q8amx", flags=("-O3", "-march=native", "-fopenmp"))
+    lib = library("q8amx")
     if lib is None or lib.tokensteer_amx_enable() != 0:
         return None
     lib.tokensteer_q8_0_pack.restype = ctypes.c_void_p
@@ -68,7 +69,7 @@ class Q8Head:
 
         self._lib = _kernel()
         if self._lib is None:
-            raise ValueError("the Q8_0 output kernel cannot be built on this machine")
+            raise ValueError("the Q8_0 output kernel is not built for this machine")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             tensors = {t[0]: t[1:] for t in layout(buf).tensors}
         dims, ttype, start, size = tensors.get("output.weight") or tensors["token_embd.weight"]

@@ -1,5 +1,5 @@
 /* llama.cpp's eval callback for our contexts, in C: llama.cpp calls it for every node of every
- * step (about 700 per step on Gemma 3 270M), which costs a Python callback ~2 ms a step.
+ * step, hundreds of times a step, which is slow through a Python callback.
  * While `on`, it asks for the final norm's output ("result_norm"), copies it to `dst` and stops the
  * graph there, so the output layer is skipped; while off it asks for nothing. Mirrors Capture._call.
  * With `splice` set, it first offers every node to it (native/matmul.c), which may turn a matrix
@@ -7,6 +7,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "ggml_built.h"
 
 struct ggml_tensor;
 const char * ggml_get_name(const struct ggml_tensor * tensor);

@@ -1,7 +1,7 @@
 /* The matrix products of llama.cpp's transformer blocks for a few rows, in our own kernels.
  *
  * llama.cpp multiplies a quantised weight matrix by each activation row separately, decoding every
- * weight block again for every row, so a step of 4 rows costs ~1.9x a step of 1. Here each weight
+ * weight block again for every row, so a step of 4 rows costs nearly twice a step of 1. Here each weight
  * block is decoded once into 64 unsigned bytes and then meets every row (up to 4) with one AVX-512
  * VNNI instruction per row. Rows never interact, so a row gets the same result alone or in a batch.
  *
@@ -9,11 +9,11 @@
  * matrix product it can do (Q8_0, Q5_0, Q4_K or Q6_K weights, few rows) into a ggml custom op that
  * calls `tokensteer_matmul_slice`, so llama.cpp's own threads run it in place, with no extra
  * synchronisation. Activations are quantised to 8 bits per value with one scale per 32 values
- * (like llama.cpp's Q8_0). Needs AVX-512 F/BW/VL/VNNI/VBMI; elsewhere this file does not compile
- * and llama.cpp keeps its own products. */
-#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
-      defined(__AVX512VBMI__) && defined(__F16C__))
-#error "needs AVX-512 (F, BW, VL, VNNI, VBMI) and F16C"
+ * (like llama.cpp's Q8_0). Needs AVX-512 F/BW/DQ/VL/VNNI/VBMI; setup.py builds it where the compiler
+ * takes those, and on other CPUs llama.cpp keeps its own products. */
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+      defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__F16C__))
+#error "needs AVX-512 (F, BW, DQ, VL, VNNI, VBMI) and F16C"
 #endif
 #include <immintrin.h>
 #include <stdbool.h>
@@ -23,6 +23,7 @@
 
 #include "ggml-backend.h"
 #include "ggml.h"
+#include "ggml_built.h"
 
 #define GROUP 4        /* rows that share one decoded weight row */
 #define PREFETCH 1024  /* bytes ahead of the weight block being read */

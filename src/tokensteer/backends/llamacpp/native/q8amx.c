@@ -4,8 +4,9 @@
  * tiles' layout (16 weight rows x 32 values per 512-byte tile, then the 16 rows' block scales).
  * Activations are quantised like llama.cpp's Q8_0 (32 values, scale amax/127, rounded half away
  * from zero). A row's logits never depend on the other rows in the call: each tile row holds one
- * row's products, and its float sums run in the same order for any row count. On CPUs without AMX
- * this file does not compile, and where the kernel (Linux) refuses tile state, callers use q8head.c. */
+ * row's products, and its float sums run in the same order for any row count. setup.py builds it
+ * where the compiler takes AMX; on CPUs without AMX, or where Linux refuses tile state, callers use
+ * q8head.c. */
 #if !(defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__F16C__))
 #error "needs AMX (TILE, INT8) and AVX-512"
 #endif

@@ -1,19 +1,20 @@
 /* The output layer of a model whose output matrix is Q8_0 (Gemma 3's tied 262k x 640 embedding):
  * logits = W x for a few rows x, reading W once for every 4 rows.
  *
- * llama.cpp runs this layer per row with a dot-product kernel, so 4 rows cost ~1.5x one row, and it
- * has no call that runs the layer alone (a formula's mixed rows need that). Here each row's
+ * llama.cpp runs this layer per row with a dot-product kernel, so every extra row reads the matrix
+ * again, and it has no call that runs the layer alone (a formula's mixed rows need that). Here each row's
  * activations are quantised like llama.cpp's (Q8_0: 32 values, one scale), each weight block is
  * loaded once per group of 4 rows, and the integer dot products run on AVX-512 VNNI (two blocks per
  * instruction) or AVX2. A row's logits do not depend on the other rows in the call (same operations
- * in the same order), so batched rows equal rows decoded alone, bit for bit. On other CPUs this
- * file does not compile and callers keep llama.cpp's own output layer. */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+ * in the same order), so batched rows equal rows decoded alone, bit for bit. setup.py builds it once
+ * per instruction set (the #if below picks the path); on other CPUs callers keep llama.cpp's own
+ * output layer. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__) && defined(__F16C__)
 #define VNNI 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define VNNI 0
 #else
-#error "needs AVX-512 (F, BW, VNNI) or AVX2 with FMA, and F16C"
+#error "needs AVX-512 (F, BW, DQ, VNNI) or AVX2 with FMA, and F16C"
 #endif
 #include <immintrin.h>
 #include <math.h>
