@@ -21,6 +21,7 @@ CFG = dict(batch_size=4)
 
 class BanToken(Control):
     """Forbids one token id: a real control the test method plugs in."""
+    stages = frozenset({'mask'})
 
     def __init__(self, token: int) -> None:
         self.token = token
@@ -181,6 +182,7 @@ def test_eval_sweep_and_dose_response(tiny, tiny_dir, tmp_path):
 
 
 class _Scale(Control):
+    stages = frozenset({'rewrite'})
     def __init__(self, s: float) -> None:
         self.s = s
 

@@ -19,6 +19,7 @@ PROMPTS = ["the cat sat", "one two three"]
 
 class Recorder(Control):
     """Runs after the formula: keeps the log-probabilities it produced and the context of each step."""
+    stages = frozenset({'rewrite'})
 
     def __init__(self) -> None:
         self.steps: list[tuple[list[list[int]], torch.Tensor]] = []
@@ -111,6 +112,7 @@ def test_fused_terms_match_reference_formula(tiny, formula):
     rows = []
 
     class Rows(Control):
+        stages = frozenset({'rewrite'})
         def logprobs(self, state, lp):
             rows.append(state.rows_per_prompt if state.mix is not None else None)
             return lp

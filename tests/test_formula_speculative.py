@@ -44,6 +44,7 @@ def formulas(o: str) -> list[str]:
 
 class Recorder(Control):
     """Keeps the log-probabilities the formula produced at every step."""
+    stages = frozenset({'rewrite'})
 
     def __init__(self) -> None:
         self.steps: list[torch.Tensor] = []
@@ -55,6 +56,7 @@ class Recorder(Control):
 
 class Force(Control):
     """Forces the first len(prefix) tokens (to enumerate the exact distribution)."""
+    stages = frozenset({'mask'})
 
     def __init__(self, prefix: list[int]) -> None:
         self.prefix = prefix
@@ -103,6 +105,7 @@ def test_speculation_composes_with_residual_edits(tiny, other_dir):
     from tokensteer.hooks import ResidualEdit
 
     class Steer(Control):
+        stages = frozenset({'edits'})
         def residual_edits(self, n_rows, rows_per_prompt):
             return [ResidualEdit(layer=1, vector=torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(0)) * 3)]
 

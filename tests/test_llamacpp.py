@@ -34,6 +34,7 @@ def llama():
 
 class Steer(Control):
     """Add one fixed random direction at the given layers (what llama.cpp control vectors do)."""
+    stages = frozenset({'edits'})
 
     def __init__(self, hidden: int, layers=(4, 5, 6), norm: float = 60.0, positions="all", per_row=False):
         g = torch.Generator().manual_seed(0)
@@ -215,6 +216,7 @@ def test_edits_llama_cannot_run_are_user_errors(llama, control, match):
 
 def test_function_edits_and_hidden_states_point_to_torch(llama):
     class Fn(Control):
+        stages = frozenset({'edits'})
         def residual_edits(self, n_rows, rows_per_prompt):
             return [ResidualEdit(layer=3, fn=lambda h, ctx: h * 2)]
 

@@ -17,11 +17,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tokensteer.api import generate, load, stream  # noqa: E402
 from tokensteer.errors import UserError  # noqa: E402
 from tokensteer.hooks import Control, ResidualEdit  # noqa: E402
-from tokensteer.loop import Generation, TokenEvent  # noqa: E402
+from tokensteer.engine import Engine, Generation, TokenEvent  # noqa: E402
 from tokensteer.sampling import SamplingConfig  # noqa: E402
 
 __all__ = [
     "Control",
+    "Engine",
     "Generation",
     "ResidualEdit",
     "SamplingConfig",

@@ -6,9 +6,8 @@ from typing import Callable, Iterator, Sequence
 
 from tokensteer.backends import Backend, load_backend
 from tokensteer.hooks import Control
-from tokensteer.loop import Generation, TokenEvent
-from tokensteer.loop import generate as _generate
-from tokensteer.loop import stream as _stream
+from tokensteer import engine
+from tokensteer.engine import Generation, TokenEvent
 from tokensteer.models import resolve
 from tokensteer.sampling import SamplingConfig
 
@@ -44,7 +43,7 @@ def generate(
     **sampling,
 ) -> Generation | list[Generation]:
     """Generate a continuation (or one per prompt, batched); ``sampling`` fills a SamplingConfig."""
-    out = _generate(lm, prompt, _config(cfg, sampling), controls)
+    out = engine.generate(lm, prompt, _config(cfg, sampling), controls)
     return out[0] if isinstance(prompt, str) else out
 
 
@@ -57,4 +56,4 @@ def stream(
 ) -> Iterator[TokenEvent]:
     """Yield tokens as they are chosen; ``event.index`` says which prompt each belongs to."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    return _stream(lm, prompts, _config(cfg, sampling), controls)
+    return engine.stream(lm, prompts, _config(cfg, sampling), controls)

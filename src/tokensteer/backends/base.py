@@ -1,8 +1,10 @@
-"""The narrow interface between the decode loop and a model runtime.
+"""The narrow interface between the engine and a model runtime.
 
-A backend loads a model and tokenizer; a session holds one batch of rows and their KV cache.
-The loop only ever calls ``prefill``, ``step``, ``trim`` and ``select``; speculative controls also
-call ``extend`` (several tokens per row in one forward); steering training calls ``Backend.hidden_states``. Anything else a backend can do is announced in ``capabilities``.
+A backend loads a model and tokenizer; a session holds one batch of rows and their KV cache. The
+engine calls ``add`` (prefill new rows beside the live ones), ``step``, ``select`` (rows leave)
+and, on its special paths, ``extend`` (several tokens per row in one forward) and ``trim``;
+steering training calls ``Backend.hidden_states``. Anything else a backend can do is announced
+in ``capabilities``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ RESIDUAL_FIRST = "residual_first_layer"  # edit the output of block 0 (llama.cpp
 HIDDEN_STATES = "hidden_states"  # read hidden states (steering training, probes)
 LOAD_HF = "load_hf_folders"  # load a Hugging Face folder (e.g. a formula's other model)
 HEAD_MIX = "head_mix"  # run the output layer on linear combinations of rows (``session(mix=...)``)
+ROW_EDITS = "row_edits"  # additive edits given per row with ``Session.add``, so differently steered rows share a batch
 
 
 class Tokenizer(ABC):
@@ -48,11 +51,26 @@ class Tokenizer(ABC):
 
 
 class Session(ABC):
-    """One batch of rows and their KV caches, owned by a single generate call."""
+    """One batch of rows and their KV caches: a running group of the engine, or a control's own."""
 
     @abstractmethod
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
-        """Run the prompts (left-aligned by the backend as it needs); return [N, V] float logits."""
+        """Start over with these rows (aligned by the backend as it needs); return [N, V] float logits."""
+
+    def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = ()) -> torch.Tensor:
+        """Prefill new rows after the live ones and return their [n, V] logits; the next ``step``
+        takes one token for every row. ``edits`` are additive edits of these rows alone (vectors
+        [H] or [n, H]), for backends with ``ROW_EDITS``. On failure no new row is left behind."""
+        if edits:
+            raise NotImplementedError(f"{type(self).__name__} takes edits only when it is opened")
+        if self.n_rows:
+            raise NotImplementedError(f"{type(self).__name__} cannot add rows beside live ones")
+        return self.prefill(rows)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows in the session now."""
+        return 0
 
     @abstractmethod
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -88,13 +106,15 @@ class Backend(ABC):
     hidden_size: int
     context_length: int | None = None  # most positions one row may hold (prompt + generated), if known
     context_hint: str = ""  # how to get a longer context, for the error message
+    shared_cells: int | None = None  # KV cells all rows of one session share, where they share one cache
 
     @abstractmethod
     def session(
-        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None, capacity: int | None = None
     ) -> Session:
         """Start a session whose forward passes apply ``edits``; ``rollback`` asks for a cache that
-        ``trim`` can roll back any distance (backends may keep more history for it).
+        ``trim`` can roll back any distance (backends may keep more history for it); ``capacity``
+        is the most rows it will hold at once (the engine's batch), where a backend must plan for it.
 
         ``mix`` [R', R] (backends with ``HEAD_MIX`` only): every group of R consecutive rows returns
         R' logit rows, the output layer applied to those combinations of the group's final hidden

@@ -22,7 +22,7 @@ from tokensteer.constraints.vocab import WORD_BYTES, TokenTable, lower_bytes
 from tokensteer.errors import UserError
 
 if TYPE_CHECKING:
-    from tokensteer.loop import LoopState
+    from tokensteer.engine.state import LoopState
 
 MAX_VARIANTS = 64
 _WORD_ARRAY = np.frombuffer(bytes(sorted(WORD_BYTES)), np.uint8).astype(np.int16)

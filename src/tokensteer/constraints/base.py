@@ -16,11 +16,13 @@ from tokensteer.errors import UserError
 from tokensteer.hooks import Control
 
 if TYPE_CHECKING:
-    from tokensteer.loop import LoopState
+    from tokensteer.engine.state import LoopState
 
 
 class Constraint(Control):
     """A hard constraint: ``allowed(state, b)`` gives row b's bool [V] mask (None = anything)."""
+
+    stages = frozenset({"mask", "accept"})
 
     #: words the text must contain (required words, the end word), checked against stop strings
     must_write: tuple[str, ...] = ()
@@ -93,11 +95,15 @@ class AllOf(Control):
     """
 
     label = "hard constraints (--ban, --require, --words, --regex, --json-schema, ...)"
+    stages = frozenset({"rewrite", "mask", "accept", "force"})
 
     def __init__(self, parts: Sequence[Control], table: TokenTable) -> None:
         self.parts = list(parts)
         self.table = table
         self.requires = frozenset().union(*(p.requires for p in self.parts))
+        parts_stages = frozenset().union(*(p.stages for p in self.parts))
+        # forcing needs a lone part (another could forbid what one forces); masks are always combined
+        self.stages = (parts_stages & {"rewrite", "force"} if len(self.parts) == 1 else parts_stages & {"rewrite"}) | {"mask", "accept"}
 
     def start(self, state: LoopState) -> None:
         for p in self.parts:
@@ -107,10 +113,6 @@ class AllOf(Control):
                         raise UserError(f"the text must contain {word!r}, which holds the stop string {stop!r}; drop that --stop")
             p.shares_budget = len(self.parts) > 1
             p.start(state)
-
-    @property
-    def rewrites(self) -> bool:
-        return any(p.rewrites for p in self.parts)
 
     def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
         for p in self.parts:

@@ -22,7 +22,7 @@ from tokensteer.constraints.vocab import NEVER, TokenTable
 from tokensteer.errors import UserError
 
 if TYPE_CHECKING:
-    from tokensteer.loop import LoopState
+    from tokensteer.engine.state import LoopState
 
 #: bytes ``str.split()`` treats as whitespace in ASCII
 SPACE = frozenset(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")

@@ -47,6 +47,8 @@ class RowView:
 class PerRow(Control):
     """Each row runs the constraints of its own item (found by its prompt tokens), in one batch."""
 
+    stages = frozenset({"rewrite", "mask", "accept"})
+
     def __init__(self, by_prompt: dict[tuple[int, ...], list]) -> None:
         self.by_prompt = by_prompt
 

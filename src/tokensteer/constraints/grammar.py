@@ -9,6 +9,7 @@ has an ``LLMatcher``; its int32 bitmask is unpacked into the loop's bool mask ea
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,7 @@ from tokensteer.constraints.vocab import TokenTable
 from tokensteer.errors import UserError, existing_file
 
 if TYPE_CHECKING:
-    from tokensteer.loop import LoopState
+    from tokensteer.engine.state import LoopState
 
 #: compact JSON (no free whitespace, which lets a model pad forever); a schema's x-guidance overrides it
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -81,7 +82,51 @@ def grammar_for(regex: str | None = None, schema: Any = None, lark: str | None =
     error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if error:
         raise UserError(f"invalid {what}: {_one_line(messages[0]) if messages else 'llguidance rejected it'}")
+    check_satisfiable(grammar, what)
     return grammar
+
+
+@functools.cache
+def _byte_lltokenizer():
+    """An llguidance tokenizer whose tokens are the 256 bytes plus EOS: any text can be spelled in
+    it, so what a grammar refuses here, no model's vocabulary can satisfy either."""
+    import llguidance
+
+    class Bytes:
+        eos_token_id, bos_token_id = 256, None
+        tokens = [bytes([i]) for i in range(256)] + [b"\xff<eos>"]
+        special_token_ids = [256]
+
+        def __call__(self, data: bytes) -> list[int]:
+            return list(data)
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Bytes()), n_vocab=257, eos_token=256)
+
+
+def check_satisfiable(grammar: str, what: str) -> None:
+    """Refuse, before any decoding, a grammar no text can match from its start: a rule defined only
+    by itself (``start: start "a"``), a schema that refers only to itself (``{"$ref": "#"}``), or
+    contradictory bounds. llguidance reports these as an error once it computes the first mask."""
+    from llguidance import LLMatcher
+
+    m = LLMatcher(_byte_lltokenizer(), grammar, log_level=0)
+    if not m.is_error():
+        m.compute_bitmask()
+    if m.is_error():
+        why = matcher_error(m)
+        if why == NO_EXTENSION:
+            why = "no text matches it (a rule or reference that never reaches plain text)"
+        raise UserError(f"the {what} can never be satisfied: {why}; nothing could be generated")
+
+
+NO_EXTENSION = "no text it allows can follow"
+
+
+def matcher_error(m) -> str:
+    """An llguidance matcher's error on one line (it appends its whole state to some errors)."""
+    msg = (m.get_error() or "").strip().splitlines()
+    first = msg[0] if msg else "llguidance stopped"
+    return NO_EXTENSION if first.startswith("NoExtension") else first
 
 
 def _one_line(msg: str) -> str:
@@ -154,12 +199,16 @@ def _plan(regex: str, table: TokenTable, encode=None) -> RegexPlan | None:
 class Grammar(Constraint):
     """The text must match an llguidance grammar; EOS only when the grammar accepts."""
 
+    stages = frozenset({"mask", "accept", "force"})
+
     def __init__(
         self, tok: Tokenizer, table: TokenTable, grammar: str, label: str = "grammar", fast_forward: bool = True,
         regex: str | None = None,
     ) -> None:
         super().__init__(table)
         self.grammar, self.label, self.fast_forward = grammar, label, fast_forward
+        if not fast_forward:
+            self.stages = self.stages - {"force"}
         self.llt = lltokenizer(tok, table)
         self.words = (table.size + 31) // 32
         self.pending: list[Future | None] = []  # per row: the next mask, being computed by _POOL
@@ -178,7 +227,7 @@ class Grammar(Constraint):
 
         first = LLMatcher(self.llt, self.grammar, log_level=0)
         if first.is_error():
-            raise UserError(f"invalid {self.label}: {first.get_error()}")
+            raise UserError(f"invalid {self.label}: {matcher_error(first)}")
         self.matchers = [first] + [first.deep_copy() for _ in range(state.batch_size - 1)]
         self.bitmask = np.zeros((state.batch_size, self.words), dtype=np.int32)
         self.pending = [None] * state.batch_size
@@ -196,9 +245,11 @@ class Grammar(Constraint):
             self.pending[b] = None
             fut.result()
         if m.is_error():
-            raise UserError(f"the {self.label} cannot continue: {m.get_error()}")
+            raise UserError(f"the {self.label} cannot continue: {matcher_error(m)}")
         if fut is None:
             self._compute(m, self.bitmask[b])
+            if m.is_error():  # the text so far has no continuation the grammar allows
+                raise UserError(f"the {self.label} cannot continue: {matcher_error(m)}")
         bits = np.unpackbits(self.bitmask[b].view(np.uint8), bitorder="little")[: self.table.size]
         allowed = torch.from_numpy(bits).view(torch.bool)
         keep = self.rows.allowed(b, self.steps_left(state)) if self.rows is not None else None
@@ -224,7 +275,7 @@ class Grammar(Constraint):
                     self.ff[b] = []
 
     def forced(self, state: LoopState) -> list[list[int]]:
-        """Hook 7: the grammar's fixed text after the last token (e.g. ``","age":`` in a schema)."""
+        """``force``: the grammar's fixed text after the last token (e.g. ``","age":`` in a schema)."""
         out, self.ff = self.ff, [[] for _ in range(state.batch_size)]
         if self.rows is not None and state.max_tokens is not None:
             # forced tokens skip the mask: none may fall in the last steps, where a regex's plan chooses

@@ -24,7 +24,7 @@ GLUE = WORD_BYTES | {ord("'")} | frozenset(range(0x80, 0x100))
 
 if TYPE_CHECKING:
     from tokensteer.backends.base import Tokenizer
-    from tokensteer.loop import LoopState
+    from tokensteer.engine.state import LoopState
 
 
 def keyword_regex(keyword: str) -> re.Pattern:

@@ -20,7 +20,7 @@ from tokensteer.errors import UserError
 from tokensteer.hooks import Control
 
 if TYPE_CHECKING:
-    from tokensteer.loop import LoopState
+    from tokensteer.engine.state import LoopState
 
 ALWAYS = ("Common", "Inherited")
 
@@ -172,6 +172,8 @@ class ScriptOnly(Constraint):
 
 class ScriptPreference(Control):
     """Soft: multiply the probability of tokens holding other scripts' characters by ``factor``."""
+
+    stages = frozenset({"rewrite"})
 
     def __init__(self, table: TokenTable, scripts: Sequence[str], factor: float) -> None:
         if not 0 < factor < 1:

@@ -20,7 +20,7 @@ from tokensteer.constraints.vocab import NEVER, TokenTable
 from tokensteer.errors import UserError, existing_file
 
 if TYPE_CHECKING:
-    from tokensteer.loop import LoopState
+    from tokensteer.engine.state import LoopState
 
 LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_'") | frozenset(range(0x80, 0x100))
 

@@ -15,14 +15,14 @@ import torch
 
 from tokensteer.backends.base import Backend, Session
 from tokensteer.errors import UserError
-from tokensteer.formula.ast import Const, Formula, Guide, Model, Node, Op, Sum, to_string
+from tokensteer.formula.ast import Const, Formula, Guide, Model, Node, Op, Retrieve, Sum, to_string
 from tokensteer.formula.check import Report, any_node, check, check_speculative, kind, peel, top_terms
 from tokensteer.formula.guides import get_guide
 from tokensteer.formula.parser import parse
 from tokensteer.formula.speculative import SpecStats, accept, draft_of
 from tokensteer.formula.trace import TermValue, TokenTrace
 from tokensteer.hooks import Control, Verdict
-from tokensteer.loop import LoopState
+from tokensteer.engine.state import LoopState
 from tokensteer.sampling import top_k, top_p
 
 NEG_INF = float("-inf")
@@ -91,11 +91,15 @@ def combine(terms: Sequence[tuple[float, torch.Tensor]], exclusive: bool = True)
 class FormulaControl(Control):
     """Generate from a formula over next-token distributions (see ``tokensteer.formula``)."""
 
+    stages = frozenset({"variants", "rewrite", "accept", "verify"})
+
     def __init__(
-        self, lm: Backend, formula: Formula | Node | str, trace: bool = False, speculative: int = 0, fuse: bool = True
+        self, lm: Backend, formula: Formula | Node | str, trace: bool = False, speculative: int = 0, fuse: bool = True,
+        docs: object = None,
     ) -> None:
         """``fuse=False`` sends every term's row through the output layer even when the formula
-        only needs their weighted sum (what ``--trace`` needs; benchmarks compare the two)."""
+        only needs their weighted sum (what ``--trace`` needs; benchmarks compare the two).
+        ``docs``: the documents R terms retrieve from (a path or a ``tokensteer.retrieval.DocStore``)."""
         if isinstance(formula, str):
             formula = parse(formula)
         elif isinstance(formula, Node):
@@ -106,14 +110,19 @@ class FormulaControl(Control):
         if speculative and trace:
             raise UserError("--trace follows the formula token by token; it cannot be combined with --speculate")
         self.speculative = int(speculative)  # most tokens drafted per verification (0 = off)
-        self.drafts = self.speculative > 0
+        if not self.speculative:
+            self.stages = self.stages - {"verify"}
         self.prefixes: list[str] = []  # same-model conditioning texts, one row each
         self.others: list[tuple[str, str]] = []  # (model path, prefix) on other backends
         self._collect(formula.root)
         self.draft_root = draft_of(formula.root) if self.drafts else None
         if self.draft_root is not None:
             self._collect(self.draft_root)  # the draft's stand-ins for other models may need rows
-        self.fused = fusion(formula, self.prefixes) if fuse and not (self.drafts or trace) else None
+        from tokensteer.retrieval.term import retrieval_terms
+
+        self.retrieval = retrieval_terms(lm, formula.root, docs)  # R terms: one row per passage, after the prefixes'
+        self._fuse = fuse and not (self.drafts or trace)
+        self.fused = fusion(formula, self.prefixes) if self._fuse and self.retrieval is None else None
         self.stats = SpecStats()
         self.guides = {g.name: get_guide(g.name) for g in self._guides(formula.root)}
         self._other_lms = {path: load_other(lm, path) for path, _ in self.others}
@@ -149,11 +158,14 @@ class FormulaControl(Control):
 
     # hooks --------------------------------------------------------------------------------
     def variants(self, prompt: str) -> Sequence[str]:
-        return [p + prompt for p in self.prefixes]
+        rows = [p + prompt for p in self.prefixes]
+        return rows + self.retrieval.variants(prompt) if self.retrieval is not None else rows
 
     def row_mix(self) -> torch.Tensor | None:
         """Ask for Σ wᵢ·logitsᵢ of the same-model terms as one row (see ``fusion``), plus the
         prompt's own row when a nucleus filter needs the base distribution."""
+        if self.retrieval is not None:  # only R terms' rows, when nothing else reads the model's
+            return self.retrieval.row_mix(self.formula.root) if self._fuse else None
         if self.fused is None:
             return None
         weights, needs_base = self.fused
@@ -175,12 +187,16 @@ class FormulaControl(Control):
             sess = other.session(rollback=self.drafts)
             self._sessions.append(sess)
             self._other_lp.append(self._fit(torch.log_softmax(sess.prefill(rows).float(), -1)))
+        if self.retrieval is not None:
+            self.retrieval.start(state)
 
     def finish(self) -> None:
         """Close the other models' sessions (their KV caches) as soon as the generation ends."""
         for s in self._sessions:
             s.close()
         self._sessions = []
+        if self.retrieval is not None:
+            self.retrieval.finish()
 
     def _fit(self, lp: torch.Tensor) -> torch.Tensor:
         """Match another model's logit width to ours (padded embedding rows differ)."""
@@ -193,6 +209,10 @@ class FormulaControl(Control):
 
     def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
         self._state = state
+        if state.mix is not None and self.retrieval is not None:  # the R terms' rows alone (retrieval.row_mix)
+            self._mixed, self._rows, self._docs = None, None, state.rows
+            self._base_in = self._base_rows = logprobs
+            return self._combine(self.formula.root)
         if state.mix is not None:  # row 0 is the same-model terms' weighted sum, row 1 the base if asked
             self._mixed = self._base_in = state.rows[:, 0]
             self._base_rows = state.rows[:, 1] if state.rows_per_prompt > 1 else self._mixed
@@ -200,7 +220,8 @@ class FormulaControl(Control):
             return self._combine(self.formula.root)
         self._mixed = None
         self._base_in = logprobs
-        self._rows = state.variant_rows(self) if self.prefixes else None
+        self._rows = state.variant_rows(self) if self.prefixes or self.retrieval is not None else None
+        self._docs = self._rows[:, len(self.prefixes) :] if self.retrieval is not None else None
         self._base_rows = state.rows[:, 0]
         if self.drafts:  # speculative: sample from the draft, keep what verify() will need
             q = self._combine(self.draft_root)
@@ -274,6 +295,8 @@ class FormulaControl(Control):
         for i, sess in enumerate(self._sessions):
             lp = torch.log_softmax(sess.step(tokens).float(), -1)
             self._other_lp[i] = self._fit(lp)
+        if self.retrieval is not None:
+            self.retrieval.on_token(state, tokens)
 
     def verify(self, state: LoopState) -> Verdict | None:
         """Hook 6: once enough tokens are drafted, score them with one forward of each other model
@@ -325,6 +348,8 @@ class FormulaControl(Control):
         if isinstance(n, Model):
             lp = self.source(n)
             return lp if n.temperature == 1.0 else torch.log_softmax(lp / n.temperature, -1)
+        if isinstance(n, Retrieve):
+            return self.retrieval.value(n, self._docs)
         if isinstance(n, Const):
             return torch.full_like(self._base_in, n.value)
         if isinstance(n, Sum):  # a nested sum (e.g. a recipe inside a formula) may hold guides too

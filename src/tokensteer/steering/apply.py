@@ -99,7 +99,9 @@ def _gcav_fn(w: torch.Tensor, b: float, p0: torch.Tensor):
 
 @dataclass
 class SteeringControl(Control):
-    """Adds steering vectors to the residual stream (hook 2); one control for any number of vectors."""
+    """Adds steering vectors to the residual stream (the ``edits`` stage); one control for any number of vectors."""
+
+    stages = frozenset({"edits"})
 
     steers: list[Steer] = field(default_factory=list)
 
@@ -145,6 +147,7 @@ class SteerGuard(Control):
     of the same backend, prefilled with the prompts and fed every accepted token."""
 
     label = "a steering guard (guard=)"
+    stages = frozenset({"rewrite", "accept"})
 
     def __init__(self, p: float) -> None:
         self.p = p

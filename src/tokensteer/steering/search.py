@@ -94,7 +94,7 @@ def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence,
     """Generate with one dose, then score it: attribute, the eval's perplexity ratio with its bound, KL
     (of the steered model from the base, before any guard: measured after the guard instead, it let the
     search pick a dose whose text repeats itself, which perplexity does not catch; results/steering.md)."""
-    from tokensteer.loop import generate
+    from tokensteer.engine import generate
 
     ctls = controls_for([Steer(vec, strength, layers, positions, guard=guard)])
     ctl = ctls[0]
@@ -159,7 +159,7 @@ def search(
             default_scorer(lm, vec, i)
     cfg = cfg or SamplingConfig(max_tokens=32, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
     say = say or (lambda _msg: None)
-    from tokensteer.loop import generate
+    from tokensteer.engine import generate
 
     prompts = list(prompts)
     say(f"continuing {len(prompts)} prompts without steering for the baseline…")

@@ -20,7 +20,6 @@ per-row residual edits, and edit the output of layer 0 (llama.cpp has no control
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import weakref
 from pathlib import Path
@@ -30,9 +29,11 @@ import llama_cpp
 import numpy as np
 import torch
 
-from tokensteer.backends import LLAMACPP_CAPABILITIES
+from tokensteer.backends import LLAMACPP_CAPABILITIES, env_n_ctx
 from tokensteer.backends.base import Backend
-from tokensteer.backends.llamacpp.context import DEFAULT_CTX, MAX_SEQS, MIN_SEQS, TORCH_HINT, Context, default_threads, init_llama
+from tokensteer.backends.llamacpp.context import (
+    DEFAULT_CTX, MAX_SEQS, MIN_SEQS, TORCH_HINT, CannotLoad, Context, check_n_ctx, default_threads, init_llama,
+)
 from tokensteer.backends.llamacpp.gguf import build_head, head_path
 from tokensteer.backends.llamacpp.head import Head
 from tokensteer.backends.llamacpp.kernels import splice_function
@@ -82,6 +83,7 @@ class LlamaCppBackend(Backend):
             self._splice = fn
         first = self.acquire(1)  # make the first context now, not on the first request
         self.context_length = first.n_ctx  # rows of one session share these cells
+        self.shared_cells = first.n_ctx
         self.context_hint = " or set TOKENSTEER_N_CTX higher"
         self.release(first)
 
@@ -89,11 +91,8 @@ class LlamaCppBackend(Backend):
     def load(cls, path: Path, model_name: str | None = None, n_threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppBackend":
         """Load a GGUF file; ``n_ctx`` (default ``$TOKENSTEER_N_CTX`` or 4096) KV cells per session."""
         init_llama()
-        if n_ctx is None:
-            env = os.environ.get("TOKENSTEER_N_CTX", str(DEFAULT_CTX))
-            if not env.isdigit() or int(env) < 64:
-                raise UserError(f"TOKENSTEER_N_CTX must be a whole number ≥ 64, got {env!r}")
-            n_ctx = int(env)
+        asked = n_ctx if n_ctx is not None else env_n_ctx()  # bad settings fail before the model loads
+        n_threads = n_threads or default_threads()
         params = llama_cpp.llama_model_default_params()
         # Weights stay in the plain CPU buffer: no AMX (whose kernels crash on Q4_K, llama.cpp #20824)
         # and no repacking, whose 4-column kernels give a row different logits (by up to 1.2) when it
@@ -102,11 +101,17 @@ class LlamaCppBackend(Backend):
         params.use_extra_bufts = False
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
-            raise UserError(
+            raise CannotLoad(
                 f"llama.cpp cannot load {path}: the file is corrupt or its architecture is not supported "
                 f"by llama-cpp-python {llama_cpp.__version__}; try --backend torch"
             )
-        return cls(model, model_name or Path(path).name, n_threads or default_threads(), n_ctx, Path(path))
+        if asked is not None:
+            try:
+                check_n_ctx(asked, int(llama_cpp.llama_model_n_ctx_train(model)), model_name or Path(path).name)
+            except UserError:
+                llama_cpp.llama_model_free(model)
+                raise
+        return cls(model, model_name or Path(path).name, n_threads, asked or DEFAULT_CTX, Path(path))
 
     def close(self) -> None:
         """Free the model and its contexts now instead of at garbage collection."""
@@ -155,12 +160,12 @@ class LlamaCppBackend(Backend):
         return None
 
     def session(
-        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None, capacity: int | None = None
     ) -> "LlamaSession":
         why = self.unsupported(edits)
         if why:
             raise UserError(why)
-        return LlamaSession(self, edits, mix)
+        return LlamaSession(self, edits, mix, capacity)
 
     def head(self) -> Head | Q8Head | None:
         """The output layer that runs mixed rows: our kernel (``plain_head``), else the head-only

@@ -32,10 +32,12 @@ def control_vector(b: LlamaCppBackend, edits: list[ResidualEdit]) -> tuple[np.nd
 
 
 class LlamaSession(Session):
-    """The rows of one generate call: one sequence id each in a context taken from the backend's pool."""
+    """Rows of one batch, one sequence id each, in a context taken from the backend's pool."""
 
-    def __init__(self, backend: LlamaCppBackend, edits: Sequence[ResidualEdit], mix: torch.Tensor | None = None) -> None:
-        self.b = backend
+    def __init__(
+        self, backend: LlamaCppBackend, edits: Sequence[ResidualEdit], mix: torch.Tensor | None = None, capacity: int | None = None
+    ) -> None:
+        self.b, self.capacity = backend, capacity
         self.c: Context | None = None
         self.mix = None if mix is None else mix.detach().float().numpy()  # [R', R] (see Session)
         # the output layer run after a captured final norm; None: llama.cpp's own (mixing full logits)
@@ -126,31 +128,53 @@ class LlamaSession(Session):
             raise RuntimeError("llama.cpp returned no logits")
         return np.ctypeslib.as_array((ctypes.c_float * (n * self.b.n_vocab)).from_address(addr)).reshape(n, -1)
 
+    @property
+    def n_rows(self) -> int:
+        return len(self.seqs)
+
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        if self.c is not None:
+            self.c.reset()
+            self._phase = None
+        self.seqs, self.pos = np.zeros(0, np.int32), np.zeros(0, np.int32)
+        return self.add(rows)
+
+    def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = ()) -> torch.Tensor:
+        """Prefill new rows, one sequence id each, beside the live ones (edits are the session's:
+        llama.cpp's control vector applies to every row)."""
         if not rows or any(len(r) == 0 for r in rows):
             raise UserError("every prompt needs at least one token")
         if self.c is None:
-            self.c = self.b.acquire(len(rows), capture=self.head is not None)
-        else:
-            self.c.reset()
-            self._phase = None
+            self.c = self.b.acquire(max(self.capacity or 0, len(rows)), capture=self.head is not None)
         self._set_phase("prefill")
-        if sum(len(r) for r in {tuple(r) for r in rows}) > self.c.n_ctx:
+        if int(self.pos.sum()) + sum(len(r) for r in {tuple(r) for r in rows}) > self.c.n_ctx:
             raise self._full()
-        if len(rows) > self.c.n_batch:
-            raise UserError(f"{len(rows)} rows do not fit one llama.cpp batch of {self.c.n_batch}; set TOKENSTEER_N_CTX higher")
-        n = len(rows)
-        self.seqs = np.arange(n, dtype=np.int32)
+        used = set(self.seqs.tolist())
+        free = [i for i in range(self.c.n_seq) if i not in used][: len(rows)]
+        if len(free) < len(rows) or len(rows) > self.c.n_batch:
+            raise UserError(f"{len(rows)} more rows do not fit this llama.cpp context ({self.c.n_seq} sequences, {len(used)} in use)")
+        try:
+            out = self._prefill_rows(rows, free)
+        except BaseException:
+            for s in free:
+                llama_cpp.llama_memory_seq_rm(self.c.mem, s, -1, -1)
+            raise
+        self.seqs = np.concatenate([self.seqs, np.asarray(free, np.int32)])
+        self.pos = np.concatenate([self.pos, np.array([len(r) for r in rows], np.int32)])
+        return self._mixed(out) if self.head is not None else self._mix_logits(out)
+
+    def _prefill_rows(self, rows: list[list[int]], seqs: list[int]) -> torch.Tensor:
+        """Decode each row into its sequence id; [n, H] final hidden states (capturing) or [n, V] logits."""
         capture = self.head is not None
-        out = torch.empty(n, self.b.hidden_size if capture else self.b.n_vocab)
+        out = torch.empty(len(rows), self.b.hidden_size if capture else self.b.n_vocab)
         batch, batch_size = self.c.batch, self.c.n_batch
         # One row per call: llama.cpp's matmul kernels change with the number of tokens in a call,
         # so a row prefilled alone gets exactly the cache (and logits) it gets in any batch.
         first: dict[tuple[int, ...], int] = {}
-        for i, r in enumerate(rows):
+        for i, (r, seq) in enumerate(zip(rows, seqs)):
             j = first.setdefault(tuple(r), i)
             if j != i:  # the same tokens as an earlier row: share its cache cells
-                llama_cpp.llama_memory_seq_cp(self.c.mem, j, i, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self.c.mem, seqs[j], seq, -1, -1)
                 out[i] = out[j]
                 continue
             tokens = np.asarray(r, np.int32)
@@ -158,13 +182,12 @@ class LlamaSession(Session):
                 k = len(tokens[start : start + batch_size])
                 batch.token[:k] = tokens[start : start + k]
                 batch.pos[:k] = np.arange(start, start + k, dtype=np.int32)
-                batch.seq[:k] = i
+                batch.seq[:k] = seq
                 batch.logits[:k] = 0
                 batch.logits[k - 1] = start + k == len(tokens)
                 self._decode(k, capture and start + k == len(tokens), prefill=True)
-            out[i] = torch.from_numpy(self._hidden(1)[0] if capture else self._logits(1)[0])
-        self.pos = np.array([len(r) for r in rows], np.int32)
-        return self._mixed(out) if capture else self._mix_logits(out)
+            out[i] = torch.from_numpy(self._hidden(1)[0] if capture else self._logits(1)[0].copy())
+        return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         n = len(self.seqs)

@@ -7,9 +7,11 @@ which looks at the session that is running; with no edits the hook returns at on
 from __future__ import annotations
 
 import functools
+import pickle
 import re
 import struct
 import threading
+import warnings
 from typing import Sequence
 
 import torch
@@ -23,12 +25,13 @@ from tokensteer.backends.base import (
     RESIDUAL_ADD,
     RESIDUAL_FIRST,
     RESIDUAL_FN,
+    ROW_EDITS,
     Backend,
     Tokenizer,
 )
 from tokensteer.errors import UserError
 from tokensteer.hooks import EditContext, ResidualEdit
-from tokensteer.models import ModelSource
+from tokensteer.models import ModelSource, quiet_gguf_reader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -84,6 +87,15 @@ def _eos_ids(model, tok) -> set[int]:
     return ids
 
 
+def _first_lines(e: BaseException) -> str:
+    """The gist of a loading error on one line: its first line, or its first two where the first
+    only announces the second (``Validation error for field 'x':`` then the error itself)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def _decoder_layers(model) -> torch.nn.ModuleList:
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
         obj = model
@@ -101,7 +113,7 @@ class TorchBackend(Backend):
     """PyTorch/transformers backend: the reference with every capability."""
 
     name = "torch"
-    capabilities = frozenset({RESIDUAL_ADD, RESIDUAL_FN, RESIDUAL_FIRST, HIDDEN_STATES, LOAD_HF})
+    capabilities = frozenset({RESIDUAL_ADD, RESIDUAL_FN, RESIDUAL_FIRST, HIDDEN_STATES, LOAD_HF, ROW_EDITS})
 
     def __init__(self, model, tokenizer: HFTokenizer, model_name: str) -> None:
         self.model = model.eval()
@@ -130,22 +142,31 @@ class TorchBackend(Backend):
 
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32") -> "TorchBackend":
+        from huggingface_hub.errors import StrictDataclassError
         from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our CLI shows its own progress line
+        # transformers renamed forward's ``past_key_values`` to ``cache`` and warns on every step
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         kw = {"dtype": DTYPES[dtype]}
         folder, extra = (source.path.parent, {"gguf_file": source.path.name}) if source.kind == "gguf" else (source.path, {})
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, **extra, **kw)
-            tok = AutoTokenizer.from_pretrained(folder, **extra)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, struct.error, IndexError, EOFError) as e:  # corrupt, odd or truncated
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load model {source.path}: {first}") from e
+            with quiet_gguf_reader():
+                model = AutoModelForCausalLM.from_pretrained(folder, **extra, **kw)
+                tok = AutoTokenizer.from_pretrained(folder, **extra)
+        except pickle.UnpicklingError as e:
+            raise UserError(
+                f"cannot load model {source.path}: its pickled weights (.bin) hold Python objects besides tensors, and "
+                "unpickling those could run code, so they are refused; use the model's .safetensors weights"
+            ) from e
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError, StrictDataclassError,
+                struct.error, IndexError, EOFError) as e:  # corrupt, odd or truncated files, or a config.json of the wrong shape
+            raise UserError(f"cannot load model {source.path}: {_first_lines(e)}") from e
         vocab = int(model.get_output_embeddings().weight.shape[0])
         return cls(model, HFTokenizer(tok, _eos_ids(model, tok), vocab), source.name)
 
@@ -181,16 +202,37 @@ class TorchBackend(Backend):
         return (torch.einsum("or,br...->bo...", m.to(h.dtype), groups).flatten(0, 1), *args[1:])
 
     def session(
-        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None, capacity: int | None = None
     ) -> "TorchSession":
         if mix is not None and HEAD_MIX not in self.capabilities:
             raise UserError(f"{self.model_name}'s output layer is not linear (a bias or logit soft-capping); it cannot mix rows")
+        why = self.unsupported(edits)
+        if why:
+            raise UserError(why)
+        return TorchSession(self, edits, rollback, mix)
+
+    def unsupported(self, edits: Sequence[ResidualEdit]) -> str | None:
         for e in edits:
             if not 0 <= e.layer < self.n_layers:
-                raise UserError(f"layer {e.layer} is out of range: this model has layers 0–{self.n_layers - 1}")
+                return f"layer {e.layer} is out of range: this model has layers 0–{self.n_layers - 1}"
             if e.vector is not None and e.vector.shape[-1] != self.hidden_size:
-                raise UserError(f"a steering vector of size {e.vector.shape[-1]} does not fit hidden size {self.hidden_size}")
-        return TorchSession(self, edits, rollback, mix)
+                return f"a steering vector of size {e.vector.shape[-1]} does not fit hidden size {self.hidden_size}"
+        return super().unsupported(edits)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache, edits: dict[int, list[ResidualEdit]],
+                phase: str, mix: torch.Tensor | None, keep: int) -> torch.Tensor:
+        """Run ``ids`` [N, T] through the model with ``cache``, applying ``edits`` (by layer) and the
+        row ``mix``; return the float logits of the last ``keep`` positions, [N', keep, V]."""
+        with self._lock:
+            self._edits, self._ctx, self._mix = edits, EditContext(phase, ids.shape[0]), mix
+            try:
+                out = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep
+                )
+            finally:
+                self._edits, self._mix = {}, None
+        return out.logits.float()
 
     @torch.inference_mode()
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:

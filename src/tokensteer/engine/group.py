@@ -1,0 +1,135 @@
+"""A group: requests that share one backend session, so one forward pass a step serves all their rows.
+
+Each engine iteration advances a group once: the requests decide their next tokens on the logits
+they hold, finished rows leave the session, new requests are prefilled beside the others and
+decide their first token, then one forward pass feeds every live row its token.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from tokensteer.backends.base import Backend
+from tokensteer.engine import stages
+from tokensteer.engine.request import Request
+
+
+class Sink(Protocol):
+    """Where a group hands its requests' events and finished requests (the engine)."""
+
+    def events(self, req: Request) -> None: ...
+
+    def finished(self, req: Request) -> None: ...
+
+
+class Group:
+    """Requests of one key (see ``Request.key``) in one session; the shared step."""
+
+    def __init__(self, backend: Backend, first: Request, capacity: int, sink: Sink) -> None:
+        self.backend, self.key, self.capacity, self.sink = backend, first.key(), capacity, sink
+        edits = () if first.row_edits else first.edits
+        kw = {"mix": first.mix} if first.mix is not None else {}
+        self.session = backend.session(edits, rollback=first.path == "speculative", capacity=capacity, **kw)
+        self.requests: list[Request] = []
+        self.steps = 0
+
+    # -- admission ------------------------------------------------------------------------
+    def rows(self) -> int:
+        return sum(r.n_rows() for r in self.requests)
+
+    def fits(self, req: Request, placed: Sequence[Request] = ()) -> bool:
+        """Whether ``req`` may join beside the running requests and those ``placed`` this iteration:
+        the same key, room in the batch and in the KV cells its rows share."""
+        others = [*self.requests, *placed]
+        if req.key() != self.key or sum(r.n_rows() for r in others) + req.n_rows() > self.capacity:
+            return False
+        cells = self.backend.shared_cells
+        return cells is None or sum(r.cells() for r in others) + req.cells() <= cells
+
+    def join(self, reqs: Sequence[Request]) -> list[Request]:
+        """Prefill each request's rows beside the live ones and start its controls; return those that joined."""
+        joined = []
+        for req in reqs:
+            try:
+                logits = self.session.add(req.rows, req.edits if req.row_edits else ())
+            except Exception as e:  # noqa: BLE001 - the request fails alone (add leaves no rows behind)
+                req.error = e
+                self.sink.finished(req)
+                continue
+            self.requests.append(req)  # from here its rows are in the session: ``leave`` takes them out
+            try:
+                req.set_logits(logits)
+                req.state.forward_calls += 1
+                req.started = True
+                for c in req.controls:
+                    c.start(req.state)
+                joined.append(req)
+            except Exception as e:  # noqa: BLE001
+                req.error = e
+        return joined
+
+    # -- the step -------------------------------------------------------------------------
+    def advance(self, joining: Sequence[Request]) -> None:
+        """decide → leave → join → decide (joiners) → leave → forward."""
+        self.decide(list(self.requests))
+        self.leave()
+        self.decide(self.join(joining))
+        self.leave()
+        if self.requests:
+            self.forward()
+
+    def decide(self, reqs: Sequence[Request]) -> None:
+        for req in reqs:
+            if req.done:
+                continue
+            try:
+                stages.decide(req)
+            except Exception as e:  # noqa: BLE001 - the request fails alone
+                req.error = e
+            self.sink.events(req)
+
+    def forward(self) -> None:
+        """One forward pass: every live row takes its request's token; each request gets its logits back."""
+        tokens = torch.cat([r.feed() for r in self.requests])
+        logits = self.session.step(tokens)
+        self.steps += 1
+        start = 0
+        for r in self.requests:  # rows out per prompt: R, or R' when the session mixes rows
+            n = len(r.live) * r.state.rows_per_prompt
+            r.set_logits(logits[start : start + n])
+            r.state.forward_calls += 1
+            start += n
+
+    def leave(self) -> None:
+        """Finished, failed and cancelled requests (and finished prompts of live ones) leave the session."""
+        keep: list[int] = []
+        start, changed, staying = 0, False, []
+        for r in self.requests:
+            live = [b for b in r.live if not r.state.finished[b]] if not r.done else []
+            for b in r.live:
+                if b in live:
+                    i = r.live.index(b)
+                    keep.extend(range(start + i * r.R, start + (i + 1) * r.R))
+            changed |= live != r.live
+            start += r.n_rows()
+            r.live = live
+            if r.done:
+                self.sink.finished(r)
+            else:
+                staying.append(r)
+        self.requests = staying
+        if changed and keep:
+            self.session.select(keep)
+
+    @property
+    def empty(self) -> bool:
+        return not self.requests
+
+    def close(self) -> None:
+        for r in self.requests:
+            r.error = r.error or RuntimeError("the engine stopped")
+            self.sink.finished(r)
+        self.requests = []
+        self.session.close()

@@ -1,0 +1,127 @@
+"""The stages of one request's step after the forward pass: rewrite → mask → sample → accept.
+
+Each is a plain function of the request, so the shared step, the forced-token path and the
+speculative path run the same code. A control's output is checked where it enters the pipeline:
+a wrong shape, NaN or no possible token is an error naming that control.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokensteer.engine.events import TokenEvent
+from tokensteer.engine.request import Request, control_name
+from tokensteer.errors import UserError
+from tokensteer.hooks import Control
+
+
+def rewrite(req: Request) -> torch.Tensor:
+    """[B, V] next-token scores: the rewriters' log-probabilities, or the raw logits of each
+    prompt's own row when nothing rewrites (``mask`` then normalises once)."""
+    st = req.state
+    if not req.rewriters:
+        return st.logits.float().view(st.batch_size, st.rows_per_prompt, -1)[:, 0]
+    x = st.rows[:, 0]
+    for c in req.rewriters:
+        x = _checked(c, c.logprobs(st, x), x, st.finished)
+    return x
+
+
+def mask(req: Request, x: torch.Tensor) -> torch.Tensor:
+    """[B, V] log-probabilities with every masking control's disallowed tokens at -inf."""
+    st = req.state
+    allowed = None
+    for c in req.maskers:
+        m = c.mask(st)
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != x.shape:
+            got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise UserError(f"{control_name(c)} gave a mask of {got}; it must be a bool tensor of shape {tuple(x.shape)}")
+        allowed = m if allowed is None else allowed & m
+    if allowed is None:
+        return x if req.rewriters else torch.log_softmax(x, dim=-1)
+    if any(st.finished):  # finished prompts only repeat their last token
+        allowed = allowed | torch.tensor(st.finished)[:, None]
+    unmasked, x = x, torch.log_softmax(torch.where(allowed, x, float("-inf")), dim=-1)
+    dead = torch.isnan(x[:, 0]).tolist()  # a row with nothing allowed normalises to NaN
+    if any(d and not f for d, f in zip(dead, st.finished)):
+        filtered = bool(torch.isneginf(unmasked).any())  # a rewriter (e.g. a formula's topk) had excluded some
+        why = "the tokens the other controls left (e.g. a formula's filters)" if filtered else "each other"
+        raise UserError(f"the constraints allow no next token: they contradict {why}")
+    return x
+
+
+def sample(req: Request, x: torch.Tensor) -> torch.Tensor:
+    """[B] tokens drawn from ``x`` with each prompt's own generator; finished prompts repeat their last."""
+    tokens = req.sampler(x, req.generators)
+    return repeat_finished(req, tokens)
+
+
+def repeat_finished(req: Request, tokens: torch.Tensor) -> torch.Tensor:
+    """Finished prompts keep repeating their last token (no stage reads it; the engine feeds nothing for them)."""
+    st = req.state
+    if any(st.finished):
+        tokens = tokens.clone()
+        for b, t in enumerate(st.last_tokens()):
+            if st.finished[b]:
+                tokens[b] = t
+    return tokens
+
+
+def accept(req: Request, tokens: torch.Tensor, x: torch.Tensor) -> None:
+    """Tell the following controls, then emit the tokens (EOS, stop strings and max tokens end a prompt)."""
+    for c in req.followers:
+        c.on_token(req.state, tokens)
+    emit(req, [(tokens, x)])
+
+
+def decide(req: Request) -> None:
+    """One step of one request on the logits it holds: rewrite → mask → sample → accept."""
+    req.state.step = req.state.confirmed
+    x = mask(req, rewrite(req))
+    tokens = sample(req, x)
+    accept(req, tokens, x)
+    req.tokens = tokens
+
+
+def emit(req: Request, confirmed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Turn confirmed steps, each ([B] tokens, [B, V] log-probabilities they were chosen under),
+    into TokenEvents on ``req.events``."""
+    st, k = req.state, req.cfg.top_logprobs
+    now = req.now()
+    for tokens, x in confirmed:
+        chosen = x.gather(1, tokens[:, None]).squeeze(1)
+        top = torch.topk(x, k, dim=-1) if k else None
+        last = st.confirmed == req.cfg.max_tokens - 1
+        st.confirmed += 1
+        for b in range(st.batch_size):
+            if st.finished[b]:
+                continue
+            t = int(tokens[b])
+            alts = list(zip(top.indices[b].tolist(), top.values[b].tolist())) if top else []
+            if t in req.eos:
+                st.finished[b] = True
+                new, _ = req.detoks[b].push(st.generated[b], final=True)
+                req.events.append(TokenEvent(b, t, new, float(chosen[b]), alts, "eos", now))
+                continue
+            st.generated[b].append(t)
+            new, hit = req.detoks[b].push(st.generated[b], final=last)
+            reason = "stop" if hit else "length" if last else None
+            st.finished[b] = reason is not None
+            req.events.append(TokenEvent(b, t, new, float(chosen[b]), alts, reason, now))
+    if req.first_token_s is None and req.events:
+        req.first_token_s = now
+
+
+def _checked(c: Control, out, like: torch.Tensor, finished: list[bool]) -> torch.Tensor:
+    """``out`` if it is a usable [B, V] log-probability tensor, else an error naming the control."""
+    if not isinstance(out, torch.Tensor) or out.shape != like.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"{control_name(c)} returned log-probabilities of {got}; expected shape {tuple(like.shape)}")
+    live = out[~torch.tensor(finished)] if any(finished) else out
+    if bool(torch.isnan(live).any()) or bool(torch.isposinf(live).any()):
+        raise UserError(f"{control_name(c)} returned NaN or +inf log-probabilities")
+    if bool(torch.isneginf(live).all(dim=-1).any()):
+        raise UserError(f"{control_name(c)} left no possible next token (every log-probability is -inf)")
+    return out

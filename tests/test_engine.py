@@ -1,0 +1,243 @@
+"""The engine: requests join and leave a running batch; each keeps the tokens it gets alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+import tokensteer as ts
+from tokensteer.engine import Engine
+from tokensteer.errors import UserError
+from tokensteer.hooks import Control, ResidualEdit
+
+
+class Steer(Control):
+    """A fixed random vector added at one layer (per-row on torch, a control vector on llama.cpp)."""
+
+    stages = frozenset({"edits"})
+
+    def __init__(self, hidden: int, seed: int, layer: int = 1, norm: float = 2.0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(hidden, generator=g)
+        self.v, self.layer = v / v.norm() * norm, layer
+
+    def residual_edits(self, n_rows, rows_per_prompt):
+        return [ResidualEdit(self.layer, vector=self.v)]
+
+
+class Prefixed(Control):
+    """Sample from the prompt behind a prefix: one more row per prompt."""
+
+    stages = frozenset({"variants", "rewrite"})
+
+    def variants(self, prompt):
+        return ["good happy " + prompt]
+
+    def logprobs(self, state, lp):
+        return state.variant_rows(self)[:, 0]
+
+
+class Ban(Control):
+    stages = frozenset({"mask"})
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def mask(self, state):
+        m = torch.ones(state.batch_size, state.tokenizer.vocab_size, dtype=torch.bool)
+        m[:, self.token] = False
+        return m
+
+
+class Boom(Control):
+    stages = frozenset({"rewrite"})
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def logprobs(self, state, lp):
+        if state.step == self.at:
+            raise UserError("boom at step %d" % self.at)
+        return lp
+
+
+class NaNs(Control):
+    label = "the NaN control"
+    stages = frozenset({"rewrite"})
+
+    def logprobs(self, state, lp):
+        return torch.full_like(lp, float("nan"))
+
+
+def others(lm):
+    """Seven requests of different lengths and controls to run beside the one under test."""
+    H = lm.hidden_size
+    specs = [
+        ("the dog ran to the park", dict(max_tokens=30, temperature=1.0, seed=1), []),
+        ("a quick brown", dict(max_tokens=5), []),
+        ("one two three four five six", dict(max_tokens=25, temperature=0.8, seed=2), [Prefixed()]),
+        ("hello", dict(max_tokens=18, temperature=1.2, seed=3, top_p=0.9), [Ban(5)]),
+        ("good great happy kind", dict(max_tokens=12, repetition_penalty=1.3), []),
+        ("the cat sat on the mat and the dog", dict(max_tokens=22, temperature=1.0, seed=4), [Steer(H, 1)]),
+        ("sad rude", dict(max_tokens=9, temperature=0.7, seed=5, stop=("the",)), []),
+    ]
+    return [(p, ts.SamplingConfig(**{"ignore_eos": True, **kw}), c) for p, kw, c in specs]
+
+
+TARGET = ("a cat sat on the", dict(max_tokens=20, temperature=1.0, seed=11, ignore_eos=True))
+
+
+def run_alone(lm, prompt, cfg, controls=()):
+    return Engine(lm).submit([prompt], cfg, controls).result()[0].tokens
+
+
+def test_a_request_joining_mid_way_keeps_its_tokens(tiny):
+    """Batch invariance on torch: the seeded target request gives the same tokens alone and when it
+    joins a running batch of seven others with different controls and lengths."""
+    cfg = ts.SamplingConfig(**TARGET[1])
+    alone = run_alone(tiny, TARGET[0], cfg)
+    eng = Engine(tiny)
+    handles = [eng.submit([p], c, ctl) for p, c, ctl in others(tiny)]
+    for h in handles[:3]:  # the batch is running: its requests have tokens out
+        assert h.next() is not None
+    target = eng.submit([TARGET[0]], cfg)
+    assert target.result()[0].tokens == alone
+    for (p, c, ctl), h in zip(others(tiny), handles):
+        assert h.result()[0].tokens == run_alone(tiny, p, c, ctl)
+    assert eng.counts["groups"] == 1  # everything shared one running group
+
+
+def test_cancelling_one_request_leaves_the_others_unchanged(tiny):
+    eng = Engine(tiny)
+    specs = others(tiny)[:4]
+    handles = [eng.submit([p], c, ctl) for p, c, ctl in specs]
+    victim = eng.submit(["the park"], ts.SamplingConfig(max_tokens=40, ignore_eos=True))
+    assert victim.next() is not None
+    victim.cancel()
+    assert victim.done and victim.cancelled
+    with pytest.raises(ts.engine.Cancelled):
+        victim.result()
+    for (p, c, ctl), h in zip(specs, handles):
+        assert h.result()[0].tokens == run_alone(tiny, p, c, ctl)
+
+
+def test_finished_rows_leave_the_session(tiny):
+    """No step decodes a dead row: the batch shrinks as requests and prompts finish."""
+    sizes = []
+
+    class Tracking:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def session(self, *a, **kw):
+            s = self.inner.session(*a, **kw)
+            step = s.step
+
+            def counted(tokens):
+                sizes.append(int(tokens.shape[0]))
+                return step(tokens)
+
+            s.step = counted
+            return s
+
+    lm = Tracking(tiny)
+    gens = ts.generate(lm, ["the cat", "a dog ran"], max_tokens=6, controls=[LengthCap({0: 2, 1: 99})])
+    assert [len(g.tokens) for g in gens] == [2, 6] and gens[0].finish_reason == "eos"
+    assert sizes[0] == 2 and sizes[-1] == 1 and sizes.count(1) >= 3
+    assert gens[1].tokens == ts.generate(tiny, "a dog ran", max_tokens=6, controls=[LengthCap({0: 99})]).tokens
+
+
+class LengthCap(Control):
+    """Ends prompt b after ``caps[b]`` tokens by allowing only EOS then, and never before."""
+
+    stages = frozenset({"mask"})
+
+    def __init__(self, caps: dict[int, int]) -> None:
+        self.caps = caps
+
+    def mask(self, state):
+        m = torch.ones(state.batch_size, state.tokenizer.vocab_size, dtype=torch.bool)
+        eos = next(iter(state.tokenizer.eos_ids))
+        m[:, eos] = False
+        for b, cap in self.caps.items():
+            if state.step == cap:
+                m[b] = False
+                m[b, eos] = True
+        return m
+
+
+def test_a_failing_request_ends_alone(tiny):
+    eng = Engine(tiny)
+    specs = others(tiny)[:3]
+    handles = [eng.submit([p], c, ctl) for p, c, ctl in specs]
+    bad = eng.submit(["the cat"], ts.SamplingConfig(max_tokens=10), [Boom(3)])
+    with pytest.raises(UserError, match="boom at step 3"):
+        bad.result()
+    for (p, c, ctl), h in zip(specs, handles):
+        assert h.result()[0].tokens == run_alone(tiny, p, c, ctl)
+
+
+def test_a_control_returning_nan_is_an_error_naming_it(tiny):
+    with pytest.raises(UserError, match="the NaN control returned NaN"):
+        ts.generate(tiny, "the cat", max_tokens=4, controls=[NaNs()])
+
+
+def test_requests_from_threads_and_asyncio_share_the_engine(tiny):
+    cfg = ts.SamplingConfig(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    want = run_alone(tiny, "the dog", cfg)
+    eng = Engine(tiny)
+    results: list[list[int]] = []
+
+    def worker():
+        results.append(eng.submit(["the dog"], cfg).result()[0].tokens)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+
+    async def main():
+        async def one():
+            return [ev.token async for ev in eng.submit(["the dog"], cfg)]
+
+        return await asyncio.gather(one(), one())
+
+    assert asyncio.run(main()) == [want, want]
+    for t in threads:
+        t.join()
+    assert results == [want] * 3
+
+
+def test_a_declared_stage_must_match_the_methods():
+    with pytest.raises(TypeError, match="does not declare the 'mask' stage"):
+
+        class Undeclared(Control):
+            def mask(self, state):
+                return None
+
+
+@pytest.mark.model
+def test_llamacpp_rows_keep_their_tokens_in_a_running_batch():
+    """On llama.cpp a row's logits do not depend on its batch (our kernels; prefill one row per
+    call), so a seeded request gives the same tokens alone and joining a running batch; requests
+    steered differently run in groups of their own, and the stats say why."""
+    lm = ts.load(None, backend="llamacpp")
+    try:
+        cfg = ts.SamplingConfig(max_tokens=16, temperature=0.9, seed=5)
+        alone = run_alone(lm, "The lighthouse keeper", cfg)
+        eng = Engine(lm)
+        plain = [eng.submit([p], ts.SamplingConfig(max_tokens=24, seed=i, temperature=1.0)) for i, p in enumerate(["Once upon a time", "The capital of France is"])]
+        steered = eng.submit(["The weather today"], ts.SamplingConfig(max_tokens=8), [Steer(lm.hidden_size, 2, layer=6, norm=20.0)])
+        assert plain[0].next() is not None
+        assert eng.submit(["The lighthouse keeper"], cfg).result()[0].tokens == alone
+        steered.result()
+        for h in plain:
+            h.result()
+        assert eng.counts["apart:edits"] == 1
+    finally:
+        lm.close()
