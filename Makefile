@@ -29,13 +29,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tokensteer generate
 
-# The tests whose code paths the native kernels change, run again with the kernels off so that the
-# pure fallbacks stay tested (docs/native.md).
+# The tests marked `fallback` (the native kernels change their code paths), run again with the
+# kernels off so that the pure fallbacks stay tested (docs/native.md).
 FALLBACK_TESTS := tests/test_native.py tests/test_llamacpp.py tests/test_llamacpp_head.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-	TOKENSTEER_NO_NATIVE=1 $(BIN)/python -m pytest -q $(FALLBACK_TESTS)
+	TOKENSTEER_NO_NATIVE=1 $(BIN)/python -m pytest -q -m fallback $(FALLBACK_TESTS)
 
 clean-venv:
 	rm -rf $(VENV)

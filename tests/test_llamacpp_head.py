@@ -292,6 +292,7 @@ def test_mixing_before_the_head_is_closer_to_the_exact_sum(llama):
 
 
 @pytest.mark.model
+@pytest.mark.fallback
 def test_formula_on_llamacpp_runs_its_sum_through_the_head_once(llama):
     """A three-term formula on llama.cpp: one head row per prompt per step, not three."""
     from tokensteer.formula import FormulaControl

@@ -11,6 +11,7 @@ import pytest
 from tokensteer.backends.llamacpp import native
 from tokensteer.backends.llamacpp.native.variants import AMX, AVX2, AVX512, CPU_FLAG, VARIANTS, same_ggml
 
+pytestmark = pytest.mark.fallback
 OFF = bool(os.environ.get("TOKENSTEER_NO_NATIVE"))
 LIBRARIES = sorted({v.library for v in VARIANTS})
 
