@@ -1,14 +1,16 @@
 """Backends behind the decode loop, and the choice between them.
 
 ``torch`` runs any local Hugging Face model (or GGUF through transformers) with every hook;
-``llamacpp`` runs GGUF files (the bundled model included) about 3× faster on this CPU (40 against 13 tok/s) but can only add
+``llamacpp`` runs GGUF files (the bundled model included) several times faster but can only add
 steering vectors; ``auto`` picks llamacpp when it is installed, can load the model and has every
-capability the request needs, else torch.
+capability the request needs, else torch. The llama.cpp settings (``TOKENSTEER_N_CTX``,
+``TOKENSTEER_THREADS``) are checked whichever backend runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Callable
 
 from tokensteer.backends.base import HEAD_MIX, HIDDEN_STATES, LOAD_HF, RESIDUAL_ADD, RESIDUAL_FIRST, RESIDUAL_FN, Backend, Session, Tokenizer
@@ -28,6 +30,26 @@ CAPABILITY_TEXT = {
 }
 
 Progress = Callable[[str], None]
+
+
+def env_n_ctx() -> int | None:
+    """``$TOKENSTEER_N_CTX`` (llama.cpp KV cells per session), None when unset; a bad value is a UserError."""
+    env = os.environ.get("TOKENSTEER_N_CTX")
+    if not env:  # unset or empty
+        return None
+    if not env.strip().isdigit() or int(env) < 64:
+        raise UserError(f"TOKENSTEER_N_CTX must be a whole number ≥ 64, got {env!r}")
+    return int(env)
+
+
+def env_threads() -> int | None:
+    """``$TOKENSTEER_THREADS`` (llama.cpp threads), None when unset; a bad value is a UserError."""
+    env = os.environ.get("TOKENSTEER_THREADS")
+    if not env:  # unset or empty
+        return None
+    if not env.strip().isdigit() or int(env) < 1:
+        raise UserError(f"TOKENSTEER_THREADS must be a whole number ≥ 1, got {env!r}")
+    return int(env)
 
 
 def llamacpp_installed() -> bool:
@@ -72,15 +94,17 @@ def load_backend(
     needs: frozenset[str] = frozenset(),
 ) -> Backend:
     """Load ``source`` on the named backend (``auto``: the fastest one installed that can run it)."""
+    env_n_ctx(), env_threads()  # bad settings are errors whichever backend runs
     if choose_backend(source, name, dtype, needs) == "llamacpp":
         from tokensteer.backends.llamacpp import LlamaCppBackend
+        from tokensteer.backends.llamacpp.context import CannotLoad
 
         path = bundled_gguf(progress) if source.bundled else source.path
         if progress:
             progress(f"loading {source.name} in llama.cpp")
         try:
             return LlamaCppBackend.load(path, source.name)
-        except UserError:
+        except CannotLoad:  # only an unloadable file; other errors (settings, memory) are the user's to see
             if name == "llamacpp":
                 raise
             if progress:  # auto: llama.cpp may not know this architecture; transformers might

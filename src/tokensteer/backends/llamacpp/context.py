@@ -8,6 +8,7 @@ import threading
 
 import llama_cpp
 
+from tokensteer.backends import env_threads
 from tokensteer.backends.llamacpp.batch import Batch
 from tokensteer.backends.llamacpp.capture import Capture
 from tokensteer.errors import UserError
@@ -37,13 +38,20 @@ def init_llama() -> None:
 
 def default_threads() -> int:
     """Threads for llama.cpp: ``$TOKENSTEER_THREADS`` or the CPUs this process may use (≤ 8)."""
-    env = os.environ.get("TOKENSTEER_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise UserError(f"TOKENSTEER_THREADS must be a whole number, got {env!r}") from None
-    return max(1, min(8, len(os.sched_getaffinity(0))))
+    return env_threads() or max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+class CannotLoad(UserError):
+    """llama.cpp cannot load this GGUF file (corrupt, or an architecture it does not know); the only
+    failure ``--backend auto`` answers by trying transformers instead."""
+
+
+def check_n_ctx(n_ctx: int, trained: int, model_name: str) -> None:
+    """A context longer than the model was trained on only grows the KV cache (and can exhaust
+    memory): refuse it, naming the setting and the most it may be."""
+    if trained > 0 and n_ctx > trained:
+        where = "TOKENSTEER_N_CTX" if os.environ.get("TOKENSTEER_N_CTX") else "the context length"
+        raise UserError(f"{where}={n_ctx} is longer than the {trained} tokens {model_name} was trained on; set it to at most {trained}")
 
 
 class Context:
