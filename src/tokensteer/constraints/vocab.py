@@ -12,6 +12,7 @@ import hashlib
 import os
 import tempfile
 import weakref
+import zipfile
 from typing import Iterable
 
 import numpy as np
@@ -161,7 +162,9 @@ def _read(path) -> list[bytes] | None:
     try:
         with np.load(path) as z:
             lengths, blob = z["lengths"], z["blob"].tobytes()
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # damaged: token_table rebuilds it
+        return None
+    if lengths.ndim != 1 or (lengths < 0).any() or int(lengths.sum()) != len(blob):
         return None
     ends = np.cumsum(lengths).tolist()
     starts = [0] + ends[:-1]
