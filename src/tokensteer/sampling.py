@@ -1,14 +1,16 @@
 """Samplers as plain functions: ``sample(logprobs[B, V], generator) -> tokens[B]``.
 
 Truncations (top-k, top-p, min-p) and temperature act on log-probabilities that the hooks have
-already shaped; greedy is temperature 0. Seeds go through ``torch.Generator``s, one per prompt, so a
-prompt's sampled text does not depend on which other prompts share its batch.
+already shaped; greedy is temperature 0 (or below MIN_TEMPERATURE). Seeds go through
+``torch.Generator``s, one per prompt, so a prompt's sampled text does not depend on which other
+prompts share its batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -21,9 +23,18 @@ Sampler = Callable[[torch.Tensor, Generators], torch.Tensor]
 NEG_INF = float("-inf")
 
 
+#: below this temperature sampling is greedy in all but name, and float32 log-probabilities divided
+#: by it overflow to -inf (then NaN): such temperatures decode greedily
+MIN_TEMPERATURE = 1e-3
+#: below the lower bound the tokens already seen (the prompt's <bos> among them) outweigh any new
+#: text and decoding repeats them; above the upper one a seen token is as good as banned
+REPETITION_PENALTY_RANGE = (0.5, 10.0)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How the next token is chosen and when generation stops."""
+    """How the next token is chosen and when generation stops; every field is checked (type and
+    range) on creation, and numbers are normalised (``stop="x"`` becomes ``("x",)``)."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -37,6 +48,15 @@ class SamplingConfig:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "top_k", "top_logprobs"):
+            object.__setattr__(self, name, _whole(getattr(self, name), name.replace("_", " ")))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            object.__setattr__(self, name, _real(getattr(self, name), name.replace("_", " ")))
+        object.__setattr__(self, "seed", _seeds(self.seed))
+        object.__setattr__(self, "stop", _stops(self.stop))
+        if not isinstance(self.ignore_eos, bool):
+            raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        lo, hi = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens >= 0, f"max tokens must be ≥ 0, got {self.max_tokens}"),
             (0 <= self.temperature < math.inf, f"temperature must be a finite number ≥ 0, got {self.temperature}"),
@@ -44,6 +64,10 @@ class SamplingConfig:
             (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p < 1, f"min-p must be in [0, 1), got {self.min_p}"),
             (0 < self.repetition_penalty < math.inf, f"repetition penalty must be a finite number > 0, got {self.repetition_penalty}"),
+            (lo <= self.repetition_penalty <= hi,
+             f"repetition penalty must be between {lo:g} and {hi:g}, got {self.repetition_penalty:g}: below {lo:g} the tokens "
+             f"already seen (the prompt's <bos> too) outweigh any new text, above {hi:g} a seen token is as good as banned "
+             "(1 = off, 1.1–1.5 is usual)"),
             (all(-(2**63) <= s < 2**64 for s in _seed_list(self.seed)), f"seeds must fit in 64 bits, got {self.seed}"),
             (0 <= self.top_logprobs <= 20, f"top logprobs must be in [0, 20], got {self.top_logprobs}"),
             (all(self.stop), "stop strings must not be empty"),
@@ -51,6 +75,41 @@ class SamplingConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the next token is the most likely one (temperature 0, or below MIN_TEMPERATURE)."""
+        return self.temperature < MIN_TEMPERATURE
+
+
+def _whole(v: object, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise UserError(f"{what} must be a whole number, got {v!r}")
+    return int(v)
+
+
+def _real(v: object, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise UserError(f"{what} must be a number, got {v!r}")
+    return float(v)
+
+
+def _seeds(seed: object) -> int | tuple[int, ...] | None:
+    if seed is None:
+        return None
+    if isinstance(seed, (list, tuple)):
+        if not seed:
+            raise UserError("seed is an empty list; give one seed, or one per prompt")
+        return tuple(_whole(s, "each seed") for s in seed)
+    return _whole(seed, "seed")
+
+
+def _stops(stop: object) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        return (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise UserError(f"stop must be a string or a list of strings, got {stop!r}")
+    return tuple(stop)
 
 
 def top_k(logprobs: torch.Tensor, k: int) -> torch.Tensor:
@@ -102,7 +161,7 @@ def greedy(logprobs: torch.Tensor, gen: Generators = None) -> torch.Tensor:
 def sampling_probs(cfg: SamplingConfig, logprobs: torch.Tensor) -> torch.Tensor:
     """The [B, V] probabilities the sampler draws from: one-hot on the argmax when greedy, else
     temperature and truncations applied (speculative verification compares these)."""
-    if cfg.temperature == 0:
+    if cfg.is_greedy:
         return torch.zeros_like(logprobs).scatter_(-1, greedy(logprobs)[:, None], 1.0)
     lp = min_p(top_p(top_k(logprobs / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p)
     return torch.softmax(lp, dim=-1)
@@ -162,8 +221,8 @@ def draw(probs: torch.Tensor, gen: Generators = None, block: int = 512) -> torch
 
 
 def make_sampler(cfg: SamplingConfig) -> Sampler:
-    """Build the sampler for a config: argmax when temperature is 0, else filtered sampling."""
-    if cfg.temperature == 0:
+    """Build the sampler for a config: argmax when greedy (temperature below MIN_TEMPERATURE), else filtered sampling."""
+    if cfg.is_greedy:
         return greedy
 
     def sample(lp: torch.Tensor, gen: Generators) -> torch.Tensor:
