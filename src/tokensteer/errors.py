@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 
@@ -25,3 +26,17 @@ def existing_file(path: str | Path, what: str) -> Path:
     if not p.is_file():
         raise UserError(f"{what} {str(path)!r} does not exist")
     return p
+
+
+def check_can_write(path: str | Path, flag: str) -> None:
+    """Raise a UserError unless files can be created where ``path`` will be written: the nearest
+    existing folder on its way is probed with a temporary file, so a read-only file system, a
+    missing permission or a place like /proc fails at once, before any model loads."""
+    p = expand(path)
+    here = next((q for q in (p, *p.parents) if q.is_dir()), None)
+    if here is None:
+        return
+    try:
+        tempfile.TemporaryFile(dir=here).close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create files in {here} ({e.strerror or e})") from None

@@ -158,6 +158,8 @@ def check(spec: ConstraintSpec) -> None:
         raise UserError("--end-word and --sentences contradict: the text must end with the end word and with . ! or ?")
     if spec.script_soft is not None and not spec.script:
         raise UserError("--script-soft needs --script to say which scripts to prefer")
+    if spec.script_soft is not None and not 0 <= spec.script_soft < 1:  # 0: other scripts banned, as without it
+        raise UserError(f"--script-soft must be a factor between 0 and 1 (e.g. 0.1), got {spec.script_soft:g}")
     if spec.regex == "":
         raise UserError("--regex is empty; give a pattern the whole output must match, e.g. --regex '[A-Z][a-z]+'")
     kinds = [spec.regex is not None, spec.json_schema is not None, spec.grammar is not None]

@@ -17,7 +17,7 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Any, Callable, Sequence
 
-from tokensteer.errors import UserError
+from tokensteer.errors import UserError, check_can_write
 from tokensteer.eval.cache import SampleCache, atomic_write, sample_key, sample_seed
 from tokensteer.eval.generation import Batch, Unit, plan_batches, run_batch, worker_init, worker_run
 from tokensteer.eval.methods import Method, make_method
@@ -115,6 +115,8 @@ def run(
         existing = next((p for p in (folder, *folder.parents) if p.exists()), None) if folder is not None else None
         if existing is not None and not existing.is_dir():
             raise UserError(f"{flag} {folder}: {existing} is a file; give a folder (it is created if missing)")
+        if folder is not None:
+            check_can_write(folder, flag)
     cache = SampleCache(cache_dir if cache_dir is not None else out / "cache")
     needs = frozenset().union(*(m.needs() for m in meths))
     cfg_dict = {k: v for k, v in asdict(sampling).items() if k != "seed"}

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tokensteer.errors import UserError, expand
+from tokensteer.errors import UserError, check_can_write, expand
 
 FORMAT = "tokensteer-steering-vector"
 FORMAT_VERSION = 1
@@ -92,8 +92,8 @@ class SteeringVector:
 
 
 def check_writable(path: Path, flag: str = "output") -> None:
-    """Raise a UserError if ``path`` cannot be written as a file: it is a folder, or a file stands
-    where one of its parent folders must be."""
+    """Raise a UserError if ``path`` cannot be written as a file: it is a folder, a file stands
+    where one of its parent folders must be, or its folder takes no new files."""
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
     for parent in path.parents:
@@ -101,6 +101,7 @@ def check_writable(path: Path, flag: str = "output") -> None:
             if not parent.is_dir():
                 raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
             break
+    check_can_write(path, flag)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -234,5 +235,7 @@ def validate(vec: SteeringVector, path: str | Path) -> None:
         raise bad(f"probe weights must have {hidden + 1} numbers (hidden size plus a bias)")
     for kind, ts in (("layer", vec.vectors), ("probe", vec.probes)):
         for i, t in sorted(ts.items()):
+            if not t.is_floating_point():  # complex, bool or integer numbers cannot be added to a residual stream
+                raise bad(f"{kind} {i} holds {str(t.dtype).removeprefix('torch.')} numbers, not real floating-point ones")
             if not bool(torch.isfinite(t.to(torch.float32)).all()):
                 raise bad(f"{kind} {i} holds NaN or infinite numbers")
