@@ -68,6 +68,7 @@ class Node:
 
 
 MAX_WEIGHT = 1e6
+MAX_GUIDE_K = 256  # candidate tokens a guide scores per step (each is one classifier call)
 MIN_TEMPERATURE = 1 / MAX_WEIGHT  # dividing by T is a weight of 1/T
 
 
@@ -112,8 +113,15 @@ class Guide(Node):
     k: int = 20
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise UserError(f"a guide scores k ≥ 1 candidate tokens, got k={self.k}")
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not (isinstance(k, int) or k.is_integer()):
+            raise UserError(f"a guide's k must be a whole number of candidate tokens, got k={k!r}")
+        if not 1 <= k <= MAX_GUIDE_K:
+            raise UserError(
+                f"a guide scores 1 to {MAX_GUIDE_K} candidate tokens, got k={fmt_num(k)}: it runs its classifier on every "
+                "candidate at every step, and candidates far down the list barely change the text"
+            )
+        object.__setattr__(self, "k", int(k))
 
 
 @dataclass(frozen=True, eq=True)

@@ -23,12 +23,14 @@ from tokensteer.errors import UserError
 from tokensteer.formula.ast import (
     COMBINERS,
     FILTERS,
+    MAX_GUIDE_K,
     MODES,
     Const,
     Formula,
     Guide,
     Model,
     Node,
+    fmt_num,
     lin,
     op,
 )
@@ -329,8 +331,8 @@ class Parser:
             if key != "k":
                 raise self.error(f"C takes no argument named {key}; it takes a guide name and k=", t)
             kf = self.number(v, t)
-            if not (kf >= 1 and kf.is_integer()):
-                raise self.error(f"k must be a whole number ≥ 1, got {kf}", t)
+            if not (1 <= kf <= MAX_GUIDE_K and kf.is_integer()):
+                raise self.error(f"k must be a whole number from 1 to {MAX_GUIDE_K}, got {fmt_num(kf)}", t)
             k = int(kf)
         from tokensteer.formula.guides import GUIDES
 
