@@ -47,12 +47,15 @@ def write(path, W: np.ndarray, qtype=gguf.GGMLQuantizationType.Q8_0, untied: boo
 
 
 def reference(W: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """llama.cpp's Q8_0 dot product: activations quantised per 32 values (scale amax/127, round half
-    away from zero), times the dequantised weights, in float64."""
-    xb = x.reshape(x.shape[0], -1, 32).astype(np.float64)
-    d = np.abs(xb).max(-1, keepdims=True) / 127
-    q = np.where(d > 0, np.sign(xb) * np.floor(np.abs(xb) / np.where(d > 0, d, 1) + 0.5), 0)
-    return (W.astype(np.float64) @ (q * d).reshape(x.shape[0], -1).T).T
+    """llama.cpp's Q8_0 dot product: activations quantised per 32 values in float32 as its
+    ``quantize_row_q8_0`` does (d = amax/127, x * (1/d) rounded half away from zero), times the
+    dequantised weights, summed in float64."""
+    xb = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = np.abs(xb).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    v = (xb * inv).astype(np.float32).astype(np.float64)  # the float32 product, then an exact roundf
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5)
+    return (W.astype(np.float64) @ (q * d).reshape(x.shape[0], -1).astype(np.float64).T).T
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
