@@ -9,7 +9,14 @@ import subprocess
 import pytest
 
 from tokensteer.backends.llamacpp import native
-from tokensteer.backends.llamacpp.native.variants import AMX, AVX2, AVX512, CPU_FLAG, VARIANTS, same_ggml
+from tokensteer.backends.llamacpp.native.variants import (
+    AMX,
+    AVX2,
+    AVX512,
+    CPU_FLAG,
+    VARIANTS,
+    same_ggml,
+)
 
 pytestmark = pytest.mark.fallback
 OFF = bool(os.environ.get("TOKENSTEER_NO_NATIVE"))

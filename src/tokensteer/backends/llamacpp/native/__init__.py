@@ -14,7 +14,13 @@ import warnings
 from functools import cache
 from pathlib import Path
 
-from tokensteer.backends.llamacpp.native.variants import VARIANTS, Variant, find_ggml, ggml_identity, same_ggml
+from tokensteer.backends.llamacpp.native.variants import (
+    VARIANTS,
+    Variant,
+    find_ggml,
+    ggml_identity,
+    same_ggml,
+)
 
 HERE = Path(__file__).parent
 REBUILD = "reinstall tokensteer to rebuild them (`make install`, or `pip install --no-build-isolation -e .` after llama-cpp-python)"
@@ -69,7 +75,10 @@ def load(name: str, variant: str | None = None) -> tuple[ctypes.CDLL | None, str
         if path is None:
             continue
         if v.ggml:
-            import llama_cpp  # noqa: F401  (loads the ggml that our library then links to)
+            try:
+                import llama_cpp  # noqa: F401  (loads the ggml that our library then links to)
+            except ImportError:
+                return None, "llama-cpp-python is not installed"
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as e:
