@@ -1,0 +1,158 @@
+"""A model's vocabulary as byte strings, sorted so the tokens that start with given bytes form one
+contiguous range (found by bisection), with a padded byte matrix for vectorised sums by next byte.
+
+Built once per tokenizer and cached. Tokens with no bytes (control tokens) can never be part of a
+text; the end-of-text ids are kept apart.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import weakref
+from typing import Callable, Sequence
+
+import torch
+
+from tokensteer.backends.base import Backend, Tokenizer
+from tokensteer.errors import UserError
+
+#: texts whose encoding must spell them back byte for byte (no dummy prefix, no normalisation)
+PROBES = ("a", " a  b\n\tc", "Hello, world! Café naïve — 東京 😀 x1234")
+
+_CACHE: "weakref.WeakKeyDictionary[Tokenizer, ByteVocab]" = weakref.WeakKeyDictionary()
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE (GPT-2): the printable character that stands for each byte, reversed."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + i for i in range(len(extra))]
+    return {chr(c): b for b, c in zip(printable + extra, chars)}
+
+
+def _hf_table(tok: Tokenizer, n: int) -> list[bytes] | None:
+    """Token bytes read straight from a Hugging Face vocabulary (fast), or None if it has none."""
+    hf = getattr(tok, "hf", None)
+    if hf is None:
+        return None
+    size = len(hf)
+    pieces = hf.convert_ids_to_tokens(list(range(min(n, size))))
+    special = set(hf.all_special_ids) | {i for i, a in hf.added_tokens_decoder.items() if a.special}
+    added = {i: a.content for i, a in hf.added_tokens_decoder.items() if not a.special}
+    table_bl = _gpt2_byte_decoder()
+    plain = [p for i, p in enumerate(pieces) if i not in special and i not in added and p is not None]
+    byte_level = all(c in table_bl for p in plain[:: max(1, len(plain) // 4000)] for c in p)
+    out: list[bytes] = []
+    for i in range(n):
+        p = pieces[i] if i < len(pieces) else None
+        if p is None or i in special:
+            out.append(b"")
+        elif i in added:
+            out.append(added[i].encode("utf-8"))
+        elif byte_level and all(c in table_bl for c in p):
+            out.append(bytes(table_bl[c] for c in p))
+        else:
+            m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", p)
+            out.append(bytes([int(m.group(1), 16)]) if m else p.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def token_table(tok: Tokenizer, n: int) -> list[bytes]:
+    """The bytes of every token id below ``n``: from the vocabulary when that agrees with
+    ``token_bytes`` on a sample of ids, else from ``token_bytes`` for each id (slower)."""
+    table = _hf_table(tok, n)
+    if table is not None:
+        sample = list(range(min(n, 600))) + list(range(600, n, max(1, n // 3000)))
+        if all(table[i] == tok.token_bytes(i) for i in sample):
+            return table
+    return [tok.token_bytes(i) for i in range(n)]
+
+
+def make_encoder(tok: Tokenizer) -> Callable[[Sequence[str]], list[list[int]]]:
+    """Encode texts without special tokens, through the Rust tokenizer when there is one."""
+    hf = getattr(tok, "hf", None)
+    fast = getattr(hf, "backend_tokenizer", None)
+    if fast is not None:
+        return lambda texts: [fast.encode(t, add_special_tokens=False).ids for t in texts]
+    return lambda texts: [tok.encode(t, add_bos=False) for t in texts]
+
+
+class ByteVocab:
+    """The byte view of one tokenizer (see the module docstring)."""
+
+    def __init__(self, tok: Tokenizer, width: int) -> None:
+        self.tok = tok
+        self.width = width  # logits per row (may exceed the tokenizer's vocabulary)
+        self.encode = make_encoder(tok)
+        self.table = token_table(tok, min(width, tok.vocab_size))
+        self.table += [b""] * (width - len(self.table))
+        self.eos = sorted(i for i in tok.eos_ids if i < width)
+        eos = set(self.eos)
+        ids = [i for i, b in enumerate(self.table) if b and i not in eos]
+        ids.sort(key=lambda i: self.table[i])
+        self.order = torch.tensor(ids, dtype=torch.long)
+        self.sorted = [self.table[i] for i in ids]
+        self.lens = torch.tensor([len(b) for b in self.sorted], dtype=torch.long)
+        self.maxlen = int(self.lens.max())
+        mat = bytearray(len(ids) * self.maxlen)
+        for k, b in enumerate(self.sorted):
+            mat[k * self.maxlen : k * self.maxlen + len(b)] = b
+        # byte at each offset, one row per offset: a range of tokens that share their first d bytes
+        # is sorted by its byte at offset d, so sums by next byte are differences of a cumulative sum
+        self.cols = torch.frombuffer(mat, dtype=torch.uint8).view(len(ids), self.maxlen).t().to(torch.int16).contiguous()
+        self.allowed = torch.zeros(width, dtype=torch.bool)
+        self.allowed[self.order] = True
+        self.banned = torch.nonzero(~self.allowed).flatten()  # control tokens and end of text
+        self.start = self._start_tokens()
+
+    def _start_tokens(self) -> list[int]:
+        """What every row starts with: the tokenizer's own start (BOS), else an end-of-text token
+        (GPT-2's convention), since a row needs at least one token before the text."""
+        start = self.tok.encode("", add_bos=True)
+        if start:
+            return start
+        if self.tok.bos_id is not None:
+            return [self.tok.bos_id]
+        if self.eos:
+            return [self.eos[0]]
+        raise UserError("byte-level probabilities need a start token (BOS or EOS); this tokenizer has neither")
+
+    def span(self, prefix: bytes, lo: int = 0, hi: int | None = None) -> tuple[int, int]:
+        """The range of sorted tokens (within [lo, hi)) whose bytes start with ``prefix``."""
+        hi = len(self.sorted) if hi is None else hi
+        if not prefix:
+            return lo, hi
+        a = bisect.bisect_left(self.sorted, prefix, lo, hi)
+        end = prefix.rstrip(b"\xff")
+        if not end:
+            return a, hi
+        succ = end[:-1] + bytes([end[-1] + 1])
+        return a, bisect.bisect_left(self.sorted, succ, a, hi)
+
+    def spans_boundary(self, text: bytes, p: int) -> bool:
+        """Whether some token could cover bytes on both sides of position ``p`` of ``text`` (it
+        would start before p and hold byte p): then p is no safe place to fix the tokens before it."""
+        for i in range(max(0, p - self.maxlen + 1), p):
+            a, b = self.span(text[i : p + 1])
+            if a < b:
+                return True
+        return False
+
+
+def byte_vocab(lm: Backend, width: int | None = None) -> ByteVocab:
+    """The cached ByteVocab of ``lm``'s tokenizer; refuses tokenizers whose encoding does not spell
+    the text back (a SentencePiece dummy prefix, normalisation), which byte-level covers assume."""
+    tok = lm.tokenizer
+    v = _CACHE.get(tok)
+    if v is None or (width is not None and v.width != width):
+        v = ByteVocab(tok, width or tok.vocab_size)
+        for s in PROBES:
+            got = b"".join(v.table[i] for i in v.encode([s])[0])
+            if got != s.encode("utf-8"):
+                raise UserError(
+                    f"byte-level probabilities need a tokenizer that spells text back byte for byte; {lm.model_name}'s "
+                    f"turns {s!r} into {got.decode('utf-8', 'replace')!r} (a dummy prefix space or normalisation)"
+                )
+        _CACHE[tok] = v
+    return v

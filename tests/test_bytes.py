@@ -1,0 +1,322 @@
+"""Exact byte-level probabilities on two tiny random models whose tokenizers are trained here on
+tests/data/bytes_corpus.txt: a byte-level BPE (GPT-2 style) and a SentencePiece-style BPE with
+byte fallback and no pre-tokenizer (Gemma style). A slow reference computes the same quantities
+from scratch: full forward passes, canonicality checked on the whole text, covers enumerated by
+depth-first search."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tokensteer
+from tokensteer.bytes import END, ByteFormula, ByteState, generate_bytes, score, stream_bytes
+from tokensteer.bytes.utf8 import completions, next_byte_mask, tail_state
+from tokensteer.bytes.vocab import byte_vocab
+from tokensteer.errors import UserError
+
+CORPUS = (Path(__file__).parent / "data" / "bytes_corpus.txt").read_text(encoding="utf-8").splitlines()
+NEG_INF = float("-inf")
+
+
+def _random_weights(model, seed: int) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():  # larger random weights give peaked, varied distributions
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+
+
+def make_bpe_model(folder: Path, seed: int = 0) -> None:
+    """GPT-2 style: byte-level pre-tokenizer, BPE over bytes, a 2-layer GPT-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    _random_weights(model, seed)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def make_sp_model(folder: Path, seed: int = 1) -> None:
+    """Gemma style: spaces become "▁", BPE over the whole text, byte-fallback tokens <0x00>–<0xFF>,
+    a 2-layer Llama."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = normalizers.Replace(" ", "\u2581")
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")  # words while training only
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    spec = json.loads(t.to_str())["model"]
+    vocab = spec["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    sp.normalizer = normalizers.Replace(" ", "\u2581")
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    sp.add_special_tokens(specials)
+    sp.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    _random_weights(model, seed)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bytes-bpe")
+    make_bpe_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bytes-sp")
+    make_sp_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_dir):
+    return tokensteer.load(str(bpe_dir), backend="torch")
+
+
+@pytest.fixture(scope="module")
+def sp(sp_dir):
+    return tokensteer.load(str(sp_dir), backend="torch")
+
+
+@pytest.fixture(params=["bpe", "sp"])
+def lm(request):
+    return request.getfixturevalue(request.param)
+
+
+class Reference:
+    """The byte-level model computed the slow way, from its definition: the token model restricted
+    to canonical sequences (checked on the whole text, every token), covers by exhaustive search."""
+
+    def __init__(self, lm) -> None:
+        self.lm, self.v = lm, byte_vocab(lm)
+        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return self.lm.tokenizer.hf.encode(text, add_special_tokens=False)
+
+    def canonical(self, seq: tuple[int, ...]) -> bool:
+        data = b"".join(self.v.table[t] for t in seq)
+        state = tail_state(data)
+        if state is None:
+            return False
+        if state == 0:
+            return self.encode(data.decode()) == list(seq)
+        head = data[:-state].decode()
+        return any(self.encode(head + c)[: len(seq)] == list(seq) for c in completions(data[-state:], 4096))
+
+    def dist(self, seq: tuple[int, ...]) -> torch.Tensor:
+        if seq not in self.cache:
+            with torch.no_grad():
+                logits = self.lm.model(input_ids=torch.tensor([self.v.start + list(seq)])).logits[0, -1].float()
+            lp = torch.log_softmax(logits, -1)
+            complete = tail_state(b"".join(self.v.table[t] for t in seq)) == 0
+            ok = torch.tensor([complete if t in self.v.eos else bool(self.v.table[t]) and self.canonical(seq + (t,)) for t in range(len(lp))])
+            lp = lp.masked_fill(~ok, NEG_INF)
+            self.cache[seq] = lp - torch.logsumexp(lp, -1)
+        return self.cache[seq]
+
+    def text_logprob(self, text: str) -> float:
+        """log P(canonical encoding of text, then end of text) under the canonical token model."""
+        ids = tuple(self.encode(text))
+        total = sum(float(self.dist(ids[:i])[ids[i]]) for i in range(len(ids)))
+        return total + float(torch.logsumexp(self.dist(ids)[self.v.eos], 0))
+
+    def next_symbols(self, x: bytes) -> torch.Tensor:
+        """Next-symbol log-probabilities after x, from every cover found by depth-first search."""
+        acc = torch.zeros(257, dtype=torch.float64)
+
+        def visit(seq: tuple[int, ...], mass: float, pos: int) -> None:
+            d = self.dist(seq)
+            for t in torch.nonzero(torch.isfinite(d)).flatten().tolist():
+                m = mass + float(d[t])
+                b = self.v.table[t]
+                if t in self.v.eos:
+                    acc[END] += math.exp(m) if pos == len(x) else 0.0
+                elif pos == len(x):
+                    acc[b[0]] += math.exp(m)
+                elif pos + len(b) <= len(x):
+                    if b == x[pos : pos + len(b)]:
+                        visit(seq + (t,), m, pos + len(b))
+                elif b.startswith(x[pos:]):
+                    acc[b[len(x) - pos]] += math.exp(m)
+
+        visit((), 0.0, 0)
+        return torch.log(acc / acc.sum())
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
+    return bool((a.exp() - b.exp()).abs().max() < tol) and bool((torch.isinf(a) == torch.isinf(b)).all())
+
+
+PROMPTS = [b"", b"The harb", b"The caf\xc3", b"a naive", b" \xe6\x9d", b"12 bo", b"Hello, world! "]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_next_byte_distribution_sums_to_one(lm, prompt):
+    lp = ByteState(lm, prompt).logprobs()
+    assert lp.shape == (257,)
+    assert abs(float(lp.exp().sum()) - 1.0) < 1e-9
+    assert float(lp.max()) > NEG_INF
+
+
+@pytest.mark.parametrize("text", ["The baker opened the shop", "Über café 東京! 12 boats", "a  b\n\nc"])
+def test_byte_logprobs_sum_to_the_canonical_token_logprob(lm, text):
+    byte_lps, end = score(lm, text)
+    assert len(byte_lps) == len(text.encode())
+    got = math.fsum(byte_lps) + end
+    want = Reference(lm).text_logprob(text)
+    assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (got, want)
+
+
+@pytest.mark.parametrize("x", [b"The ca", b"a caf\xc3", b" \xe6\x9d", b"is the b", b"9 t"])
+def test_fast_path_matches_brute_force_covers(lm, x):
+    assert close(ByteState(lm, x).logprobs(), Reference(lm).next_symbols(x))
+
+
+def test_prompt_split_points_agree(lm):
+    """Starting from a prompt (tokens before its last fixed boundary run in one prefill) gives the
+    same distributions as pushing the same bytes one by one."""
+    text = "The teacher asked the class to write a story".encode()
+    pushed = ByteState(lm, b"")
+    for k, b in enumerate(text):
+        pushed.push(b)
+        if k % 7 == 3:
+            assert close(ByteState(lm, text[: k + 1]).logprobs(), pushed.logprobs(), 1e-5)
+    assert pushed.p > len(text) // 2  # the fixed boundary followed the text
+
+
+def test_about_one_forward_pass_per_byte(lm):
+    text = " ".join(CORPUS[:2]).encode()
+    st = ByteState(lm, b"")
+    for b in text:
+        st.logprobs()
+        st.push(b)
+    assert st.forwards <= len(text) + 1
+    assert len(st.nodes) < 40  # nodes behind the fixed boundary are dropped
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["the", " ", "ca", "f", "é", "東", "12", "\n", "ō", "s"]), max_size=8), st.integers(0, 3))
+def test_any_prompt_gives_a_distribution(bpe, sp, pieces, cut):
+    data = "".join(pieces).encode()
+    data = data[: max(0, len(data) - cut)]  # may end inside a character
+    for lm in (bpe, sp):
+        lp = ByteState(lm, data).logprobs()
+        assert abs(float(lp.exp().sum()) - 1.0) < 1e-9
+
+
+# ensembles ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("formula", ['softunion(M, M(model="same"))', 'normalized: 0.3*M + 0.7*M(model="same")',
+                                     'min(M, M(model="same"))', 'max(M, M(model="same"))'])
+def test_an_ensemble_of_a_model_with_itself_equals_the_model(lm, formula):
+    for prompt in (b"The harb", b"a caf\xc3"):
+        f = ByteFormula(lm, formula, prompt, models={"same": lm})
+        assert len(f.states) == 2  # two sessions, each with its own cache
+        assert close(f.logprobs(), ByteState(lm, prompt).logprobs(), 1e-9)
+
+
+def test_ensembles_across_tokenizers(bpe, sp):
+    prompt = "The fishing bo"
+    assert bpe.tokenizer.encode(prompt, add_bos=False) != sp.tokenizer.encode(prompt, add_bos=False)
+    pa, pb = ByteState(bpe, prompt).logprobs(), ByteState(sp, prompt).logprobs()
+    mean = ByteFormula(bpe, 'softunion(M, M(model="sp"))', prompt, models={"sp": sp}).logprobs()
+    assert close(mean, torch.log((pa.exp() + pb.exp()) / 2), 1e-9)
+    prod = ByteFormula(bpe, 'M + M(model="sp")', prompt, models={"sp": sp}).logprobs()
+    assert close(prod, torch.log_softmax(pa + pb, -1), 1e-9)
+    g = generate_bytes(bpe, prompt, formula='normalized: 0.5*M + 0.5*M(model="sp")', models={"sp": sp}, max_tokens=12, temperature=1.0, seed=0)
+    assert len(g.chars) == 12 and g.finish_reason == "length"
+
+
+def test_token_only_terms_are_refused_on_bytes(bpe):
+    with pytest.raises(UserError, match="byte by byte"):
+        ByteFormula(bpe, 'M + C("positive")', "The")
+
+
+# generation ---------------------------------------------------------------------------------
+def test_greedy_generation_follows_the_argmax(lm):
+    g = generate_bytes(lm, "The harb", max_tokens=15)
+    st, pending = ByteState(lm, "The harb"), b""
+    for b, lp in zip(g.tokens, g.logprobs):
+        dist = st.logprobs().float().masked_fill(~next_byte_mask(pending), NEG_INF)
+        assert int(dist.argmax()) == b
+        assert abs(float(torch.log_softmax(dist, -1)[b]) - lp) < 1e-5
+        st.push(b)
+        pending = b"" if tail_state(pending + bytes([b])) == 0 else pending + bytes([b])
+    assert g.text == bytes(g.tokens).decode("utf-8", "replace")[: len(g.text)]
+
+
+def test_seeds_and_streaming(lm):
+    a = generate_bytes(lm, "The", max_tokens=25, temperature=1.0, top_p=0.95, seed=7)
+    b = generate_bytes(lm, "The", max_tokens=25, temperature=1.0, top_p=0.95, seed=7)
+    c = generate_bytes(lm, "The", max_tokens=25, temperature=1.0, top_p=0.95, seed=8)
+    assert a.text == b.text and a.tokens == b.tokens and a.text != c.text
+    events = list(stream_bytes(lm, "The", max_tokens=25, temperature=1.0, top_p=0.95, seed=7))
+    assert "".join(e.text for e in events) == a.text
+    assert [e.token for e in events if e.token != END] == a.tokens
+    # max_tokens counts characters, and per-character log-probabilities add up their bytes
+    assert a.finish_reason == "length" and len(a.chars) == 25 and "".join(a.chars) == a.text
+    assert math.isclose(sum(a.char_logprobs), sum(a.logprobs), abs_tol=1e-6)
+    assert len(a.tokens) == len(a.text.encode())
+
+
+def test_stop_strings_match_bytes(lm):
+    full = generate_bytes(lm, "The baker", max_tokens=40, temperature=1.0, seed=1)
+    stop = full.text[12:14]
+    cut = full.text[: full.text.find(stop)]
+    g = generate_bytes(lm, "The baker", max_tokens=40, temperature=1.0, seed=1, stop=[stop])
+    assert g.finish_reason == "stop" and g.text == cut
+    streamed = "".join(e.text for e in stream_bytes(lm, "The baker", max_tokens=40, temperature=1.0, seed=1, stop=[stop]))
+    assert streamed == cut
+
+
+def test_batch_of_prompts_and_bad_options(bpe):
+    gs = generate_bytes(bpe, ["The", "A girl"], max_tokens=5, temperature=1.0, seed=3)
+    assert [g.prompt for g in gs] == ["The", "A girl"] and all(len(g.chars) == 5 for g in gs)
+    assert generate_bytes(bpe, "The", max_tokens=0).text == ""
+    with pytest.raises(UserError, match="repetition penalty"):
+        generate_bytes(bpe, "The", repetition_penalty=1.2)
+
+
+def test_tokenizers_that_do_not_spell_text_back_are_refused(sp):
+    from tokenizers import normalizers
+
+    from tokensteer.backends.torch.backend import HFTokenizer
+
+    hf = sp.tokenizer.hf.__class__(tokenizer_object=sp.tokenizer.hf.backend_tokenizer)
+    hf.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "\u2581")])
+
+    class Fake:
+        model_name = "lowercasing"
+        tokenizer = HFTokenizer(hf, {1}, sp.tokenizer.vocab_size)
+
+    with pytest.raises(UserError, match="byte for byte"):
+        byte_vocab(Fake())
