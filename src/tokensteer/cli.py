@@ -371,9 +371,11 @@ def models(
 # Sub-commands live beside the capability they drive; their modules import nothing heavy.
 from tokensteer.eval.cli import eval_command  # noqa: E402
 from tokensteer.formula.cli import app as formula_app  # noqa: E402
+from tokensteer.server.cli import serve_command  # noqa: E402
 from tokensteer.steering.cli import app as steer_app  # noqa: E402
 
 app.command("eval")(eval_command)
+app.command("serve")(serve_command)
 app.add_typer(steer_app, name="steer")
 app.add_typer(formula_app, name="formula")
 

@@ -1,0 +1,146 @@
+"""The ``tokensteer`` request object as the CLI's ``RequestControls``, with the server's safety
+rules on top: steering vectors are names looked up in the ``--vectors`` folder, and nothing a
+client sends can make the server read a file (no ``M(model=…)`` or ``R`` formula terms, no schema,
+grammar or word-list paths)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tokensteer.controls import RequestControls, build_controls
+from tokensteer.errors import UserError
+from tokensteer.server.errors import APIError
+from tokensteer.server.limits import Limits
+from tokensteer.server.schemas import SteerItem, TokensteerExtra
+
+if TYPE_CHECKING:
+    from tokensteer.backends.base import Backend
+    from tokensteer.hooks import Control
+
+VECTOR_SUFFIXES = (".safetensors", ".gguf")
+LAYERS = re.compile(r"^\s*\d{1,4}(\s*-\s*\d{1,4})?(\s*,\s*\d{1,4}(\s*-\s*\d{1,4})?)*\s*$")
+
+
+class Vectors:
+    """The steering vectors a client may name: the files directly inside one folder, by file name
+    or by file name without its suffix. The folder is listed again on every lookup, so vectors
+    added while the server runs are found."""
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = Path(folder).expanduser().resolve() if folder else None
+
+    def names(self) -> dict[str, Path]:
+        if self.folder is None or not self.folder.is_dir():
+            return {}
+        out: dict[str, Path] = {}
+        for p in sorted(self.folder.iterdir()):
+            if p.suffix.lower() in VECTOR_SUFFIXES and p.is_file():
+                out.setdefault(p.stem, p)
+                out.setdefault(p.name, p)
+        return out
+
+    def listing(self) -> list[str]:
+        """Each vector once, by its short name."""
+        return sorted({p.stem for p in self.names().values()})
+
+    def resolve(self, name: str, param: str) -> Path:
+        found = self.names().get(name)
+        if found is None:
+            if self.folder is None:
+                raise APIError(400, "this server has no steering vectors (start it with tokensteer serve --vectors DIR)", param=param, code="unknown_vector")
+            known = ", ".join(self.listing()) or "none"
+            raise APIError(400, f"unknown steering vector {name!r}: vectors are named from the server's folder, never by path; known: {known}",
+                           param=param, code="unknown_vector")
+        return found
+
+
+def steer_spec(item: SteerItem, path: Path, param: str) -> str:
+    """The CLI's ``--steer`` string for one item, so it is checked exactly as the CLI checks it."""
+    parts = [str(path)]
+    if item.strength is not None:
+        parts.append(repr(float(item.strength)))
+    if item.layers is not None:
+        layers = ",".join(str(i) for i in item.layers) if isinstance(item.layers, list) else item.layers
+        if not LAYERS.match(layers):
+            raise APIError(400, f"layers must be a list of layer numbers or a string like \"6-8\" or \"5,7\", got {item.layers!r}", param=f"{param}.layers")
+        parts.append("layers=" + layers.replace(" ", ""))
+    for key in ("at", "mode", "guard"):
+        v = getattr(item, key)
+        if v is not None:
+            parts.append(f"{key}={v!r}" if key == "guard" else f"{key}={v}")
+    return ":".join(parts)
+
+
+def check_formula(text: str, limits: Limits) -> None:
+    """Refuse formulas that would read files or take too many batch rows."""
+    from tokensteer.formula import parse
+    from tokensteer.formula.ast import Model, Retrieve
+    from tokensteer.formula.check import any_node
+
+    param = "tokensteer.formula"
+    if len(text) > limits.max_formula_chars:
+        raise APIError(400, f"the formula has {len(text)} characters, above this server's limit of {limits.max_formula_chars} "
+                       "(tokensteer serve --max-formula-chars)", param=param, code="formula_too_large")
+    root = parse(text).root
+    if any_node(root, lambda n: isinstance(n, Model) and n.model is not None):
+        raise APIError(400, "M(model=…) terms load another model from a path, which the server never does for a client; "
+                       "use terms on the loaded model", param=param, code="unsupported_formula")
+    if any_node(root, lambda n: isinstance(n, Retrieve)):
+        raise APIError(400, "R(…) retrieval terms need documents, which the server does not take from clients", param=param, code="unsupported_formula")
+    prefixes: set[str] = set()
+
+    def note(n: object) -> bool:
+        if isinstance(n, Model) and n.prefix:
+            prefixes.add(n.prefix)
+        return False
+
+    any_node(root, note)
+    if len(prefixes) > limits.max_formula_rows:
+        raise APIError(400, f"the formula has {len(prefixes)} conditioning texts, above this server's limit of {limits.max_formula_rows} "
+                       "(tokensteer serve --max-formula-rows)", param=param, code="formula_too_large")
+
+
+def request_controls(extra: TokensteerExtra | None, schema: object, vectors: Vectors, limits: Limits) -> RequestControls:
+    """The CLI's RequestControls for a request's ``tokensteer`` object, plus a ``response_format``
+    JSON schema (``schema``, None when there is none)."""
+    extra = extra or TokensteerExtra()
+    c = extra.constraints
+    if extra.trace and extra.formula is None:
+        raise APIError(400, "tokensteer.trace shows a formula's terms; add tokensteer.formula", param="tokensteer.trace")
+    if extra.formula is not None:
+        check_formula(extra.formula, limits)
+    steer = [steer_spec(s, vectors.resolve(s.vector, f"tokensteer.steer.{i}.vector"), f"tokensteer.steer.{i}") for i, s in enumerate(extra.steer)]
+    if schema is not None and c is not None and c.json_schema is not None:
+        raise APIError(400, "give the JSON schema once: in response_format or in tokensteer.constraints.json_schema", param="response_format")
+    req = RequestControls(formula=extra.formula, trace=extra.trace, steer=steer)
+    if c is not None:
+        req.ban, req.require, req.words, req.end_word, req.regex = c.ban, c.require, c.words, c.end_word, c.regex
+        req.json_schema, req.script = c.json_schema, c.script
+        req.extra = {k: v for k, v in (("script_soft", c.script_soft), ("sentences", c.sentences), ("require_within", c.require_within),
+                                       ("vocab", c.vocab), ("fast_forward", None if c.fast_forward else False)) if v is not None}
+        if isinstance(req.ban, str):
+            req.ban = [req.ban]
+        if isinstance(req.require, str):
+            req.require = [req.require]
+        if isinstance(req.script, str):
+            req.script = [req.script]
+    if schema is not None:
+        req.json_schema = schema
+    return req
+
+
+def build(lm: Backend, req: RequestControls) -> list[Control]:
+    """Check and build the controls as ``tokensteer generate`` does; the loaded backend must have
+    every capability they need (the server cannot switch backends per request)."""
+    needs = req.required_capabilities()
+    missing = needs - lm.capabilities
+    if missing:
+        raise UserError(f"these controls need {', '.join(sorted(missing))}, which the {lm.name} backend this server runs lacks; "
+                        "start the server with --backend torch")
+    if req.has_constraints():
+        from tokensteer.constraints import check, spec_from_request
+
+        check(spec_from_request(req))
+    return build_controls(lm, req)

@@ -1,0 +1,1 @@
+"""The server's HTTP routes: completions, chat, and the model/tokenizer/health/metrics routes."""

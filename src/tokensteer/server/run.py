@@ -1,0 +1,146 @@
+"""One API request on the engine: check it, build its controls and submit it (in a worker thread,
+since building may compile a grammar), then follow its token events per choice until it ends, is
+cancelled, or its client hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator
+
+import anyio
+from fastapi import Request
+
+from tokensteer.controls import RequestControls
+from tokensteer.sampling import SamplingConfig, row_seed
+from tokensteer.server.controls import build
+from tokensteer.server.responses import finish, new_id, now
+
+if TYPE_CHECKING:
+    from tokensteer.engine import Handle, TokenEvent
+    from tokensteer.server.app import ServerContext
+
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class Plan:
+    """What a route asks the engine for: distinct prompts, n choices each, sampling and controls."""
+
+    prompts: list[str]
+    n: int
+    sampling: dict  # SamplingConfig fields but the seed
+    seed: int | None
+    controls: RequestControls
+    prompt_param: str = "prompt"
+
+
+@dataclass
+class Choice:
+    """One choice's events so far: its text, its non-EOS tokens, its end and its formula trace."""
+
+    text: list[str] = field(default_factory=list)
+    events: list = field(default_factory=list)  # TokenEvents of real tokens (the EOS event left out)
+    trace: list = field(default_factory=list)
+    seen: int = 0  # events including EOS: the index into the formula's trace
+    finish_reason: str | None = None
+
+
+class Job:
+    """A submitted request and its choices; ``close`` cancels it if it is still running and gives
+    its place back to the server's concurrency gate."""
+
+    def __init__(self, ctx: ServerContext, handle: Handle, plan: Plan, prompt_tokens: list[int], traced: list) -> None:
+        self.ctx, self.handle, self.plan, self.prompt_tokens, self.traced = ctx, handle, plan, prompt_tokens, traced
+        self.id, self.created = new_id("cmpl"), now()
+        self.choices = [Choice() for _ in range(len(plan.prompts) * plan.n)]
+        self.first = True
+        self._closed = False
+
+    def record(self, ev: TokenEvent) -> dict | None:
+        """Fold one event into its choice; returns its formula-trace entry (or None)."""
+        c = self.choices[ev.index]
+        entry = None
+        for ctl in self.traced:
+            rows = ctl.traces[ev.index] if ev.index < len(ctl.traces) else []
+            if c.seen < len(rows) and rows[c.seen].token == ev.token:
+                entry = rows[c.seen].as_dict()
+        c.seen += 1
+        c.text.append(ev.text)
+        if ev.finish_reason != "eos":
+            c.events.append(ev)
+            if entry is not None:
+                c.trace.append(entry)
+        c.finish_reason = finish(ev.finish_reason) or c.finish_reason
+        return entry
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """The request's events as they come, counted in the server's metrics."""
+        m = self.ctx.metrics
+        async for ev in self.handle:
+            if self.first:
+                self.first = False
+                m.ttft.observe(ev.t)
+            if ev.finish_reason != "eos":
+                m.tokens.labels("completion").inc()
+            yield ev
+
+    async def collect(self, request: Request) -> None:
+        """Run to the end (non-streaming); a client that hangs up meanwhile cancels the request."""
+        watcher = asyncio.create_task(self._watch(request))
+        try:
+            async for ev in self.events():
+                self.record(ev)
+        finally:
+            watcher.cancel()
+            self.close()
+
+    async def _watch(self, request: Request) -> None:
+        while not self.handle.done:
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            if await request.is_disconnected():
+                self.handle.cancel(wait=False)
+                return
+
+    def completion_tokens(self) -> int:
+        return sum(len(c.events) for c in self.choices)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.handle.done:
+            self.handle.cancel(wait=False)
+        self.ctx.gate.leave()
+
+
+async def start(ctx: ServerContext, plan: Plan) -> Job:
+    """Take a place under the concurrency limit, then check, build and submit in a worker thread."""
+    ctx.gate.enter()
+    try:
+        job = await anyio.to_thread.run_sync(_submit, ctx, plan)
+    except BaseException:
+        ctx.gate.leave()
+        raise
+    ctx.metrics.tokens.labels("prompt").inc(sum(job.prompt_tokens))
+    return job
+
+
+def _submit(ctx: ServerContext, plan: Plan) -> Job:
+    lm, limits = ctx.lm, ctx.limits
+    limits.check_tokens(plan.sampling.get("max_tokens", 0), "max_tokens")
+    limits.check_choices(plan.n, len(plan.prompts))
+    counts = []
+    for i, p in enumerate(plan.prompts):
+        n_tok = len(lm.tokenizer.encode(p))
+        limits.check_prompt(n_tok, plan.prompt_param if len(plan.prompts) == 1 else f"{plan.prompt_param}.{i}")
+        counts.append(n_tok)
+    base = plan.seed if plan.seed is not None else secrets.randbits(63)
+    seeds = tuple(row_seed(base, j) for _ in plan.prompts for j in range(plan.n))  # choice j of each prompt: the CLI's seed for j = 0
+    cfg = SamplingConfig(seed=seeds, **plan.sampling)
+    with ctx.lock:  # controls build caches (grammars, vectors) that are not made for two threads at once
+        controls = build(lm, plan.controls)
+        handle = ctx.engine.submit([p for p in plan.prompts for _ in range(plan.n)], cfg, controls)
+    traced = [c for c in controls if getattr(c, "trace_on", False)]  # formula controls asked for a trace
+    return Job(ctx, handle, plan, counts, traced)
