@@ -153,13 +153,14 @@ def test_eval_sample_text_does_not_depend_on_the_other_methods(tiny, tiny_dir, t
     assert len(a) == 6 and a == b
 
 
-def test_methods_never_share_a_batch():
+def test_units_of_one_control_list_run_as_one_request_and_plain_units_alone():
     from tokensteer.eval.generation import Unit, plan_batches
 
-    units = [Unit(m, i, 0, None, "p", i, f"{m}{i}") for i in range(3) for m in ("none", "prompt")]
-    shared = []  # one control list shared by every unit of "prompt"
-    batches = plan_batches(units, lambda u: [] if u.method == "none" else shared, batch_size=8)
-    assert [(b.method, [u.index for u in b.units]) for b in batches] == [("none", [0, 1, 2]), ("prompt", [0, 1, 2])]
+    units = [Unit(m, i, 0, None, "p", i, f"{m}{i}") for i in range(3) for m in ("none", "formula")]
+    shared = [object()]  # one control list (stateful) shared by every unit of "formula"
+    batches = plan_batches(units, lambda u: [] if u.method == "none" else shared, batch_size=2)
+    got = [(b.method, [u.index for u in b.units]) for b in batches]
+    assert got == [("none", [0]), ("formula", [0, 1]), ("none", [1]), ("none", [2]), ("formula", [2])]
 
 
 def test_eval_every_task_runs_on_tiny(tiny, tiny_dir, tmp_path):
@@ -268,20 +269,3 @@ def test_eval_damaged_cache_records_are_regenerated_not_fatal(tiny, tiny_dir, tm
         assert {k: v for k, v in again.items() if k != "tok_s"} == {k: v for k, v in good["methods"]["none"].items() if k != "tok_s"}
     path.write_bytes(b"\xff\xfe garbage\n" + "\n".join(lines[1:]).encode())
     assert run("count", ["none"], out=tmp_path, **kw)["methods"]["none"]["n"] == 2
-
-
-def test_model_evaluations_count_every_session_of_a_batch(tiny):
-    """A control that opens its own session (a steering guard's plain one) is counted too; before,
-    opening it reset the count."""
-    import torch
-
-    from tokensteer.eval.generation import CountingBackend
-
-    counting = CountingBackend(tiny)
-    a = counting.session()
-    a.prefill([tiny.tokenizer.encode(t) for t in ("the cat", "a dog", "hello")])
-    b = counting.session()
-    b.prefill([tiny.tokenizer.encode("the cat")])
-    a.step(torch.tensor([5, 6, 7]))
-    b.step(torch.tensor([5]))
-    assert counting.counter["evals"] == 3 + 1 + 3 + 1

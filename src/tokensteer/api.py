@@ -55,5 +55,4 @@ def stream(
     **sampling,
 ) -> Iterator[TokenEvent]:
     """Yield tokens as they are chosen; ``event.index`` says which prompt each belongs to."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    return engine.stream(lm, prompts, _config(cfg, sampling), controls)
+    return engine.stream(lm, prompt, _config(cfg, sampling), controls)

@@ -12,7 +12,7 @@ from tokensteer.hooks import Control
 from tokensteer.sampling import SamplingConfig
 
 
-def stream(backend: Backend, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig(), controls: Sequence[Control] = ()) -> Iterator[TokenEvent]:
+def stream(backend: Backend, prompts: str | Sequence[str], cfg: SamplingConfig = SamplingConfig(), controls: Sequence[Control] = ()) -> Iterator[TokenEvent]:
     """Submit the prompts as one request and yield each accepted token; closing the stream early cancels it."""
     _not_on_engine_thread()
     handle = engine_for(backend).submit(prompts, cfg, controls)
@@ -25,8 +25,7 @@ def stream(backend: Backend, prompts: Sequence[str], cfg: SamplingConfig = Sampl
 def generate(backend: Backend, prompts: str | Sequence[str], cfg: SamplingConfig = SamplingConfig(), controls: Sequence[Control] = ()) -> list[Generation]:
     """Submit the prompts as one request and wait for one Generation per prompt."""
     _not_on_engine_thread()
-    plist = [prompts] if isinstance(prompts, str) else list(prompts)
-    handle = engine_for(backend).submit(plist, cfg, controls)
+    handle = engine_for(backend).submit(prompts, cfg, controls)
     try:
         return handle.result()
     finally:

@@ -13,6 +13,7 @@ from collections import Counter, deque
 from typing import Sequence
 
 from tokensteer.backends.base import Backend
+from tokensteer.checks import check_request
 from tokensteer.engine.events import collect
 from tokensteer.engine.forced import ForcedGroup
 from tokensteer.engine.group import Group
@@ -50,6 +51,7 @@ class Engine:
     # -- clients --------------------------------------------------------------------------
     def submit(self, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig(), controls: Sequence[Control] = ()) -> Handle:
         """Queue a request; its rows join the running batch at the next step. Validation errors raise here."""
+        prompts, cfg, controls = check_request(prompts, cfg, controls)
         req = Request(self.backend, prompts, cfg, controls)
         handle = Handle(self._cancel, lambda events, total: collect(req.prompts, events, [len(r) for r in req.rows[:: req.R]], total, self.backend.name))
         if cfg.max_tokens == 0:
@@ -189,6 +191,7 @@ class Engine:
         with self._cv:
             handle = self._handles.pop(id(req))
             self._requests.pop(id(handle), None)
+        handle.rows_per_prompt, handle.forward_calls = req.R, req.state.forward_calls
         handle.close(req.error, req.now())
 
 

@@ -107,18 +107,15 @@ class Group:
         keep: list[int] = []
         start, changed, staying = 0, False, []
         for r in self.requests:
-            live = [b for b in r.live if not r.state.finished[b]] if not r.done else []
-            for b in r.live:
+            gone = r.done  # read once: a client may cancel from another thread meanwhile
+            live = [] if gone else [b for b in r.live if not r.state.finished[b]]
+            for i, b in enumerate(r.live):
                 if b in live:
-                    i = r.live.index(b)
                     keep.extend(range(start + i * r.R, start + (i + 1) * r.R))
+            start += len(r.live) * r.R
             changed |= live != r.live
-            start += r.n_rows()
             r.live = live
-            if r.done:
-                self.sink.finished(r)
-            else:
-                staying.append(r)
+            (self.sink.finished if gone else staying.append)(r)
         self.requests = staying
         if changed and keep:
             self.session.select(keep)

@@ -31,6 +31,9 @@ class Handle:
         self.cancelled = False
         self.error: BaseException | None = None
         self.total_s = 0.0
+        self.rows_per_prompt = 1  # rows each prompt took in the batch (set at the end)
+        self.forward_calls = 0  # forward passes the request took part in (set at the end)
+        self._done_callbacks: list[Callable[[], None]] = []
 
     # -- the engine's side ----------------------------------------------------------------
     def push(self, events: list[TokenEvent]) -> None:
@@ -43,8 +46,19 @@ class Handle:
     def close(self, error: BaseException | None, total_s: float) -> None:
         with self._cv:
             self.done, self.error, self.total_s = True, error, total_s
+            callbacks, self._done_callbacks = self._done_callbacks, []
             self._cv.notify_all()
         self._wake()
+        for fn in callbacks:
+            fn()
+
+    def when_done(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once the request has ended (at once if it has); it runs on the engine's thread."""
+        with self._cv:
+            if not self.done:
+                self._done_callbacks.append(fn)
+                return
+        fn()
 
     def _wake(self) -> None:
         for loop, ev in list(self._wakers):

@@ -1,16 +1,17 @@
-"""Generating a method's samples in batches through the one decode loop, in this or worker processes.
+"""Generating an evaluation's samples through the engine, in this or worker processes.
 
-Samples of one method that get the same control list (or none) share a batch; methods never
-share one, so a method's batches, and hence its texts, do not depend on which other methods are in
-the run (batch size changes the rounding of batched forward passes, and on llama.cpp from 8 rows
-the kernels). Each sample draws from its own seed, so its text does not depend on which samples
-share its batch, up to that rounding. A counting wrapper around the backend measures model calls per token.
+Every unit (method × item × sample) draws from its own seed, so its text does not depend on what
+shares its batch. Units without controls run as requests of their own; units of one control list
+(one method's controls, which hold per-request state) run as one request at a time, in batches of
+``batch_size``. The engine keeps its batch full: as samples finish, waiting ones join.
 """
 
 from __future__ import annotations
 
+import queue
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from tokensteer.eval.methods import Method, make_method
@@ -33,69 +34,69 @@ class Unit:
 
 @dataclass
 class Batch:
-    """Units that run together: the same control list (named by ``method``), or none at all."""
+    """Units that run as one request: the same control list (named by ``method``), or none at all."""
 
     method: str
     units: list[Unit] = field(default_factory=list)
+    controls: list = field(default_factory=list)
 
 
 def plan_batches(units: Sequence[Unit], controls_of: Callable[[Unit], list], batch_size: int) -> list[Batch]:
-    """Group units by method and control list (identity; empty lists match within a method), in order."""
-    groups: dict[Any, list[Unit]] = {}
-    keep = []  # hold the lists so their ids stay unique while grouping
+    """Units without controls one per batch; the others grouped by method and control list, in order."""
+    groups: dict[Any, Batch] = {}
+    out: list[Batch] = []
     for u in units:
         c = controls_of(u)
-        keep.append(c)
-        groups.setdefault((u.method, id(c) if c else None), []).append(u)
-    out = []
-    for us in groups.values():
-        for s in range(0, len(us), batch_size):
-            out.append(Batch(us[0].method, list(us[s : s + batch_size])))
+        if not c:
+            out.append(Batch(u.method, [u]))
+            continue
+        b = groups.get((u.method, id(c)))
+        if b is None or len(b.units) >= batch_size:
+            b = groups[(u.method, id(c))] = Batch(u.method, [], c)
+            out.append(b)
+        b.units.append(u)
     return out
 
 
-class _CountingSession:
-    def __init__(self, inner: Any, counter: dict[str, int]) -> None:
-        self.inner, self.counter = inner, counter
+def run_batches(lm: Any, batches: Sequence[Batch], cfg: SamplingConfig, batch_size: int, on_records: Callable[[list[dict]], None]) -> None:
+    """Generate every batch through one engine, at most one running batch per control list; hand
+    each finished batch's records to ``on_records``."""
+    from tokensteer.engine import Engine
 
-    def prefill(self, rows):
-        self.counter["evals"] += len(rows)
-        return self.inner.prefill(rows)
+    eng = Engine(lm, max_batch_rows=batch_size, max_running=4 * batch_size)
+    waiting: dict[int, deque[Batch]] = {}
+    free: deque[Batch] = deque()
+    for b in batches:
+        (waiting.setdefault(id(b.controls), deque()) if b.controls else free).append(b)
+    running: dict[int, tuple[Batch, Any, float]] = {}
+    ended: "queue.Queue[int]" = queue.Queue()
 
-    def step(self, tokens):
-        self.counter["evals"] += len(tokens)
-        return self.inner.step(tokens)
+    def submit(b: Batch) -> None:
+        h = eng.submit([u.prompt for u in b.units], replace(cfg, seed=tuple(u.seed for u in b.units)), b.controls)
+        running[id(h)] = (b, h, time.perf_counter())
+        h.when_done(lambda h=h: ended.put(id(h)))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    try:
+        for q in waiting.values():
+            submit(q.popleft())
+        while free and len(running) < eng.max_running:
+            submit(free.popleft())
+        while running:
+            b, h, t0 = running.pop(ended.get())
+            on_records(_records(b, h.result(), h, time.perf_counter() - t0))
+            if b.controls and waiting[id(b.controls)]:
+                submit(waiting[id(b.controls)].popleft())
+            while free and len(running) < eng.max_running:
+                submit(free.popleft())
+    finally:
+        for _, h, _ in list(running.values()):
+            h.cancel()
+        eng.close()
 
 
-class CountingBackend:
-    """Delegates to a backend and counts the rows every session it opens runs through the model."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.counter = {"evals": 0}  # rows run through the model, over every session of the batch
-
-    def session(self, edits=(), rollback=False, **kw):
-        return _CountingSession(self.inner.session(edits, rollback, **kw), self.counter)  # a guard's plain session counts too
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def run_batch(lm: Any, task: Task, method: Method, batch: Batch, cfg: SamplingConfig) -> list[dict[str, Any]]:
-    """Generate one batch; return a cache record per unit (text, tokens, timing and calls)."""
-    import tokensteer
-
-    controls = method.controls(lm, task, batch.units[0].item)
-    counting = CountingBackend(lm)
-    t0 = time.perf_counter()
-    gens = tokensteer.generate(counting, [u.prompt for u in batch.units], _with_seed(cfg, tuple(u.seed for u in batch.units)), controls)
-    seconds = time.perf_counter() - t0
+def _records(batch: Batch, gens: list, handle: Any, seconds: float) -> list[dict[str, Any]]:
     n_tokens = sum(len(g.tokens) for g in gens)
     longest = max((len(g.tokens) for g in gens), default=0)
-    calls = counting.counter["evals"] / max(1, len(batch.units))
     out = []
     for u, g in zip(batch.units, gens):
         out.append(
@@ -110,21 +111,15 @@ def run_batch(lm: Any, task: Task, method: Method, batch: Batch, cfg: SamplingCo
                 "tokens": len(g.tokens),
                 "token_ids": g.tokens,
                 "finish_reason": g.finish_reason,
-                # the batch's wall time, shared out by tokens: sums give the batched throughput
+                # the request's wall time, shared out by tokens (it shared the engine's batch with others)
                 "seconds": seconds * (len(g.tokens) / n_tokens) if n_tokens else seconds / len(gens),
-                "calls": calls,  # model evaluations (rows through the model, per prompt) of the batch
-                "steps": longest,  # tokens of the batch's longest sample
+                "calls": handle.rows_per_prompt * handle.forward_calls,  # rows of this prompt through the model
+                "steps": longest,
                 "batch_size": len(batch.units),
                 "backend": g.backend,
             }
         )
     return out
-
-
-def _with_seed(cfg: SamplingConfig, seed: tuple[int, ...]) -> SamplingConfig:
-    from dataclasses import replace
-
-    return replace(cfg, seed=seed)
 
 
 # --- worker processes (spawned; each loads the model once) ---------------------------------------
@@ -143,9 +138,14 @@ def worker_init(model: str | None, backend: str, dtype: str, needs: frozenset[st
     _WORKER["methods"] = {}
 
 
-def worker_run(task: Task, batch: Batch, cfg: SamplingConfig) -> list[dict[str, Any]]:
+def worker_run(task: Task, batch: Batch, cfg: SamplingConfig, batch_size: int) -> list[dict[str, Any]]:
     """Generate one batch in a worker (methods are rebuilt there from their spec strings)."""
-    methods = _WORKER["methods"]
+    methods: dict[str, Method] = _WORKER["methods"]
     if batch.method not in methods:
         methods[batch.method] = make_method(batch.method)
-    return run_batch(_WORKER["lm"], task, methods[batch.method], batch, cfg)
+    lm = _WORKER["lm"]
+    if batch.units:
+        batch = replace(batch, controls=methods[batch.method].controls(lm, task, batch.units[0].item))
+    out: list[dict[str, Any]] = []
+    run_batches(lm, [batch], cfg, batch_size, out.extend)
+    return out

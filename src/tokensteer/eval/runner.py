@@ -11,7 +11,7 @@ import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean, median
@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from tokensteer.errors import UserError, check_can_write
 from tokensteer.eval.cache import SampleCache, atomic_write, sample_key, sample_seed
-from tokensteer.eval.generation import Batch, Unit, plan_batches, run_batch, worker_init, worker_run
+from tokensteer.eval.generation import Batch, Unit, plan_batches, run_batches, worker_init, worker_run
 from tokensteer.eval.methods import Method, make_method
 from tokensteer.eval.tasks import Task, get_task
 from tokensteer.sampling import SamplingConfig
@@ -245,22 +245,27 @@ def _generate(get_lm, task, meths, todo, cache, cfg, batch_size, workers, load_a
     total, done = sum(len(b.units) for b in batches), 0
     if progress:
         progress("generating", 0, total)
-    if workers <= 1:
-        for b in batches:
-            for rec in run_batch(lm, task, by_name[b.method], b, cfg):
-                cache.put(rec)
+    saved = [time.perf_counter()]
+
+    def save(recs: list[dict]) -> None:
+        nonlocal done
+        for rec in recs:
+            cache.put(rec)
+        done += len(recs)
+        if time.perf_counter() - saved[0] > 5 or done == total:  # the cache file is rewritten whole: not per sample
             cache.save()
-            done += len(b.units)
-            if progress:
-                progress("generating", done, total)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init, initargs=load_args) as pool:
-        futures = {pool.submit(worker_run, task, b, cfg): b for b in batches}
-        for f in as_completed(futures):
-            for rec in f.result():
-                cache.put(rec)
-            cache.save()
-            done += len(futures[f].units)
-            if progress:
-                progress("generating", done, total)
+            saved[0] = time.perf_counter()
+        if progress:
+            progress("generating", done, total)
+
+    try:
+        if workers <= 1:
+            run_batches(lm, batches, cfg, batch_size, save)
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init, initargs=load_args) as pool:
+            futures = [pool.submit(worker_run, task, replace(b, controls=[]), cfg, batch_size) for b in batches]
+            for f in as_completed(futures):
+                save(f.result())
+    finally:
+        cache.save()  # what finished before an interruption is kept

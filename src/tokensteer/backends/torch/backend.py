@@ -11,7 +11,6 @@ import pickle
 import re
 import struct
 import threading
-import warnings
 from typing import Sequence
 
 import torch
@@ -148,8 +147,6 @@ class TorchBackend(Backend):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our CLI shows its own progress line
-        # transformers renamed forward's ``past_key_values`` to ``cache`` and warns on every step
-        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -228,7 +225,7 @@ class TorchBackend(Backend):
             self._edits, self._ctx, self._mix = edits, EditContext(phase, ids.shape[0]), mix
             try:
                 out = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep
+                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep
                 )
             finally:
                 self._edits, self._mix = {}, None
