@@ -34,6 +34,8 @@ run: $(STAMP)
 FALLBACK_TESTS := tests/test_native.py tests/test_llamacpp.py tests/test_llamacpp_head.py
 
 test: $(STAMP)
+	# tests/test_playground.py drives Debian's chromium; install it when missing and we are root
+	test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(BIN)/python -m pytest -q
 	TOKENSTEER_NO_NATIVE=1 $(BIN)/python -m pytest -q -m fallback $(FALLBACK_TESTS)
 
