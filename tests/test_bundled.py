@@ -60,7 +60,8 @@ def test_logits_hook_bans_the_greedy_token(bundled):
     banned = first[0]
 
     class Ban(Control):
-        stages = frozenset({'rewrite'})
+        stages = frozenset({"rewrite"})
+
         def logprobs(self, state, lp):
             return lp.index_fill(1, torch.tensor([banned]), float("-inf"))
 

@@ -183,7 +183,8 @@ def test_eval_sweep_and_dose_response(tiny, tiny_dir, tmp_path):
 
 
 class _Scale(Control):
-    stages = frozenset({'rewrite'})
+    stages = frozenset({"rewrite"})
+
     def __init__(self, s: float) -> None:
         self.s = s
 

@@ -112,7 +112,8 @@ def test_fused_terms_match_reference_formula(tiny, formula):
     rows = []
 
     class Rows(Control):
-        stages = frozenset({'rewrite'})
+        stages = frozenset({"rewrite"})
+
         def logprobs(self, state, lp):
             rows.append(state.rows_per_prompt if state.mix is not None else None)
             return lp

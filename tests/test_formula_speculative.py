@@ -105,7 +105,8 @@ def test_speculation_composes_with_residual_edits(tiny, other_dir):
     from tokensteer.hooks import ResidualEdit
 
     class Steer(Control):
-        stages = frozenset({'edits'})
+        stages = frozenset({"edits"})
+
         def residual_edits(self, n_rows, rows_per_prompt):
             return [ResidualEdit(layer=1, vector=torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(0)) * 3)]
 

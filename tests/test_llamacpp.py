@@ -217,7 +217,8 @@ def test_edits_llama_cannot_run_are_user_errors(llama, control, match):
 
 def test_function_edits_and_hidden_states_point_to_torch(llama):
     class Fn(Control):
-        stages = frozenset({'edits'})
+        stages = frozenset({"edits"})
+
         def residual_edits(self, n_rows, rows_per_prompt):
             return [ResidualEdit(layer=3, fn=lambda h, ctx: h * 2)]
 

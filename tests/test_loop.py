@@ -77,7 +77,8 @@ def test_eos_ends_generation(tiny):
     eos = next(iter(tiny.tokenizer.eos_ids))
 
     class ForceEos(Control):
-        stages = frozenset({'mask'})
+        stages = frozenset({"mask"})
+
         def mask(self, state):
             m = torch.zeros(state.batch_size, tiny.tokenizer.vocab_size, dtype=torch.bool)
             m[:, eos if state.step == 3 else 5] = True
@@ -93,7 +94,8 @@ def test_logits_hook_bans_a_token(tiny):
     banned = base[0]
 
     class Ban(Control):
-        stages = frozenset({'rewrite'})
+        stages = frozenset({"rewrite"})
+
         def logprobs(self, state, lp):
             return lp.index_fill(1, torch.tensor([banned]), float("-inf"))
 
@@ -108,7 +110,8 @@ def test_variant_rows_and_on_token_hooks(tiny):
     seen: list[tuple[int, ...]] = []
 
     class Variant(Control):
-        stages = frozenset({'accept', 'rewrite', 'variants'})
+        stages = frozenset({"accept", "rewrite", "variants"})
+
         def variants(self, prompt):
             return ["good great happy " + prompt]
 
@@ -131,7 +134,8 @@ def test_residual_edit_changes_output_and_zero_is_identity(tiny):
     base = ts.generate(tiny, "the cat", max_tokens=12, ignore_eos=True)
 
     class Steer(Control):
-        stages = frozenset({'edits'})
+        stages = frozenset({"edits"})
+
         def __init__(self, scale):
             self.scale = scale
 
@@ -189,7 +193,8 @@ def test_more_tokens_than_the_context_holds_is_refused_before_any_work(tiny):
 
 def test_contradictory_mask_is_user_error(tiny):
     class Nothing(Control):
-        stages = frozenset({'mask'})
+        stages = frozenset({"mask"})
+
         def mask(self, state):
             return torch.zeros(state.batch_size, tiny.tokenizer.vocab_size, dtype=torch.bool)
 
@@ -242,7 +247,8 @@ def test_loop_mixes_rows_only_for_the_one_control_with_variants(tiny):
     seen: dict[str, tuple] = {}
 
     class Mixer(Control):
-        stages = frozenset({'rewrite', 'variants'})
+        stages = frozenset({"rewrite", "variants"})
+
         def __init__(self, name):
             self.name = name
 
@@ -257,7 +263,8 @@ def test_loop_mixes_rows_only_for_the_one_control_with_variants(tiny):
             return lp
 
     class Plain(Control):
-        stages = frozenset({'rewrite'})
+        stages = frozenset({"rewrite"})
+
         def logprobs(self, state, lp):
             return lp
 

@@ -306,6 +306,8 @@ def test_strength_zero_is_exactly_unsteered(tiny, vec):
         assert a.tokens == b.tokens and a.logprobs == b.logprobs
     # the hook path with an explicit zero vector is exact too
     class Zero(ts.Control):
+        stages = frozenset({"edits"})
+
         def residual_edits(self, n_rows, rows_per_prompt):
             return [ResidualEdit(1, vector=torch.zeros(tiny.hidden_size))]
 

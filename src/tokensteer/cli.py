@@ -121,11 +121,17 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
     stop: list[str] = typer.Option([], help="Stop when this text appears (repeatable; \\n is a newline, \\t a tab); it is not included."),
     top_logprobs: int = typer.Option(0, help="With --json: this many alternatives per token (≤ 20)."),
+    keep_special: bool = typer.Option(False, "--keep-special-tokens", help="Show tokens that write no text (<start_of_image>, <pad>) in the output; by default they are left out (their ids stay in --json)."),
     stream_: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, tokens, logprobs, timing."),
     formula: Optional[str] = typer.Option(None, help="A formula over next-token distributions, or a recipe name (see `tokensteer formula --help`).", rich_help_panel="Controls"),
     trace: bool = typer.Option(False, help="With --formula: print each term's log-probability per token.", rich_help_panel="Controls"),
     speculate: int = typer.Option(0, help="With a --formula that uses another model: draft K tokens from the loaded model, verify them in one forward of the other (same output distribution; 0 = off).", rich_help_panel="Controls"),
+    byte_level: bool = typer.Option(False, "--byte-level", help="Sample byte by byte from the exact next-byte distribution (prompts may end mid-word; --formula may combine models with different tokenizers); -n counts characters.", rich_help_panel="Controls"),
+    docs: Optional[str] = typer.Option(None, help="Documents to retrieve from: a folder of .txt/.md files or a .jsonl file with a \"text\" field (read by --retrieve and by R terms in --formula).", rich_help_panel="Retrieval"),
+    retrieve: Optional[int] = typer.Option(None, help="With --docs: mix the model's next-token distributions conditioned on each of the K passages closest to the prompt (REPLUG; the formula R(k=K)).", rich_help_panel="Retrieval"),
+    retrieve_tau: Optional[float] = typer.Option(None, help="With --retrieve: the softmax temperature of the passages' similarities (lower trusts the closest passage more; default 0.1).", rich_help_panel="Retrieval"),
+    retrieve_every: Optional[int] = typer.Option(None, help="With --retrieve: retrieve again on prompt + generated text every N tokens (default: only on the prompt).", rich_help_panel="Retrieval"),
     steer: list[str] = typer.Option([], help="A steering vector: VEC, VEC:STRENGTH or VEC@STRENGTH (default: the file's recommended dose), then "
                                     "options :at=generated|prompt|all, :layers=6-8 (or 5,7), :mode=gcav, :guard=P (sample within the unsteered "
                                     "top-P), e.g. pos.safetensors:0.1:at=generated (repeatable).", rich_help_panel="Controls"),
@@ -165,7 +171,11 @@ def generate(
 
       tokensteer generate "The day" --formula 'M + M(model="other-model")' --speculate 4
 
+      tokensteer generate "The capital of France is Par" --byte-level -n 20
+
       tokensteer generate "The hotel was" --steer pos.safetensors:0.1:at=generated
+
+      tokensteer generate "Question: What is the capital of Tarsk?\\nAnswer:" --docs kb/ --retrieve 4 --trace
 
       tokensteer generate "The museum opened" --sentences 2 -n 60
 
@@ -197,16 +207,21 @@ def generate(
             seed=seed,
             stop=tuple(unescape(s) for s in stop),
             top_logprobs=top_logprobs,
+            skip_special_tokens=not keep_special,
         )
+        if retrieve is None and (retrieve_tau is not None or retrieve_every is not None):
+            raise UserError("--retrieve-tau and --retrieve-every set how --retrieve K mixes passages; add --retrieve K")
+        spec = {k: v for k, v in (("k", retrieve), ("tau", retrieve_tau), ("every", retrieve_every)) if v is not None}
         req = RequestControls(
+            docs=docs, retrieve=spec or None,
             formula=formula, trace=trace, steer=steer, ban=ban, require=require, words=words,
             end_word=end_word, regex=regex, json_schema=json_schema, script=script,
             extra={k: v for k, v in (("script_soft", script_soft), ("sentences", sentences), ("require_within", require_within),
                                      ("vocab", vocab), ("grammar", grammar), ("speculate", speculate or None),
                                      ("fast_forward", None if fast_forward else False)) if v is not None},
         )
-        if trace and not formula:
-            raise UserError("--trace shows a formula's terms; add --formula")
+        if trace and not (formula or retrieve):
+            raise UserError("--trace shows a formula's terms; add --formula (or --docs with --retrieve)")
         if top_logprobs and not as_json:
             raise UserError("--top-logprobs appear only in the --json output; add --json")
         if speculate and not formula:
@@ -216,6 +231,10 @@ def generate(
             from tokensteer.constraints import check, spec_from_request
 
             check(spec_from_request(req))
+    if byte_level:  # exact byte-level probabilities (tokensteer.bytes)
+        from tokensteer.bytes.cli import generate_command
+
+        return generate_command(prompt, cfg, req, model, backend, dtype, stream_, as_json)
     lm = load_model(model, backend, dtype, needs)
     with user_errors():
         controls = build_controls(lm, req)
@@ -225,6 +244,10 @@ def generate(
             obj = _as_json(lm, g)
             if trace:  # the formula's per-token trace (tokensteer.formula.trace)
                 obj["trace"] = [r.as_dict() for c in controls for r in (getattr(c, "traces", None) or [[]])[0]]
+            if any(getattr(c, "retrieval", None) for c in controls):  # the passages R terms used, and their weights
+                from tokensteer.retrieval.trace import as_dicts
+
+                obj["retrieval"] = [e for c in controls if getattr(c, "retrieval", None) for e in as_dicts(c.retrieval.events)]
             typer.echo(json.dumps(obj, ensure_ascii=False))
             _warn_unfinished(controls, g.finish_reason, max_tokens)
             return
@@ -346,23 +369,10 @@ def models(
     heads = sorted((m.home() / "heads").glob("*.gguf"))
     size = round(sum(h.stat().st_size for h in heads) / 1e6)  # MB, as the README counts
     t.add_row("formula heads", f"{m.home() / 'heads'} ({len(heads)} file{'s' * (len(heads) != 1)}, {size} MB; llama.cpp formulas build one per model on first use where the output kernel cannot run)")
-    native = m.home() / "native"
+    from tokensteer.backends.llamacpp import native
 
-    def built(name: str, refused: str, missing: str | None = None) -> str:
-        """Whether the C kernel ``name`` is built in the cache, refused by this machine, or not tried yet."""
-        if missing:
-            return missing
-        if any(native.glob(f"{name}-*.so")):
-            return "built"
-        return refused if any(native.glob(f"{name}-*.failed")) else "built on first llama.cpp use"
-
-    out_layer = built("q8head", "cannot be built here (no C compiler, or neither AVX-512 VNNI nor AVX2): llama.cpp's own output layer runs")
-    t.add_row("output kernel", f"{native} (Q8_0 output layer for llama.cpp: {out_layer})")
-    from tokensteer.backends.llamacpp import kernels as matmul
-
-    no_headers = None if matmul.ggml_headers() is not None else "not built: llama-cpp-python's ggml headers are missing, llama.cpp's own kernels run"
-    blocks = built("matmul", "cannot be built here (no C compiler, or no AVX-512 VNNI and VBMI): llama.cpp's own kernels run", no_headers)
-    t.add_row("block kernels", f"{native} (matrix products and GEGLU of llama.cpp's blocks: {blocks})")
+    t.add_row("output kernel", f"Q8_0 output layer for llama.cpp: {native.status('q8head')}; AMX: {native.status('q8amx')}")
+    t.add_row("block kernels", f"matrix products and GEGLU of llama.cpp's blocks: {native.status('matmul')}")
     Console().print(t)
     if m.cache_status() != "ready":
         err.print("[dim]the first `tokensteer generate` builds the cache (about a minute)[/]")

@@ -46,6 +46,7 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # leave tokens that write no text (markers, control) out of the text
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "top_k", "top_logprobs"):
@@ -54,8 +55,9 @@ class SamplingConfig:
             object.__setattr__(self, name, _real(getattr(self, name), name.replace("_", " ")))
         object.__setattr__(self, "seed", _seeds(self.seed))
         object.__setattr__(self, "stop", _stops(self.stop))
-        if not isinstance(self.ignore_eos, bool):
-            raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
         lo, hi = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens >= 0, f"max tokens must be ≥ 0, got {self.max_tokens}"),

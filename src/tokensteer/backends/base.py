@@ -9,6 +9,7 @@ in ``capabilities``.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -26,27 +27,36 @@ HEAD_MIX = "head_mix"  # run the output layer on linear combinations of rows (``
 ROW_EDITS = "row_edits"  # additive edits given per row with ``Session.add``, so differently steered rows share a batch
 
 
+#: user-defined tokens that mark media or turns rather than write text ("<start_of_image>", "[multimodal]")
+MARKER = re.compile(r"^(\[[a-z_]+\]|<(start|end)_of_[a-z_]+>)$")
+
+
 class Tokenizer(ABC):
-    """The little a loop needs from a tokenizer."""
+    """The little the engine needs from a tokenizer."""
 
     vocab_size: int
     eos_ids: frozenset[int]
     bos_id: int | None
+    #: tokens that write no text: control, unused and unknown tokens, and markers (``MARKER``)
+    special_ids: frozenset[int] = frozenset()
 
     @abstractmethod
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
     @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """The text of ``ids``; special tokens (``special_ids``) are left out unless ``skip_special`` is False."""
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (for top-n alternatives and traces)."""
-        return self.decode([token_id])
+        return self.decode([token_id], skip_special=False)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes one token adds to the text: b"" for control tokens, one byte for byte-fallback
         tokens. Constraints build their per-token tables from this; override it when single-id
         decoding cannot show a token's bytes (incomplete UTF-8 decodes as U+FFFD)."""
+        if token_id in self.special_ids:
+            return b""
         return self.decode([token_id]).encode("utf-8")
 
 

@@ -45,12 +45,12 @@ class Detokenizer:
     """Incremental detokenisation that holds back text a stop string could still claim, so a
     stream and a finished generation always give the same text."""
 
-    def __init__(self, tokenizer, stops: Sequence[str]) -> None:
-        self.tok, self.stops, self.emitted = tokenizer, stops, 0
+    def __init__(self, tokenizer, stops: Sequence[str], skip_special: bool = True) -> None:
+        self.tok, self.stops, self.emitted, self.skip_special = tokenizer, stops, 0, skip_special
 
     def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
         """Return the text that became final with these ids, and whether a stop string was hit."""
-        text = self.tok.decode(ids)
+        text = self.tok.decode(ids, skip_special=self.skip_special)
         hits = [i for i in (text.find(s) for s in self.stops) if i != -1]
         if hits:
             safe = min(hits)

@@ -61,7 +61,7 @@ class Request:
         self.sampler = make_sampler(cfg)
         self.generators = row_generators(cfg.seed, B)
         self.state.generators = self.generators
-        self.detoks = [Detokenizer(backend.tokenizer, cfg.stop) for _ in self.prompts]
+        self.detoks = [Detokenizer(backend.tokenizer, cfg.stop, cfg.skip_special_tokens) for _ in self.prompts]
         self.eos = frozenset() if cfg.ignore_eos else backend.tokenizer.eos_ids
         self.tokens: torch.Tensor | None = None  # [B] this step's tokens, fed at the next forward
         self.events: list[TokenEvent] = []  # produced by the last stage call, taken by the engine

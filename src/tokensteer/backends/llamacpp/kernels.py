@@ -17,21 +17,11 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 
 TYPES = {"Q8_0": 8, "Q5_0": 6, "Q4_K": 12, "Q6_K": 14}  # ggml type ids the kernel takes
 PREFILL_ROWS = 16  # past this many tokens in one call llama.cpp's own matrix kernels are faster
-
-
-def ggml_headers() -> Path | None:
-    """The folder of llama-cpp-python's ggml headers (installed beside the package when it is built
-    from source; the kernel is compiled against them), or None."""
-    from tokensteer.backends.llamacpp.native.variants import find_ggml
-
-    found = find_ggml()
-    return None if found is None else found[1]
 
 
 @cache

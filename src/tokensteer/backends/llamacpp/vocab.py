@@ -12,7 +12,7 @@ from typing import Sequence
 
 import llama_cpp
 
-from tokensteer.backends.base import Tokenizer
+from tokensteer.backends.base import MARKER, Tokenizer
 from tokensteer.errors import UserError
 
 
@@ -28,6 +28,20 @@ class LlamaTokenizer(Tokenizer):
         self.eos_ids = frozenset(t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, t))
         self._pieces: dict[int, bytes] = {}
         self._buf = ctypes.create_string_buffer(256)
+        self._special: frozenset[int] | None = None
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Tokens that write no text (see ``Tokenizer.special_ids``), found on first use."""
+        if self._special is None:
+            self._special = frozenset(t for t in range(self.vocab_size) if self._writes_no_text(t))
+        return self._special
+
+    def _writes_no_text(self, t: int) -> bool:
+        attr = int(llama_cpp.llama_vocab_get_attr(self._vocab, t))
+        if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNUSED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN):
+            return True
+        return bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED) and bool(MARKER.match(self.piece(t).decode("utf-8", "replace")))
 
     def _check_open(self) -> None:
         """llama.cpp would read freed memory once the model is closed: refuse instead."""
@@ -64,8 +78,15 @@ class LlamaTokenizer(Tokenizer):
         return p
 
     def token_bytes(self, token_id: int) -> bytes:
-        """llama.cpp knows each token's raw bytes (byte-fallback tokens included)."""
-        return self.piece(token_id)
+        """llama.cpp knows each token's raw bytes (byte-fallback tokens included); special ones write none."""
+        return b"" if token_id in self.special_ids else self.piece(token_id)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return b"".join(self.piece(int(i)) for i in ids).decode("utf-8", errors="replace")
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        if not skip_special:
+            return b"".join(self._rendered(int(i)) for i in ids).decode("utf-8", errors="replace")
+        return b"".join(self.piece(int(i)) for i in ids if i not in self.special_ids).decode("utf-8", errors="replace")
+
+    def _rendered(self, t: int) -> bytes:
+        """A token's text with control tokens shown (``<bos>``)."""
+        n = llama_cpp.llama_token_to_piece(self._vocab, t, self._buf, len(self._buf), 0, True)
+        return self._buf.raw[:n] if n >= 0 else self.piece(t)

@@ -1,7 +1,9 @@
 """The reference backend: any local Hugging Face causal LM through PyTorch, with every hook.
 
 Residual edits and hidden-state reads go through one permanent forward hook per decoder layer,
-which looks at the session that is running; with no edits the hook returns at once.
+which looks at the session that is running; with no edits the hook returns at once. Long prompts
+are prefilled in chunks (``kvselect.prefill``), and attention runs through ``kvselect``'s
+function, which is plain SDPA until TokenSelect is turned on (``set_kv_select``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import pickle
 import re
 import struct
 import threading
-from typing import Sequence
+import weakref
+from typing import Callable, Sequence
 
 import torch
 
@@ -25,11 +28,13 @@ from tokensteer.backends.base import (
     RESIDUAL_FIRST,
     RESIDUAL_FN,
     ROW_EDITS,
+    MARKER,
     Backend,
     Tokenizer,
 )
 from tokensteer.errors import UserError
 from tokensteer.hooks import EditContext, ResidualEdit
+from tokensteer.kvselect import KV_SELECT, PREFILL_CHUNK, KVSelectConfig, install, new_selector, parse_kv_select, prefill_chunks, use
 from tokensteer.models import ModelSource, quiet_gguf_reader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -44,15 +49,23 @@ class HFTokenizer(Tokenizer):
         self.eos_ids = frozenset(eos_ids)
         self.bos_id = tok.bos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        added = getattr(tok, "added_tokens_decoder", {}) or {}
+        self.special_ids = frozenset(tok.all_special_ids) | frozenset(
+            i for i, t in added.items() if t.special or MARKER.match(t.content)
+        )
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_bos)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        if skip_special:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token, recovering byte-fallback (``<0xE2>``) and byte-level BPE pieces."""
+        if token_id in self.special_ids:
+            return b""
         text = self.decode([token_id])
         piece = self.hf.convert_ids_to_tokens(token_id)
         if "\ufffd" in text and isinstance(piece, str):
@@ -124,8 +137,16 @@ class TorchBackend(Backend):
         self.n_layers = len(self.layers)
         text_config = model.config.get_text_config()
         self.hidden_size = int(text_config.hidden_size)
-        self.context_length = getattr(text_config, "max_position_embeddings", None)
+        self.trained = getattr(text_config, "max_position_embeddings", None)
+        self.context_length = self.trained
         self.dtype = next(model.parameters()).dtype
+        self.kv_select: KVSelectConfig | None = None  # TokenSelect for every session, when set
+        self._selectors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Selector
+        self.prefill_chunk = PREFILL_CHUNK
+        self.progress: Callable[[int, int], None] | None = None  # (prompt tokens done, in all) during a prefill
+        if install(model):
+            self.capabilities = self.capabilities | {KV_SELECT}
+        self.set_kv_select(None)
         self._lock = threading.Lock()
         self._edits: dict[int, list[ResidualEdit]] = {}
         self._ctx = EditContext("prefill", 0)
@@ -139,8 +160,33 @@ class TorchBackend(Backend):
             head.register_forward_pre_hook(self._mix_rows)
             self.capabilities = self.capabilities | {HEAD_MIX}
 
+    def set_kv_select(self, spec: str | KVSelectConfig | dict | bool | None) -> KVSelectConfig | None:
+        """Turn TokenSelect on for the sessions opened from now on ("on", "k=1024,theta=0.95", a
+        config) or off (None, "off"); ``extrapolate=on`` lifts the trained-length limit."""
+        cfg = parse_kv_select(spec)
+        if cfg is not None and KV_SELECT not in self.capabilities:
+            raise UserError(f"{self.model_name} does not take a registered attention function, so --kv-select cannot run on it")
+        self.kv_select = cfg
+        self.prefill_chunk = cfg.chunk if cfg is not None else PREFILL_CHUNK
+        self.context_length = None if cfg is not None and cfg.extrapolate else self.trained
+        self.context_hint = (
+            f", or read past the {self.trained} tokens {self.model_name} was trained to with --kv-select extrapolate=on "
+            "(Python: kv_select='extrapolate=on')" if self.trained and KV_SELECT in self.capabilities else ""
+        )
+        return cfg
+
+    def selector(self, cache):
+        """The TokenSelect state of the sequences in ``cache`` (made on first use), or None when off."""
+        cfg = self.kv_select
+        if cfg is None:
+            return None
+        sel = self._selectors.get(cache)
+        if sel is None or sel.cfg != cfg:
+            sel = self._selectors[cache] = new_selector(self.model, cfg)
+        return sel
+
     @classmethod
-    def load(cls, source: ModelSource, dtype: str = "float32") -> "TorchBackend":
+    def load(cls, source: ModelSource, dtype: str = "float32", kv_select: str | KVSelectConfig | None = None) -> "TorchBackend":
         from huggingface_hub.errors import StrictDataclassError
         from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,7 +211,9 @@ class TorchBackend(Backend):
                 struct.error, IndexError, EOFError) as e:  # corrupt, odd or truncated files, or a config.json of the wrong shape
             raise UserError(f"cannot load model {source.path}: {_first_lines(e)}") from e
         vocab = int(model.get_output_embeddings().weight.shape[0])
-        return cls(model, HFTokenizer(tok, _eos_ids(model, tok), vocab), source.name)
+        backend = cls(model, HFTokenizer(tok, _eos_ids(model, tok), vocab), source.name)
+        backend.set_kv_select(kv_select)
+        return backend
 
     def _make_hook(self, i: int):
         def hook(module, args, output):
@@ -220,13 +268,17 @@ class TorchBackend(Backend):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache, edits: dict[int, list[ResidualEdit]],
                 phase: str, mix: torch.Tensor | None, keep: int) -> torch.Tensor:
         """Run ``ids`` [N, T] through the model with ``cache``, applying ``edits`` (by layer) and the
-        row ``mix``; return the float logits of the last ``keep`` positions, [N', keep, V]."""
+        row ``mix``; return the float logits of the last ``keep`` positions, [N', keep, V]. A prompt
+        longer than ``prefill_chunk`` goes in chunks, reporting to ``progress``."""
         with self._lock:
             self._edits, self._ctx, self._mix = edits, EditContext(phase, ids.shape[0]), mix
             try:
-                out = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep
-                )
+                with use(self.selector(cache)):
+                    if phase == "prefill" and keep == 1 and ids.shape[1] > self.prefill_chunk:
+                        return prefill_chunks(self.model, ids, cache, mask, positions, self.prefill_chunk, self.progress)[:, None]
+                    out = self.model(
+                        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep
+                    )
             finally:
                 self._edits, self._mix = {}, None
         return out.logits.float()
