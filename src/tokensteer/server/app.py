@@ -64,6 +64,7 @@ def warm_tokenizer(lm: Backend) -> None:
     if piece is not None:
         for i in range(lm.tokenizer.vocab_size):
             piece(i)
+        getattr(lm.tokenizer, "special_ids", None)  # found on first use
 
 
 def create_app(lm: Backend, settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
