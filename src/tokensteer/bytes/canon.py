@@ -33,8 +33,15 @@ class Checker:
         (or, when that ends inside a character, a prefix of one for some completion)?"""
         out = [False] * len(cands)
         texts, where = [], []
+        # pure BPE: a token that alone is canonical and cannot merge with the window's end keeps
+        # the sequence canonical (merges on each side run as they would alone)
+        follow = self.v.follow_bytes(window) if self.v.pure and tail_state(window) == 0 else None
         for k, t in enumerate(cands):
-            beta = window + self.v.table[t]
+            tb = self.v.table[t]
+            if follow is not None and tb[0] not in follow and self.v.self_canonical(t):
+                out[k] = True
+                continue
+            beta = window + tb
             state = tail_state(beta)
             if state is None:
                 continue  # never valid UTF-8, whatever follows

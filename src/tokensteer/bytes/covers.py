@@ -18,14 +18,17 @@ from tokensteer.bytes.vocab import ByteVocab
 if TYPE_CHECKING:
     from tokensteer.bytes.state import Node
 
-_EDGES = torch.arange(257, dtype=torch.int16)
-
-
 def by_next_byte(v: ByteVocab, n: "Node", text: bytes) -> tuple[float, torch.Tensor] | None:
     """Node ``n``'s live covers summed by their next byte: (log scale, [256] float64 sums), or None."""
     d = len(text) - n.pos
     if n.lo >= n.hi or d >= v.maxlen:
         return None
+    if d == 0 and n.lo == 0 and n.hi == len(v.sorted):  # the node at the end: every token, by first byte
+        top = float(n.logq.max())
+        if top == float("-inf"):
+            return None
+        sums = torch.zeros(257).scatter_add_(0, v.first_of_id, torch.exp(n.logq - top))[:END]
+        return top + n.logmass, sums.double()
     lo = bisect.bisect_right(v.sorted, text[n.pos :], n.lo, n.hi)  # skip tokens that end exactly here
     if lo >= n.hi:
         return None
@@ -33,9 +36,8 @@ def by_next_byte(v: ByteVocab, n: "Node", text: bytes) -> tuple[float, torch.Ten
     top = float(w.max())
     if top == float("-inf"):
         return None
-    cum = torch.nn.functional.pad(torch.exp(w - top).double().cumsum(0), (1, 0))
-    edges = torch.searchsorted(v.cols[d, lo : n.hi], _EDGES)
-    return top + n.logmass, cum[edges[1:]] - cum[edges[:-1]]
+    sums = torch.zeros(256).scatter_add_(0, v.cols[d, lo : n.hi].long(), torch.exp(w - top))
+    return top + n.logmass, sums.double()
 
 
 def next_logprobs(v: ByteVocab, nodes: Iterable["Node"], text: bytes, step: "Node | None", complete: bool) -> torch.Tensor:

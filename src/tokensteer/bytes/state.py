@@ -171,24 +171,25 @@ class ByteState:
     def _make(self, toks: tuple[int, ...], pos: int, logmass: float, logits: torch.Tensor, live: bool) -> Node:
         """A node from the model's logits after ``toks``: non-canonical next tokens removed."""
         lp = torch.log_softmax(logits.float(), -1)
-        eos = lp[self.v.eos].clone()
-        lp[self.v.banned] = NEG_INF
-        if self._complete(pos):
-            lp[self.v.eos] = eos
+        banned = self.v.banned if self._complete(pos) else self.v.banned_all
+        removed = torch.exp(lp[banned].double()).sum()  # normalised, so what is left is 1 - removed
+        lp[banned] = NEG_INF
         n_allowed = len(self.v.sorted)
         if n_allowed <= self.opt.check_all_below:
             cands, checked = self.v.order.tolist(), None
         else:
             top, idx = torch.topk(lp, min(self.opt.check_max, n_allowed))
-            cum = torch.exp(top - torch.logsumexp(lp, -1)).cumsum(0)
+            cum = (torch.exp(top.double()) / (1 - removed)).cumsum(0)
             n = int((cum < self.opt.check_mass).sum()) + 1
             cands = [t for t in idx[:n].tolist() if self.v.allowed[t]]
             checked = frozenset(cands)
         ok = self.check.valid(bytes(self.text[self.p : pos]), toks, cands)
         bad = [t for t, good in zip(cands, ok) if not good]
         if bad:
+            removed = removed + torch.exp(lp[bad].double()).sum()
             lp[bad] = NEG_INF
-        logq = lp - torch.logsumexp(lp, -1)
+        left = 1 - float(removed)
+        logq = lp - (math.log(left) if left > 1e-3 else float(torch.logsumexp(lp, -1)))  # exact sum when little is left
         node = Node(toks, pos, logmass, logq, checked=checked)
         if live:
             node.lo, node.hi = self.v.span(bytes(self.text[pos:]))

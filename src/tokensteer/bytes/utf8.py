@@ -59,9 +59,10 @@ def next_byte_mask(partial: bytes) -> torch.Tensor:
     return mask
 
 
+@functools.lru_cache(maxsize=256)
 def completions(partial: bytes, limit: int) -> list[str]:
     """Up to ``limit`` characters whose UTF-8 starts with ``partial`` (an unfinished character), in
-    code-point order."""
+    code-point order (cached: callers must not change the list)."""
     need = char_length(partial[0]) - len(partial) if partial else 0
     out: list[str] = []
 

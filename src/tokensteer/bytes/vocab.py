@@ -8,6 +8,7 @@ text; the end-of-text ids are kept apart.
 from __future__ import annotations
 
 import bisect
+import json
 import re
 import weakref
 from typing import Callable, Sequence
@@ -15,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from tokensteer.backends.base import Backend, Tokenizer
+from tokensteer.bytes.utf8 import tail_state
 from tokensteer.errors import UserError
 
 #: texts whose encoding must spell them back byte for byte (no dummy prefix, no normalisation)
@@ -104,7 +106,38 @@ class ByteVocab:
         self.allowed = torch.zeros(width, dtype=torch.bool)
         self.allowed[self.order] = True
         self.banned = torch.nonzero(~self.allowed).flatten()  # control tokens and end of text
+        self.banned_all = self.banned  # inside a character: end of text too
+        eos_at = torch.zeros(width, dtype=torch.bool)
+        eos_at[self.eos] = True
+        self.banned = torch.nonzero(~self.allowed & ~eos_at).flatten()  # on a character boundary
+        self.first_of_id = torch.full((width,), 256, dtype=torch.long)  # 256: no byte (control tokens, end of text)
+        self.first_of_id[self.order] = self.cols[0].long()
         self.start = self._start_tokens()
+        self.pure = pure_bpe(tok)
+        self._self_ok: dict[int, bool] = {}
+        self._follow: dict[bytes, frozenset[int]] = {}
+
+    def self_canonical(self, t: int) -> bool:
+        """Whether token ``t`` alone is how the tokenizer writes its bytes (cached)."""
+        ok = self._self_ok.get(t)
+        if ok is None:
+            b = self.table[t]
+            ok = self._self_ok[t] = tail_state(b) == 0 and self.encode([b.decode("utf-8")])[0] == [t]
+        return ok
+
+    def follow_bytes(self, window: bytes) -> set[int]:
+        """The bytes that some token has right after a suffix of ``window``: only tokens starting with
+        one of them can merge with the window's end."""
+        out: set[int] = set()
+        for i in range(max(0, len(window) - self.maxlen + 1), len(window)):
+            suffix = window[i:]
+            got = self._follow.get(suffix)
+            if got is None:
+                d, (a, b) = len(suffix), self.span(suffix)
+                col = self.cols[d, a:b] if a < b and d < self.maxlen else self.cols[0, :0]
+                got = self._follow[suffix] = frozenset(col[self.lens[a:b] > d].unique().tolist()) if len(col) else frozenset()
+            out |= got
+        return out
 
     def _start_tokens(self) -> list[int]:
         """What every row starts with: the tokenizer's own start (BOS), else an end-of-text token
@@ -138,6 +171,27 @@ class ByteVocab:
             if a < b:
                 return True
         return False
+
+
+def pure_bpe(tok: Tokenizer) -> bool:
+    """Whether the tokenizer is BPE over the whole text (no pre-tokenizer that splits it; Gemma's
+    split on " " never matches once spaces are "▁"). Then a merge can only cross the end of a text
+    where some token spans it, which lets most canonicality checks be skipped."""
+    fast = getattr(getattr(tok, "hf", None), "backend_tokenizer", None)
+    if fast is not None:
+        if type(fast.model).__name__ != "BPE":
+            return False
+        pre, norm = fast.pre_tokenizer, fast.normalizer
+        if pre is None:
+            return True
+        replaces = norm is not None and json.loads(norm.__getstate__()) == {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+        return replaces and json.loads(pre.__getstate__()).get("pattern") == {"String": " "}
+    vocab = getattr(tok, "_vocab", None)
+    if vocab is not None:  # llama.cpp: SentencePiece-style merges, no pre-tokenizer
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_type(vocab)) == int(llama_cpp.LLAMA_VOCAB_TYPE_SPM)
+    return False
 
 
 def byte_vocab(lm: Backend, width: int | None = None) -> ByteVocab:
