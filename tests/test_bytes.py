@@ -320,3 +320,25 @@ def test_tokenizers_that_do_not_spell_text_back_are_refused(sp):
 
     with pytest.raises(UserError, match="byte for byte"):
         byte_vocab(Fake())
+
+
+# command line -------------------------------------------------------------------------------
+def test_cli_byte_level(bpe_dir, sp_dir):
+    from typer.testing import CliRunner
+
+    from tokensteer.cli import app
+
+    run = lambda *a: CliRunner().invoke(app, ["generate", *a, "--model", str(bpe_dir), "--backend", "torch", "--byte-level"])
+    r = run("The harb", "-n", "6", "--json", "--top-logprobs", "2", "-t", "1", "--seed", "4")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.output.strip().splitlines()[-1])
+    assert obj["byte_level"] and len(obj["chars"]) == 6 and "".join(c["text"] for c in obj["chars"]) == obj["text"]
+    assert all(math.isclose(c["logprob"], sum(b["logprob"] for b in c["bytes"]), abs_tol=1e-6) for c in obj["chars"])
+    assert all(len(b["top"]) == 2 for c in obj["chars"] for b in c["bytes"])
+    streamed = run("The harb", "-n", "6", "-t", "1", "--seed", "4")
+    assert streamed.exit_code == 0 and obj["text"] in streamed.output
+    mixed = run("The harb", "-n", "4", "--formula", f'softunion(M, M(model="{sp_dir}"))')
+    assert mixed.exit_code == 0, mixed.output
+    for bad in (["--ban", "the"], ["--formula", 'M + C("positive")'], ["--repetition-penalty", "1.3"]):
+        r = run("The", *bad)
+        assert r.exit_code == 2 and "byte" in r.output, r.output
