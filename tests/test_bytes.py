@@ -256,9 +256,13 @@ def test_ensembles_across_tokenizers(bpe, sp):
     assert len(g.chars) == 12 and g.finish_reason == "length"
 
 
-def test_token_only_terms_are_refused_on_bytes(bpe):
-    with pytest.raises(UserError, match="byte by byte"):
+def test_mixing_token_and_byte_level_terms_is_refused(bpe, sp_dir):
+    with pytest.raises(UserError, match="byte by byte"):  # a guide scores whole tokens
         ByteFormula(bpe, 'M + C("positive")', "The")
+    from tokensteer.formula import FormulaControl
+
+    with pytest.raises(UserError, match="--byte-level"):  # token by token, vocabularies must match
+        tokensteer.generate(bpe, "The", max_tokens=2, controls=[FormulaControl(bpe, f'M + M(model="{sp_dir}")')])
 
 
 # generation ---------------------------------------------------------------------------------

@@ -469,7 +469,8 @@ def load_other(lm: Backend, path: str) -> Backend:
         other = tokensteer.load(path, backend=lm.name)
         why = tokenizer_mismatch(lm, other)
         if why:
-            raise UserError(f"the model {path} cannot be combined with {lm.model_name}: {why}")
+            raise UserError(f"the model {path} cannot be combined with {lm.model_name} token by token: {why}; "
+                            "combine them byte by byte with --byte-level (tokensteer.bytes)")
         _OTHERS[key] = other
     return _OTHERS[key]
 
