@@ -241,3 +241,34 @@ def test_llamacpp_rows_keep_their_tokens_in_a_running_batch():
         assert eng.counts["apart:edits"] == 1
     finally:
         lm.close()
+
+
+class Fused(Control):
+    """Reads its prompt's two rows only as one weighted sum: the backend mixes them before the output layer."""
+
+    stages = frozenset({"variants", "rewrite"})
+
+    def variants(self, prompt):
+        return ["good happy " + prompt]
+
+    def row_mix(self):
+        return torch.tensor([[0.5, 0.5]])
+
+    def logprobs(self, state, lp):
+        assert state.rows_per_prompt == 1  # the mixed row, not the two
+        return state.rows[:, 0]
+
+
+def test_mixed_rows_share_a_batch_with_plain_rows(tiny):
+    """A formula's mixed rows (R rows in, R' out) run beside plain requests in one forward pass and
+    give the tokens they give alone."""
+    cfg = ts.SamplingConfig(max_tokens=10, temperature=1.0, seed=2, ignore_eos=True)
+    alone = run_alone(tiny, "the cat", cfg, [Fused()])
+    eng = Engine(tiny)
+    plain = [eng.submit([p], c, ctl) for p, c, ctl in others(tiny)[:2]]
+    assert plain[0].next() is not None
+    mixed = eng.submit(["the cat"], cfg, [Fused()])
+    assert mixed.result()[0].tokens == alone
+    for (p, c, ctl), h in zip(others(tiny)[:2], plain):
+        assert h.result()[0].tokens == run_alone(tiny, p, c, ctl)
+    assert eng.counts["groups"] == 1

@@ -272,7 +272,7 @@ def test_mixing_before_the_head_is_closer_to_the_exact_sum(llama):
     a, b = llama.session(mix=mix), llama.session()
     seen = []
     real = a._mixed
-    a._mixed = lambda h: (seen.append(torch.as_tensor(np.asarray(h, np.float32))), real(h))[1]
+    a._mixed = lambda h, mix: (seen.append(torch.as_tensor(np.asarray(h, np.float32))), real(h, mix))[1]
     kl = {"fused": [], "unfused": []}
     try:
         la, lb = a.prefill(rows), b.prefill(rows)

@@ -740,7 +740,7 @@ def test_search_without_a_way_to_score_fails_before_generating(tiny, monkeypatch
     from tokensteer.steering import search as S
 
     v = SteeringVector({1: torch.ones(tiny.hidden_size)}, {"units": "raw"})
-    monkeypatch.setattr("tokensteer.loop.generate", lambda *a, **k: pytest.fail("generated before refusing"))
+    monkeypatch.setattr("tokensteer.engine.generate", lambda *a, **k: pytest.fail("generated before refusing"))
     with pytest.raises(UserError, match="no probe weights"):
         S.search(tiny, v, prompts=["the cat", "the dog"])
 

@@ -67,11 +67,12 @@ class Session(ABC):
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         """Start over with these rows (aligned by the backend as it needs); return [N, V] float logits."""
 
-    def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = ()) -> torch.Tensor:
-        """Prefill new rows after the live ones and return their [n, V] logits; the next ``step``
-        takes one token for every row. ``edits`` are additive edits of these rows alone (vectors
-        [H] or [n, H]), for backends with ``ROW_EDITS``. On failure no new row is left behind."""
-        if edits:
+    def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = (), mix: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill new rows after the live ones and return their logits; the next ``step`` takes one
+        token for every row. ``edits`` are additive edits of these rows alone (vectors [H] or
+        [n, H]), for backends with ``ROW_EDITS``; ``mix`` [R', R] makes each group of R of these
+        rows come out as R' combinations (``HEAD_MIX``). On failure no new row is left behind."""
+        if edits or mix is not None:
             raise NotImplementedError(f"{type(self).__name__} takes edits only when it is opened")
         if self.n_rows:
             raise NotImplementedError(f"{type(self).__name__} cannot add rows beside live ones")

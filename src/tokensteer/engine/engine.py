@@ -29,7 +29,6 @@ WHY_ALONE = {
     "speculative": "speculative decoding trims and extends its own rows",
     "forced": "forced tokens extend its own rows",
     "edits": "the backend adds one steering vector set to all rows of a batch",
-    "mix": "its formula mixes rows through the output layer differently",
     "full": "the running group had no room",
 }
 
@@ -155,10 +154,7 @@ class Engine:
     def _why_apart(self, req: Request) -> str:
         if req.path != "shared":
             return req.path
-        keys = [g.key for g in self._groups]
-        if req.key() in keys:
-            return "full"
-        return "mix" if req.mix is not None else "edits"
+        return "full" if req.key() in [g.key for g in self._groups] else "edits"
 
     def _advance(self, group: Group, joining: list[Request]) -> None:
         try:

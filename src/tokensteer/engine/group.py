@@ -30,8 +30,7 @@ class Group:
     def __init__(self, backend: Backend, first: Request, capacity: int, sink: Sink) -> None:
         self.backend, self.key, self.capacity, self.sink = backend, first.key(), capacity, sink
         edits = () if first.row_edits else first.edits
-        kw = {"mix": first.mix} if first.mix is not None else {}
-        self.session = backend.session(edits, rollback=first.path == "speculative", capacity=capacity, **kw)
+        self.session = backend.session(edits, rollback=first.path == "speculative", capacity=capacity)
         self.requests: list[Request] = []
         self.steps = 0
 
@@ -53,7 +52,7 @@ class Group:
         joined = []
         for req in reqs:
             try:
-                logits = self.session.add(req.rows, req.edits if req.row_edits else ())
+                logits = self.session.add(req.rows, req.edits if req.row_edits else (), req.mix)
             except Exception as e:  # noqa: BLE001 - the request fails alone (add leaves no rows behind)
                 req.error = e
                 self.sink.finished(req)

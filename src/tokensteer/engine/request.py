@@ -115,12 +115,11 @@ class Request:
         return ROW_EDITS in self.backend.capabilities and all(e.vector is not None for e in self.edits)
 
     def key(self) -> tuple:
-        """Requests with equal keys can share one session: the same session-wide edits and row mix."""
+        """Requests with equal keys can share one session: the same session-wide edits (row mixes
+        and per-row edits travel with each request's rows)."""
         if self.path != "shared":
             return ("alone", id(self))
-        edits = () if self.row_edits else _fingerprint(self.edits)
-        mix = None if self.mix is None else (self.R, self.mix.numpy().tobytes())
-        return (edits, mix)
+        return () if self.row_edits else _fingerprint(self.edits)
 
     def n_rows(self) -> int:
         """Rows this request holds in its session now."""

@@ -11,6 +11,7 @@ import torch
 
 from tokensteer.backends.base import Session
 from tokensteer.backends.llamacpp.kernels import PREFILL_ROWS
+from tokensteer.backends.rowmix import RowMix
 from tokensteer.errors import UserError
 from tokensteer.hooks import ResidualEdit
 
@@ -39,7 +40,8 @@ class LlamaSession(Session):
     ) -> None:
         self.b, self.capacity = backend, capacity
         self.c: Context | None = None
-        self.mix = None if mix is None else mix.detach().float().numpy()  # [R', R] (see Session)
+        self.first_mix = mix  # the mix of rows added without one of their own (``prefill``)
+        self.mix = RowMix()  # which rows reach the output layer mixed (see ``rowmix``)
         # the output layer run after a captured final norm; None: llama.cpp's own (mixing full logits)
         self.head = backend.head() if mix is not None else backend.plain_head()
         self._out: np.ndarray | None = None  # plain sessions' logits buffer, reused every step
@@ -103,23 +105,16 @@ class LlamaSession(Session):
             raise RuntimeError("llama.cpp did not stop at the final norm of this model")
         return h.reshape(n, -1)
 
-    def _mix_rows(self, x: np.ndarray) -> np.ndarray:
-        """[G * R, ...] rows -> [G * R', ...]: each group of R rows replaced by the mix's combinations."""
-        if self.mix is None:
-            return x
-        R = self.mix.shape[1]
-        return np.einsum("or,gr...->go...", self.mix, x.reshape(-1, R, *x.shape[1:])).reshape(-1, *x.shape[1:])
-
-    def _mixed(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def _mixed(self, h: torch.Tensor | np.ndarray, mix: RowMix) -> torch.Tensor:
         """Logits of the mixed rows of final hidden states ``h`` [N, H], through the head model."""
-        u = self._mix_rows(np.asarray(h, np.float32))
+        u = mix.apply(np.asarray(h, np.float32))
         return torch.from_numpy(self.head.logits(np.ascontiguousarray(u, np.float32)))
 
-    def _mix_logits(self, logits: torch.Tensor) -> torch.Tensor:
+    def _mix_logits(self, logits: torch.Tensor, mix: RowMix) -> torch.Tensor:
         """Without the head model: mix the full logits (the same result, no saving)."""
-        if self.mix is None:
+        if not mix.mixes:
             return logits
-        return torch.from_numpy(self._mix_rows(logits.numpy()).astype(np.float32))
+        return torch.from_numpy(mix.apply(logits.numpy()).astype(np.float32))
 
     def _logits(self, n: int) -> np.ndarray:
         """The [n, V] logits of the last decode, in batch order, viewed in place (no copy)."""
@@ -136,10 +131,10 @@ class LlamaSession(Session):
         if self.c is not None:
             self.c.reset()
             self._phase = None
-        self.seqs, self.pos = np.zeros(0, np.int32), np.zeros(0, np.int32)
-        return self.add(rows)
+        self.seqs, self.pos, self.mix = np.zeros(0, np.int32), np.zeros(0, np.int32), RowMix()
+        return self.add(rows, mix=self.first_mix)
 
-    def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = ()) -> torch.Tensor:
+    def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = (), mix: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill new rows, one sequence id each, beside the live ones (edits are the session's:
         llama.cpp's control vector applies to every row)."""
         if not rows or any(len(r) == 0 for r in rows):
@@ -161,7 +156,9 @@ class LlamaSession(Session):
             raise
         self.seqs = np.concatenate([self.seqs, np.asarray(free, np.int32)])
         self.pos = np.concatenate([self.pos, np.array([len(r) for r in rows], np.int32)])
-        return self._mixed(out) if self.head is not None else self._mix_logits(out)
+        new = RowMix.of(mix, len(rows))
+        self.mix.add(mix, len(rows))
+        return self._mixed(out, new) if self.head is not None else self._mix_logits(out, new)
 
     def _prefill_rows(self, rows: list[list[int]], seqs: list[int]) -> torch.Tensor:
         """Decode each row into its sequence id; [n, H] final hidden states (capturing) or [n, V] logits."""
@@ -201,14 +198,14 @@ class LlamaSession(Session):
         batch.logits[:n] = 1
         self._decode(n, self.head is not None)
         self.pos += 1
-        if self.head is not None and self.mix is None:  # our output kernel into a reused buffer
+        if self.head is not None and not self.mix.mixes:  # our output kernel into a reused buffer
             if self._out is None or self._out.shape[0] != n:
                 self._out = np.empty((n, self.b.n_vocab), np.float32)
             return torch.from_numpy(self.head.logits(self._hidden(n), self._out))
         if self.head is not None:
-            return self._mixed(self._hidden(n))
-        if self.mix is not None:
-            return self._mix_logits(torch.from_numpy(self._logits(n)))
+            return self._mixed(self._hidden(n), self.mix)
+        if self.mix.mixes:
+            return self._mix_logits(torch.from_numpy(self._logits(n)), self.mix)
         addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
         if self._view is None or self._view[:2] != (addr, n):  # llama.cpp reuses its buffer: keep the view
             self._view = (addr, n, torch.from_numpy(self._logits(n)))
@@ -235,10 +232,13 @@ class LlamaSession(Session):
         capture = self.head is not None
         self._decode(m, capture)
         self.pos += k
-        if capture:  # position-major [k * n, H] -> k mixed blocks through the head at once
-            out = self._mixed(self._hidden(m))
+        blocks = RowMix()  # position-major: k blocks of this session's rows
+        for _ in range(k):
+            blocks.segments += [list(seg) for seg in self.mix.segments]
+        if capture:  # k mixed blocks through the head at once
+            out = self._mixed(self._hidden(m), blocks)
         else:
-            out = self._mix_logits(torch.from_numpy(self._logits(m).copy()))
+            out = self._mix_logits(torch.from_numpy(self._logits(m).copy()), blocks)
         return out.view(k, out.shape[0] // k, -1).transpose(0, 1).contiguous()
 
     def trim(self, n: int) -> None:
@@ -266,6 +266,7 @@ class LlamaSession(Session):
             llama_cpp.llama_memory_seq_rm(self.c.mem, s, -1, -1)
         self.seqs = np.array(new, np.int32)
         self.pos = self.pos[rows]
+        self.mix.select(rows)
 
     def close(self) -> None:
         if self.c is not None:

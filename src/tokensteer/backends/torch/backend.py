@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from tokensteer.backends.rowmix import RowMix
 from tokensteer.backends.torch.session import TorchSession
 from tokensteer.backends.torch.packed import pack_decoder_layers, pack_output_layer
 from tokensteer.backends.base import (
@@ -142,6 +143,7 @@ class TorchBackend(Backend):
         self.dtype = next(model.parameters()).dtype
         self.kv_select: KVSelectConfig | None = None  # TokenSelect for every session, when set
         self._selectors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Selector
+        self.last_selector = None
         self.prefill_chunk = PREFILL_CHUNK
         self.progress: Callable[[int, int], None] | None = None  # (prompt tokens done, in all) during a prefill
         if install(model):
@@ -151,7 +153,7 @@ class TorchBackend(Backend):
         self._edits: dict[int, list[ResidualEdit]] = {}
         self._ctx = EditContext("prefill", 0)
         self._record: dict[int, torch.Tensor] | None = None
-        self._mix: torch.Tensor | None = None  # the running session's row mix, applied before the output layer
+        self._mix: RowMix | None = None  # the running forward's row mixes, applied before the output layer
         for i, layer in enumerate(self.layers):
             layer.register_forward_hook(self._make_hook(i))
         head = model.get_output_embeddings()
@@ -183,6 +185,7 @@ class TorchBackend(Backend):
         sel = self._selectors.get(cache)
         if sel is None or sel.cfg != cfg:
             sel = self._selectors[cache] = new_selector(self.model, cfg)
+        self.last_selector = sel  # its counts (selection-cache hit rate) outlive the session
         return sel
 
     @classmethod
@@ -238,13 +241,11 @@ class TorchBackend(Backend):
         return hook
 
     def _mix_rows(self, module, args):
-        """Output-layer pre-hook: replace each group of R rows [N, T, H] by the mix's R' combinations."""
+        """Output-layer pre-hook: replace mixed groups of rows [N, T, H] by their combinations (``RowMix``)."""
         m = self._mix
-        if m is None:
+        if m is None or not m.mixes:
             return None
-        h = args[0]
-        groups = h.reshape(h.shape[0] // m.shape[1], m.shape[1], *h.shape[1:])
-        return (torch.einsum("or,br...->bo...", m.to(h.dtype), groups).flatten(0, 1), *args[1:])
+        return (m.apply(args[0]), *args[1:])
 
     def session(
         self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None, capacity: int | None = None
@@ -266,7 +267,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache, edits: dict[int, list[ResidualEdit]],
-                phase: str, mix: torch.Tensor | None, keep: int) -> torch.Tensor:
+                phase: str, mix: RowMix | None, keep: int) -> torch.Tensor:
         """Run ``ids`` [N, T] through the model with ``cache``, applying ``edits`` (by layer) and the
         row ``mix``; return the float logits of the last ``keep`` positions, [N', keep, V]. A prompt
         longer than ``prefill_chunk`` goes in chunks, reporting to ``progress``."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from tokensteer.backends.base import Session
+from tokensteer.backends.rowmix import RowMix
 from tokensteer.errors import UserError
 from tokensteer.hooks import ResidualEdit
 
@@ -30,7 +31,8 @@ class TorchSession(Session):
         self, backend: TorchBackend, edits: Sequence[ResidualEdit], rollback: bool = False, mix: torch.Tensor | None = None
     ) -> None:
         self.b = backend
-        self.mix = None if mix is None else mix.detach().float()
+        self.first_mix = mix  # the mix of rows added without one of their own (``prefill``)
+        self.mix = RowMix()  # which rows reach the output layer mixed (see ``rowmix``)
         self.edits: dict[int, list[ResidualEdit]] = {}  # session-wide edits, by layer
         for e in edits:
             self.edits.setdefault(e.layer, []).append(e)
@@ -61,15 +63,16 @@ class TorchSession(Session):
                 out.setdefault(layer, []).append(ResidualEdit(layer, vector=v if rows is None else v[rows]))
         return out
 
-    def _forward(self, ids, mask, positions, cache, phase: str, keep: int, rows: slice | None = None) -> torch.Tensor:
-        return self.b.forward(ids, mask, positions, cache, self._layer_edits(phase, rows), phase, self.mix, keep)
+    def _forward(self, ids, mask, positions, cache, phase: str, keep: int, rows: slice | None = None, mix: RowMix | None = None) -> torch.Tensor:
+        return self.b.forward(ids, mask, positions, cache, self._layer_edits(phase, rows), phase, mix or self.mix, keep)
 
     # -- rows in ----------------------------------------------------------------------------
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         self.cache, self.mask, self.pos, self.row_vectors = self._new_cache(), None, torch.zeros(0, dtype=torch.long), {}
-        return self.add(rows)
+        self.mix = RowMix()
+        return self.add(rows, mix=self.first_mix)
 
-    def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = ()) -> torch.Tensor:
+    def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = (), mix: torch.Tensor | None = None) -> torch.Tensor:
         if not rows or any(len(r) == 0 for r in rows):
             raise UserError("every prompt needs at least one token")
         n, old = len(rows), self.n_rows
@@ -85,7 +88,7 @@ class TorchSession(Session):
         for key in self.row_vectors.keys() - vectors.keys():
             self.row_vectors[key] = torch.cat([self.row_vectors[key], self.row_vectors[key].new_zeros(n, self.b.hidden_size)])
         try:
-            logits = self._forward(ids, mask if bool((mask == 0).any()) else None, positions, cache, "prefill", 1, slice(old, old + n))[:, -1]
+            logits = self._forward(ids, mask if bool((mask == 0).any()) else None, positions, cache, "prefill", 1, slice(old, old + n), RowMix.of(mix, n))[:, -1]
         except BaseException:
             for key in list(self.row_vectors):
                 self.row_vectors[key] = self.row_vectors[key][:old]
@@ -95,6 +98,7 @@ class TorchSession(Session):
         else:
             self.mask = mask if bool((mask == 0).any()) else None
         self.pos = torch.cat([self.pos, positions[:, -1] + 1])
+        self.mix.add(mix, n)
         return logits
 
     def _table(self, key: tuple[int, str], n: int) -> torch.Tensor:
@@ -170,6 +174,7 @@ class TorchSession(Session):
         self.cache.reorder_cache(idx)
         self.pos = self.pos[idx]
         self.row_vectors = {k: v[idx] for k, v in self.row_vectors.items()}
+        self.mix.select(list(rows))
         if self.mask is not None:
             self.mask = self.mask[idx]
             self._cut_padding()
