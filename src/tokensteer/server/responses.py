@@ -34,13 +34,14 @@ def finish(reason: str | None) -> str | None:
 
 def completion_logprobs(tok: Tokenizer, events: list[TokenEvent], top: bool, offset: int = 0) -> dict:
     """``choices[i].logprobs`` of a completion: tokens, their log-probabilities, top alternatives
-    (``{text: logprob}``) and each token's offset in the completion text."""
+    (``{text: logprob}``; tokens the controls ruled out are left out) and each token's offset in
+    the completion text."""
     tokens, lps, tops, offsets = [], [], [], []
     for ev in events:
         text = tok.token_text(ev.token)
         tokens.append(text)
         lps.append(finite(ev.logprob))
-        tops.append({tok.token_text(i): finite(v) for i, v in ev.top} if top else None)
+        tops.append({tok.token_text(i): v for i, v in ev.top if math.isfinite(v)} if top else None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops if top else None, "text_offset": offsets}
@@ -52,7 +53,7 @@ def chat_logprobs(tok: Tokenizer, events: list[TokenEvent]) -> dict:
     def entry(token: int, lp: float) -> dict:
         return {"token": tok.token_text(token), "logprob": finite(lp), "bytes": list(tok.token_bytes(token))}
 
-    content = [{**entry(ev.token, ev.logprob), "top_logprobs": [entry(i, v) for i, v in ev.top]} for ev in events]
+    content = [{**entry(ev.token, ev.logprob), "top_logprobs": [entry(i, v) for i, v in ev.top if math.isfinite(v)]} for ev in events]
     return {"content": content, "refusal": None}
 
 

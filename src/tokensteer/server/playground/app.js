@@ -218,7 +218,7 @@ function showTip(span, x, y) {
   html += "</table>";
   if (info.trace) {
     html += "<h4>formula terms (log-probability of this token)</h4><table>";
-    for (const t of info.trace.terms) html += "<tr><td>" + esc(t.term) + " ×" + t.weight.toPrecision(3) + "</td><td class='num'>" + fmt(t.logprob) + "</td></tr>";
+    for (const t of info.trace.terms) html += "<tr><td title='" + esc(t.term) + "'>" + esc(shorten(t.term)) + " ×" + t.weight.toPrecision(3) + "</td><td class='num'>" + fmt(t.logprob) + "</td></tr>";
     html += "<tr><td>combined</td><td class='num'>" + fmt(info.trace.combined) + "</td></tr>";
     html += "<tr><td>base model</td><td class='num'>" + fmt(info.trace.base) + "</td></tr></table>";
   }
@@ -226,6 +226,11 @@ function showTip(span, x, y) {
   tip.hidden = false;
   tip.style.left = Math.min(x + 12, window.innerWidth - tip.offsetWidth - 8) + "px";
   tip.style.top = (y + 16) + "px";
+}
+
+function shorten(term) {
+  // long conditioning texts: keep the start of each quoted string
+  return term.replace(/"((?:[^"\\]|\\.){28})(?:[^"\\]|\\.)+"/g, (m, head) => '"' + head + '…"');
 }
 
 function esc(s) {
