@@ -118,11 +118,16 @@ class Job:
 async def start(ctx: ServerContext, plan: Plan) -> Job:
     """Take a place under the concurrency limit, then check, build and submit in a worker thread."""
     ctx.gate.enter()
+    box: list[Job] = []
     try:
-        job = await anyio.to_thread.run_sync(_submit, ctx, plan)
-    except BaseException:
-        ctx.gate.leave()
+        await anyio.to_thread.run_sync(lambda: box.append(_submit(ctx, plan)))
+    except BaseException:  # a failed check, or a client that hung up while the thread submitted
+        if box:
+            box[0].close()
+        else:
+            ctx.gate.leave()
         raise
+    job = box[0]
     ctx.metrics.tokens.labels("prompt").inc(sum(job.prompt_tokens))
     return job
 

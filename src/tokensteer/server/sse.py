@@ -4,7 +4,7 @@ the error object, and ``data: [DONE]`` at the end."""
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator
+from typing import AsyncGenerator, Callable
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -17,15 +17,16 @@ def frame(obj: dict) -> bytes:
 
 
 class EventStream(StreamingResponse):
-    """A text/event-stream response that always closes its generator, so a client that hangs up
-    runs the generator's cleanup (which cancels its request) at once."""
+    """A text/event-stream response that always closes its generator and calls ``on_close``, so a
+    client that hangs up (even before the first frame) cancels its request at once."""
 
-    def __init__(self, frames: AsyncIterator[bytes]) -> None:
+    def __init__(self, frames: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
         super().__init__(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.frames = frames
+        self.frames, self.on_close = frames, on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.frames.aclose()
+            self.on_close()

@@ -87,7 +87,7 @@ async def chat(request: Request):
             return {**head("chat.completion.chunk"), "choices": [], "usage": usage(sum(job.prompt_tokens), job.completion_tokens())}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStream(stream(job, heads, chunk, tail if include else None))
+        return EventStream(stream(job, heads, chunk, tail if include else None), job.close)
 
     await job.collect(request)
     choices = []

@@ -62,7 +62,7 @@ async def completions(request: Request):
             return {**head(), "choices": [], "usage": usage(sum(job.prompt_tokens), job.completion_tokens())}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStream(stream(job, [], chunk, tail if include else None))
+        return EventStream(stream(job, [], chunk, tail if include else None), job.close)
 
     await job.collect(request)
     choices = []
