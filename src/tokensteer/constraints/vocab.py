@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import os
-import tempfile
 import weakref
 import zipfile
 from typing import Iterable
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from tokensteer.backends.base import Tokenizer
+from tokensteer.files import atomic_write
 from tokensteer.models import home
 
 FORMAT = 1
@@ -172,16 +171,9 @@ def _read(path) -> list[bytes] | None:
 
 
 def _write(path, tokens: list[bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        lengths = np.array([len(t) for t in tokens], dtype=np.int32)
-        np.savez(tmp, lengths=lengths, blob=np.frombuffer(b"".join(tokens), dtype=np.uint8))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    lengths = np.array([len(t) for t in tokens], dtype=np.int32)
+    blob = np.frombuffer(b"".join(tokens), dtype=np.uint8)
+    atomic_write(path, lambda tmp: np.savez(tmp, lengths=lengths, blob=blob), suffix=".npz", user_error=False)
 
 
 def token_table(tok: Tokenizer) -> TokenTable:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from tokensteer.files import atomic_write
 
 
 def sample_key(**parts: Any) -> str:
@@ -24,27 +24,6 @@ def sample_seed(base: int, method: str, item: int, k: int) -> int:
     """The deterministic seed of sample ``k`` of item ``item`` under ``method``."""
     h = hashlib.sha256(f"{base}|{method}|{item}|{k}".encode()).hexdigest()
     return int(h[:12], 16)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and os.replace; a failed write (read-only
-    file system, full disk) leaves the old file intact and is one UserError."""
-    from tokensteer.errors import UserError
-
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
 
 
 def _is_num(x: Any) -> bool:

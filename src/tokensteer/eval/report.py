@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from tokensteer.eval.cache import atomic_write
+from tokensteer.files import atomic_write
 
 COLUMNS = [
     ("n", "samples"),

@@ -18,10 +18,11 @@ from statistics import mean, median
 from typing import Any, Callable, Sequence
 
 from tokensteer.errors import UserError, check_can_write
-from tokensteer.eval.cache import SampleCache, atomic_write, sample_key, sample_seed
+from tokensteer.eval.cache import SampleCache, sample_key, sample_seed
 from tokensteer.eval.generation import Batch, Unit, plan_batches, run_batches, worker_init, worker_run
 from tokensteer.eval.methods import Method, make_method
 from tokensteer.eval.tasks import Task, get_task
+from tokensteer.files import atomic_write
 from tokensteer.sampling import SamplingConfig
 
 #: eval sampling defaults: nucleus sampling as in RealToxicityPrompts/DExperts, short continuations

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from tokensteer.errors import UserError
-from tokensteer.steering.vecfile import FORMAT, FORMAT_VERSION, LAYER_CONVENTION, SteeringVector, _atomic_write, expand, validate
+from tokensteer.files import atomic_write
+from tokensteer.steering.vecfile import FORMAT, FORMAT_VERSION, LAYER_CONVENTION, SteeringVector, check_writable, expand, validate
 
 ARCH = "controlvector"
 META_KEY = "tokensteer.metadata"
@@ -68,7 +69,8 @@ def export_gguf(
         w.write_tensors_to_file()
         w.close()
 
-    _atomic_write(path, write)
+    check_writable(path)
+    atomic_write(path, write)
     return path
 
 

@@ -9,7 +9,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 from tokensteer.errors import UserError
 

@@ -273,7 +273,8 @@ def plot(res: SearchResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tokensteer.steering.vecfile import _atomic_write, expand
+    from tokensteer.files import atomic_write
+    from tokensteer.steering.vecfile import check_writable, expand
 
     xs = [p.strength for p in res.curve]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -292,6 +293,7 @@ def plot(res: SearchResult, path: str | Path) -> Path:
     ax.set_title(f"layers {res.layers}: chosen strength {res.strength:.3g}")
     fig.tight_layout()
     path = expand(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    check_writable(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path

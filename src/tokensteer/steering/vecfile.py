@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from tokensteer.errors import UserError, check_can_write, expand
+from tokensteer.files import atomic_write
 
 FORMAT = "tokensteer-steering-vector"
 FORMAT_VERSION = 1
@@ -104,25 +104,6 @@ def check_writable(path: Path, flag: str = "output") -> None:
     check_can_write(path, flag)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and os.replace; a failed write (read-only file system, full
-    disk, no permission) leaves any old file intact and is one UserError."""
-    check_writable(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; vector files are meant to be shared (as eval results are)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_vector(vec: SteeringVector, path: str | Path) -> Path:
     """Write ``vec`` atomically (temp file + rename) as safetensors with JSON metadata."""
     from safetensors.torch import save_file
@@ -138,7 +119,8 @@ def save_vector(vec: SteeringVector, path: str | Path) -> Path:
     meta.setdefault("layer_convention", LAYER_CONVENTION)
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     header = {"tokensteer": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    check_writable(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return path
 
 

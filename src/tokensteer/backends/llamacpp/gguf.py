@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tokensteer.models import drop_written_pages
+from tokensteer.files import atomic_write, drop_written_pages
+
 
 def head_path(src: Path, cache: Path) -> Path:
     """Where the head model of ``src`` is kept: named by the file's path, size and time."""
@@ -150,10 +149,8 @@ def build_head(src: Path, dst: Path) -> None:
             else:
                 out.append((name, dims, ttype, range(first, first + size)))
 
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as w:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as w:
                 w.write(b"GGUF" + (3).to_bytes(4, "little") + len(out).to_bytes(8, "little") + n_kv.to_bytes(8, "little"))
                 w.write(kv)
                 offset = 0
@@ -170,11 +167,8 @@ def build_head(src: Path, dst: Path) -> None:
                     else:
                         w.write(data)
                     w.write(bytes(-len(data) % align))
-            drop_written_pages(tmp)  # the output layer then streams ~20 % faster
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            drop_written_pages(tmp)  # read back through readahead, the output layer streams faster
+
+        atomic_write(dst, write, user_error=False)
 
 
