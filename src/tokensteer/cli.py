@@ -47,6 +47,11 @@ class _NoFlagTypes:
 class Command(_NoFlagTypes, TyperCommand):
     """A command whose --help shows no type after flags."""
 
+    def parse_args(self, ctx, args):
+        from tokensteer.kvselect.config import bare_option
+
+        return super().parse_args(ctx, bare_option(list(args)))  # a bare --kv-select means "on"
+
 
 class Group(_NoFlagTypes, TyperGroup):
     """A command group whose --help shows no type after flags."""
@@ -127,6 +132,7 @@ def generate(
     formula: Optional[str] = typer.Option(None, help="A formula over next-token distributions, or a recipe name (see `tokensteer formula --help`).", rich_help_panel="Controls"),
     trace: bool = typer.Option(False, help="With --formula: print each term's log-probability per token.", rich_help_panel="Controls"),
     speculate: int = typer.Option(0, help="With a --formula that uses another model: draft K tokens from the loaded model, verify them in one forward of the other (same output distribution; 0 = off).", rich_help_panel="Controls"),
+    kv_select: Optional[str] = typer.Option(None, "--kv-select", help="TokenSelect for long prompts (torch backend): bare for the defaults, or k=…,local=…,init=…,theta=…,extrapolate=on. See docs/longcontext.md.", rich_help_panel="Long prompts"),
     byte_level: bool = typer.Option(False, "--byte-level", help="Sample byte by byte from the exact next-byte distribution (prompts may end mid-word; --formula may combine models with different tokenizers); -n counts characters.", rich_help_panel="Controls"),
     docs: Optional[str] = typer.Option(None, help="Documents to retrieve from: a folder of .txt/.md files or a .jsonl file with a \"text\" field (read by --retrieve and by R terms in --formula).", rich_help_panel="Retrieval"),
     retrieve: Optional[int] = typer.Option(None, help="With --docs: mix the model's next-token distributions conditioned on each of the K passages closest to the prompt (REPLUG; the formula R(k=K)).", rich_help_panel="Retrieval"),
@@ -227,6 +233,9 @@ def generate(
         if speculate and not formula:
             raise UserError("--speculate needs --formula with a term on another model, e.g. 'M + M(model=\"path\")'")
         needs = req.required_capabilities()
+        from tokensteer.kvselect import cli as kv_cli
+
+        kv_cfg, backend = kv_cli.choose(kv_select, backend, err)
         if req.has_constraints():  # bad or contradictory constraints fail before the model loads
             from tokensteer.constraints import check, spec_from_request
 
@@ -237,6 +246,7 @@ def generate(
         return generate_command(prompt, cfg, req, model, backend, dtype, stream_, as_json)
     lm = load_model(model, backend, dtype, needs)
     with user_errors():
+        kv_cli.apply(lm, kv_cfg, err)  # --kv-select, and a progress bar while a long prompt is read
         controls = build_controls(lm, req)
         _warn_greedy_guard(controls, cfg.is_greedy)
         if as_json:

@@ -32,7 +32,7 @@ import torch
 from tokensteer.backends import LLAMACPP_CAPABILITIES, env_n_ctx
 from tokensteer.backends.base import Backend
 from tokensteer.backends.llamacpp.context import (
-    DEFAULT_CTX, MAX_SEQS, MIN_SEQS, TORCH_HINT, CannotLoad, Context, check_n_ctx, default_threads, init_llama,
+    DEFAULT_CTX, MAX_SEQS, MIN_SEQS, TORCH_HINT, CannotLoad, Context, check_n_ctx, default_cells, default_threads, init_llama,
 )
 from tokensteer.backends.llamacpp.gguf import build_head, head_path
 from tokensteer.backends.llamacpp.head import Head
@@ -60,7 +60,7 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     capabilities = LLAMACPP_CAPABILITIES
 
-    def __init__(self, model, model_name: str, n_threads: int, n_ctx: int, path: Path | None = None) -> None:
+    def __init__(self, model, model_name: str, n_threads: int, n_ctx: int | None, path: Path | None = None) -> None:
         self.model = model
         self.model_name = model_name
         self.path = path
@@ -71,7 +71,11 @@ class LlamaCppBackend(Backend):
         self.n_layers = int(llama_cpp.llama_model_n_layer(model))
         self.hidden_size = int(llama_cpp.llama_model_n_embd(model))
         self.n_vocab = self.tokenizer.vocab_size
-        self.n_threads, self.n_ctx = n_threads, n_ctx
+        # KV cells per context: as asked (TOKENSTEER_N_CTX), else the model's trained length, so a
+        # long prompt needs no setting; such long contexts drop old sliding-window cells (see Context)
+        self.n_threads, self.n_ctx = n_threads, n_ctx or default_cells(model)
+        self.trained = int(llama_cpp.llama_model_n_ctx_train(model))
+        self.progress: Callable[[int, int], None] | None = None  # (prompt tokens done, in all) during a prefill
         self._lock = threading.Lock()
         self._all: list[Context] = []
         self._idle: list[Context] = []
@@ -84,12 +88,18 @@ class LlamaCppBackend(Backend):
         first = self.acquire(1)  # make the first context now, not on the first request
         self.context_length = first.n_ctx  # rows of one session share these cells
         self.shared_cells = first.n_ctx
-        self.context_hint = " or set TOKENSTEER_N_CTX higher"
+        if n_ctx is not None and n_ctx < self.trained:
+            self.context_hint = f" or set TOKENSTEER_N_CTX higher (at most {self.trained}, the length {model_name} was trained to)"
+        else:
+            self.context_hint = (
+                f", or shorten the prompt: {model_name} was trained to {self.trained} tokens "
+                "(--backend torch --kv-select extrapolate=on reads past it)"
+            )
         self.release(first)
 
     @classmethod
     def load(cls, path: Path, model_name: str | None = None, n_threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppBackend":
-        """Load a GGUF file; ``n_ctx`` (default ``$TOKENSTEER_N_CTX`` or 4096) KV cells per session."""
+        """Load a GGUF file; ``n_ctx`` (default ``$TOKENSTEER_N_CTX``, else the model's trained length) KV cells per session."""
         init_llama()
         asked = n_ctx if n_ctx is not None else env_n_ctx()  # bad settings fail before the model loads
         n_threads = n_threads or default_threads()
@@ -111,7 +121,7 @@ class LlamaCppBackend(Backend):
             except UserError:
                 llama_cpp.llama_model_free(model)
                 raise
-        return cls(model, model_name or Path(path).name, n_threads, asked or DEFAULT_CTX, Path(path))
+        return cls(model, model_name or Path(path).name, n_threads, asked, Path(path))
 
     def close(self) -> None:
         """Free the model and its contexts now instead of at garbage collection."""
@@ -122,16 +132,19 @@ class LlamaCppBackend(Backend):
         """False once ``close`` has freed the model."""
         return self._finalizer.alive
 
-    def acquire(self, n_rows: int, capture: bool = False) -> Context:
+    def acquire(self, n_rows: int, capture: bool = False, rollback: bool = False) -> Context:
+        """A context for ``n_rows`` rows: an idle one that fits, else a new one. Short contexts and
+        ``rollback`` ones keep every sliding-window cell (exact ``trim`` at any depth)."""
+        swa_full = rollback or self.n_ctx <= DEFAULT_CTX
         if not self.is_open:
             raise UserError("this llama.cpp model was closed; load it again")
         if n_rows > MAX_SEQS // 2:
             raise UserError(f"the llamacpp backend decodes at most {MAX_SEQS // 2} rows at once; this batch has {n_rows}")
         with self._lock:
             for i, c in enumerate(self._idle):
-                if c.n_seq >= 2 * n_rows and c.captures == capture:  # spare ids for rows that select() duplicates
+                if c.n_seq >= 2 * n_rows and c.captures == capture and c.swa_full == swa_full:  # spare ids for select()
                     return self._idle.pop(i)
-        c = Context(self.model, self.n_ctx, min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows)), self.n_threads, capture, self._splice)
+        c = Context(self.model, self.n_ctx, min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows)), self.n_threads, capture, self._splice, swa_full)
         with self._lock:
             self._all.append(c)
         return c
@@ -165,7 +178,10 @@ class LlamaCppBackend(Backend):
         why = self.unsupported(edits)
         if why:
             raise UserError(why)
-        return LlamaSession(self, edits, mix, capacity)
+        s = LlamaSession(self, edits, mix, capacity)
+        if rollback and self.n_ctx > DEFAULT_CTX:  # a long context that trim() must roll back exactly
+            s.c = self.acquire(max(capacity or 0, MIN_SEQS // 2), capture=s.head is not None, rollback=True)
+        return s
 
     def head(self) -> Head | Q8Head | None:
         """The output layer that runs mixed rows: our kernel (``plain_head``), else the head-only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -13,7 +14,8 @@ from tokensteer.backends.llamacpp.batch import Batch
 from tokensteer.backends.llamacpp.capture import Capture
 from tokensteer.errors import UserError
 
-DEFAULT_CTX = 4096  # KV cells shared by all rows of a session
+DEFAULT_CTX = 4096  # KV cells shared by all rows of a session when the model does not say its trained length
+KV_BUDGET = 2 << 30  # bytes of KV cache a context may take by default (every layer holding every cell)
 N_BATCH = 512  # most tokens per llama_decode call (prefill chunks)
 MIN_SEQS = 16  # sequence ids per context; more are made when a batch needs them
 MAX_SEQS = 256  # llama.cpp's LLAMA_MAX_SEQ
@@ -54,15 +56,43 @@ def check_n_ctx(n_ctx: int, trained: int, model_name: str) -> None:
         raise UserError(f"{where}={n_ctx} is longer than the {trained} tokens {model_name} was trained on; set it to at most {trained}")
 
 
-class Context:
-    """One llama.cpp context (KV cache, control vector, batch) that one session uses at a time."""
+def default_cells(model) -> int:
+    """KV cells per context when none is asked for: the model's trained length, so any prompt it
+    can read fits, unless that much cache would pass ``KV_BUDGET`` (a 128k-token model)."""
+    trained = int(llama_cpp.llama_model_n_ctx_train(model))
+    if trained <= 0:
+        return DEFAULT_CTX
+    head_dim = _meta_int(model, "attention.key_length") or int(llama_cpp.llama_model_n_embd(model)) // max(1, int(llama_cpp.llama_model_n_head(model)))
+    per_cell = 4 * int(llama_cpp.llama_model_n_layer(model)) * head_dim * max(1, int(llama_cpp.llama_model_n_head_kv(model)))  # K, V in f16
+    return max(DEFAULT_CTX, min(trained, KV_BUDGET // per_cell // 256 * 256))
 
-    def __init__(self, model, n_ctx: int, n_seq: int, n_threads: int, capture: bool = False, splice: int | None = None) -> None:
+
+def _meta_int(model, key: str) -> int | None:
+    """An integer from the GGUF's ``{architecture}.{key}`` metadata, or None."""
+    buf = ctypes.create_string_buffer(64)
+    if llama_cpp.llama_model_meta_val_str(model, b"general.architecture", buf, 64) <= 0:
+        return None
+    if llama_cpp.llama_model_meta_val_str(model, f"{buf.value.decode()}.{key}".encode(), buf, 64) <= 0:
+        return None
+    return int(buf.value) if buf.value.isdigit() else None
+
+
+class Context:
+    """One llama.cpp context (KV cache, control vector, batch) that one session uses at a time.
+
+    ``swa_full`` keeps every cell of the sliding-window layers, so backtracking (``trim``) past a
+    window stays exact; without it those layers keep only their window (and a batch), so a long
+    prompt costs them a window's attention instead of the whole context's."""
+
+    def __init__(
+        self, model, n_ctx: int, n_seq: int, n_threads: int, capture: bool = False, splice: int | None = None, swa_full: bool = True
+    ) -> None:
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, N_BATCH, N_BATCH, n_seq
         p.n_threads = p.n_threads_batch = n_threads
         p.kv_unified = True  # rows share cells: a fork costs nothing and any row may grow long
-        p.swa_full = True  # keep every cell of sliding-window layers, so backtracking stays exact
+        p.swa_full = swa_full
+        self.swa_full = swa_full
         p.no_perf = True
         # stops the graph before the output layer on demand (room for a full batch of final norms),
         # and hands the blocks' matrix products to our kernels (``matmul``) when ``splice`` is set
