@@ -78,7 +78,7 @@ def test_eval_distinct_n():
 def test_eval_perplexity_torch_matches_session_path(tiny):
     prompts, texts = ["the cat sat", "one two"], [" on the mat", " three four five"]
     ctx = [tiny.tokenizer.encode(p) for p in prompts]
-    cont = [scorers._continuation_ids(tiny.tokenizer, p, t, c) for p, t, c in zip(prompts, texts, ctx)]
+    cont = [scorers.continuation_tokens(tiny.tokenizer, p, t, c) for p, t, c in zip(prompts, texts, ctx)]
     a = scorers._nll_torch(tiny, ctx, cont)
     b = scorers._nll_session(tiny, ctx, cont)
     assert a == pytest.approx(b, rel=1e-4)

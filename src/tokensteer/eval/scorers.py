@@ -154,13 +154,13 @@ def perplexity(lm: Backend, prompts: Sequence[str], texts: Sequence[str], batch_
     for s in range(0, len(texts), batch_size):
         ps, ts = prompts[s : s + batch_size], texts[s : s + batch_size]
         ctx = [tok.encode(p) for p in ps]
-        cont = [_continuation_ids(tok, p, t, c) for p, t, c in zip(ps, ts, ctx)]
+        cont = [continuation_tokens(tok, p, t, c) for p, t, c in zip(ps, ts, ctx)]
         nll = _nll_torch(lm, ctx, cont) if lm.name == "torch" else _nll_session(lm, ctx, cont)
         out += [math.exp(v / len(c)) if c else float("nan") for v, c in zip(nll, cont)]
     return out
 
 
-def _continuation_ids(tok: Any, prompt: str, text: str, ctx: list[int]) -> list[int]:
+def continuation_tokens(tok: Any, prompt: str, text: str, ctx: list[int]) -> list[int]:
     """Token ids of ``text`` after ``prompt``: from the joint encoding unless it merges across the seam."""
     if not text:
         return []

@@ -66,10 +66,10 @@ def continuation_ids(lm, prompts: Sequence[str], texts: Sequence[str]) -> list[l
     The text is re-tokenized after its prompt (not the sampled ids), so the search measures the
     same perplexity the evaluation reports.
     """
-    from tokensteer.eval.scorers import _continuation_ids  # the scorer's own definition, on purpose
+    from tokensteer.eval.scorers import continuation_tokens  # the scorer's own definition, on purpose
 
     tok = lm.tokenizer
-    return [_continuation_ids(tok, p, t, tok.encode(p)) for p, t in zip(prompts, texts)]
+    return [continuation_tokens(tok, p, t, tok.encode(p)) for p, t in zip(prompts, texts)]
 
 
 def ratio_upper_bound(steered: Sequence[float], base: Sequence[float], confidence: float = 0.9,
