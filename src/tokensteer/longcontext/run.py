@@ -1,0 +1,174 @@
+"""Dense against selected attention on the same long prompts: accuracy, fidelity and speed.
+
+Each sample is decoded greedily twice on the torch backend, with dense attention and with
+TokenSelect, each in a fresh KV cache. Fidelity compares the two next-token distributions
+(top-1 agreement, KL(dense ‖ selected)) at every step where both have generated the same text so
+far: the first answer token always, later ones up to the first step where they differ.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from statistics import mean
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tokensteer.errors import UserError
+from tokensteer.kvselect import KVSelectConfig
+from tokensteer.longcontext.tasks import TASKS, Sample, make_samples
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class Decoded:
+    """One greedy generation: tokens, text, timings, per-step log-probabilities, selection counts."""
+
+    tokens: list[int]
+    text: str
+    prefill_s: float
+    decode_s: float
+    logprobs: list[torch.Tensor] = field(repr=False)
+    stats: dict | None = None
+    hit_rate: float | None = None
+
+    @property
+    def tok_s(self) -> float:
+        """Decode speed over the tokens after the first (the first comes from the prefill)."""
+        return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s > 0 else 0.0
+
+
+def greedy_torch(lm, ids: Sequence[int], max_new: int, kv: KVSelectConfig | None, keep: bool = True) -> Decoded:
+    """Greedy decoding of ``max_new`` tokens (no stop) on a TorchBackend with ``kv`` (None: dense)."""
+    from transformers import DynamicCache
+
+    lm.set_kv_select(kv)
+    cache = DynamicCache(config=lm.model.config)
+    n = len(ids)
+    t0 = time.perf_counter()
+    logits = lm.forward(torch.tensor([list(ids)]), None, torch.arange(n)[None], cache, {}, "prefill", None, 1)[:, -1]
+    prefill_s = time.perf_counter() - t0
+    tokens, lps = [], []
+    t1 = time.perf_counter()
+    for i in range(max_new):
+        lp = logits[0].float().log_softmax(-1)
+        tok = int(lp.argmax())
+        tokens.append(tok)
+        if keep:
+            lps.append(lp)
+        if i + 1 < max_new:
+            logits = lm.forward(torch.tensor([[tok]]), None, torch.tensor([[n + i]]), cache, {}, "decode", None, 1)[:, -1]
+    decode_s = time.perf_counter() - t1
+    sel = lm.selector(cache)
+    return Decoded(tokens, lm.tokenizer.decode(tokens), prefill_s, decode_s, lps,
+                   dict(sel.stats) if sel else None, sel.hit_rate() if sel else None)
+
+
+def greedy_llama(lm, ids: Sequence[int], max_new: int) -> Decoded:
+    """The same greedy decoding through a llama.cpp session (dense attention)."""
+    s = lm.session()
+    try:
+        t0 = time.perf_counter()
+        logits = s.prefill([list(ids)])
+        prefill_s = time.perf_counter() - t0
+        tokens = []
+        t1 = time.perf_counter()
+        for i in range(max_new):
+            tok = int(logits[0].argmax())
+            tokens.append(tok)
+            if i + 1 < max_new:
+                logits = s.step(torch.tensor([tok]))
+        decode_s = time.perf_counter() - t1
+    finally:
+        s.close()
+    return Decoded(tokens, lm.tokenizer.decode(tokens), prefill_s, decode_s, [])
+
+
+def string_match_all(text: str, answers: Sequence[str]) -> float:
+    """RULER's metric: the share of reference strings found in the output, case-insensitive, in points."""
+    low = text.lower()
+    return 100.0 * sum(a.lower() in low for a in answers) / len(answers)
+
+
+def fidelity(dense: Decoded, sel: Decoded) -> tuple[list[float], list[bool]]:
+    """KL(dense ‖ selected) and top-1 agreement at each step both reached with the same text."""
+    kls, agree = [], []
+    for i, (p, q) in enumerate(zip(dense.logprobs, sel.logprobs)):
+        if i and dense.tokens[i - 1] != sel.tokens[i - 1]:
+            break
+        kls.append(float((p.exp() * (p - q)).sum().clamp(min=0)))
+        agree.append(dense.tokens[i] == sel.tokens[i])
+    return kls, agree
+
+
+def evaluate(
+    lm,
+    kv: KVSelectConfig,
+    tasks: Sequence[str] = TASKS,
+    lengths: Sequence[int] = (4096,),
+    n: int = 1,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score dense and selected attention on ``n`` samples of each task at each length."""
+    if "kv_select" not in getattr(lm, "capabilities", ()):
+        raise UserError("the longcontext task compares dense and selected attention on the torch backend; use --backend torch")
+    trained = getattr(lm, "trained", None)
+    if trained and not kv.extrapolate and max(lengths) > trained:
+        raise UserError(f"length {max(lengths)} is past the {trained} tokens {lm.model_name} was trained to; add extrapolate=on to --kv-select")
+    samples = make_samples(tasks, lengths, n, lm.tokenizer.encode, seed)
+    records, previous = [], lm.kv_select
+    try:
+        for i, s in enumerate(samples):
+            if progress:
+                progress(f"{s.task} @ {s.length}", i, len(samples))
+            records.append(compare(lm, s, kv))
+    finally:
+        lm.set_kv_select(previous)
+    if progress:
+        progress("done", len(samples), len(samples))
+    return {"kv_select": kv.spec(), "model": lm.model_name, "n_per_task": n, "records": records, "summary": summarize(records)}
+
+
+def compare(lm, s: Sample, kv: KVSelectConfig) -> dict[str, Any]:
+    """One sample, dense then selected: scores, timings and fidelity as a flat record."""
+    ids = lm.tokenizer.encode(s.prompt)
+    dense = greedy_torch(lm, ids, s.max_new, None)
+    sel = greedy_torch(lm, ids, s.max_new, kv)
+    kls, agree = fidelity(dense, sel)
+    return {
+        "task": s.task, "length": s.length, "prompt_tokens": len(ids), "depth": s.depth, "answers": s.answers,
+        "dense_text": dense.text, "selected_text": sel.text,
+        "dense_score": string_match_all(dense.text, s.answers), "selected_score": string_match_all(sel.text, s.answers),
+        "dense_prefill_s": dense.prefill_s, "selected_prefill_s": sel.prefill_s,
+        "dense_tok_s": dense.tok_s, "selected_tok_s": sel.tok_s,
+        "hit_rate": sel.hit_rate, "stats": sel.stats,
+        "kl": mean(kls), "top1_agreement": mean(agree), "compared_steps": len(kls),
+    }
+
+
+def summarize(records: Sequence[dict]) -> dict[str, Any]:
+    """Per length: accuracy per task (dense, selected, points), mean timings, hit rate and fidelity."""
+    out: dict[str, Any] = {}
+    for length in sorted({r["length"] for r in records}):
+        rs = [r for r in records if r["length"] == length]
+        tasks = {}
+        for t in dict.fromkeys(r["task"] for r in rs):
+            tr = [r for r in rs if r["task"] == t]
+            tasks[t] = {"n": len(tr), "dense": mean(r["dense_score"] for r in tr), "selected": mean(r["selected_score"] for r in tr)}
+        hits = [r["hit_rate"] for r in rs if r["hit_rate"] is not None]
+        out[str(length)] = {
+            "tasks": tasks,
+            "dense_accuracy": mean(r["dense_score"] for r in rs),
+            "selected_accuracy": mean(r["selected_score"] for r in rs),
+            "dense_prefill_s": mean(r["dense_prefill_s"] for r in rs),
+            "selected_prefill_s": mean(r["selected_prefill_s"] for r in rs),
+            "dense_tok_s": mean(r["dense_tok_s"] for r in rs),
+            "selected_tok_s": mean(r["selected_tok_s"] for r in rs),
+            "hit_rate": mean(hits) if hits else None,
+            "top1_agreement": mean(r["top1_agreement"] for r in rs),
+            "kl": mean(r["kl"] for r in rs),
+        }
+    return out
