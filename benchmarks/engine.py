@@ -56,6 +56,7 @@ def old_loop(rev: str):
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("old_loop", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["old_loop"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 

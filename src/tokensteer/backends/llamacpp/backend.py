@@ -124,7 +124,11 @@ class LlamaCppBackend(Backend):
         return cls(model, model_name or Path(path).name, n_threads, asked, Path(path))
 
     def close(self) -> None:
-        """Free the model and its contexts now instead of at garbage collection."""
+        """Free the model and its contexts now instead of at garbage collection (after its engine
+        has stopped, so no running batch still holds a context)."""
+        engine = vars(self).get("engine")
+        if engine is not None:
+            engine.close()
         self._finalizer()
 
     @property
