@@ -27,6 +27,8 @@ class RequestControls:
     regex: str | None = None
     json_schema: str | None = None  # path to a JSON Schema file
     script: Sequence[str] = ()
+    docs: object = None  # documents R terms retrieve from: a folder, .jsonl or .txt/.md path, or a DocStore (tokensteer.retrieval)
+    retrieve: object = None  # shortcut for the formula R(k=…): k, or {"k": 4, "tau": 0.1, "every": 0}
     extra: dict = field(default_factory=dict)  # module-specific options
 
     def required_capabilities(self) -> frozenset[str]:
@@ -36,7 +38,7 @@ class RequestControls:
             from tokensteer.steering import required_capabilities as steer_caps
 
             needs |= steer_caps(self)
-        if self.formula is not None:  # "" is a mistake to report, not "off"
+        if self.formula is not None or self.docs is not None or self.retrieve is not None:  # "" is a mistake to report, not "off"
             from tokensteer.formula import required_capabilities as formula_caps
 
             needs |= formula_caps(self)
@@ -56,7 +58,7 @@ def build_controls(lm: Backend, req: RequestControls) -> list[Control]:
         from tokensteer.steering import steering_controls
 
         controls += steering_controls(lm, req)
-    if req.formula is not None:
+    if req.formula is not None or req.docs is not None or req.retrieve is not None:
         from tokensteer.formula import formula_controls
 
         controls += formula_controls(lm, req)

@@ -82,6 +82,7 @@ PLUGINS: dict[str, str] = {
     "formula": "tokensteer.formula.evalmethod",
     "steer": "tokensteer.steering.evalmethod",
     "constraints": "tokensteer.constraints.evalmethod",
+    "retrieve": "tokensteer.retrieval.evalmethod",
 }
 
 

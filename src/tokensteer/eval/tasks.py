@@ -283,9 +283,65 @@ class Keywords(Task):
         return out
 
 
+class RetrievalQA(Task):
+    """Questions about made-up places, people and products, answered from a shipped document store
+    (``tokensteer/data/docs/atlas.jsonl``) the model cannot know; dev and test splits."""
+
+    required = ("answer",)
+    ARTICLES = ("a", "an", "the")
+    #: number words as digits, so "7" answers "seven"
+    NUMBERS = {w: str(i) for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split())} | {w: str(10 * i) for i, w in enumerate(
+        "thirty forty fifty sixty seventy eighty ninety".split(), 3)} | {"hundred": "100"}
+
+    def __init__(self, split: str) -> None:
+        self.name = f"qa-{split}"
+        self.prompt_file = f"qa_{split}.jsonl"
+        self.description = (
+            f"Answer questions about made-up things ({split} split) whose answers are single words of "
+            "the shipped documents (atlas.jsonl, read by retrieve:K and R terms). Success: the first word "
+            "of the continuation, lowercased, without punctuation or a leading article (digits for number "
+            "words), is the answer. The "
+            "prompt baseline pastes the passage most similar to the question before it."
+        )
+
+    @property
+    def docs(self) -> str:
+        """The shipped document store the questions are about."""
+        return str(resources.files("tokensteer").joinpath("data", "docs", "atlas.jsonl"))
+
+    def example(self) -> str:
+        return json.dumps({"prompt": "Question: What is the capital of Tarsk?\nAnswer in one word:", "answer": "Vellmar"})
+
+    def check(self, item, where):
+        a = item.fields["answer"]
+        if not isinstance(a, str) or len(a.split()) != 1:
+            raise UserError(f"{where}: \"answer\" must be one word, got {a!r}")
+
+    def instruction(self, item: Item) -> str:
+        from tokensteer.retrieval import open_store
+        from tokensteer.retrieval.term import SEPARATOR
+
+        (hit,) = open_store(self.docs).search([item.prompt], 1)[0]
+        return hit.chunk.text.strip() + SEPARATOR
+
+    def score(self, items, texts):
+        from tokensteer.eval.scorers import normalize_word, words
+
+        out = []
+        for it, t in zip(items, texts):
+            ws = [w for w in (normalize_word(w) for w in words(t)) if w]
+            while ws[1:] and ws[0] in self.ARTICLES:
+                ws = ws[1:]
+            answer = normalize_word(it.fields["answer"])
+            out.append({"success": bool(ws) and self.NUMBERS.get(ws[0], ws[0]) == self.NUMBERS.get(answer, answer)})
+        return out
+
+
 TASKS: dict[str, Task] = {
     t.name: t
-    for t in (Sentiment("positive"), Sentiment("negative"), Detox(), Topic(), Count(), Keywords())
+    for t in (Sentiment("positive"), Sentiment("negative"), Detox(), Topic(), Count(), Keywords(), RetrievalQA("dev"), RetrievalQA("test"))
 }
 
 

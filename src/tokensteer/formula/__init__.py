@@ -56,33 +56,46 @@ def C(name: str, k: int = 20) -> Guide:
     return Guide(name, k)
 
 
+def formula_text(req: "RequestControls") -> str | None:
+    """The request's formula: ``formula``, or ``R(k=…)`` for ``retrieve`` (tokensteer.retrieval)."""
+    if req.docs is None and req.retrieve is None:
+        return req.formula
+    from tokensteer.retrieval.request import request_formula
+
+    return request_formula(req)
+
+
 def formula_controls(lm: "Backend", req: "RequestControls") -> list["Control"]:
-    """The Controls for a request's ``--formula`` (and ``--trace``)."""
-    if req.trace and req.formula is None:
+    """The Controls for a request's ``--formula`` (or ``--docs``/``--retrieve``) and ``--trace``."""
+    text = formula_text(req)
+    if req.trace and text is None:
         from tokensteer.errors import UserError
 
         raise UserError("--trace needs --formula")
     from tokensteer.formula.engine import FormulaControl
 
     k = int(req.extra.get("speculate") or 0)  # --speculate K
-    return [FormulaControl(lm, req.formula, trace=req.trace, speculative=k)] if req.formula is not None else []
+    return [FormulaControl(lm, text, trace=req.trace, speculative=k, docs=req.docs)] if text is not None else []
 
 
 def required_capabilities(req: "RequestControls") -> frozenset[str]:
     """Formulas only use hooks 1, 3 and 5, which every backend runs; another model given as a
     Hugging Face folder loads on the torch backend only. Checks the formula (and --speculate), so
     nonsense fails before any model loads."""
-    if req.formula is None:
+    text = formula_text(req)
+    if text is None:
         return frozenset()
     from tokensteer.backends.base import LOAD_HF
     from tokensteer.errors import UserError, expand
     from tokensteer.formula.ast import fmt_str
     from tokensteer.formula.check import check_speculative
     from tokensteer.models import resolve
+    from tokensteer.retrieval.request import check_docs
 
-    f = parse(req.formula)
+    f = parse(text)
     check(f)
     check_speculative(f, int(req.extra.get("speculate") or 0))
+    check_docs(f, req.docs)
 
     def hf_term(n: Node) -> bool:
         if not isinstance(n, Model) or n.model is None:

@@ -125,6 +125,27 @@ class Guide(Node):
 
 
 @dataclass(frozen=True, eq=True)
+class Retrieve(Node):
+    """REPLUG's retrieval mixture Σ_d softmax(sim(d, x)/τ)·P(y | d ⊕ x) over the ``k`` passages of
+    the request's documents most similar to the prompt (``tokensteer.retrieval``); with ``every``
+    > 0 they are re-retrieved on prompt + generated text every that many tokens."""
+
+    k: int = 4
+    tau: float = 0.1
+    every: int = 0
+
+    def __post_init__(self) -> None:
+        for name, v, low in (("k", self.k, 1), ("every", self.every, 0)):
+            if isinstance(v, bool) or not (isinstance(v, int) or isinstance(v, float) and v.is_integer()) or v < low:
+                shown = fmt_num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)
+                raise UserError(f"R's {name} must be a whole number ≥ {low}, got {shown}")
+            object.__setattr__(self, name, int(v))
+        if not (MIN_TEMPERATURE <= self.tau < math.inf):
+            raise UserError(f"R's tau (the softmax temperature of the passages' similarities) must be a finite number ≥ {MIN_TEMPERATURE:g}, got {self.tau}")
+        object.__setattr__(self, "tau", float(self.tau))
+
+
+@dataclass(frozen=True, eq=True)
 class Const(Node):
     """The same number for every token (a floor inside union, a shift in a sum)."""
 
@@ -279,6 +300,9 @@ def to_string(n: Node) -> str:
         if n.temperature != 1.0:
             args.append(f"T={fmt_num(n.temperature)}")
         return "M" if not args else f"M({', '.join(args)})"
+    if isinstance(n, Retrieve):
+        tau = f", tau={fmt_num(n.tau)}" if n.tau != Retrieve.tau else ""
+        return f"R(k={n.k}{tau}{f', every={n.every}' if n.every else ''})"
     if isinstance(n, Guide):
         k = f", k={n.k}" if n.k != 20 else ""
         return f"C({fmt_str(n.name)}{k})"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokensteer.errors import UserError
-from tokensteer.formula.ast import FILTERS, Const, Formula, Guide, Model, Node, Op, Sum, to_string
+from tokensteer.formula.ast import FILTERS, Const, Formula, Guide, Model, Node, Op, Retrieve, Sum, to_string
 
 
 @dataclass
@@ -54,13 +54,13 @@ def kind(n: Node) -> str:
         return "guide"
     if isinstance(n, Const):
         return "constant"
-    if isinstance(n, Model):
+    if isinstance(n, (Model, Retrieve)):  # R: a mixture of the model's distributions
         return "model"
     return "operator"
 
 
 def _has_model(n: Node) -> bool:
-    if isinstance(n, Model):
+    if isinstance(n, (Model, Retrieve)):
         return True
     if isinstance(n, Sum):
         return any(_has_model(t) for _, t in n.terms)
@@ -96,6 +96,8 @@ def check_speculative(f: Formula, k: int) -> None:
             "--speculate needs a term on another model, M(model=\"path\"): every other term is a row of "
             "the loaded model's one batched forward, so there is nothing to speculate; drop --speculate"
         )
+    if any_node(f.root, lambda x: isinstance(x, Retrieve)):
+        raise UserError("--speculate does not support retrieval terms R(...): drop --speculate or the R term")
     if any_node(f.root, lambda x: isinstance(x, Guide)):
         raise UserError("--speculate does not support guide terms C(...): they rescore each token's context one at a time; drop --speculate or the guide")
 

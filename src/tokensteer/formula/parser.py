@@ -7,7 +7,7 @@
     atom    := NUMBER | "(" expr ")" | NAME | NAME "(" [arg ("," arg)*] ")"
     arg     := [NAME "="] (STRING | expr)
 
-Names: ``M`` (the model), ``C`` (a guide), ``union``/``max``, ``softunion``, ``intersection``/``min``,
+Names: ``M`` (the model), ``C`` (a guide), ``R`` (a retrieval mixture), ``union``/``max``, ``softunion``, ``intersection``/``min``,
 ``topk``, ``topp``, ``nucleus``, ``temp`` and the recipe names. ``−`` and ``×`` are accepted too.
 Errors say the column and draw a caret under it.
 """
@@ -30,6 +30,7 @@ from tokensteer.formula.ast import (
     Guide,
     Model,
     Node,
+    Retrieve,
     fmt_num,
     lin,
     op,
@@ -264,6 +265,8 @@ class Parser:
                 return self.model(name, pos, kw)
             if n == "C":
                 return self.guide(name, pos, kw)
+            if n == "R":
+                return self.retrieve(pos, kw)
             if n in COMBINERS:
                 self.no_kw(name, kw)
                 return op(n, *[self.formula_arg(v, t) for v, t in pos])
@@ -281,7 +284,7 @@ class Parser:
             raise
         except UserError as e:
             raise self.error(str(e), name) from None
-        known = ", ".join(["M", "C", *COMBINERS, "max", "min", *FILTERS])
+        known = ", ".join(["M", "C", "R", *COMBINERS, "max", "min", *FILTERS])
         raise self.error(
             f"unknown name {name.text!r}; known: {known}; recipes: {', '.join(self.recipes)}", name
         )
@@ -339,6 +342,28 @@ class Parser:
         if gname not in GUIDES:
             raise self.error(f"unknown guide {gname!r}; known: {', '.join(GUIDES)}", pos[0][1])
         return Guide(gname, k)
+
+
+    def retrieve(self, pos: list, kw: dict) -> Node:
+        """``R(k=4, tau=0.1, every=0)``; k may also come first without its name."""
+        if len(pos) > 1:
+            raise self.error("R takes k, tau and every by name, e.g. R(k=4, tau=0.1)", pos[1][1])
+        args = {"k": pos[0]} if pos else {}
+        for key, v in kw.items():
+            if key not in ("k", "tau", "every"):
+                raise self.error(f"R takes no argument named {key}; it takes k=, tau= and every=", v[1])
+            if key in args:
+                raise self.error("argument k given twice", v[1])
+            args[key] = v
+        values = {}
+        for key, (v, t) in args.items():
+            values[key] = self.number(v, t)
+            if key != "tau" and not values[key].is_integer():
+                raise self.error(f"{key} must be a whole number, got {values[key]:g}", t)
+        try:
+            return Retrieve(**values)
+        except UserError as e:
+            raise self.error(str(e), args[next(iter(args))][1] if args else self.peek()) from None
 
 
 def _describe(t: Tok) -> str:

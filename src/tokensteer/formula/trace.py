@@ -77,7 +77,8 @@ def render(trace: list[TokenTrace], console: Console) -> None:
 
 
 def render_controls(controls: list, console: Console) -> None:
-    """Print the trace of every formula control among ``controls`` (first prompt)."""
+    """Print the trace of every formula control among ``controls`` (first prompt), and the passages
+    its R terms retrieved."""
     for c in controls:
         traces, report = getattr(c, "traces", None), getattr(c, "report", None)
         if report is not None:
@@ -87,3 +88,8 @@ def render_controls(controls: list, console: Console) -> None:
                 console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
         if traces:
             render(traces[0], console)
+        retrieval = getattr(c, "retrieval", None)
+        if retrieval is not None:  # which passages R terms used (tokensteer.retrieval)
+            from tokensteer.retrieval.trace import render_retrieval
+
+            render_retrieval(retrieval.events, console)

@@ -1,0 +1,189 @@
+"""The runtime of a formula's ``R(k=…, tau=…)`` terms (REPLUG): P(y | x) = Σ_d w_d · P(y | d ⊕ x)
+with w = softmax(sim(d, x) / τ) over the k passages most similar to the prompt.
+
+Each passage is one more row of the loop's batched forward (hook 1: the passage, a blank line, the
+prompt), so k passages cost one forward of 1 + k rows per token. With ``every=N`` the passages are
+re-retrieved on prompt + generated text every N tokens; a row's prefix cannot change inside the
+loop's session, so such a term keeps a side session of its own (like a term on another model) and
+re-reads passage + prompt + generated text into it whenever the passages change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from tokensteer.errors import UserError
+from tokensteer.formula.ast import Node, Retrieve, Sum, Op
+from tokensteer.retrieval.docstore import DocStore, Hit, open_store
+
+if TYPE_CHECKING:
+    from tokensteer.backends.base import Backend, Session
+    from tokensteer.loop import LoopState
+
+SEPARATOR = "\n\n"
+
+
+def with_passage(passage: str, prompt: str) -> str:
+    """The text of a passage's row: the passage, a blank line, then the prompt."""
+    return passage.strip() + SEPARATOR + prompt
+
+
+def weights(hits: list[Hit], tau: float) -> torch.Tensor:
+    """softmax(similarity / τ) over the retrieved passages, [k]."""
+    return torch.softmax(torch.tensor([h.score for h in hits], dtype=torch.float64) / tau, 0).float()
+
+
+def retrieve_nodes(n: Node) -> list[Retrieve]:
+    """The distinct R terms of a formula tree, in order of appearance."""
+    if isinstance(n, Retrieve):
+        return [n]
+    parts = [t for _, t in n.terms] if isinstance(n, Sum) else list(n.args) if isinstance(n, Op) else []
+    return list(dict.fromkeys(r for a in parts for r in retrieve_nodes(a)))
+
+
+@dataclass
+class Retrieval:
+    """One retrieval, for ``--trace``: which passages prompt ``prompt`` was conditioned on from
+    token ``step`` on, with their similarities and mixture weights."""
+
+    prompt: int
+    step: int
+    term: str
+    passages: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Term:
+    node: Retrieve
+    offset: int = 0  # first of its rows among the R terms' variant rows (row terms only)
+    hits: list[list[Hit]] = field(default_factory=list)  # per prompt
+    log_w: torch.Tensor | None = None  # [B, k]
+    session: Session | None = None  # side session (every > 0)
+    side_lp: torch.Tensor | None = None  # [B, k, V] the side session's latest log-probabilities
+
+
+class RetrievalTerms:
+    """Every R term of one formula, over one document store."""
+
+    def __init__(self, lm: Backend, nodes: list[Retrieve], docs: DocStore | str | Path) -> None:
+        self.lm = lm
+        self.store = docs if isinstance(docs, DocStore) else open_store(docs)
+        self.terms, offset = [], 0
+        for n in nodes:
+            self.store.check_k(n.k)
+            self.terms.append(_Term(n, offset))
+            offset += n.k if not n.every else 0
+        self.n_rows = offset
+        self.events: list[Retrieval] = []
+        self._pending: list[tuple[str, list[list[Hit]]]] = []  # (prompt, hits per term) from variants()
+        self._prompts: list[str] = []
+        self._seen = 0  # tokens seen since start (re-retrieval counts them)
+
+    # hook 1 --------------------------------------------------------------------------------
+    def variants(self, prompt: str) -> list[str]:
+        """Rows for ``prompt``: each row term's passages before it. The loop asks with "" only to
+        count rows, which costs no search."""
+        if not prompt:
+            return [""] * self.n_rows
+        found = self.search([prompt])
+        self._pending.append((prompt, [h[0] for h in found]))
+        return [with_passage(h.chunk.text, prompt) for t, hits in zip(self.terms, found) if not t.node.every for h in hits[0]]
+
+    def search(self, queries: list[str]) -> list[list[list[Hit]]]:
+        """Per term, per query: its k passages (one search at the largest k, cut per term)."""
+        kmax = max(t.node.k for t in self.terms)
+        found = self.store.search(queries, kmax)
+        return [[q[: t.node.k] for q in found] for t in self.terms]
+
+    def row_mix(self, root: Node) -> torch.Tensor | None:
+        """When the formula reads the loaded model only through R terms' rows: a mix that keeps just
+        those rows, so the output layer skips the prompt's own row (k rows instead of 1 + k)."""
+        from tokensteer.formula.check import any_node
+        from tokensteer.formula.ast import Model
+
+        if not self.n_rows or len(self.terms) != sum(1 for t in self.terms if not t.node.every):
+            return None
+        if any_node(root, lambda x: isinstance(x, Model) and x.model is None or isinstance(x, Op) and x.name == "nucleus"):
+            return None
+        return torch.cat([torch.zeros(self.n_rows, 1), torch.eye(self.n_rows)], 1)
+
+    # the loop's life cycle ---------------------------------------------------------------------
+    def start(self, state: LoopState) -> None:
+        B = state.batch_size
+        pending, self._pending = self._pending[-B:], []
+        if len(pending) != B:
+            raise RuntimeError("R terms: variants() was not called once per prompt before start()")
+        self._prompts = [p for p, _ in pending]
+        self.events, self._seen = [], 0
+        for i, t in enumerate(self.terms):
+            t.hits = [hits[i] for _, hits in pending]
+            self._settle(t, state, [[] for _ in range(B)])
+
+    def _settle(self, t: _Term, state: LoopState, generated: list[list[int]]) -> None:
+        """Weights (and for a side term, its session, fed up to ``generated``) for the passages in
+        ``t.hits``; record them for the trace."""
+        w = torch.stack([weights(h, t.node.tau) for h in t.hits])
+        t.log_w = w.log()
+        for b, hits in enumerate(t.hits):
+            self.events.append(Retrieval(b, self._seen, str(t.node), [
+                {"doc": h.chunk.doc, "title": h.chunk.title, "chunk": h.chunk.index, "similarity": round(h.score, 4),
+                 "weight": round(float(w[b, j]), 4), "text": h.chunk.text} for j, h in enumerate(hits)]))
+        if t.node.every:
+            if t.session is not None:
+                t.session.close()
+            tok = state.tokenizer
+            rows = [tok.encode(with_passage(h.chunk.text, p)) + g for p, g, hits in zip(self._prompts, generated, t.hits) for h in hits]
+            t.session = state.backend.session()
+            t.side_lp = self._lp(t.session.prefill(rows), state.batch_size)
+
+    def _lp(self, logits: torch.Tensor, B: int) -> torch.Tensor:
+        return torch.log_softmax(logits.float(), -1).view(B, -1, logits.shape[-1])
+
+    def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
+        """Advance side sessions; every N tokens re-retrieve on prompt + generated text."""
+        self._seen += 1
+        generated = None
+        for t in self.terms:
+            if not t.node.every:
+                continue
+            if self._seen % t.node.every == 0:
+                if generated is None:  # hook 5 runs before the loop appends this token
+                    generated = [g + [int(x)] for g, x in zip(state.generated, tokens.tolist())]
+                    tok = state.tokenizer
+                    queries = [p + tok.decode(g) for p, g in zip(self._prompts, generated)]
+                found = self.store.search(queries, t.node.k)
+                if [[h.chunk for h in q] for q in found] != [[h.chunk for h in q] for q in t.hits]:
+                    t.hits = found
+                    self._settle(t, state, generated)
+                    continue
+            t.side_lp = self._lp(t.session.step(tokens.repeat_interleave(t.node.k)), state.batch_size)
+
+    def finish(self) -> None:
+        for t in self.terms:
+            if t.session is not None:
+                t.session.close()
+                t.session = None
+
+    # hook 3 --------------------------------------------------------------------------------
+    def value(self, node: Retrieve, doc_rows: torch.Tensor | None) -> torch.Tensor:
+        """[B, V] log Σ_d w_d · P(y | d ⊕ x) of one R term; ``doc_rows`` [B, n_rows, V] are the
+        R terms' variant rows as log-probabilities."""
+        t = next(t for t in self.terms if t.node == node)
+        rows = t.side_lp if node.every else doc_rows[:, t.offset : t.offset + node.k]
+        return torch.logsumexp(rows + t.log_w[:, :, None].to(rows.dtype), 1)
+
+
+def retrieval_terms(lm: Backend, root: Node, docs: DocStore | str | Path | None) -> RetrievalTerms | None:
+    """The R terms of a formula over ``docs``; None when it has none. R terms without documents
+    are a user mistake."""
+    nodes = retrieve_nodes(root)
+    if not nodes:
+        return None
+    if docs is None:
+        raise UserError(f"the formula term {nodes[0]} retrieves passages but no documents were given: "
+                        "add --docs PATH (a folder of .txt/.md files or a .jsonl file), or docs= in Python")
+    return RetrievalTerms(lm, nodes, docs)
