@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py $(NATIVE)
 	CMAKE_BUILD_PARALLEL_LEVEL=2 CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install -q $(LLAMA)
 	# tokensteer, with its C kernels compiled once per instruction set against that ggml (setup.py,
 	# docs/native.md); without a compiler it installs all the same and runs its pure fallbacks.
-	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

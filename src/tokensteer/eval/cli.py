@@ -22,13 +22,15 @@ def eval_command(
     stop: list[str] = typer.Option([r"\n"], help="Stop strings (repeatable; \\n is a newline, \\t a tab). Use --no-stop to generate to --max-tokens."),
     no_stop: bool = typer.Option(False, "--no-stop", help="Do not stop at a newline."),
     batch_size: int = typer.Option(16, help="Prompts generated together (same controls only)."),
-    workers: int = typer.Option(1, help="Parallel worker processes, each loading the model."),
+    workers: Optional[int] = typer.Option(None, help="Parallel workers, each loading the model: processes (default 1), or with --ray Ray actors (default one per cluster CPU)."),
     model: Optional[str] = typer.Option(None, help="Local Hugging Face folder or .gguf (default: bundled Gemma 3 270M)."),
     backend: str = typer.Option("auto", help="auto, torch or llamacpp."),
     dtype: str = typer.Option("float32", help="Torch weights dtype: float32 or bfloat16."),
     cache: Optional[str] = typer.Option(None, help="Sample cache folder (default OUT/cache); shared caches never regenerate."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and PNGs."),
     list_: bool = typer.Option(False, "--list", help="List tasks and method kinds, then exit."),
+    ray: bool = typer.Option(False, "--ray", help="Generate on Ray actors (pip install 'tokensteer\\[ray]'; docs/scaling.md).", rich_help_panel="Ray cluster"),
+    address: Optional[str] = typer.Option(None, help="With --ray: join the Ray cluster at ADDR (host:port, or 'auto' for `ray start` on this machine); default: start a local one.", rich_help_panel="Ray cluster"),
 ) -> None:
     """Compare control methods on a task with scorers the team did not write.
 
@@ -41,6 +43,8 @@ def eval_command(
       tokensteer eval --task count --method prompt --prompts my_counts.jsonl --out runs/count
 
       tokensteer eval --task sentiment-positive --method 'steer:pos.safetensors@{strength}' --sweep strength=0,0.05,0.1 --out runs/dose
+
+      tokensteer eval --task detox --method none --method prompt --samples 25 --ray --address auto --out runs/detox
 
     Writes OUT/results.json, OUT/report.html and PNGs; generated samples are cached under
     OUT/cache, so re-running (to re-score or add methods) never regenerates them.
@@ -79,6 +83,7 @@ def eval_command(
                 task, method or ["none", "prompt"], prompts=prompts, n=n, samples=samples, out=out,
                 model=model, backend=backend, dtype=dtype, sampling=cfg, seed=seed, sweep=sweep,
                 batch_size=batch_size, workers=workers, cache_dir=cache, report=report, progress=progress,
+                ray=ray, address=address,
             )
     _print_table(res)
     err.print(f"[dim]wrote {out}/results.json{' and report.html' if report else ''}[/]", highlight=False)

@@ -91,24 +91,29 @@ def run(
     seed: int = 0,
     sweep: str | None = None,
     batch_size: int = 16,
-    workers: int = 1,
+    workers: int | None = None,
     cache_dir: str | Path | None = None,
     report: bool = True,
     progress: Progress | None = None,
     lm: Any = None,
+    ray: bool = False,
+    address: str | None = None,
 ) -> dict:
     """Evaluate ``methods`` on ``task``; write OUT/results.json (+ report.html); return the results dict.
 
     ``samples`` continuations per prompt, ``n`` first prompts only, ``prompts`` the user's own file.
     Samples are cached in ``cache_dir`` (default OUT/cache) and never regenerated. Pass ``lm`` to
-    reuse a loaded model (then ``model``/``backend`` only label the cache keys).
+    reuse a loaded model (then ``model``/``backend`` only label the cache keys). ``workers``: processes
+    (default 1); with ``ray``, Ray actors on the cluster at ``address`` (default one per cluster CPU).
     """
     t_start = time.perf_counter()
     task = get_task(task) if isinstance(task, str) else task
     if samples < 1:
         raise UserError(f"--samples must be ≥ 1, got {samples}")
-    if batch_size < 1 or workers < 1:
+    if batch_size < 1 or (workers is not None and workers < 1):
         raise UserError("--batch-size and --workers must be ≥ 1")
+    if address and not ray:
+        raise UserError("--address needs --ray")
     items = task.items(prompts, n)
     meths, sweep_info = expand_methods(methods, parse_sweep(sweep))
     out = Path(out)
@@ -149,8 +154,9 @@ def run(
 
     todo = {name: [u for u in us if u.key not in cache] for name, us in units_by_method.items()}
     n_todo = sum(len(v) for v in todo.values())
+    on_ray: dict[str, Any] = {"address": address} if ray else {}
     if n_todo:
-        _generate(get_lm, task, meths, todo, cache, sampling, batch_size, workers, (model, backend, dtype, needs), progress)
+        _generate(get_lm, task, meths, todo, cache, sampling, batch_size, workers, (model, backend, dtype, needs), progress, on_ray)
 
     # score: perplexity under the uncontrolled model (cached per sample), then the task's scorers
     need_ppl = [u for us in units_by_method.values() for u in us if "perplexity" not in cache.get(u.key)]
@@ -184,6 +190,8 @@ def run(
     }
     if sweep_info:
         results["sweep"] = sweep_info
+    if ray:  # where the samples were generated, and how many were re-run after a Ray worker died
+        results["ray"] = on_ray if n_todo else {**on_ray, "workers": 0, "workers_died": 0, "units_rerun": 0}
     scored_all = []
     for m in meths:
         us = units_by_method[m.name]
@@ -236,8 +244,9 @@ def summarize(task: Task, rows: list[dict[str, Any]], recs: list[dict[str, Any]]
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in line.items()}
 
 
-def _generate(get_lm, task, meths, todo, cache, cfg, batch_size, workers, load_args, progress) -> None:
-    """Generate every missing sample, saving the cache after each batch."""
+def _generate(get_lm, task, meths, todo, cache, cfg, batch_size, workers, load_args, progress, on_ray) -> None:
+    """Generate every missing sample, saving the cache after each batch; with ``on_ray`` (holding
+    the cluster address) on Ray actors, whose report is added to ``on_ray``."""
     by_name = {m.name: m for m in meths}
     lm = get_lm()
     units = [u for us in todo.values() for u in us]
@@ -260,7 +269,15 @@ def _generate(get_lm, task, meths, todo, cache, cfg, batch_size, workers, load_a
             progress("generating", done, total)
 
     try:
-        if workers <= 1:
+        if on_ray:
+            from tokensteer.scale.cluster import require_ray
+
+            require_ray()
+            from tokensteer.scale.eval import generate_on_ray
+
+            on_ray.update(generate_on_ray(task, batches, cfg, batch_size, load_args, workers, save, progress, on_ray["address"]))
+            return
+        if (workers or 1) <= 1:
             run_batches(lm, batches, cfg, batch_size, save)
             return
         ctx = multiprocessing.get_context("spawn")

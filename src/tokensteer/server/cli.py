@@ -29,6 +29,11 @@ def serve_command(
     max_formula_rows: int = typer.Option(8, help="Most conditioning texts in one formula (each is a batch row)."),
     batch_rows: int = typer.Option(32, help="Rows the running batch holds before requests start a second one."),
     log_level: str = typer.Option("info", help="uvicorn's log level: debug, info, warning, error."),
+    ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (pip install 'tokensteer\\[ray]'; docs/scaling.md).", rich_help_panel="Ray cluster"),
+    address: Optional[str] = typer.Option(None, help="With --ray: join the Ray cluster at ADDR (host:port, or 'auto' for `ray start` on this machine); default: start a local one.", rich_help_panel="Ray cluster"),
+    replicas: Optional[int] = typer.Option(None, help="With --ray: replicas, each loading the model (default 1).", rich_help_panel="Ray cluster"),
+    autoscale: Optional[str] = typer.Option(None, help="With --ray: MIN,MAX replicas, added and removed with the load (instead of --replicas).", rich_help_panel="Ray cluster"),
+    replica_cpus: int = typer.Option(1, help="With --ray: CPUs (and threads) each replica reserves.", rich_help_panel="Ray cluster"),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API with a playground at /.
 
@@ -37,6 +42,8 @@ def serve_command(
       tokensteer serve
 
       tokensteer serve --port 8080 --vectors vectors/ --api-key secret
+
+      tokensteer serve --ray --address auto --replicas 2
 
       curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "gemma-3-270m", "prompt": "The day was", "max_tokens": 20, "tokensteer": {"formula": "positive"}}'
@@ -52,16 +59,24 @@ def serve_command(
             raise UserError(f"--max-formula-rows must be ≥ 0, got {max_formula_rows}")
         if vectors is not None and not os.path.isdir(os.path.expanduser(vectors)):
             raise UserError(f"--vectors {vectors!r} is not a folder")
+        if not ray and (address or replicas is not None or autoscale):
+            raise UserError("--address, --replicas and --autoscale need --ray")
         sock = bind(host, port)  # before the model loads: a busy port fails at once
-    lm = load_model(model, backend, dtype)
-
-    import uvicorn
 
     from tokensteer.server import Limits, Settings, create_app
 
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_n=max_n,
                     max_formula_chars=max_formula_chars, max_formula_rows=max_formula_rows, max_concurrent=max_concurrent)
-    app = create_app(lm, Settings(api_key=api_key, vectors=vectors, limits=limits, max_batch_rows=batch_rows))
+    settings = Settings(api_key=api_key, vectors=vectors, limits=limits, max_batch_rows=batch_rows)
+    if ray:
+        from tokensteer.scale.cli import serve_on_ray
+
+        return serve_on_ray(sock, model, backend, dtype, settings, address, replicas, autoscale, replica_cpus, log_level)
+    lm = load_model(model, backend, dtype)
+
+    import uvicorn
+
+    app = create_app(lm, settings)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if bound_host not in ("127.0.0.1", "::1", "localhost") and not api_key:
