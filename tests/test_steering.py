@@ -844,7 +844,7 @@ def test_eval_strength_sweep_keeps_the_vector_path_and_options(tmp_path, vec):
 def test_guard_keeps_every_token_in_the_unsteered_nucleus(tiny, vec):
     """With guard p, each generated token lies in the top-p nucleus of the *unsteered* model at
     that point (checked by teacher-forcing a plain session); without it, strong steering leaves it."""
-    from tokensteer.formula.engine import nucleus_mask
+    from tokensteer.sampling import nucleus_mask
     from tokensteer.steering.apply import Steer, controls_for
 
     prompts = ["the cat", "a quick brown fox", "hello"]

@@ -122,27 +122,38 @@ def top_k(logprobs: torch.Tensor, k: int) -> torch.Tensor:
     return logprobs.masked_fill(logprobs < kth, NEG_INF)
 
 
-def top_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus).
+def nucleus_mask(logprobs: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool [B, V]: each row's nucleus, the smallest set of most likely tokens whose probability
+    reaches p (rows need not be normalised).
 
-    Sorts only the top candidates (growing the candidate set until it holds mass p): the same
-    set as a full sort, but a 262k-token vocabulary no longer costs a full sort per row and step.
+    Looks at the top 256, then 4096 tokens before sorting a whole row, so a large vocabulary is
+    rarely sorted; rows are handled separately so one flat row does not slow the others.
     """
     if p >= 1.0:
-        return logprobs
+        return torch.ones_like(logprobs, dtype=torch.bool)
     V = logprobs.shape[-1]
     log_z = torch.logsumexp(logprobs, dim=-1, keepdim=True)
-    k = min(V, 512)
-    while True:
-        top_lp, idx = torch.topk(logprobs, k, dim=-1)  # sorted, most likely first
-        probs = torch.exp(top_lp - log_z)
-        cum = probs.cumsum(dim=-1)
-        if k == V or bool((cum[:, -1] >= p).all()):
+    out = torch.zeros_like(logprobs, dtype=torch.bool)
+    todo = torch.arange(logprobs.shape[0])
+    for k in (min(256, V), min(4096, V), V):
+        vals, idx = torch.topk(logprobs[todo], k, dim=-1)  # sorted, most likely first
+        probs = (vals - log_z[todo]).exp()
+        cum = probs.cumsum(-1)
+        done = (cum[:, -1] >= p) | (k == V)
+        if bool(done.any()):
+            keep = (cum[done] - probs[done]) < p  # the mass before this token is still short of p
+            out[todo[done]] = torch.zeros_like(out[todo[done]]).scatter_(-1, idx[done], keep)
+        todo = todo[~done]
+        if len(todo) == 0:
             break
-        k = min(V, k * 16)
-    drop = cum - probs >= p  # mass before this token already ≥ p
-    out = torch.full_like(logprobs, NEG_INF)
-    return out.scatter_(-1, idx, top_lp.masked_fill(drop, NEG_INF))
+    return out
+
+
+def top_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep each row's nucleus (``nucleus_mask``): nucleus sampling's truncation."""
+    if p >= 1.0:
+        return logprobs
+    return logprobs.masked_fill(~nucleus_mask(logprobs, p), NEG_INF)
 
 
 def min_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
@@ -154,7 +165,7 @@ def min_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def greedy(logprobs: torch.Tensor, gen: Generators = None) -> torch.Tensor:
-    """Row-wise argmax (first index on ties); on CPU numpy's SIMD argmax is ~25x faster than torch's."""
+    """Row-wise argmax (first index on ties); on CPU through numpy, whose SIMD argmax is much faster than torch's."""
     if logprobs.device.type == "cpu" and logprobs.dtype == torch.float32 and not logprobs.requires_grad:
         return torch.from_numpy(logprobs.numpy().argmax(axis=-1))
     return logprobs.argmax(dim=-1)
@@ -202,10 +213,9 @@ def uniforms(gen: Generators, rows: int, n: int = 1) -> torch.Tensor:
 def draw(probs: torch.Tensor, gen: Generators = None, block: int = 512) -> torch.Tensor:
     """One index per row of [B, V] non-negative weights, by a two-level inverse CDF.
 
-    Same distribution as ``torch.multinomial(probs, 1)``, which takes ~10 ms per row for a 262k
-    vocabulary on this CPU (a quarter of a llama.cpp decode step). Here one pass sums blocks of
-    ``block`` weights, a search picks the block, a second search picks the token inside it: well
-    under a millisecond. Zero-weight tokens are never drawn.
+    Same distribution as ``torch.multinomial(probs, 1)``, which is slow on a large vocabulary: here
+    one pass sums blocks of ``block`` weights, a search picks the block and a second search the
+    token inside it. Zero-weight tokens are never drawn.
     """
     B, V = probs.shape
     pad = (-V) % block

@@ -109,7 +109,8 @@ class ByteFormula:
 
     def eval(self, n: Node) -> torch.Tensor:
         """Scores of a node over the 257 symbols (log-probabilities for terms)."""
-        from tokensteer.formula.engine import combine, nucleus_mask
+        from tokensteer.formula.combine import combine, set_op
+        from tokensteer.sampling import nucleus_mask
 
         if isinstance(n, Model):
             lp = self.states[(n.model, n.prefix)].logprobs()
@@ -128,12 +129,7 @@ class ByteFormula:
                 base = lp if n.name == "topp" else self.states[(None, "")].logprobs()
                 return lp.masked_fill(~nucleus_mask(base[None].float(), n.param)[0], NEG_INF)
             return torch.log_softmax(lp / n.param, -1)
-        xs = torch.stack([self.eval(a) if isinstance(a, Const) else torch.log_softmax(self.eval(a), -1) for a in n.args])
-        if n.name == "union":
-            return xs.max(0).values
-        if n.name == "intersection":
-            return xs.min(0).values
-        return torch.logsumexp(xs, 0)
+        return set_op(n.name, [self.eval(a) if isinstance(a, Const) else torch.log_softmax(self.eval(a), -1) for a in n.args])
 
     @staticmethod
     def _models(n: Node) -> list[Model]:

@@ -68,7 +68,7 @@ def check_cmd(formula: str = typer.Argument(..., help="A formula or a recipe nam
     """
     from tokensteer.cli import user_errors
     from tokensteer.formula.check import check
-    from tokensteer.formula.engine import fusion, prefixes_of
+    from tokensteer.formula.fusion import fusion, prefixes_of
     from tokensteer.formula.parser import parse
 
     out = Console()

@@ -16,76 +16,19 @@ import torch
 from tokensteer.backends.base import Backend, Session
 from tokensteer.errors import UserError
 from tokensteer.formula.ast import Const, Formula, Guide, Model, Node, Op, Retrieve, Sum, to_string
-from tokensteer.formula.check import Report, any_node, check, check_speculative, kind, peel, top_terms
+from tokensteer.formula.check import Report, check, check_speculative, kind, peel, top_terms
+from tokensteer.formula.combine import NEG_INF, combine, may_exclude, set_op
+from tokensteer.formula.fusion import fusion, is_same_model
 from tokensteer.formula.guides import get_guide
+from tokensteer.formula.others import load_other
 from tokensteer.formula.parser import parse
 from tokensteer.formula.speculative import SpecStats, accept, draft_of
 from tokensteer.formula.trace import TermValue, TokenTrace
 from tokensteer.hooks import Control, Verdict
 from tokensteer.engine.state import LoopState
-from tokensteer.sampling import top_k, top_p
+from tokensteer.sampling import nucleus_mask, top_k
 
-NEG_INF = float("-inf")
 TAIL = 160  # characters of context a guide scores: enough for a sentence, cheap for 20 candidates
-
-
-def nucleus_mask(lp: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool [B, V]: the smallest set of most likely tokens whose probability reaches p.
-
-    Looks at the top 256, then 4096 tokens before sorting everything, so a 262k vocabulary is
-    rarely sorted; rows are handled separately so one flat row does not slow the others.
-    """
-    if p >= 1.0:
-        return torch.ones_like(lp, dtype=torch.bool)
-    out = torch.zeros_like(lp, dtype=torch.bool)
-    todo = torch.arange(lp.shape[0])
-    for k in (256, 4096, lp.shape[-1]):
-        k = min(k, lp.shape[-1])
-        vals, idx = torch.topk(lp[todo], k, dim=-1)
-        probs = vals.exp()
-        cum = probs.cumsum(-1)
-        done = (cum[:, -1] >= p) | (k == lp.shape[-1])
-        if bool(done.any()):
-            keep = (cum[done] - probs[done]) < p
-            out[todo[done]] = torch.zeros_like(lp[todo[done]], dtype=torch.bool).scatter_(-1, idx[done], keep)
-        todo = todo[~done]
-        if len(todo) == 0:
-            break
-    return out
-
-
-def may_exclude(n: Node) -> bool:
-    """Whether a node can give −inf to some tokens (filters, and other models with a smaller vocabulary)."""
-    if isinstance(n, Model):
-        return n.model is not None
-    if isinstance(n, Op):
-        return n.param is not None and n.name != "temp" or any(may_exclude(a) for a in n.args)
-    if isinstance(n, Sum):
-        return any(may_exclude(t) for _, t in n.terms)
-    return False
-
-
-def combine(terms: Sequence[tuple[float, torch.Tensor]], exclusive: bool = True) -> torch.Tensor:
-    """Σ wᵢ·xᵢ where a token excluded (−inf) by any term stays excluded, whatever the sign of w.
-
-    ``exclusive=False`` promises no term has −inf entries and takes the fast path.
-    """
-    if not exclusive:
-        (w0, x0), rest = terms[0], terms[1:]
-        out = x0 * w0
-        for w, x in rest:
-            out.add_(x, alpha=w)
-        return out
-    out: torch.Tensor | None = None
-    dead: torch.Tensor | None = None
-    for w, x in terms:
-        neg = torch.isneginf(x)
-        part = w * x
-        if bool(neg.any()):
-            part = part.masked_fill(neg, 0.0)
-            dead = neg if dead is None else dead | neg
-        out = part if out is None else out + part
-    return out if dead is None else out.masked_fill(dead, NEG_INF)
 
 
 class FormulaControl(Control):
@@ -243,7 +186,7 @@ class FormulaControl(Control):
             values = [(w / div, self.eval(t)) for w, t in terms if kind(t) != "guide"]
         else:  # the backend already summed the same-model terms; their log-softmax constants, and
             # constant terms, only shift every token alike and vanish in the normalisation below
-            values = [(1.0, mixed)] + [(w / div, self.eval(t)) for w, t in terms if kind(t) not in ("guide", "constant") and not _same_model(t)]
+            values = [(1.0, mixed)] + [(w / div, self.eval(t)) for w, t in terms if kind(t) not in ("guide", "constant") and not is_same_model(t)]
             if len(values) == 1 and not filters and all(kind(t) != "guide" for _, t in terms):
                 return mixed  # the mixed row's log-probabilities are the formula's
         s = combine(values, any(may_exclude(t) for _, t in terms))
@@ -363,12 +306,7 @@ class FormulaControl(Control):
         if isinstance(n, Op):
             if n.param is not None:
                 return self.filter(n, self.eval(n.args[0]))
-            xs = torch.stack([self.eval(a) if isinstance(a, Const) else torch.log_softmax(self.eval(a), -1) for a in n.args])
-            if n.name == "union":
-                return xs.max(0).values
-            if n.name == "intersection":
-                return xs.min(0).values
-            return torch.logsumexp(xs, 0)
+            return set_op(n.name, [self.eval(a) if isinstance(a, Const) else torch.log_softmax(self.eval(a), -1) for a in n.args])
         raise UserError(f"{to_string(n)} cannot be evaluated here")
 
     def filter(self, f: Op, x: torch.Tensor) -> torch.Tensor:
@@ -419,72 +357,3 @@ class FormulaControl(Control):
                 )
             )
         self._pending = None
-
-
-def _same_model(n: Node) -> bool:
-    return isinstance(n, Model) and n.model is None
-
-
-def prefixes_of(n: Node) -> list[str]:
-    """The conditioning texts of the same-model terms, in order of appearance: one row each."""
-    if isinstance(n, Model):
-        return [n.prefix] if n.model is None and n.prefix else []
-    parts = [t for _, t in n.terms] if isinstance(n, Sum) else list(n.args) if isinstance(n, Op) else []
-    return list(dict.fromkeys(p for a in parts for p in prefixes_of(a)))
-
-
-def fusion(formula: Formula, prefixes: list[str]) -> tuple[list[float], bool] | None:
-    """Weights over [prompt row, variant rows] when the formula reads its same-model terms only as
-    a weighted sum at the top (``M + 2*(M("a", T=0.5) - M("b"))``, under any filters), else None.
-
-    Then Σ wᵢ·log pᵢ = Σ wᵢ·zᵢ − Σ wᵢ·log Zᵢ: the constants vanish in the final normalisation, and
-    Σ wᵢ·zᵢ is the output layer applied once to Σ wᵢ·hᵢ. The flag asks for the prompt's own row
-    as well, which a nucleus filter (DExperts' base nucleus) restricts to.
-    """
-    if not prefixes:
-        return None
-    filters, body = peel(formula.root)
-    terms = top_terms(body)
-    total = sum(w for w, t in terms if kind(t) in ("model", "operator"))
-    div = total if formula.mode == "normalized" else 1.0
-    weights = [0.0] * (1 + len(prefixes))
-    for w, t in terms:
-        if _same_model(t):  # w·log softmax(z/T) = (w/T)·z − a constant: a temperature is a weight too
-            weights[1 + prefixes.index(t.prefix) if t.prefix else 0] += w / div / t.temperature
-        elif any_node(t, _same_model):
-            return None  # inside an operator (union, intersection, a filter): needs its own row
-    needs_base = any_node(formula.root, lambda n: isinstance(n, Op) and n.name == "nucleus")
-    return weights, needs_base
-
-
-_OTHERS: dict[tuple[int, str], Backend] = {}
-
-
-def load_other(lm: Backend, path: str) -> Backend:
-    """Load another local model once per process, on the same kind of backend, same tokenizer."""
-    key = (id(lm), path)
-    if key not in _OTHERS:
-        import tokensteer
-
-        other = tokensteer.load(path, backend=lm.name)
-        why = tokenizer_mismatch(lm, other)
-        if why:
-            raise UserError(f"the model {path} cannot be combined with {lm.model_name} token by token: {why}; "
-                            "combine them byte by byte with --byte-level (tokensteer.bytes)")
-        _OTHERS[key] = other
-    return _OTHERS[key]
-
-
-def tokenizer_mismatch(a: Backend, b: Backend) -> str | None:
-    """Why two models' tokenizers differ (formulas mix distributions token by token), or None."""
-    ta, tb = a.tokenizer, b.tokenizer
-    probes = ["Hello, world! The café's naïve résumé: 1234 ünïcödé — 東京 😀", "  def f(x):\n\treturn x"]
-    for s in probes:
-        if ta.encode(s) != tb.encode(s):
-            return "their tokenizers split text differently (every term must share one vocabulary)"
-    n = min(ta.vocab_size, tb.vocab_size)
-    step = max(1, n // 500)
-    for i in range(0, n, step):
-        if ta.token_text(i) != tb.token_text(i):
-            return f"token {i} is {ta.token_text(i)!r} in one and {tb.token_text(i)!r} in the other"
-    return None

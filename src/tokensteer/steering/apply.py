@@ -159,7 +159,7 @@ class SteerGuard(Control):
         self._lp = torch.log_softmax(self._plain.prefill(state.prompt_tokens).float(), -1)
 
     def logprobs(self, state, logprobs: torch.Tensor) -> torch.Tensor:
-        from tokensteer.formula.engine import nucleus_mask
+        from tokensteer.sampling import nucleus_mask
 
         keep = nucleus_mask(self._lp, self.p)
         return torch.log_softmax(logprobs.masked_fill(~keep, float("-inf")), -1)
