@@ -28,7 +28,7 @@ import tokensteer as ts
 from tokensteer.cli import app
 from tokensteer.errors import UserError
 from tokensteer.eval.runner import run
-from tokensteer.scale.eval import ACTOR_PREFIX, RERUN_STAGE
+from tokensteer.scale.eval import ACTOR_PREFIX, RERUN_STAGE, pack
 from tokensteer.scale.serve import APP_NAME, ReplicaConfig, deployment_options, parse_autoscale
 from tokensteer.server import Settings
 from tokensteer.steering import save_vector, train_vector
@@ -134,6 +134,20 @@ def test_autoscale_spec_parses_or_is_one_user_error(lo, hi):
         assert lo < 0 or hi < max(1, lo)
     else:
         assert got == (lo, hi) and 0 <= lo <= hi and hi >= 1
+
+
+def test_pack_keeps_controlled_batches_whole_and_gives_every_worker_a_job():
+    from tokensteer.eval.generation import Batch, Unit
+
+    def unit(i):
+        return Unit("m", i, 0, None, "p", i, str(i))
+
+    ctl = [object()]
+    batches = [Batch("none", [unit(i)]) for i in range(5)] + [Batch("steer", [unit(5), unit(6)], ctl)]
+    jobs = pack(batches, batch_size=16, workers=2)
+    assert [[[u.index for u in b.units] for b in j.batches] for j in jobs] == [[[0], [1], [2]], [[5, 6]], [[3], [4]]]
+    assert all(not b.controls for j in jobs for b in j.batches)  # rebuilt on the worker from the method spec
+    assert [j.units for j in pack(batches, batch_size=2, workers=1)] == [2, 2, 2, 1]
 
 
 def test_deployment_options_fixed_or_autoscaled():

@@ -13,7 +13,7 @@ from tokensteer.server import Settings
 def serve_on_ray(sock: socket.socket, model: str | None, backend: str, dtype: str, settings: Settings, address: str | None,
                  replicas: int | None, autoscale: str | None, replica_cpus: int, log_level: str) -> None:
     """``tokensteer serve --ray``: ``sock`` is the free port the proxy will take (closed here)."""
-    from tokensteer.cli import err, user_errors
+    from tokensteer.cli_common import err, user_errors
 
     host, port = sock.getsockname()[:2]
     sock.close()

@@ -65,7 +65,7 @@ def worker_setup(threads: int, cwd: str | None) -> None:
 
     threads = max(1, int(threads))
     torch.set_num_threads(threads)
-    os.environ.setdefault("TOKENSTEER_THREADS", str(threads))
+    os.environ["TOKENSTEER_THREADS"] = str(threads)  # not the driver's value, which Ray passed on
     if cwd and os.path.isdir(cwd):
         os.chdir(cwd)
 

@@ -64,9 +64,11 @@ class Job:
         return sum(len(b.units) for b in self.batches)
 
 
-def pack(batches: Sequence[Batch], batch_size: int) -> list[Job]:
-    """Batches with controls one job each; units without controls ``batch_size`` to a job, so
-    they still fill an actor's running batch."""
+def pack(batches: Sequence[Batch], batch_size: int, workers: int) -> list[Job]:
+    """Batches with controls one job each; units without controls up to ``batch_size`` to a job (they
+    fill an actor's running batch together), fewer where that leaves a worker without a job."""
+    n_free = sum(1 for b in batches if not b.controls)
+    size = max(1, min(batch_size, -(-n_free // workers)))
     jobs: list[Job] = []
     free: list[Batch] = []
     for b in batches:
@@ -74,7 +76,7 @@ def pack(batches: Sequence[Batch], batch_size: int) -> list[Job]:
             jobs.append(Job([replace(b, controls=[])]))
         else:
             free.append(b)
-            if len(free) >= batch_size:
+            if len(free) >= size:
                 jobs.append(Job(free))
                 free = []
     if free:
@@ -97,8 +99,9 @@ def generate_on_ray(
     hand each job's records to ``on_records``; return what the run should report."""
     with connected(address, log_to_driver=False) as started:
         pool = Pool(task, cfg, batch_size, load_args, progress)
-        jobs = pack(batches, batch_size)
-        n = min(workers or cluster_cpus(), cluster_cpus(), max(1, len(jobs)))
+        n = min(workers or cluster_cpus(), cluster_cpus())
+        jobs = pack(batches, batch_size, n)
+        n = min(n, max(1, len(jobs)))
         try:
             pool.run(jobs, n, on_records)
         finally:
