@@ -265,7 +265,7 @@ def test_flags_without_their_companion(tiny_dir, args, fragment):
 
 
 def test_stop_escapes_as_the_help_shows():
-    from tokensteer.cli import unescape
+    from tokensteer.cli_common import unescape
 
     assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb") == "a\tb" and unescape("\\\\n") == "\\n"
     assert unescape("plain é") == "plain é" and unescape(r"\q") == r"\q"

@@ -261,7 +261,7 @@ def test_sampling_config_normalises_what_it_accepts():
 
 
 def test_stdin_prompt_is_capped(tiny_dir):
-    from tokensteer.cli import MAX_STDIN_CHARS
+    from tokensteer.cli_common import MAX_STDIN_CHARS
 
     r = run("generate", "-", "--model", tiny_dir, "-n", "2", input="\0" * (MAX_STDIN_CHARS + 5))
     assert_cli_error(r, f"longer than {MAX_STDIN_CHARS:,} characters")

@@ -7,17 +7,15 @@ messages to stderr, so ``tokensteer generate ... --json | jq`` works.
 from __future__ import annotations
 
 import json
-import re
 import sys
-import time
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
+from tokensteer.cli_common import err, load_model, read_stdin_prompt, spinner, unescape, user_errors
 from tokensteer.errors import UserError
 
 DEFAULT_PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
@@ -28,7 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
 
 
 class _NoFlagTypes:
@@ -64,51 +61,6 @@ def use_help_classes(t: typer.Typer) -> None:
         c.cls = Command if c.cls in (None, TyperCommand) else c.cls
     for g in t.registered_groups:
         use_help_classes(g.typer_instance)
-
-
-def fail(msg: str) -> None:
-    """Print a user error as one line and exit 2 (the message is plain text, never rich markup)."""
-    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn UserError (and a file the user may not read or write) into a one-line message with exit code 2."""
-    try:
-        yield
-    except UserError as e:
-        fail(str(e))
-    except PermissionError as e:
-        fail(f"permission denied: {e.filename or e}; check the file's and its folder's permissions")
-    except OSError as e:  # a read-only file system, a full disk, a path through /proc ...
-        if e.filename is None:
-            raise
-        fail(f"cannot use {e.filename}: {e.strerror or e}")
-
-
-@contextmanager
-def spinner(label: str) -> Iterator:
-    """A progress line with elapsed time for long steps whose length we cannot know in advance.
-
-    Off when stderr is not a terminal: it would show nothing there and rich ends it with a blank line."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*cols, console=err, transient=True, disable=not err.is_interactive) as p:
-        task = p.add_task(label, total=None)
-        yield lambda msg: p.update(task, description=msg)
-
-
-def load_model(model: Optional[str], backend: str, dtype: str, needs: frozenset[str] = frozenset()):
-    """Load with a progress line; user errors become exit code 2."""
-    import tokensteer
-
-    with user_errors(), spinner("loading model") as say:
-        t = time.perf_counter()
-        lm = tokensteer.load(model, backend=backend, dtype=dtype, progress=say, needs=needs)
-    err.print(f"[dim]loaded {escape(lm.model_name)} on {lm.name} in {time.perf_counter() - t:.1f} s[/]", highlight=False)
-    return lm
 
 
 @app.command()
@@ -286,22 +238,6 @@ def generate(
         from tokensteer.formula.trace import render_controls
 
         render_controls(controls, err)
-
-
-MAX_STDIN_CHARS = 1_000_000  # far beyond any model's context; the cap stops `generate - < /dev/zero`
-
-
-def read_stdin_prompt() -> str:
-    """The prompt from stdin, read up to MAX_STDIN_CHARS; more is a UserError, not an endless read."""
-    text = sys.stdin.read(MAX_STDIN_CHARS + 1)
-    if len(text) > MAX_STDIN_CHARS:
-        raise UserError(f"the prompt on stdin is longer than {MAX_STDIN_CHARS:,} characters, far beyond the model's context; give less text")
-    return text
-
-
-def unescape(text: str) -> str:
-    """Turn the escapes a shell passes literally (\\n, \\t, \\r, \\\\) into the characters, for --stop."""
-    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
 def _summary(reason: str, n: int, decode_s: float, tok_s: float) -> None:

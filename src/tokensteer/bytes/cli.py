@@ -69,7 +69,7 @@ def generate_command(
     """Run ``generate --byte-level`` (``max_tokens`` counts characters)."""
     from tokensteer.bytes.generate import generate_bytes, stream_bytes
     from tokensteer.bytes.utf8 import END
-    from tokensteer.cli import err, load_model, user_errors
+    from tokensteer.cli_common import err, load_model, user_errors
 
     with user_errors():
         refuse_token_controls(req)

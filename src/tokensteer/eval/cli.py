@@ -50,7 +50,7 @@ def eval_command(
     OUT/cache, so re-running (to re-score or add methods) never regenerates them.
     Sampling defaults: temperature 1.0, top-p 0.9, 32 new tokens, stop at the first newline.
     """
-    from tokensteer.cli import err, unescape, user_errors
+    from tokensteer.cli_common import err, unescape, user_errors
 
     with user_errors():
         if list_:

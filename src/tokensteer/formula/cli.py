@@ -66,7 +66,7 @@ def check_cmd(formula: str = typer.Argument(..., help="A formula or a recipe nam
 
       tokensteer formula check 'normalized: M - 0.6*M("Adults talking:\\n")'
     """
-    from tokensteer.cli import user_errors
+    from tokensteer.cli_common import user_errors
     from tokensteer.formula.check import check
     from tokensteer.formula.fusion import fusion, prefixes_of
     from tokensteer.formula.parser import parse

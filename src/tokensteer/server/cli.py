@@ -48,7 +48,7 @@ def serve_command(
       curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "gemma-3-270m", "prompt": "The day was", "max_tokens": 20, "tokensteer": {"formula": "positive"}}'
     """
-    from tokensteer.cli import err, load_model, user_errors
+    from tokensteer.cli_common import err, load_model, user_errors
 
     with user_errors():
         for name, v in (("--max-concurrent", max_concurrent), ("--max-tokens-limit", max_tokens_limit), ("--max-prompt-tokens", max_prompt_tokens),

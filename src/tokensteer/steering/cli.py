@@ -50,7 +50,7 @@ def _check_out(out: Path, flag: str, inputs: tuple = (), gguf: bool | None = Fal
 
 def _load(model: Optional[str]):
     from tokensteer.backends.base import HIDDEN_STATES
-    from tokensteer.cli import load_model
+    from tokensteer.cli_common import load_model
 
     return load_model(model, "torch", "float32", frozenset({HIDDEN_STATES}))
 
@@ -74,7 +74,7 @@ def train(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tokensteer.cli import err, user_errors
+    from tokensteer.cli_common import err, user_errors
     from tokensteer.steering.pairs import load_pairs
     from tokensteer.steering.train import METHODS, READS, parse_layers, train_vector
     from tokensteer.steering.vecfile import save_vector
@@ -136,13 +136,13 @@ def search(
 
       tokensteer steer search pos.safetensors --prompts 16 --tokens 16   (quicker, noisier)
     """
-    from tokensteer.cli import err, spinner, user_errors
+    from tokensteer.cli_common import err, spinner, user_errors
     from tokensteer.steering import search as S
     from tokensteer.steering.train import parse_layers
     from tokensteer.steering.vecfile import load_vector, save_vector
 
     from tokensteer.backends.base import HIDDEN_STATES, RESIDUAL_ADD, RESIDUAL_FN
-    from tokensteer.cli import load_model
+    from tokensteer.cli_common import load_model
     from tokensteer.steering.apply import POSITIONS
 
     with user_errors():
@@ -190,7 +190,7 @@ def info(vec: Path = typer.Argument(..., help="Vector file (.safetensors or .ggu
 
       tokensteer steer info pos.safetensors
     """
-    from tokensteer.cli import user_errors
+    from tokensteer.cli_common import user_errors
     from tokensteer.steering.vecfile import load_vector
 
     with user_errors():
@@ -215,7 +215,7 @@ def export(
 
       tokensteer steer export pos.safetensors --gguf pos.gguf && llama-cli -m MODEL.gguf --control-vector pos.gguf
     """
-    from tokensteer.cli import err, user_errors
+    from tokensteer.cli_common import err, user_errors
     from tokensteer.steering.gguf_io import export_gguf
     from tokensteer.steering.train import parse_layers
     from tokensteer.steering.vecfile import load_vector
@@ -239,7 +239,7 @@ def import_(
 
       tokensteer steer import pos.gguf --out pos2.safetensors
     """
-    from tokensteer.cli import err, user_errors
+    from tokensteer.cli_common import err, user_errors
     from tokensteer.steering.gguf_io import import_gguf
     from tokensteer.steering.vecfile import expand, save_vector
 
