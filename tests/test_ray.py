@@ -154,7 +154,8 @@ def test_deployment_options_fixed_or_autoscaled():
     cfg = ReplicaConfig(None, "torch", "float32", Settings(max_batch_rows=8), cpus=2)
     fixed = deployment_options(cfg, 3, None)
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
-    assert fixed["ray_actor_options"] == {"num_cpus": 2} and fixed["max_ongoing_requests"] == cfg.settings.limits.max_concurrent
+    assert fixed["ray_actor_options"] == {"num_cpus": 2}
+    assert fixed["max_ongoing_requests"] == fixed["max_queued_requests"] == cfg.settings.limits.max_concurrent
     auto = deployment_options(cfg, None, (0, 4))["autoscaling_config"]
     assert auto == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 8}
 

@@ -65,10 +65,12 @@ def parse_autoscale(spec: str) -> tuple[int, int]:
 
 
 def deployment_options(cfg: ReplicaConfig, replicas: int | None, autoscale: tuple[int, int] | None) -> dict[str, Any]:
-    """Ray Serve options: CPUs per replica, a replica takes as many requests as its server admits
-    (its engine batches them), and either a fixed count or autoscaling on requests per replica."""
+    """Ray Serve options: CPUs per replica; a replica takes as many requests as its server admits
+    (its engine batches them) and as many more wait at each proxy (beyond that: HTTP 503); either a
+    fixed count or autoscaling on requests per replica."""
     lim = cfg.settings.limits
-    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.cpus}, "max_ongoing_requests": lim.max_concurrent}
+    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.cpus}, "max_ongoing_requests": lim.max_concurrent,
+                            "max_queued_requests": lim.max_concurrent}
     if autoscale is not None:
         lo, hi = autoscale
         target = max(1, min(cfg.settings.max_batch_rows, lim.max_concurrent))  # a replica whose batch is full asks for another
