@@ -296,3 +296,17 @@ def test_default_selector_and_use_none(tiny_model):
     finally:
         kv.attach(tiny_model, None)
     assert kv.default_selector(tiny_model) is None
+
+
+def test_cache_compares_consecutive_queries():
+    """A query that drifts slowly keeps hitting (each step close to the last) until the refresh."""
+    cfg = KVSelectConfig(k=3, local=2, init=1, theta=0.99, refresh=100)
+    sel = Selector(cfg)
+    k, v = torch.randn(1, 1, 60, 8), torch.randn(1, 1, 60, 8)
+    base, turn = torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8)
+    base[..., 0], turn[..., 1] = 1.0, 1.0
+    for i, n in enumerate(range(20, 32)):
+        angle = 0.1 * i  # 0.1 rad a step: cos 0.995 with the last step, far below 0.99 with the first after 2 steps
+        q = (math.cos(angle) * base + math.sin(angle) * turn).expand(1, 2, 1, 8)
+        sel.attend(_Module(), q, k[:, :, :n], v[:, :, :n], None, 0.3, None)
+    assert sel.stats["decode_selected"] == 1 and sel.stats["reused"] == 11

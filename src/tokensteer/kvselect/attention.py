@@ -71,7 +71,7 @@ class Selector:
             qflat = q0[:, :, 0].reshape(B, -1)
         if qflat is not None and state is not None and state.reusable(qflat, N, L, cfg):
             chosen = state.extended(hi)
-            state.chosen, state.hi = chosen, hi
+            state.chosen, state.hi, state.query = chosen, hi, qflat  # the next step compares with this query
             self.stats["reused"] += 1
         else:
             valid = _valid(mask, lo, hi, B)

@@ -17,9 +17,9 @@ class KVSelectConfig:
 
     Each step attends to the first ``init`` tokens, the ``k`` tokens with the most attention mass
     (per-head softmax over q·k, summed over heads) and the last ``local`` tokens before the query
-    chunk. A decode query whose cosine with the query that made the last selection is ≥ ``theta``
-    reuses that selection (``theta`` > 1: never), and a fresh one is made at least every
-    ``refresh`` steps. ``chunk`` tokens are prefilled per forward; ``extrapolate`` re-indexes the
+    chunk. A decode query whose cosine with the previous step's query is ≥ ``theta`` reuses the
+    last selection (``theta`` > 1: never), and a fresh one is made at least every ``refresh``
+    steps. ``chunk`` tokens are prefilled per forward; ``extrapolate`` re-indexes the
     selected keys' positions so prompts past the model's trained length fit its position range.
     """
 

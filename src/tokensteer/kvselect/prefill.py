@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from functools import cache
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,7 +25,37 @@ def cache_kwarg(model_type: type) -> str:
     return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
+def iter_prefill(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    kv_cache,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    chunk: int = PREFILL_CHUNK,
+) -> Iterator[tuple[int, torch.Tensor | None]]:
+    """Feed ``ids`` [B, T] into ``kv_cache`` ``chunk`` tokens at a time, yielding after each piece
+    (tokens done, then None, or the [B, V] float logits after the last token with the last piece).
+    ``attention_mask`` [B, T] (left padding) and ``position_ids`` [B, T] are sliced along."""
+    T = ids.shape[1]
+    if position_ids is None:
+        position_ids = torch.arange(T, device=ids.device)[None].expand(ids.shape[0], T)
+    body = getattr(model, model.base_model_prefix, None) if T > chunk else None
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        last = e == T
+        net = model if last or body is None else body
+        with torch.inference_mode():
+            out = net(
+                input_ids=ids[:, s:e],
+                attention_mask=None if attention_mask is None else attention_mask[:, :e],
+                position_ids=position_ids[:, s:e],
+                use_cache=True,
+                **{cache_kwarg(type(net)): kv_cache},
+                **({"logits_to_keep": 1} if net is model else {}),
+            )
+        yield e, out.logits[:, -1].float() if last else None
+
+
 def prefill_chunks(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -35,27 +65,10 @@ def prefill_chunks(
     chunk: int = PREFILL_CHUNK,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Feed ``ids`` [B, T] into ``kv_cache`` ``chunk`` tokens at a time; return the [B, V] float
-    logits after the last token. ``attention_mask`` [B, T] (left padding) and ``position_ids``
-    [B, T] are sliced along with the tokens; ``progress(done, T)`` is called after every piece."""
-    T = ids.shape[1]
-    if position_ids is None:
-        position_ids = torch.arange(T, device=ids.device)[None].expand(ids.shape[0], T)
-    body = getattr(model, model.base_model_prefix, None) if T > chunk else None
-    out = None
-    for s in range(0, T, chunk):
-        e = min(T, s + chunk)
-        last = e == T
-        net = model if last or body is None else body
-        kw = {cache_kwarg(type(net)): kv_cache}
-        out = net(
-            input_ids=ids[:, s:e],
-            attention_mask=None if attention_mask is None else attention_mask[:, :e],
-            position_ids=position_ids[:, s:e],
-            use_cache=True,
-            **kw,
-            **({"logits_to_keep": 1} if net is model else {}),
-        )
+    """``iter_prefill`` to the end: the [B, V] float logits after the last token;
+    ``progress(done, T)`` is called after every piece."""
+    logits = None
+    for done, logits in iter_prefill(model, ids, kv_cache, attention_mask, position_ids, chunk):
         if progress is not None:
-            progress(e, T)
-    return out.logits[:, -1].float()
+            progress(done, ids.shape[1])
+    return logits

@@ -57,7 +57,7 @@ def layout(chosen: torch.Tensor, lo: int, hi: int, n_kv: int) -> torch.Tensor:
 class LayerState:
     """One layer's last selection, for the selection cache."""
 
-    query: torch.Tensor  # [B, Hq*D] the un-rotated query that made the selection
+    query: torch.Tensor  # [B, Hq*D] the latest un-rotated decode query (consecutive queries are compared)
     chosen: torch.Tensor  # [B, k] slots chosen then
     hi: int  # end of the candidate window then
     made_at: int  # cache length when it was made
@@ -65,7 +65,8 @@ class LayerState:
 
     def reusable(self, query: torch.Tensor, n_kv: int, n_query: int, cfg: KVSelectConfig) -> bool:
         """A decode step may reuse this selection: the same rows, the very next step of the same
-        sequence, fewer than ``refresh`` steps since it was made, every row's query close enough."""
+        sequence, fewer than ``refresh`` steps since it was made, and every row's query close
+        enough to the previous step's."""
         if self.query.shape != query.shape or n_kv != self.seen + n_query or n_kv - self.made_at >= cfg.refresh:
             return False
         cos = torch.nn.functional.cosine_similarity(self.query.float(), query.float(), dim=-1)

@@ -1,7 +1,8 @@
 """Dense against selected attention on the same long prompts: accuracy, fidelity and speed.
 
 Each sample is decoded greedily twice on the torch backend, with dense attention and with
-TokenSelect, each in a fresh KV cache. Fidelity compares the two next-token distributions
+TokenSelect, each in a fresh KV cache, in lockstep (chunk by chunk, step by step) so that the
+timings of the two see the same machine load. Fidelity compares the two next-token distributions
 (top-1 agreement, KL(dense ‖ selected)) at every step where both have generated the same text so
 far: the first answer token always, later ones up to the first step where they differ.
 """
@@ -40,30 +41,55 @@ class Decoded:
         return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s > 0 else 0.0
 
 
-def greedy_torch(lm, ids: Sequence[int], max_new: int, kv: KVSelectConfig | None, keep: bool = True) -> Decoded:
-    """Greedy decoding of ``max_new`` tokens (no stop) on a TorchBackend with ``kv`` (None: dense)."""
+def greedy_torch(lm, ids: Sequence[int], max_new: int, kvs: Sequence[KVSelectConfig | None], keep: bool = True) -> list[Decoded]:
+    """Greedy decoding of ``max_new`` tokens (no stop) on a TorchBackend, once per config in ``kvs``
+    (None: dense), in lockstep: each prefill chunk and each decode step runs for every config in
+    turn, so a busy machine slows them alike and their timings compare."""
     from transformers import DynamicCache
 
-    lm.set_kv_select(kv)
-    cache = DynamicCache(config=lm.model.config)
-    n = len(ids)
-    t0 = time.perf_counter()
-    logits = lm.forward(torch.tensor([list(ids)]), None, torch.arange(n)[None], cache, {}, "prefill", None, 1)[:, -1]
-    prefill_s = time.perf_counter() - t0
-    tokens, lps = [], []
-    t1 = time.perf_counter()
+    from tokensteer.kvselect import PREFILL_CHUNK, new_selector, use
+    from tokensteer.kvselect.prefill import cache_kwarg, iter_prefill
+
+    n, model = len(ids), lm.model
+    prompt = torch.tensor([list(ids)])
+    caches = [DynamicCache(config=model.config) for _ in kvs]
+    sels = [new_selector(model, kv) if kv is not None else None for kv in kvs]
+    pending = [iter_prefill(model, prompt, c, None, None, kv.chunk if kv else PREFILL_CHUNK) for c, kv in zip(caches, kvs)]
+    prefill_s, decode_s = [0.0] * len(kvs), [0.0] * len(kvs)
+    logits: list[torch.Tensor | None] = [None] * len(kvs)
+    while any(p is not None for p in pending):
+        for j, gen in enumerate(pending):
+            if gen is None:
+                continue
+            t = time.perf_counter()
+            with use(sels[j]):
+                step = next(gen, None)
+            prefill_s[j] += time.perf_counter() - t
+            if step is None:
+                pending[j] = None
+            elif step[1] is not None:
+                logits[j] = step[1]
+    tokens: list[list[int]] = [[] for _ in kvs]
+    lps: list[list[torch.Tensor]] = [[] for _ in kvs]
+    key = cache_kwarg(type(model))
     for i in range(max_new):
-        lp = logits[0].float().log_softmax(-1)
-        tok = int(lp.argmax())
-        tokens.append(tok)
-        if keep:
-            lps.append(lp)
-        if i + 1 < max_new:
-            logits = lm.forward(torch.tensor([[tok]]), None, torch.tensor([[n + i]]), cache, {}, "decode", None, 1)[:, -1]
-    decode_s = time.perf_counter() - t1
-    sel = lm.selector(cache)
-    return Decoded(tokens, lm.tokenizer.decode(tokens), prefill_s, decode_s, lps,
-                   dict(sel.stats) if sel else None, sel.hit_rate() if sel else None)
+        for j in range(len(kvs)):
+            lp = logits[j][0].log_softmax(-1)
+            tok = int(lp.argmax())
+            tokens[j].append(tok)
+            if keep:
+                lps[j].append(lp)
+            if i + 1 < max_new:
+                t = time.perf_counter()
+                with use(sels[j]), torch.inference_mode():
+                    out = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[n + i]]), use_cache=True, **{key: caches[j]})
+                logits[j] = out.logits[:, -1].float()
+                decode_s[j] += time.perf_counter() - t
+    return [
+        Decoded(tokens[j], lm.tokenizer.decode(tokens[j]), prefill_s[j], decode_s[j], lps[j],
+                dict(sels[j].stats) if sels[j] else None, sels[j].hit_rate() if sels[j] else None)
+        for j in range(len(kvs))
+    ]
 
 
 def greedy_llama(lm, ids: Sequence[int], max_new: int) -> Decoded:
@@ -119,14 +145,11 @@ def evaluate(
     if trained and not kv.extrapolate and max(lengths) > trained:
         raise UserError(f"length {max(lengths)} is past the {trained} tokens {lm.model_name} was trained to; add extrapolate=on to --kv-select")
     samples = make_samples(tasks, lengths, n, lm.tokenizer.encode, seed)
-    records, previous = [], lm.kv_select
-    try:
-        for i, s in enumerate(samples):
-            if progress:
-                progress(f"{s.task} @ {s.length}", i, len(samples))
-            records.append(compare(lm, s, kv))
-    finally:
-        lm.set_kv_select(previous)
+    records = []
+    for i, s in enumerate(samples):
+        if progress:
+            progress(f"{s.task} @ {s.length}", i, len(samples))
+        records.append(compare(lm, s, kv))
     if progress:
         progress("done", len(samples), len(samples))
     return {"kv_select": kv.spec(), "model": lm.model_name, "n_per_task": n, "records": records, "summary": summarize(records)}
@@ -135,8 +158,7 @@ def evaluate(
 def compare(lm, s: Sample, kv: KVSelectConfig) -> dict[str, Any]:
     """One sample, dense then selected: scores, timings and fidelity as a flat record."""
     ids = lm.tokenizer.encode(s.prompt)
-    dense = greedy_torch(lm, ids, s.max_new, None)
-    sel = greedy_torch(lm, ids, s.max_new, kv)
+    dense, sel = greedy_torch(lm, ids, s.max_new, [None, kv])
     kls, agree = fidelity(dense, sel)
     return {
         "task": s.task, "length": s.length, "prompt_tokens": len(ids), "depth": s.depth, "answers": s.answers,
