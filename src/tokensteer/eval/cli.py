@@ -8,8 +8,8 @@ import typer
 
 
 def eval_command(
-    task: Optional[str] = typer.Option(None, "--task", help="sentiment-positive, sentiment-negative, detox, topic, count or keywords."),
-    method: list[str] = typer.Option([], "--method", "-m", help="KIND or KIND:ARG (repeatable): none, prompt, formula:positive, steer:PATH\\[@STRENGTH] (without @STRENGTH: the file's recommended dose), constraints:SPEC."),
+    task: Optional[str] = typer.Option(None, "--task", help="sentiment-positive, sentiment-negative, detox, topic, count, keywords, qa-dev or qa-test."),
+    method: list[str] = typer.Option([], "--method", "-m", help="KIND or KIND:ARG (repeatable): none, prompt, formula:positive, steer:PATH\\[@STRENGTH] (without @STRENGTH: the file's recommended dose), constraints:SPEC, retrieve:K."),
     out: str = typer.Option("eval-out", "--out", "-o", help="Folder for results.json, report.html, PNGs and the sample cache."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Your own prompts: one per line, or JSONL with the task's fields."),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N prompts."),
@@ -29,6 +29,8 @@ def eval_command(
     cache: Optional[str] = typer.Option(None, help="Sample cache folder (default OUT/cache); shared caches never regenerate."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and PNGs."),
     list_: bool = typer.Option(False, "--list", help="List tasks and method kinds, then exit."),
+    kv_select: Optional[str] = typer.Option(None, "--kv-select", help="TokenSelect on the torch backend (bare: the defaults; or k=…,local=…,init=…,theta=…). With --task longcontext: the selected side of the comparison.", rich_help_panel="Long prompts"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="With --task longcontext: prompt lengths in tokens, e.g. 4k,8k,16k (default 4k); --n samples per task and length.", rich_help_panel="Long prompts"),
     ray: bool = typer.Option(False, "--ray", help="Generate on Ray actors (pip install 'tokensteer\\[ray]'; docs/scaling.md).", rich_help_panel="Ray cluster"),
     address: Optional[str] = typer.Option(None, help="With --ray: join the Ray cluster at ADDR (host:port, or 'auto' for `ray start` on this machine); default: start a local one.", rich_help_panel="Ray cluster"),
 ) -> None:
@@ -60,6 +62,14 @@ def eval_command(
 
         if task is None:
             raise UserError("give --task (see `tokensteer eval --list`)")
+        from tokensteer.longcontext import cli as lc_cli
+
+        lc_tasks = lc_cli.parse_task(task)
+        if lc_tasks is not None:  # dense against TokenSelect on generated long prompts (docs/longcontext.md)
+            lc_cli.run_task(lc_tasks, lengths, n, kv_select, model, dtype, out, seed, err)
+            return
+        if lengths is not None:
+            raise UserError("--lengths sets the prompt lengths of --task longcontext")
         if max_tokens < 0:
             raise UserError(f"--max-tokens must be ≥ 0, got {max_tokens}")
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -84,6 +94,7 @@ def eval_command(
                 model=model, backend=backend, dtype=dtype, sampling=cfg, seed=seed, sweep=sweep,
                 batch_size=batch_size, workers=workers, cache_dir=cache, report=report, progress=progress,
                 ray=ray, address=address,
+                **lc_cli.selected_lm(kv_select, model, backend, dtype, workers, ray),  # --kv-select: a torch model with it on
             )
     _print_table(res)
     err.print(f"[dim]wrote {out}/results.json{' and report.html' if report else ''}[/]", highlight=False)
@@ -98,6 +109,8 @@ def _list() -> None:
     c = Console()
     for t in TASKS.values():
         c.print(f"[bold]{t.name}[/]  {t.description}", highlight=False)
+    c.print("[bold]longcontext[/]  Dense against TokenSelect (--kv-select) attention on generated long prompts (--lengths): "
+            "passkey, RULER niah_single, niah_multikey, vt and cwe; longcontext:passkey,vt picks tasks.", highlight=False)
     c.print(f"\n[bold]method kinds:[/] {', '.join(kinds())}", highlight=False)
 
 
