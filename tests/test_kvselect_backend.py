@@ -119,3 +119,14 @@ def test_llamacpp_context_from_the_environment(monkeypatch):
             s.close()
     finally:
         lm.close()
+
+
+def test_a_cache_may_carry_its_own_settings(lm):
+    from transformers import DynamicCache
+
+    lm.set_kv_select("k=8,local=8,init=2,chunk=32")
+    dense_cache, own_cache = DynamicCache(config=lm.model.config), DynamicCache(config=lm.model.config)
+    lm.bind_kv_select(dense_cache, "off")
+    lm.bind_kv_select(own_cache, "k=4,local=4,init=1,chunk=32")
+    assert lm.selector(dense_cache) is None
+    assert lm.selector(own_cache).cfg.k == 4 and lm.selector(DynamicCache()).cfg.k == 8

@@ -143,6 +143,7 @@ class TorchBackend(Backend):
         self.dtype = next(model.parameters()).dtype
         self.kv_select: KVSelectConfig | None = None  # TokenSelect for every session, when set
         self._selectors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Selector
+        self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its own settings
         self.last_selector = None
         self.prefill_chunk = PREFILL_CHUNK
         self.progress: Callable[[int, int], None] | None = None  # (prompt tokens done, in all) during a prefill
@@ -177,9 +178,14 @@ class TorchBackend(Backend):
         )
         return cfg
 
+    def bind_kv_select(self, cache, spec: str | KVSelectConfig | dict | bool | None) -> None:
+        """Give the sequences in ``cache`` their own TokenSelect settings (a session's, a request's),
+        in place of the backend's ``kv_select``; None or "off" makes them dense."""
+        self._bound[cache] = parse_kv_select(spec)
+
     def selector(self, cache):
         """The TokenSelect state of the sequences in ``cache`` (made on first use), or None when off."""
-        cfg = self.kv_select
+        cfg = self._bound[cache] if cache in self._bound else self.kv_select
         if cfg is None:
             return None
         sel = self._selectors.get(cache)
