@@ -30,7 +30,8 @@ class Group:
     def __init__(self, backend: Backend, first: Request, capacity: int, sink: Sink) -> None:
         self.backend, self.key, self.capacity, self.sink = backend, first.key(), capacity, sink
         edits = () if first.row_edits else first.edits
-        self.session = backend.session(edits, rollback=first.path == "speculative", capacity=capacity)
+        kw = {"mix": first.mix} if first.mix is not None else {}  # lets llama.cpp pick the output layer that mixes
+        self.session = backend.session(edits, rollback=first.path == "speculative", capacity=capacity, **kw)
         self.requests: list[Request] = []
         self.steps = 0
 
