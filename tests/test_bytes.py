@@ -224,6 +224,15 @@ def test_about_one_forward_pass_per_byte(lm):
     assert len(st.nodes) < 30  # nodes behind the fixed boundary are dropped
 
 
+def test_memory_stays_bounded_without_boundaries(sp):
+    """A long run no token boundary is fixed in (no spaces) keeps only recent nodes."""
+    st = ByteState(sp, b"")
+    for b in b"the" * 40:
+        st.push(b)
+    assert st.p == 0 and len(st.nodes) <= 2 * st.v.maxlen + 3
+    assert abs(float(st.logprobs().exp().sum()) - 1) < 1e-9
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(["the", " ", "ca", "f", "é", "東", "12", "\n", "ō", "s"]), max_size=8), st.integers(0, 3))
 def test_any_prompt_gives_a_distribution(bpe, sp, pieces, cut):

@@ -19,7 +19,7 @@ def refuse_token_controls(req: RequestControls) -> None:
         ("--steer", bool(req.steer)),
         ("constraints (--ban, --require, --words, --regex, --json-schema, --grammar, ...)", req.has_constraints()),
         ("--trace", req.trace),
-        ("--speculate", bool(req.extra.get("speculate"))),
+        ("--speculate", bool(req.speculate)),
         ("--docs / --retrieve", req.docs is not None or req.retrieve is not None),
     ]
     for flag, on in given:

@@ -83,6 +83,7 @@ class ByteState:
         self.forwards += 1
         self.row: tuple[int, ...] = ()
         self.nodes: dict[tuple[int, ...], Node] = {}
+        self.at: dict[int, Node] = {}  # the node made when the text reached each position (boundary candidates)
         self.step: Node | None = self._make((), p, 0.0, logits[0], live=True)
         self._cache: torch.Tensor | None = None
         for b in data[p:]:
@@ -108,8 +109,15 @@ class ByteState:
             if n.lo < n.hi:
                 n.lo, n.hi = self.v.span(bytes(self.text[n.pos :]), n.lo, n.hi) if L - n.pos <= self.v.maxlen else (0, 0)
         self.step = self._step_node(L)
-        keep = set(self.row[:k] for k in range(len(self.row) + 1))
+        if self.step is not None:
+            self.at[L] = self.step
+        # keep nodes with live covers, the boundary candidates, and the recent nodes along the KV
+        # cache's tokens (the next encoding usually changes only its last tokens)
+        recent = L - 2 * self.v.maxlen
+        keep = {()} | {self.row[:k] for k in range(1, len(self.row) + 1) if self.row[:k] in self.nodes and self.nodes[self.row[:k]].pos >= recent}
+        keep |= {self.at[q].tokens for q in self.safe if q in self.at}
         self.nodes = {t: n for t, n in self.nodes.items() if n.lo < n.hi or t in keep or n is self.step}
+        self.at = {q: n for q, n in self.at.items() if q in self.safe or q == L}
         self._move_boundary()
 
     def close(self) -> None:
@@ -214,8 +222,8 @@ class ByteState:
         if not cands or step is None or not self._complete(L):
             return
         for q in cands:
-            nq = next((n for n in self.nodes.values() if n.pos == q and n.lo < n.hi), None)
-            if nq is None or not self._complete(q):
+            nq = self.at.get(q)
+            if nq is None or self.nodes.get(nq.tokens) is not nq or not self._complete(q):
                 continue
             k = len(nq.tokens)
             moved = [n for n in self.nodes.values() if n.pos >= q]
