@@ -272,3 +272,20 @@ def test_mixed_rows_share_a_batch_with_plain_rows(tiny):
     for (p, c, ctl), h in zip(others(tiny)[:2], plain):
         assert h.result()[0].tokens == run_alone(tiny, p, c, ctl)
     assert eng.counts["groups"] == 1
+
+
+def test_byte_level_requests_run_in_the_engine(tiny):
+    """A byte-level request queues, streams and ends in the engine like any other, beside token requests."""
+    from tokensteer.bytes import generate_bytes
+
+    cfg = ts.SamplingConfig(max_tokens=6, temperature=1.0, seed=4)
+    direct = generate_bytes(tiny, "the ca", cfg)
+    eng = Engine(tiny)
+    plain = eng.submit(["the dog"], ts.SamplingConfig(max_tokens=12, ignore_eos=True))
+    got = eng.submit_bytes(["the ca"], cfg).result()[0]
+    assert got.text == direct.text and got.tokens == direct.tokens and got.chars == direct.chars
+    assert plain.result()[0].tokens == run_alone(tiny, "the dog", ts.SamplingConfig(max_tokens=12, ignore_eos=True))
+    assert "".join(e.text for e in ts.stream(tiny, "the ca", cfg, byte_level=True)) == direct.text
+    assert ts.generate(tiny, "the ca", cfg, byte_level=True).text == direct.text
+    with pytest.raises(UserError, match="controls act on tokens"):
+        ts.generate(tiny, "the ca", cfg, controls=[Ban(5)], byte_level=True)

@@ -40,10 +40,21 @@ def generate(
     prompt: str | Sequence[str],
     cfg: SamplingConfig | None = None,
     controls: Sequence[Control] = (),
+    *,
+    byte_level: bool = False,
+    byte_formula: str | None = None,
     **sampling,
 ) -> Generation | list[Generation]:
-    """Generate a continuation (or one per prompt, batched); ``sampling`` fills a SamplingConfig."""
-    out = engine.generate(lm, prompt, _config(cfg, sampling), controls)
+    """Generate a continuation (or one per prompt, batched); ``sampling`` fills a SamplingConfig.
+
+    ``byte_level=True`` samples byte by byte from the exact next-byte distribution (a prompt may
+    end mid-word; ``max_tokens`` then counts characters); ``byte_formula`` combines the byte
+    distributions of models with different tokenizers (see docs/bytes.md)."""
+    cfg = _config(cfg, sampling)
+    if byte_level or byte_formula is not None:
+        out = engine.generate_bytes(lm, prompt, cfg, controls, byte_formula)
+    else:
+        out = engine.generate(lm, prompt, cfg, controls)
     return out[0] if isinstance(prompt, str) else out
 
 
@@ -52,7 +63,14 @@ def stream(
     prompt: str | Sequence[str],
     cfg: SamplingConfig | None = None,
     controls: Sequence[Control] = (),
+    *,
+    byte_level: bool = False,
+    byte_formula: str | None = None,
     **sampling,
 ) -> Iterator[TokenEvent]:
-    """Yield tokens as they are chosen; ``event.index`` says which prompt each belongs to."""
-    return engine.stream(lm, prompt, _config(cfg, sampling), controls)
+    """Yield tokens as they are chosen; ``event.index`` says which prompt each belongs to (with
+    ``byte_level``, one event per byte: see ``generate``)."""
+    cfg = _config(cfg, sampling)
+    if byte_level or byte_formula is not None:
+        return engine.stream_bytes(lm, prompt, cfg, controls, byte_formula)
+    return engine.stream(lm, prompt, cfg, controls)

@@ -7,10 +7,10 @@
 backend's engine. See docs/architecture.md.
 """
 
-from tokensteer.engine.clients import generate, stream
+from tokensteer.engine.clients import generate, generate_bytes, stream, stream_bytes
 from tokensteer.engine.engine import Engine, engine_for
 from tokensteer.engine.events import Generation, TokenEvent
 from tokensteer.engine.handle import Cancelled, Handle
 from tokensteer.engine.state import LoopState
 
-__all__ = ["Cancelled", "Engine", "Generation", "Handle", "LoopState", "TokenEvent", "engine_for", "generate", "stream"]
+__all__ = ["Cancelled", "Engine", "Generation", "Handle", "LoopState", "TokenEvent", "engine_for", "generate", "generate_bytes", "stream", "stream_bytes"]

@@ -32,6 +32,26 @@ def generate(backend: Backend, prompts: str | Sequence[str], cfg: SamplingConfig
         handle.cancel()  # interrupted while waiting (Ctrl-C): the request leaves the batch
 
 
+def stream_bytes(backend: Backend, prompts: str | Sequence[str], cfg: SamplingConfig, controls: Sequence[Control] = (), formula: str | None = None) -> Iterator[TokenEvent]:
+    """``stream`` for a byte-level request (one event per byte)."""
+    _not_on_engine_thread()
+    handle = engine_for(backend).submit_bytes(prompts, cfg, formula, controls=controls)
+    try:
+        yield from handle
+    finally:
+        handle.cancel()
+
+
+def generate_bytes(backend: Backend, prompts: str | Sequence[str], cfg: SamplingConfig, controls: Sequence[Control] = (), formula: str | None = None) -> list:
+    """``generate`` for a byte-level request: one ByteGeneration per prompt."""
+    _not_on_engine_thread()
+    handle = engine_for(backend).submit_bytes(prompts, cfg, formula, controls=controls)
+    try:
+        return handle.result()
+    finally:
+        handle.cancel()
+
+
 def _not_on_engine_thread() -> None:
     if threading.current_thread().name == "tokensteer-engine":
         raise RuntimeError("a control cannot generate through the engine from inside a step; open a session of its own")

@@ -14,19 +14,22 @@ from typing import Sequence
 
 from tokensteer.backends.base import Backend
 from tokensteer.checks import check_request
+from tokensteer.engine.bytelevel import ByteGroup, ByteRequest
 from tokensteer.engine.events import collect
 from tokensteer.engine.forced import ForcedGroup
 from tokensteer.engine.group import Group
 from tokensteer.engine.handle import Handle
 from tokensteer.engine.request import Request
 from tokensteer.engine.speculative import SpeculativeGroup
+from tokensteer.errors import UserError
 from tokensteer.hooks import Control
 from tokensteer.sampling import SamplingConfig
 
-PATHS = {"shared": Group, "forced": ForcedGroup, "speculative": SpeculativeGroup}
+PATHS = {"shared": Group, "forced": ForcedGroup, "speculative": SpeculativeGroup, "bytes": ByteGroup}
 #: why a request may not share a running group, for ``stats``
 WHY_ALONE = {
     "speculative": "speculative decoding trims and extends its own rows",
+    "bytes": "byte-level requests hold their own sessions",
     "forced": "forced tokens extend its own rows",
     "edits": "the backend adds one steering vector set to all rows of a batch",
     "full": "the running group had no room",
@@ -52,8 +55,24 @@ class Engine:
         """Queue a request; its rows join the running batch at the next step. Validation errors raise here."""
         prompts, cfg, controls = check_request(prompts, cfg, controls)
         req = Request(self.backend, prompts, cfg, controls)
-        handle = Handle(self._cancel, lambda events, total: collect(req.prompts, events, [len(r) for r in req.rows[:: req.R]], total, self.backend.name))
-        if cfg.max_tokens == 0:
+        n_tokens = [len(r) for r in req.rows[:: req.R]]
+        return self._queue(req, lambda events, total: collect(req.prompts, events, n_tokens, total, self.backend.name))
+
+    def submit_bytes(
+        self, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig(), formula=None, models=None, options=None, controls: Sequence[Control] = ()
+    ) -> Handle:
+        """Queue a byte-level request (``tokensteer.bytes``): its events are bytes (``END`` = 256 ends
+        the text), its result one ByteGeneration per prompt; ``formula`` combines byte
+        distributions of models with different tokenizers. Token-level controls do not apply."""
+        prompts, cfg, controls = check_request(prompts, cfg, controls)
+        if controls:
+            raise UserError("controls act on tokens; byte-level generation takes a byte formula instead (byte_formula=)")
+        req = ByteRequest(self.backend, prompts, cfg, formula, models, options)
+        return self._queue(req, req.collect)
+
+    def _queue(self, req, collect_events) -> Handle:
+        handle = Handle(self._cancel, collect_events)
+        if req.cfg.max_tokens == 0:
             handle.close(None, 0.0)
             return handle
         with self._cv:
