@@ -310,3 +310,10 @@ def test_cache_compares_consecutive_queries():
         q = (math.cos(angle) * base + math.sin(angle) * turn).expand(1, 2, 1, 8)
         sel.attend(_Module(), q, k[:, :, :n], v[:, :, :n], None, 0.3, None)
     assert sel.stats["decode_selected"] == 1 and sel.stats["reused"] == 11
+
+
+def test_an_eager_model_keeps_its_attention(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager")
+    assert not kv.install(m) and m.config._attn_implementation == "eager"

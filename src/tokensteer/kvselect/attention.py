@@ -141,14 +141,18 @@ def tokenselect_attention(module, query, key, value, attention_mask, dropout=0.0
 
 def install(model: torch.nn.Module) -> bool:
     """Route ``model``'s attention through ``tokenselect_attention`` (SDPA until a selector is active).
-    False when the model cannot take a registered attention function (it stays as it was)."""
+    False when the model does not run SDPA or cannot take a registered attention function (it
+    stays as it was, and has no --kv-select)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == NAME:
+        return True
+    if current != "sdpa":  # eager models (soft-capped logits...) keep theirs: the dense path here is SDPA
+        return False
     AttentionInterface.register(NAME, tokenselect_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # else masks come back None: causality silently lost
-    if getattr(model.config, "_attn_implementation", None) == NAME:
-        return True
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, AttributeError, NotImplementedError):

@@ -168,7 +168,7 @@ class TorchBackend(Backend):
         config) or off (None, "off"); ``extrapolate=on`` lifts the trained-length limit."""
         cfg = parse_kv_select(spec)
         if cfg is not None and KV_SELECT not in self.capabilities:
-            raise UserError(f"{self.model_name} does not take a registered attention function, so --kv-select cannot run on it")
+            raise UserError(f"{self.model_name} does not run SDPA attention (eager, e.g. soft-capped logits), so --kv-select cannot run on it")
         self.kv_select = cfg
         self.prefill_chunk = cfg.chunk if cfg is not None else PREFILL_CHUNK
         self.context_length = None if cfg is not None and cfg.extrapolate else self.trained
