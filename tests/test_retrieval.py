@@ -290,7 +290,7 @@ def test_required_capabilities_check_before_loading(folder, tmp_path):
     with pytest.raises(UserError, match="hold only 4 passages"):
         RequestControls(docs=str(folder), retrieve=9).required_capabilities()
     with pytest.raises(UserError, match="--speculate does not support retrieval"):
-        RequestControls(docs=str(folder), formula='R(k=2) + M(model="x")', extra={"speculate": 2}).required_capabilities()
+        RequestControls(docs=str(folder), formula='R(k=2) + M(model="x")', speculate=2).required_capabilities()
 
 
 # ---- the eval task and method ----

@@ -173,10 +173,9 @@ def generate(
         req = RequestControls(
             docs=docs, retrieve=spec or None,
             formula=formula, trace=trace, steer=steer, ban=ban, require=require, words=words,
-            end_word=end_word, regex=regex, json_schema=json_schema, script=script,
-            extra={k: v for k, v in (("script_soft", script_soft), ("sentences", sentences), ("require_within", require_within),
-                                     ("vocab", vocab), ("grammar", grammar), ("speculate", speculate or None),
-                                     ("fast_forward", None if fast_forward else False)) if v is not None},
+            end_word=end_word, regex=regex, json_schema=json_schema, script=script, script_soft=script_soft,
+            sentences=sentences, require_within=require_within, vocab=vocab, grammar=grammar, speculate=speculate,
+            fast_forward=fast_forward,
         )
         if trace and not (formula or retrieve):
             raise UserError("--trace shows a formula's terms; add --formula (or --docs with --retrieve)")

@@ -6,7 +6,7 @@ One ``RequestControls`` value describes every control a request asks for; each c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from tokensteer.backends.base import Backend
@@ -19,6 +19,7 @@ class RequestControls:
 
     formula: str | None = None  # a formula string or a recipe name (tokensteer.formula)
     trace: bool = False  # per-token trace of the formula's terms
+    speculate: int = 0  # draft this many tokens per verification by the formula's other models (0 = off)
     steer: Sequence[str] = ()  # "VEC[:strength]" items (tokensteer.steering)
     ban: Sequence[str] = ()  # tokensteer.constraints from here on
     require: Sequence[str] = ()
@@ -27,9 +28,14 @@ class RequestControls:
     regex: str | None = None
     json_schema: str | None = None  # path to a JSON Schema file
     script: Sequence[str] = ()
+    script_soft: float | None = None  # with script: scale other scripts' probabilities instead of banning them
+    sentences: int | None = None
+    require_within: int | None = None  # the required words appear within this many words
+    vocab: str | Sequence[str] | None = None  # a word-list file, or the words
+    grammar: str | None = None  # path to a Lark (.lark) or GBNF (.gbnf) grammar file
+    fast_forward: bool = True  # feed a grammar's fixed text to the model in one pass
     docs: object = None  # documents R terms retrieve from: a folder, .jsonl or .txt/.md path, or a DocStore (tokensteer.retrieval)
     retrieve: object = None  # shortcut for the formula R(k=…): k, or {"k": 4, "tau": 0.1, "every": 0}
-    extra: dict = field(default_factory=dict)  # module-specific options
 
     def required_capabilities(self) -> frozenset[str]:
         """Capabilities a backend needs to run these controls (used by ``--backend auto``)."""
@@ -45,10 +51,9 @@ class RequestControls:
         return frozenset(needs)
 
     def has_constraints(self) -> bool:
-        given = (self.words, self.end_word, self.regex, self.json_schema)  # 0 or "" are mistakes to report, not "off"
-        return bool(self.ban or self.require or self.script) or any(v is not None for v in given) or any(
-            self.extra.get(k) is not None for k in ("sentences", "require_within", "vocab", "grammar", "script_soft")
-        )
+        given = (self.words, self.end_word, self.regex, self.json_schema, self.sentences, self.require_within, self.vocab,
+                 self.grammar, self.script_soft)  # 0 or "" are mistakes to report, not "off"
+        return bool(self.ban or self.require or self.script) or any(v is not None for v in given)
 
 
 def build_controls(lm: Backend, req: RequestControls) -> list[Control]:

@@ -22,14 +22,15 @@ if TYPE_CHECKING:
 
 
 def spec_from_request(req: RequestControls) -> ConstraintSpec:
-    """The ConstraintSpec of CLI/API request fields (``req.extra`` holds the newer flags)."""
+    """The ConstraintSpec of CLI/API request fields."""
     d = {
         "ban": list(req.ban), "require": list(req.require), "words": req.words, "end_word": req.end_word,
         "regex": req.regex, "json_schema": req.json_schema, "script": list(req.script),
     }  # fmt: skip
-    for k in ("require_within", "sentences", "grammar", "script_soft", "vocab", "fast_forward"):
-        if req.extra.get(k) is not None:
-            d[k] = req.extra[k]
+    for k in ("require_within", "sentences", "grammar", "script_soft", "vocab"):
+        if getattr(req, k) is not None:
+            d[k] = getattr(req, k)
+    d["fast_forward"] = req.fast_forward
     return from_mapping(d)
 
 

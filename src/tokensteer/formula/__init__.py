@@ -74,7 +74,7 @@ def formula_controls(lm: "Backend", req: "RequestControls") -> list["Control"]:
         raise UserError("--trace needs --formula")
     from tokensteer.formula.engine import FormulaControl
 
-    k = int(req.extra.get("speculate") or 0)  # --speculate K
+    k = int(req.speculate or 0)  # --speculate K
     return [FormulaControl(lm, text, trace=req.trace, speculative=k, docs=req.docs)] if text is not None else []
 
 
@@ -94,7 +94,7 @@ def required_capabilities(req: "RequestControls") -> frozenset[str]:
 
     f = parse(text)
     check(f)
-    check_speculative(f, int(req.extra.get("speculate") or 0))
+    check_speculative(f, int(req.speculate or 0))
     check_docs(f, req.docs)
 
     def hf_term(n: Node) -> bool:

@@ -118,8 +118,8 @@ def request_controls(extra: TokensteerExtra | None, schema: object, vectors: Vec
     if c is not None:
         req.ban, req.require, req.words, req.end_word, req.regex = c.ban, c.require, c.words, c.end_word, c.regex
         req.json_schema, req.script = c.json_schema, c.script
-        req.extra = {k: v for k, v in (("script_soft", c.script_soft), ("sentences", c.sentences), ("require_within", c.require_within),
-                                       ("vocab", c.vocab), ("fast_forward", None if c.fast_forward else False)) if v is not None}
+        req.script_soft, req.sentences, req.require_within = c.script_soft, c.sentences, c.require_within
+        req.vocab, req.fast_forward = c.vocab, c.fast_forward
         if isinstance(req.ban, str):
             req.ban = [req.ban]
         if isinstance(req.require, str):
