@@ -243,6 +243,19 @@ def test_any_prompt_gives_a_distribution(bpe, sp, pieces, cut):
         assert abs(float(lp.exp().sum()) - 1.0) < 1e-9
 
 
+@given(st.text(max_size=6), st.integers(0, 24))
+def test_utf8_masks_allow_exactly_the_bytes_that_keep_text_valid(text, cut):
+    data = text.encode("utf-8")[:cut]
+    pending = tail_state(data)
+    assert pending is not None  # every prefix of valid UTF-8 is a valid start
+    mask = next_byte_mask(data[len(data) - pending :])
+    for b in range(256):
+        assert bool(mask[b]) == (tail_state(data + bytes([b])) is not None), (data, b)
+    assert bool(mask[END]) == (pending == 0)
+    for c in completions(data[len(data) - pending :], 8) if pending else []:
+        assert (data[: len(data) - pending] + c.encode()).decode()  # completes to valid text
+
+
 # ensembles ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("formula", ['softunion(M, M(model="same"))', 'normalized: 0.3*M + 0.7*M(model="same")',
                                      'min(M, M(model="same"))', 'max(M, M(model="same"))'])

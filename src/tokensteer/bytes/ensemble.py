@@ -24,7 +24,7 @@ from tokensteer.formula.parser import parse
 from tokensteer.sampling import top_k
 
 NEG_INF = float("-inf")
-_LOADED: dict[tuple[str, str], Backend] = {}
+_LOADED: dict[str, Backend] = {}
 
 
 def token_only_terms(n: Node) -> list[str]:
@@ -48,16 +48,15 @@ def check_bytes_formula(f: Formula) -> None:
         )
 
 
-def other_model(lm: Backend, path: str, models: Mapping[str, Backend] | None) -> Backend:
+def other_model(path: str, models: Mapping[str, Backend] | None) -> Backend:
     """The backend of ``M(model=path)``: a given one, else loaded once (any tokenizer will do)."""
     if models and path in models:
         return models[path]
-    key = (lm.name, path)
-    if key not in _LOADED:
+    if path not in _LOADED:
         import tokensteer
 
-        _LOADED[key] = tokensteer.load(path, backend="auto")
-    return _LOADED[key]
+        _LOADED[path] = tokensteer.load(path, backend="auto")
+    return _LOADED[path]
 
 
 class ByteFormula:
@@ -80,7 +79,7 @@ class ByteFormula:
             for m in self._models(f.root):
                 key = (m.model, m.prefix)
                 if key not in self.states:
-                    backend = lm if m.model is None else other_model(lm, m.model, models)
+                    backend = lm if m.model is None else other_model(m.model, models)
                     self.states[key] = ByteState(backend, m.prefix.encode("utf-8") + data, options)
             if self._uses_nucleus(f.root) and (None, "") not in self.states:
                 self.states[(None, "")] = ByteState(lm, data, options)

@@ -70,8 +70,16 @@ class ByteState:
         self.v = byte_vocab(lm)
         self.check = Checker(self.v)
         self.forwards = 0  # forward passes run (prefill and each extend)
-        self.dropped = 0  # covers left out where several non-canonical-looking nodes ended at one position
+        self.dropped = 0  # covers left out where several canonical-looking sequences end inside one character
         self.session = lm.session(rollback=True)
+        try:
+            self._start(data)
+        except BaseException:
+            self.session.close()
+            raise
+
+    def _start(self, data: bytes) -> None:
+        """Prefill the prompt up to its last fixed boundary, then feed the rest byte by byte."""
         p = self._initial_boundary(data)
         self.text = bytearray(data[:p])
         self.p = p
