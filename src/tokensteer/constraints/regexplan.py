@@ -1,7 +1,7 @@
 """Budget planning for ``--regex`` and ``--json-schema``: keep room to finish within ``--max-tokens``.
 
 llguidance says which tokens a regex allows next, not how many tokens the match still needs, so a
-small budget used to end the text half-matched. Here the regex's DFA (built by interegular; a JSON
+small budget could end the text half-matched. Here the regex's DFA (built by interegular; a JSON
 Schema becomes a regex through outlines-core) gives every state a cost: the fewest tokens that
 reach a full match. For small DFAs it is exact over the vocabulary's whole-text tokens (walked
 from every state, one token per group of tokens with the same DFA classes); for big ones it is an
@@ -32,7 +32,7 @@ MAX_MOVES = 5000
 #: DFAs with at most this many states get exact token costs (each state walks every group of tokens
 #: once, about a millisecond); bigger ones keep the upper bound
 EXACT_STATES = 256
-EXACT_WORK = 2_000_000  # states × token groups: about 0.3 s of walking
+EXACT_WORK = 2_000_000  # states × token groups: the most an exact walk may take before decoding
 _CRAWL = threading.Lock()
 
 

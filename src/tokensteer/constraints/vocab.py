@@ -1,8 +1,8 @@
 """Per-token byte tables of a tokenizer, computed once (through the Tokenizer interface) and cached.
 
 Every constraint works on the raw bytes each token adds to the text, so it sees every tokenization
-of a word, byte-fallback tokens included. Building the table decodes each id once (a few seconds at
-262k tokens); it is kept in memory per tokenizer and on disk under ``$TOKENSTEER_HOME/vocab``.
+of a word, byte-fallback tokens included. Building the table decodes each id once (slow on a large
+vocabulary); it is kept in memory per tokenizer and on disk under ``$TOKENSTEER_HOME/vocab``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class TokenTable:
 
     def prefix_index(self) -> None:
         """Build (once) the sorted index ``starting_with`` searches and the byte table ``byte_at``
-        reads; ~0.4 s at 262k tokens, so constraints that need them build them before decoding."""
+        reads; it takes a moment on a large vocabulary, so constraints that need them build them before decoding."""
         self.memo("lowered-head", self._head)
         if self._sorted is None:
             order = sorted(range(self.size), key=self.lowered.__getitem__)

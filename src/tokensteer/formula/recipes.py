@@ -19,7 +19,7 @@ NEGATIVE = "The following is a bleak, sad and depressing story full of misery an
 TOXIC = "The following is a hateful, rude and obscene rant full of insults and swear words.\n\n"
 CLEAN = "The following is a polite, kind and respectful text.\n\n"
 FORMAL = "The following is an excerpt from a formal academic report.\n\n"
-# sentiment recipes' defaults, tuned on benchmarks/data/sentiment_dev.jsonl (see benchmarks/results/formula.md)
+# sentiment recipes' defaults, tuned on a development set of openers kept apart from the eval's prompts
 ALPHA, BETA, NUCLEUS = 8.0, 8.0, 0.8
 TEXT_PARAMS = frozenset({"text", "expert", "anti"})
 INFORMAL = "lol ok so here's what happened, super casual chat msg:\n\n"

@@ -92,8 +92,8 @@ def default_scorer(lm, vec: SteeringVector, layer: int) -> tuple[str, Scorer]:
 
 def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence, positions="all", guard=None) -> Point:
     """Generate with one dose, then score it: attribute, the eval's perplexity ratio with its bound, KL
-    (of the steered model from the base, before any guard: measured after the guard instead, it let the
-    search pick a dose whose text repeats itself, which perplexity does not catch; results/steering.md)."""
+    (of the steered model from the base, before any guard: taken after the guard it lets strong doses
+    through whose text repeats itself, which perplexity does not catch)."""
     from tokensteer.engine import generate
 
     ctls = controls_for([Steer(vec, strength, layers, positions, guard=guard)])

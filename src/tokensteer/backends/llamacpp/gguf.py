@@ -24,8 +24,8 @@ _STRING, _ARRAY = 8, 9
 
 
 class _Reader:
-    """Just enough of the GGUF layout to walk it (the ``gguf`` package's reader takes ~30 s to
-    parse a 262k-token vocabulary into Python objects; we only need to copy those bytes)."""
+    """Just enough of the GGUF layout to walk it (the ``gguf`` package's reader is slow to
+    parse a large vocabulary into Python objects; we only need to copy those bytes)."""
 
     def __init__(self, buf, off: int = 0) -> None:
         self.buf, self.off = buf, off

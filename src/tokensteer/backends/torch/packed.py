@@ -3,14 +3,13 @@ cost of one, and a faster single row through the output layer.
 
 PyTorch's float32 ``linear`` re-packs the weight matrix on every call once a batch has 4 or more
 rows, so 4 rows cost far more than one (formula terms and eval batches are rows). MKL can pack a
-matrix once per batch height, and a snug packing beats a padded one (output layer, 4 rows: 39.5 ms
-at height 4, 45 ms at height 8). We keep height-4 (3-4 rows) and height-8 (5-8 rows) packings of
-the decoder's linear layers and of the output layer, plus a height-1 packing of the output layer
-(Gemma 3's 262k-token vocabulary: one row 27 ms against 38 ms with ``linear``). Two rows through the
-output layer pad to height 4 (45 ms against 62 ms with ``linear``; a whole 2-row step 0.87–0.97×);
+matrix once per batch height, and a snug packing beats a padded one. We keep height-4 (3-4 rows)
+and height-8 (5-8 rows) packings of the decoder's linear layers and of the output layer, plus a
+height-1 packing of the output layer (one row through Gemma 3's 262k-token vocabulary is faster
+than with ``linear``). Two rows through the output layer pad to height 4, which beats ``linear``;
 through the decoder's small matrices they use ``linear``, as do more than eight rows. Each packing
-is another copy of its matrix (output layer 3 × 670 MB, decoder layers 2 × 400 MB for Gemma 3
-270M), so only big float32 layers are packed, only while the
+is another copy of its matrix (the output layer three times, the decoder layers twice), so only
+big float32 layers are packed, only while the
 copies take at most half of the free memory (the most useful heights first), and
 ``TOKENSTEER_PACK=0`` turns it off.
 """
