@@ -1,11 +1,13 @@
-"""Writing files whole or not at all, shared by every module that saves something."""
+"""Reading and writing files, shared by every module that loads or saves something: whole-or-nothing
+writes, JSONL lines."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 from tokensteer.errors import UserError
 
@@ -54,3 +56,18 @@ def drop_written_pages(path: str | os.PathLike) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def jsonl_lines(text: str, source: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of JSONL ``text``; a leading byte-order
+    mark is skipped, and a line that is not JSON is a UserError naming ``source`` and the line.
+
+    Lines end at ``\n`` only (JSONL's rule): ``str.splitlines`` would also cut a string at the
+    U+2028, U+2029 or U+0085 that ``json.dumps(..., ensure_ascii=False)`` leaves unescaped."""
+    for n, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source} line {n}: invalid JSON ({e.msg})") from None

@@ -34,21 +34,21 @@ Progress = Callable[[str], None]
 
 def env_n_ctx() -> int | None:
     """``$TOKENSTEER_N_CTX`` (llama.cpp KV cells per session), None when unset; a bad value is a UserError."""
-    env = os.environ.get("TOKENSTEER_N_CTX")
-    if not env:  # unset or empty
-        return None
-    if not env.strip().isdigit() or int(env) < 64:
-        raise UserError(f"TOKENSTEER_N_CTX must be a whole number ≥ 64, got {env!r}")
-    return int(env)
+    return env_whole_number("TOKENSTEER_N_CTX", 64)
 
 
 def env_threads() -> int | None:
     """``$TOKENSTEER_THREADS`` (llama.cpp threads), None when unset; a bad value is a UserError."""
-    env = os.environ.get("TOKENSTEER_THREADS")
-    if not env:  # unset or empty
+    return env_whole_number("TOKENSTEER_THREADS", 1)
+
+
+def env_whole_number(name: str, least: int) -> int | None:
+    """The environment variable ``name`` as a whole number ≥ ``least``; None when unset or empty."""
+    env = os.environ.get(name)
+    if not env:
         return None
-    if not env.strip().isdigit() or int(env) < 1:
-        raise UserError(f"TOKENSTEER_THREADS must be a whole number ≥ 1, got {env!r}")
+    if not env.strip().isdigit() or int(env) < least:
+        raise UserError(f"{name} must be a whole number ≥ {least}, got {env!r}")
     return int(env)
 
 

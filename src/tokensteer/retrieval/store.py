@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokensteer.errors import UserError, expand
+from tokensteer.files import jsonl_lines
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -71,13 +72,7 @@ def _text_file(f: Path, doc_id: str) -> Document:
 
 def _jsonl(f: Path, shown: str) -> list[Document]:
     docs, seen = [], set()
-    for n, line in enumerate(_read(f, shown).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{shown} line {n}: invalid JSON ({e.msg})") from None
+    for n, obj in jsonl_lines(_read(f, shown), shown):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UserError(f'{shown} line {n}: each line needs a string "text" field (and optionally "id", "title")')
         doc_id = str(obj.get("id", n))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from tokensteer.errors import UserError
+from tokensteer.files import jsonl_lines
 
 MIN_PAIRS = 2
 
@@ -56,18 +57,9 @@ def shipped_names() -> list[str]:
 
 
 def parse_jsonl(text: str, source: str) -> list[Pair]:
-    """Parse JSONL pair lines; blank lines and a leading byte-order mark are skipped; mistakes name the line.
-
-    Lines end at ``\n`` only (JSONL's rule): str.splitlines would also split inside a string at the
-    U+2028, U+2029 or U+0085 that ``json.dumps(..., ensure_ascii=False)`` leaves unescaped."""
+    """Parse JSONL pair lines (``files.jsonl_lines``); mistakes name the line."""
     pairs = []
-    for i, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{source} line {i}: not valid JSON ({e.msg})") from None
+    for i, obj in jsonl_lines(text, source):
         if not isinstance(obj, dict) or not isinstance(obj.get("positive"), str) or not isinstance(obj.get("negative"), str):
             raise UserError(f'{source} line {i}: expected {{"positive": "...", "negative": "..."}} with two strings')
         if not obj["positive"].strip() or not obj["negative"].strip():

@@ -42,14 +42,16 @@ static void quantize_rows(const float *x, int64_t n_rows, int64_t n_embd, uint8_
     }
 }
 
-#if VNNI
-static inline float hsum(__m512 a) {
-    __m256 b = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+/* The sum of a vector's 8 lanes. */
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+#if VNNI
+static inline float hsum(__m512 a) { return hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))); }
 
 /* One weight row against nr (1..GROUP) quantised rows; out[r * stride] receives row r's logit.
  * Two blocks per iteration: lanes 0-7 hold the first block's sums, lanes 8-15 the second's. */
@@ -80,13 +82,6 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, int
     for (int r = 0; r < nr; r++) out[r * stride] = hsum(acc[r]);
 }
 #else
-static inline float hsum(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* AVX2: one block per iteration; |q| times x with q's sign, in pairs of int16 then int32 lanes. */
 static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, int64_t nb, const uint8_t *xq,
                                                          const float *xd, const int nr, float *out, int64_t stride) {
@@ -107,7 +102,7 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, int
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * xd[(r * nb + b) * 8]), acc[r]);
         }
     }
-    for (int r = 0; r < nr; r++) out[r * stride] = hsum(acc[r]);
+    for (int r = 0; r < nr; r++) out[r * stride] = hsum8(acc[r]);
 }
 #endif
 
