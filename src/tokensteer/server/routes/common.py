@@ -1,5 +1,5 @@
 """What completions and chat share: the model name check, the sampling fields, OpenAI fields this
-server accepts only at their neutral values, and the streamed and collected response loops."""
+server accepts only at their neutral values, and the streamed response loop."""
 
 from __future__ import annotations
 
