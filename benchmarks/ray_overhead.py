@@ -1,0 +1,155 @@
+"""What the Ray path costs on one machine, against the in-process path, on the bundled model.
+
+* ``eval_ratio``: wall time of ``tokensteer.eval.run`` with ``ray=True`` (a local Ray cluster, one
+  actor per CPU, each loading the model) ÷ the same run in-process (fresh caches, same seed; both
+  load the model inside the run); ``eval_ratio_with_start`` adds the time to start the cluster;
+  ``eval_same_texts``: both runs wrote the same samples.
+* ``serve_ratio``: one streaming request's decode speed (tokens after the first, per second, as the
+  client receives them; ``ignore_eos``) through ``tokensteer serve`` ÷ through
+  ``tokensteer serve --ray --replica-cpus C`` (one replica with as many threads as the plain
+  server uses), both running at once, requests alternating; ``serve_e2e_ratio`` the same for
+  whole-request tokens per second (first token included).
+
+    .venv/bin/python benchmarks/ray_overhead.py [--n 8] [--samples 2] [--tokens 64] [--rounds 4]
+        [--serve-only] [--haproxy]
+
+``--haproxy`` starts the Ray cluster with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (Ray Serve's HAProxy
+ingress: HTTP goes from HAProxy straight to the replica instead of through the Python proxy).
+
+The last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from tokensteer.eval.runner import run
+
+PROMPT = "The history of the printing press begins in"
+MODEL = "gemma-3-270m"
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def eval_rounds(args) -> dict:
+    kw = dict(n=args.n, samples=args.samples, report=False, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        run(args.task, ["none"], out=Path(tmp) / "local", **kw)
+        local = time.perf_counter() - t
+        t = time.perf_counter()
+        ray.init(include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+        start = time.perf_counter() - t
+        try:
+            t = time.perf_counter()
+            res = run(args.task, ["none"], out=Path(tmp) / "ray", ray=True, **kw)
+            on_ray = time.perf_counter() - t
+        finally:
+            ray.shutdown()
+        texts = [{json.loads(x)["key"]: json.loads(x)["text"] for x in (Path(tmp) / d / "cache" / "samples.jsonl").read_text().splitlines()}
+                 for d in ("local", "ray")]
+    return {"eval_local_s": round(local, 2), "eval_ray_s": round(on_ray, 2), "ray_start_s": round(start, 2),
+            "eval_ratio": round(on_ray / local, 3), "eval_ratio_with_start": round((on_ray + start) / local, 3),
+            "eval_same_texts": texts[0] == texts[1], "eval_ray_workers": res["ray"]["workers"]}
+
+
+def start(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "tokensteer.cli", *cmd], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})
+    seen = []
+    while True:
+        line = proc.stderr.readline()
+        if not line:
+            raise SystemExit("the server did not start:\n" + "".join(seen))
+        seen.append(line)
+        m = re.search(r"playground: (http://[^ ]+?)/ ", line)
+        if m:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, m.group(1)
+
+
+def one(url: str, tokens: int) -> tuple[float, float]:
+    """One streaming request read with the standard library: (decode tok/s, whole-request tok/s)."""
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.8, "seed": 1, "stream": True,
+                       "ignore_eos": True}).encode()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp, times = conn.getresponse(), []
+    for line in resp:
+        if line.startswith(b"data: {"):
+            times.append(time.perf_counter() - t0)
+    conn.close()
+    assert len(times) == tokens, f"{url}: {len(times)} of {tokens} tokens"
+    return (len(times) - 1) / (times[-1] - times[0]), len(times) / times[-1]
+
+
+def serve_rounds(args) -> dict:
+    cpus = len(os.sched_getaffinity(0))
+    plain, plain_url = start(["serve", "--port", "0", "--log-level", "warning"])
+    on_ray, ray_url = start(["serve", "--ray", "--port", "0", "--replica-cpus", str(cpus), "--log-level", "warning"],
+                            {"RAY_SERVE_ENABLE_HA_PROXY": "1"} if args.haproxy else None)
+    try:
+        one(plain_url, 8), one(ray_url, 8)  # warm-up
+        rows = []
+        for r in range(args.rounds):
+            order = [("plain", plain_url), ("ray", ray_url)][:: 1 if r % 2 == 0 else -1]
+            got = {name: one(url, args.tokens) for name, url in order}
+            rows.append(got)
+            print(f"round {r}: plain {got['plain'][0]:.2f} tok/s, ray {got['ray'][0]:.2f} tok/s", flush=True)
+    finally:
+        for p in (plain, on_ray):
+            p.send_signal(signal.SIGINT)
+        for p in (plain, on_ray):
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    med = {k: [statistics.median(r[name][k] for r in rows) for name in ("plain", "ray")] for k in (0, 1)}
+    return {"serve_plain_tok_s": round(med[0][0], 2), "serve_ray_tok_s": round(med[0][1], 2), "serve_ratio": round(med[0][0] / med[0][1], 3),
+            "serve_e2e_ratio": round(med[1][0] / med[1][1], 3), "serve_rounds": [round(r["plain"][0] / r["ray"][0], 3) for r in rows],
+            "replica_cpus": cpus, "haproxy": args.haproxy}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="sentiment-positive")
+    ap.add_argument("--n", type=int, default=8, help="prompts in the eval")
+    ap.add_argument("--samples", type=int, default=2, help="samples per prompt in the eval")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens of the served request")
+    ap.add_argument("--rounds", type=int, default=4, help="served requests per server")
+    ap.add_argument("--serve-only", action="store_true", help="skip the eval comparison")
+    ap.add_argument("--haproxy", action="store_true", help="serve --ray through Ray Serve's HAProxy ingress")
+    args = ap.parse_args()
+    out = {"cpu": cpu_name(), "load_before": round(os.getloadavg()[0], 2)}
+    if not args.serve_only:
+        out.update(eval_rounds(args))
+    out.update(serve_rounds(args))
+    out["load_after"] = round(os.getloadavg()[0], 2)
+    out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
