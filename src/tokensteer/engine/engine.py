@@ -9,8 +9,10 @@ fails or is cancelled leaves at the next step without touching the others.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import Counter, deque
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 from tokensteer.backends.base import Backend
 from tokensteer.checks import check_request
@@ -48,7 +50,10 @@ class Engine:
         self._groups: list[Group] = []
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.counts: Counter[str] = Counter()  # requests, tokens, steps, groups and why requests ran apart
+        self._held = 0  # while > 0, waiting requests are not admitted (``hold``)
+        self.counts: Counter[str] = Counter()  # requests, tokens, steps, groups opened and why requests ran apart
+        # the backend knows its engines, so closing it stops them first (none then frees a context late)
+        vars(backend).setdefault("engines", weakref.WeakSet()).add(self)
 
     # -- clients --------------------------------------------------------------------------
     def submit(self, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig(), controls: Sequence[Control] = ()) -> Handle:
@@ -85,16 +90,28 @@ class Engine:
             self._cv.notify_all()
         return handle
 
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Requests submitted inside join the batch at the same step (the eval's first batch, tests)."""
+        with self._cv:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._held -= 1
+                self._cv.notify_all()
+
     def stats(self) -> dict:
         """What runs now: requests waiting and running, groups and their rows, and counters."""
         with self._cv:
             return {
                 "waiting": len(self._pending),
                 "running": len(self._handles),
+                **{k: v for k, v in self.counts.items()},
                 "groups": len(self._groups),
                 "rows": sum(g.rows() for g in self._groups),
                 "batch_rows": [g.rows() for g in self._groups],
-                **{k: v for k, v in self.counts.items()},
             }
 
     def close(self) -> None:
@@ -128,10 +145,12 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cv:
+                while self._held and not self._groups and not self._closed:
+                    self._cv.wait()
                 if self._closed or (not self._pending and not self._groups):
                     self._thread = None  # idle: the next submit starts a new thread
                     break
-                incoming = self._take()
+                incoming = [] if self._held else self._take()
             joining = self._place(incoming)
             for g in list(self._groups):
                 self._advance(g, joining.pop(id(g), []))
@@ -166,7 +185,7 @@ class Engine:
                 if self._groups:
                     self.counts[f"apart:{self._why_apart(req)}"] += 1
                 self._groups.append(group)
-                self.counts["groups"] += 1
+                self.counts["groups_opened"] += 1
             joining.setdefault(id(group), []).append(req)
         return joining
 

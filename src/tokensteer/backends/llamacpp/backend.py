@@ -126,8 +126,7 @@ class LlamaCppBackend(Backend):
     def close(self) -> None:
         """Free the model and its contexts now instead of at garbage collection (after its engine
         has stopped, so no running batch still holds a context)."""
-        engine = vars(self).get("engine")
-        if engine is not None:
+        for engine in list(vars(self).get("engines", ())):
             engine.close()
         self._finalizer()
 

@@ -27,7 +27,6 @@ class LlamaTokenizer(Tokenizer):
         self.bos_id = bos if bos >= 0 else None
         self.eos_ids = frozenset(t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, t))
         self._pieces: dict[int, bytes] = {}
-        self._buf = ctypes.create_string_buffer(256)
         self._special: frozenset[int] | None = None
 
     @property
@@ -67,13 +66,12 @@ class LlamaTokenizer(Tokenizer):
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"token id {token_id} is outside the vocabulary (0–{self.vocab_size - 1})")
             self._check_open()
-            n = llama_cpp.llama_token_to_piece(self._vocab, token_id, self._buf, len(self._buf), 0, False)
+            buf = ctypes.create_string_buffer(256)  # one per call: ctypes releases the GIL, threads may meet here
+            n = llama_cpp.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
                 n = llama_cpp.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
-                p = buf.raw[:n]
-            else:
-                p = self._buf.raw[:n]
+            p = buf.raw[:n]
             self._pieces[token_id] = p
         return p
 
@@ -88,5 +86,6 @@ class LlamaTokenizer(Tokenizer):
 
     def _rendered(self, t: int) -> bytes:
         """A token's text with control tokens shown (``<bos>``)."""
-        n = llama_cpp.llama_token_to_piece(self._vocab, t, self._buf, len(self._buf), 0, True)
-        return self._buf.raw[:n] if n >= 0 else self.piece(t)
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self._vocab, t, buf, len(buf), 0, True)
+        return buf.raw[:n] if n >= 0 else self.piece(t)
