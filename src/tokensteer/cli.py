@@ -312,7 +312,7 @@ def models(
     t.add_row("GGUF cache", f"{gguf} ({m.gguf_status(verify)})")
     t.add_row("converted cache", f"{m.bundled_hf_dir()} ({m.cache_status(verify=verify)})")
     heads = sorted((m.home() / "heads").glob("*.gguf"))
-    size = round(sum(h.stat().st_size for h in heads) / 1e6)  # MB, as the README counts
+    size = round(sum(h.stat().st_size for h in heads) / 1e6)  # MB
     t.add_row("formula heads", f"{m.home() / 'heads'} ({len(heads)} file{'s' * (len(heads) != 1)}, {size} MB; llama.cpp formulas build one per model on first use where the output kernel cannot run)")
     from tokensteer.backends.llamacpp import native
 
