@@ -248,3 +248,13 @@ def test_client_that_hangs_up_cancels_a_plain_request(live, tiny):
     s.close()
     after = wait_idle(eng)
     assert after.get("tokens", 0) - before < 500
+
+
+def test_byte_level_through_the_server(client, tiny):
+    """``"byte_level": true`` samples byte by byte: the same text as ts.generate(byte_level=True)."""
+    kw = dict(max_tokens=6, temperature=1.0, seed=5)
+    want = ts.generate(tiny, "the ca", byte_level=True, **kw).text
+    got = client.completions.create(model=tiny.model_name, prompt="the ca", extra_body={"tokensteer": {"byte_level": True}}, **kw)
+    assert got.choices[0].text == want
+    with pytest.raises(openai.BadRequestError, match="logprobs are per token"):
+        client.completions.create(model=tiny.model_name, prompt="the ca", logprobs=2, extra_body={"tokensteer": {"byte_level": True}}, **kw)

@@ -24,9 +24,13 @@ class ByteRequest:
     controls: list = []
 
     def __init__(self, backend: Backend, prompts: Sequence[str], cfg, formula=None, models: Mapping[str, Backend] | None = None, options=None) -> None:
+        from tokensteer.bytes import check_bytes_formula
         from tokensteer.bytes.generate import byte_config, stream_bytes
+        from tokensteer.formula import parse
 
         self.backend, self.prompts, self.cfg = backend, list(prompts), byte_config(cfg, {})
+        if isinstance(formula, str):
+            check_bytes_formula(parse(formula))  # a mistake is refused at submit, not at the first byte
         self.stream = stream_bytes(backend, self.prompts, self.cfg, formula, models=models, options=options)
         self.t0 = time.perf_counter()
         self.events: list[TokenEvent] = []

@@ -34,6 +34,7 @@ class Plan:
     seed: int | None
     controls: RequestControls
     prompt_param: str = "prompt"
+    byte_level: bool = False  # byte-level sampling (``Engine.submit_bytes``): events are bytes
 
 
 @dataclass
@@ -144,8 +145,23 @@ def _submit(ctx: ServerContext, plan: Plan) -> Job:
     base = plan.seed if plan.seed is not None else secrets.randbits(63)
     seeds = tuple(row_seed(base, j) for _ in plan.prompts for j in range(plan.n))  # choice j of each prompt: the CLI's seed for j = 0
     cfg = SamplingConfig(seed=seeds, **plan.sampling)
+    prompts = [p for p in plan.prompts for _ in range(plan.n)]
+    if plan.byte_level:
+        return Job(ctx, _submit_bytes(ctx, plan, prompts, cfg), plan, counts, [])
     with ctx.lock:  # controls build caches (grammars, vectors) that are not made for two threads at once
         controls = build(lm, plan.controls)
-        handle = ctx.engine.submit([p for p in plan.prompts for _ in range(plan.n)], cfg, controls)
+        handle = ctx.engine.submit(prompts, cfg, controls)
     traced = [c for c in controls if getattr(c, "trace_on", False)]  # formula controls asked for a trace
     return Job(ctx, handle, plan, counts, traced)
+
+
+def _submit_bytes(ctx: ServerContext, plan: Plan, prompts: list[str], cfg: SamplingConfig) -> Handle:
+    """A byte-level request: only a formula applies (over byte distributions), and no per-token logprobs."""
+    from tokensteer.errors import UserError
+
+    req = plan.controls
+    if req.steer or req.trace or req.has_constraints():
+        raise UserError("byte_level takes a formula only: steering, constraints and trace act on tokens")
+    if cfg.top_logprobs:
+        raise UserError("logprobs are per token; byte-level responses carry none")
+    return ctx.engine.submit_bytes(prompts, cfg, req.formula)

@@ -51,6 +51,7 @@ class TokensteerExtra(Strict):
     steer: list[SteerItem] = []
     constraints: Constraints | None = None
     trace: bool = False
+    byte_level: bool = False  # sample byte by byte (the formula may then combine byte distributions)
 
 
 class StreamOptions(Strict):

@@ -55,7 +55,8 @@ async def chat(request: Request):
     max_tokens = min(CHAT_DEFAULT_MAX_TOKENS, ctx.limits.max_tokens) if given is None else given
     controls = request_controls(req.tokensteer, schema_of(req.response_format), ctx.vectors, ctx.limits)
     n = 1 if req.n is None else req.n
-    plan = Plan([prompt], n, sampling(req, max_tokens, req.top_logprobs or 0, stops), req.seed, controls, prompt_param="messages")
+    plan = Plan([prompt], n, sampling(req, max_tokens, req.top_logprobs or 0, stops), req.seed, controls, prompt_param="messages",
+                byte_level=bool(req.tokensteer and req.tokensteer.byte_level))
     job = await start(ctx, plan)
     job.id = job.id.replace("cmpl-", "chatcmpl-")
     tok = ctx.lm.tokenizer
