@@ -10,7 +10,7 @@ import torch
 
 import tokensteer as ts
 from tokensteer.errors import UserError
-from tokensteer.formula import FormulaControl, parse
+from tokensteer.formula import FormulaControl
 from tokensteer.formula.guides import GUIDES, get_guide, register_guide
 from tokensteer.hooks import Control
 

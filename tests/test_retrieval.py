@@ -3,7 +3,6 @@ parsing and checks. Fast: a toy embedding stands in for MiniLM (the model tests 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 

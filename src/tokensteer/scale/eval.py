@@ -10,7 +10,6 @@ others (a replacement actor is started when none is left), and the run counts it
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
