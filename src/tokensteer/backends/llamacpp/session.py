@@ -220,10 +220,8 @@ class LlamaSession(Session):
             return super().extend(tokens)
         self._set_phase("decode")
         # Position by position, every row each time: the cells land in the order k steps would put
-        # them, so a later trim frees the newest cells of every row (with row-major batches a row's
-        # next token went to a cell before its older ones; its logits then drifted by up to 0.8).
-        # llama.cpp's kernels depend on the tokens per call, so logits match k steps closely
-        # (KL ~0.005 on Gemma 3 270M Q4_K_M), not bit for bit.
+        # them, so a later trim frees the newest cells of every row. llama.cpp's kernels depend on
+        # the tokens per call, so logits match k steps closely, not bit for bit.
         batch, m = self.c.batch, n * k
         batch.token[:m] = tokens.numpy().astype(np.int32).T.reshape(-1)
         batch.pos[:m] = (self.pos[None, :] + np.arange(k, dtype=np.int32)[:, None]).reshape(-1)
