@@ -18,7 +18,7 @@ def choose(spec: str | None, backend: str, console: Console) -> tuple[KVSelectCo
     if backend == "auto":
         console.print(
             "[dim]--kv-select runs on the torch backend: llama.cpp cannot select KV entries inside its graph "
-            "(at short lengths dense llama.cpp is faster; see docs/longcontext.md)[/]",
+            "(dense llama.cpp, without --kv-select, is often faster end to end; see docs/longcontext.md)[/]",
             highlight=False,
         )
     return cfg, "torch"
