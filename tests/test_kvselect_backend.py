@@ -130,3 +130,13 @@ def test_a_cache_may_carry_its_own_settings(lm):
     lm.bind_kv_select(own_cache, "k=4,local=4,init=1,chunk=32")
     assert lm.selector(dense_cache) is None
     assert lm.selector(own_cache).cfg.k == 4 and lm.selector(DynamicCache()).cfg.k == 8
+
+
+def test_load_takes_kv_select(tiny_dir):
+    """``ts.load(..., kv_select=...)`` loads torch with TokenSelect on; llama.cpp is refused."""
+    import tokensteer as ts
+
+    lm = ts.load(str(tiny_dir), kv_select="k=8,local=4,init=2")
+    assert lm.name == "torch" and len(ts.generate(lm, "the cat sat on the mat " * 5, max_tokens=3).tokens) == 3
+    with pytest.raises(ts.UserError, match="kv_select runs in transformers' attention"):
+        ts.load(str(tiny_dir), backend="llamacpp", kv_select=True)

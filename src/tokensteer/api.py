@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 from tokensteer.backends import Backend, load_backend
+from tokensteer.errors import UserError
 from tokensteer.hooks import Control
 from tokensteer import engine
 from tokensteer.engine import Generation, TokenEvent
@@ -18,13 +19,26 @@ def load(
     dtype: str = "float32",
     progress: Callable[[str], None] | None = None,
     needs: frozenset[str] = frozenset(),
+    kv_select: str | dict | bool | None = None,
 ) -> Backend:
     """Load a model: None for the bundled Gemma 3 270M, else a local HF folder or GGUF file.
 
     ``needs`` lists backend capabilities the caller's controls require; ``backend="auto"`` then
-    picks the fastest backend that has them all.
+    picks the fastest backend that has them all. ``kv_select`` turns on TokenSelect for long
+    prompts (True for the defaults, or ``"k=2048,local=512"``: docs/longcontext.md); it runs in
+    transformers' attention, so it loads the torch backend.
     """
-    return load_backend(resolve(model), backend, dtype, progress, needs)
+    from tokensteer.kvselect import parse_kv_select
+
+    cfg = parse_kv_select(kv_select)
+    if cfg is not None:
+        if backend == "llamacpp":
+            raise UserError("kv_select runs in transformers' attention: use backend='torch' (or 'auto')")
+        backend = "torch"
+    lm = load_backend(resolve(model), backend, dtype, progress, needs)
+    if cfg is not None:
+        lm.set_kv_select(cfg)
+    return lm
 
 
 def _config(cfg: SamplingConfig | None, kw: dict) -> SamplingConfig:

@@ -27,6 +27,7 @@ CAPABILITY_TEXT = {
     RESIDUAL_FIRST: "steer layer 0 (llama.cpp control vectors start at layer 1)",
     HIDDEN_STATES: "read hidden states (steering-vector training, probes)",
     LOAD_HF: "load a Hugging Face model folder (a formula's other model; give a .gguf file instead)",
+    "kv_select": "select KV entries per step (TokenSelect runs in transformers' attention)",
 }
 
 Progress = Callable[[str], None]

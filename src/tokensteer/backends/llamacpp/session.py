@@ -183,6 +183,8 @@ class LlamaSession(Session):
                 batch.logits[:k] = 0
                 batch.logits[k - 1] = start + k == len(tokens)
                 self._decode(k, capture and start + k == len(tokens), prefill=True)
+                if self.b.progress is not None:
+                    self.b.progress(start + k, len(tokens))
             out[i] = torch.from_numpy(self._hidden(1)[0] if capture else self._logits(1)[0].copy())
         return out
 
