@@ -296,3 +296,15 @@ def test_byte_level_requests_run_in_the_engine(tiny):
     assert ts.generate(tiny, "the ca", cfg, byte_level=True).text == direct.text
     with pytest.raises(UserError, match="controls act on tokens"):
         ts.generate(tiny, "the ca", cfg, controls=[Ban(5)], byte_level=True)
+
+
+def test_a_request_joining_as_the_last_one_leaves(tiny):
+    """The last rows leave and a new request joins in the same step: it starts on an empty session."""
+    cfg = ts.SamplingConfig(max_tokens=2, ignore_eos=True)
+    want = run_alone(tiny, "a dog ran", cfg)
+    eng = Engine(tiny)
+    for _ in range(6):
+        first = eng.submit(["the cat"], cfg)
+        assert first.next() is not None  # it finishes at its next step, as the next request joins
+        assert eng.submit(["a dog ran"], cfg).result()[0].tokens == want
+        first.result()

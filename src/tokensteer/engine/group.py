@@ -117,7 +117,7 @@ class Group:
             r.live = live
             (self.sink.finished if gone else staying.append)(r)
         self.requests = staying
-        if changed and keep:
+        if changed:  # keep may be empty: then every row leaves, and joiners start on an empty session
             self.session.select(keep)
 
     @property

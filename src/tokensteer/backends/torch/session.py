@@ -170,6 +170,9 @@ class TorchSession(Session):
             self.mask = self.mask[:, :-n]
 
     def select(self, rows: Sequence[int]) -> None:
+        if not rows:  # every row leaves: start over empty
+            self.cache, self.mask, self.pos, self.row_vectors, self.mix = self._new_cache(), None, torch.zeros(0, dtype=torch.long), {}, RowMix()
+            return
         idx = torch.tensor(list(rows), dtype=torch.long)
         self.cache.reorder_cache(idx)
         self.pos = self.pos[idx]
