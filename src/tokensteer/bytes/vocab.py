@@ -116,6 +116,7 @@ class ByteVocab:
         self.pure = pure_bpe(tok)
         self._self_ok: dict[int, bool] = {}
         self._follow: dict[bytes, frozenset[int]] = {}
+        self.pairs: dict[tuple[int, int], bool] = {}  # canonical token pairs (pure BPE), filled by canon.Checker
 
     def self_canonical(self, t: int) -> bool:
         """Whether token ``t`` alone is how the tokenizer writes its bytes (cached)."""
