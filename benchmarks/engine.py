@@ -6,7 +6,8 @@ On the bundled model (llama.cpp, ``TOKENSTEER_THREADS`` threads, 2 by default), 
   against the same 8 served one after another; aggregate generated tokens per second;
 * ``ttft_p50_ms`` / ``ttft_p95_ms``: time from submit to first token under that load;
 * ``single_overhead``: one request through the engine ÷ the same request through the fixed-batch
-  loop the engine replaced (read from git at ``--baseline``), seconds per token, interleaved rounds;
+  loop the engine replaced (read from git at ``--baseline``), seconds per decoded token (prefill
+  left out), interleaved rounds, both driven from a worker thread;
 * ``rss_growth_mb``: resident memory after ``--sequential`` short requests one after another, less
   after the first 50 (warm-up).
 
@@ -87,6 +88,18 @@ def one_at_a_time(lm, cfg: ts.SamplingConfig) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def per_token(run) -> float:
+    """Seconds per token after the first (decode only, no prefill) of ``run()``'s events, run in a
+    fresh thread as the engine runs its steps (llama.cpp's and torch's thread pools then meet the
+    same way for both)."""
+    out: list = []
+    th = threading.Thread(target=lambda: out.append(run()))
+    th.start()
+    th.join()
+    events = out[0]
+    return (events[-1].t - events[0].t) / (len(events) - 1)
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -124,14 +137,10 @@ def main() -> None:
     single = ts.SamplingConfig(max_tokens=args.tokens * 2, ignore_eos=True)
     overheads = []
     for r in range(args.rounds):
-        t0 = time.perf_counter()
-        Engine(lm).submit([PROMPTS[0]], single).result()
-        t_engine = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        loop.generate(lm, [PROMPTS[0]], single)
-        t_loop = time.perf_counter() - t0
+        t_engine = per_token(lambda: list(Engine(lm).submit([PROMPTS[0]], single)))
+        t_loop = per_token(lambda: list(loop.stream(lm, [PROMPTS[0]], single)))
         overheads.append(t_engine / t_loop)
-        print(f"single request: engine {t_engine:.2f} s, old loop {t_loop:.2f} s, ratio {overheads[-1]:.3f}", flush=True)
+        print(f"single request: engine {t_engine * 1000:.1f} ms/token, old loop {t_loop * 1000:.1f} ms/token, ratio {overheads[-1]:.3f}", flush=True)
 
     eng = Engine(lm)
     short = ts.SamplingConfig(max_tokens=2, ignore_eos=True)
@@ -152,7 +161,7 @@ def main() -> None:
         "rss_growth_mb": round(growth, 1),
         "backend": lm.name,
         "threads": int(os.environ["TOKENSTEER_THREADS"]),
-        "cpu": platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+        "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
         "python": sys.version.split()[0],
     }
     print(json.dumps(out))

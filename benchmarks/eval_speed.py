@@ -64,7 +64,7 @@ def main() -> None:
         "eval_samples_per_s_after": round(total / after, 3),
         "speedup": round(before / after, 3),
         "samples": total,
-        "cpu": platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+        "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
     }))
 
 
