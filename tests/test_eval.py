@@ -153,14 +153,14 @@ def test_eval_sample_text_does_not_depend_on_the_other_methods(tiny, tiny_dir, t
     assert len(a) == 6 and a == b
 
 
-def test_units_of_one_control_list_run_as_one_request_and_plain_units_alone():
+def test_units_run_in_batches_of_one_method_and_control_list():
     from tokensteer.eval.generation import Unit, plan_batches
 
     units = [Unit(m, i, 0, None, "p", i, f"{m}{i}") for i in range(3) for m in ("none", "formula")]
     shared = [object()]  # one control list (stateful) shared by every unit of "formula"
     batches = plan_batches(units, lambda u: [] if u.method == "none" else shared, batch_size=2)
     got = [(b.method, [u.index for u in b.units]) for b in batches]
-    assert got == [("none", [0]), ("formula", [0, 1]), ("none", [1]), ("none", [2]), ("formula", [2])]
+    assert got == [("none", [0, 1]), ("formula", [0, 1]), ("none", [2]), ("formula", [2])]
 
 
 def test_eval_every_task_runs_on_tiny(tiny, tiny_dir, tmp_path):

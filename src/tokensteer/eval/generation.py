@@ -1,9 +1,10 @@
 """Generating an evaluation's samples through the engine, in this or worker processes.
 
 Every unit (method × item × sample) draws from its own seed, so its text does not depend on what
-shares its batch. Units without controls run as requests of their own; units of one control list
-(one method's controls, which hold per-request state) run as one request at a time, in batches of
-``batch_size``. The engine keeps its batch full: as samples finish, waiting ones join.
+shares its batch. Units run in batches of ``batch_size`` (one method, one control list), each batch
+one request; a control list holds per-request state, so its batches run one at a time. Several
+batches run at once in one engine: their rows share forward passes, a finished sample's rows leave
+at once, and a finished batch makes room for the next.
 """
 
 from __future__ import annotations
@@ -42,17 +43,17 @@ class Batch:
 
 
 def plan_batches(units: Sequence[Unit], controls_of: Callable[[Unit], list], batch_size: int) -> list[Batch]:
-    """Units without controls one per batch; the others grouped by method and control list, in order."""
+    """Units grouped by method and control list (none, or one list shared by the method's units),
+    ``batch_size`` at most each, in order: each batch is one request, whose prompts the engine's
+    stages handle together."""
     groups: dict[Any, Batch] = {}
     out: list[Batch] = []
     for u in units:
         c = controls_of(u)
-        if not c:
-            out.append(Batch(u.method, [u]))
-            continue
-        b = groups.get((u.method, id(c)))
+        key = (u.method, id(c) if c else None)
+        b = groups.get(key)
         if b is None or len(b.units) >= batch_size:
-            b = groups[(u.method, id(c))] = Batch(u.method, [], c)
+            b = groups[key] = Batch(u.method, [], c)
             out.append(b)
         b.units.append(u)
     return out
@@ -63,7 +64,7 @@ def run_batches(lm: Any, batches: Sequence[Batch], cfg: SamplingConfig, batch_si
     each finished batch's records to ``on_records``."""
     from tokensteer.engine import Engine
 
-    eng = Engine(lm, max_batch_rows=batch_size, max_running=4 * batch_size)
+    eng = Engine(lm, max_batch_rows=2 * batch_size, max_running=4)
     waiting: dict[int, deque[Batch]] = {}
     free: deque[Batch] = deque()
     for b in batches:
