@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -37,17 +36,8 @@ os.environ.setdefault("TOKENSTEER_THREADS", "2")
 
 import tokensteer as ts  # noqa: E402
 from tokensteer.engine import Engine  # noqa: E402
+from common import PROMPTS, cpu_name  # noqa: E402
 
-PROMPTS = [
-    "The history of the printing press begins in",
-    "Once upon a time, in a small village by the sea,",
-    "The best way to learn a new language is",
-    "In the year 1969, astronauts",
-    "My favourite recipe for a rainy day is",
-    "The committee met on Tuesday to discuss",
-    "Dear diary, today I finally",
-    "Scientists have long wondered why",
-]
 
 
 def old_loop(rev: str):
@@ -161,7 +151,7 @@ def main() -> None:
         "rss_growth_mb": round(growth, 1),
         "backend": lm.name,
         "threads": int(os.environ["TOKENSTEER_THREADS"]),
-        "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
+        "cpu": cpu_name(),
         "python": sys.version.split()[0],
     }
     print(json.dumps(out))

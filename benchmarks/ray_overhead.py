@@ -25,14 +25,10 @@ import argparse
 import http.client
 import json
 import os
-import platform
-import re
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,15 +36,10 @@ import ray
 
 from tokensteer.eval.runner import run
 
+from common import cpu_name, start_server  # noqa: E402
+
 PROMPT = "The history of the printing press begins in"
 MODEL = "gemma-3-270m"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def eval_rounds(args) -> dict:
@@ -73,21 +64,6 @@ def eval_rounds(args) -> dict:
             "eval_same_texts": texts[0] == texts[1], "eval_ray_workers": res["ray"]["workers"]}
 
 
-def start(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "tokensteer.cli", *cmd], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **(env or {})})
-    seen = []
-    while True:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit("the server did not start:\n" + "".join(seen))
-        seen.append(line)
-        m = re.search(r"playground: (http://[^ ]+?)/ ", line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, m.group(1)
-
-
 def one(url: str, tokens: int) -> tuple[float, float]:
     """One streaming request read with the standard library: (decode tok/s, whole-request tok/s)."""
     body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.8, "seed": 1, "stream": True,
@@ -107,8 +83,8 @@ def one(url: str, tokens: int) -> tuple[float, float]:
 
 def serve_rounds(args) -> dict:
     cpus = len(os.sched_getaffinity(0))
-    plain, plain_url = start(["serve", "--port", "0", "--log-level", "warning"])
-    on_ray, ray_url = start(["serve", "--ray", "--port", "0", "--replica-cpus", str(cpus), "--log-level", "warning"],
+    plain, plain_url = start_server(["serve", "--port", "0", "--log-level", "warning"])
+    on_ray, ray_url = start_server(["serve", "--ray", "--port", "0", "--replica-cpus", str(cpus), "--log-level", "warning"],
                             {"RAY_SERVE_ENABLE_HA_PROXY": "1"} if args.haproxy else None)
     try:
         one(plain_url, 8), one(ray_url, 8)  # warm-up

@@ -25,11 +25,8 @@ import argparse
 import http.client
 import json
 import os
-import platform
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -39,33 +36,9 @@ os.environ.setdefault("TOKENSTEER_THREADS", "2")
 import openai  # noqa: E402
 
 import tokensteer as ts  # noqa: E402
+from common import PROMPTS, cpu_name, start_server  # noqa: E402
 
-PROMPTS = [
-    "The history of the printing press begins in",
-    "Once upon a time, in a small village by the sea,",
-    "The best way to learn a new language is",
-    "In the year 1969, astronauts",
-    "My favourite recipe for a rainy day is",
-    "The committee met on Tuesday to discuss",
-    "Dear diary, today I finally",
-    "Scientists have long wondered why",
-]
 MODEL = "gemma-3-270m"
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "tokensteer.cli", "serve", "--port", "0", "--log-level", "warning"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    seen = []
-    while True:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit("the server did not start:\n" + "".join(seen))
-        seen.append(line)
-        m = re.search(r"playground: (http://[^ ]+?)/ ", line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining its log
-            return proc, m.group(1)
 
 
 def one(client: openai.OpenAI, prompt: str, tokens: int, seed: int) -> dict:
@@ -132,7 +105,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    proc, url = start_server()
+    proc, url = start_server(["serve", "--port", "0", "--log-level", "warning"])
     try:
         lm = ts.load(None, backend="llamacpp")
         clients = [openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) for _ in PROMPTS]
@@ -193,7 +166,7 @@ def main() -> None:
         "tokens": args.tokens,
         "backend": "llamacpp",
         "threads": int(os.environ["TOKENSTEER_THREADS"]),
-        "cpu": platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip(),
+        "cpu": cpu_name(),
         "load_average": [round(x, 1) for x in os.getloadavg()],
         "python": sys.version.split()[0],
     }
