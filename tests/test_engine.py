@@ -12,6 +12,7 @@ import tokensteer as ts
 from tokensteer.engine import Engine
 from tokensteer.errors import UserError
 from tokensteer.hooks import Control, ResidualEdit
+from toy_controls import BanToken, Watched
 
 
 class Steer(Control):
@@ -38,18 +39,6 @@ class Prefixed(Control):
 
     def logprobs(self, state, lp):
         return state.variant_rows(self)[:, 0]
-
-
-class Ban(Control):
-    stages = frozenset({"mask"})
-
-    def __init__(self, token: int) -> None:
-        self.token = token
-
-    def mask(self, state):
-        m = torch.ones(state.batch_size, state.tokenizer.vocab_size, dtype=torch.bool)
-        m[:, self.token] = False
-        return m
 
 
 class Boom(Control):
@@ -79,7 +68,7 @@ def others(lm):
         ("the dog ran to the park", dict(max_tokens=30, temperature=1.0, seed=1), []),
         ("a quick brown", dict(max_tokens=5), []),
         ("one two three four five six", dict(max_tokens=25, temperature=0.8, seed=2), [Prefixed()]),
-        ("hello", dict(max_tokens=18, temperature=1.2, seed=3, top_p=0.9), [Ban(5)]),
+        ("hello", dict(max_tokens=18, temperature=1.2, seed=3, top_p=0.9), [BanToken(5)]),
         ("good great happy kind", dict(max_tokens=12, repetition_penalty=1.3), []),
         ("the cat sat on the mat and the dog", dict(max_tokens=22, temperature=1.0, seed=4), [Steer(H, 1)]),
         ("sad rude", dict(max_tokens=9, temperature=0.7, seed=5, stop=("the",)), []),
@@ -128,25 +117,16 @@ def test_finished_rows_leave_the_session(tiny):
     """No step decodes a dead row: the batch shrinks as requests and prompts finish."""
     sizes = []
 
-    class Tracking:
-        def __init__(self, inner) -> None:
-            self.inner = inner
+    def watch(s):
+        step = s.step
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
+        def counted(tokens):
+            sizes.append(int(tokens.shape[0]))
+            return step(tokens)
 
-        def session(self, *a, **kw):
-            s = self.inner.session(*a, **kw)
-            step = s.step
+        s.step = counted
 
-            def counted(tokens):
-                sizes.append(int(tokens.shape[0]))
-                return step(tokens)
-
-            s.step = counted
-            return s
-
-    lm = Tracking(tiny)
+    lm = Watched(tiny, watch)
     gens = ts.generate(lm, ["the cat", "a dog ran"], max_tokens=6, controls=[LengthCap({0: 2, 1: 99})])
     assert [len(g.tokens) for g in gens] == [2, 6] and gens[0].finish_reason == "eos"
     assert sizes[0] == 2 and sizes[-1] == 1 and sizes.count(1) >= 3
@@ -295,7 +275,7 @@ def test_byte_level_requests_run_in_the_engine(tiny):
     assert "".join(e.text for e in ts.stream(tiny, "the ca", cfg, byte_level=True)) == direct.text
     assert ts.generate(tiny, "the ca", cfg, byte_level=True).text == direct.text
     with pytest.raises(UserError, match="controls act on tokens"):
-        ts.generate(tiny, "the ca", cfg, controls=[Ban(5)], byte_level=True)
+        ts.generate(tiny, "the ca", cfg, controls=[BanToken(5)], byte_level=True)
 
 
 def test_a_request_joining_as_the_last_one_leaves(tiny):

@@ -13,23 +13,11 @@ from tokensteer.cli import app
 from tokensteer.errors import UserError
 from tokensteer.eval import Item, Method, get_task, make_method, register, run
 from tokensteer.eval.methods import read_spec
+from toy_controls import BanToken
 from tokensteer.hooks import Control
 from tokensteer.sampling import SamplingConfig
 
 CFG = dict(batch_size=4)
-
-
-class BanToken(Control):
-    """Forbids one token id: a real control the test method plugs in."""
-    stages = frozenset({'mask'})
-
-    def __init__(self, token: int) -> None:
-        self.token = token
-
-    def mask(self, state):
-        m = torch.ones(state.batch_size, state.tokenizer.vocab_size, dtype=torch.bool)
-        m[:, self.token] = False
-        return m
 
 
 class BanMethod(Method):

@@ -8,6 +8,7 @@ import torch
 import tokensteer as ts
 from tokensteer.errors import UserError
 from tokensteer.hooks import Control, ResidualEdit
+from toy_controls import Watched
 from tokensteer.engine import LoopState
 from tokensteer.sampling import row_seed
 
@@ -319,26 +320,17 @@ def test_controls_close_their_own_sessions_when_generation_ends(tiny):
 
     opened = []
 
-    class Tracking:
-        def __init__(self, inner) -> None:
-            self.inner = inner
+    def watch(s):
+        close = s.close
+        rec = {"closed": False}
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
+        def closing() -> None:
+            rec["closed"] = True
+            close()
 
-        def session(self, *a, **kw):
-            s = self.inner.session(*a, **kw)
-            close = s.close
-            rec = {"closed": False}
+        s.close = closing
+        opened.append(rec)
 
-            def closing() -> None:
-                rec["closed"] = True
-                close()
-
-            s.close = closing
-            opened.append(rec)
-            return s
-
-    lm = Tracking(tiny)
+    lm = Watched(tiny, watch)
     ts.generate(lm, "the cat", max_tokens=4, ignore_eos=True, controls=[SteerGuard(0.9)])
     assert len(opened) == 2 and all(r["closed"] for r in opened)

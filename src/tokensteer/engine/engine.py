@@ -8,6 +8,7 @@ fails or is cancelled leaves at the next step without touching the others.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import weakref
 from collections import Counter, deque
@@ -51,9 +52,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._held = 0  # while > 0, waiting requests are not admitted (``hold``)
+        self._ending: list[Request] = []  # left their group; their handles close once its session is released
         self.counts: Counter[str] = Counter()  # requests, tokens, steps, groups opened and why requests ran apart
         # the backend knows its engines, so closing it stops them first (none then frees a context late)
         vars(backend).setdefault("engines", weakref.WeakSet()).add(self)
+        _LIVE.add(self)
 
     # -- clients --------------------------------------------------------------------------
     def submit(self, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig(), controls: Sequence[Control] = ()) -> Handle:
@@ -152,11 +155,13 @@ class Engine:
                     break
                 incoming = [] if self._held else self._take()
             joining = self._place(incoming)
+            self._close_handles()
             for g in list(self._groups):
                 self._advance(g, joining.pop(id(g), []))
         for g in self._groups:
             g.close()
         self._groups = []
+        self._close_handles()
         for req, handle in self._pending:
             handle.close(RuntimeError("the engine stopped"), req.now())
         self._pending.clear()
@@ -205,6 +210,7 @@ class Engine:
         if group.empty:
             group.close()
             self._groups.remove(group)
+        self._close_handles()  # after the session is released: a client that returns finds nothing open
 
     # -- the group's sink -----------------------------------------------------------------
     def events(self, req: Request) -> None:
@@ -214,7 +220,8 @@ class Engine:
             req.events = []
 
     def finished(self, req: Request) -> None:
-        """A request left its group (done, failed or cancelled): finish its controls, close its handle."""
+        """A request left its group (done, failed or cancelled): finish its controls; its handle closes
+        at the end of this step (``_close_handles``)."""
         self.events(req)
         if req.started:
             for c in req.controls:
@@ -222,14 +229,27 @@ class Engine:
                     c.finish()
                 except Exception as e:  # noqa: BLE001
                     req.error = req.error or e
-        with self._cv:
-            handle = self._handles.pop(id(req))
-            self._requests.pop(id(handle), None)
-        handle.rows_per_prompt, handle.forward_calls = req.R, req.state.forward_calls
-        handle.close(req.error, req.now())
+        self._ending.append(req)
+
+    def _close_handles(self) -> None:
+        ending, self._ending = self._ending, []
+        for req in ending:
+            with self._cv:
+                handle = self._handles.pop(id(req))
+                self._requests.pop(id(handle), None)
+            handle.rows_per_prompt, handle.forward_calls = req.R, req.state.forward_calls
+            handle.close(req.error, req.now())
 
 
 _ENGINES_LOCK = threading.Lock()
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    """Let every engine thread end before the interpreter tears down (a thread killed inside torch aborts the process)."""
+    for eng in list(_LIVE):
+        eng.close()
 
 
 def engine_for(backend: Backend) -> Engine:
