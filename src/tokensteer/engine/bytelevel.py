@@ -37,7 +37,6 @@ class ByteRequest:
         self.error: BaseException | None = None
         self.cancelled = self.started = self.ended = False
         self.state = SimpleNamespace(forward_calls=0)
-        self.first_token_s: float | None = None
 
     def key(self) -> tuple:
         return ("alone", id(self))
@@ -92,7 +91,6 @@ class ByteGroup:
                     req.ended = True
                 else:
                     req.events.append(ev)
-                    req.first_token_s = req.first_token_s if req.first_token_s is not None else ev.t
             except Exception as e:  # noqa: BLE001 - the request fails alone
                 req.error = e
         self.sink.events(req)

@@ -69,7 +69,6 @@ class Request:
         self.cancelled = False
         self.error: BaseException | None = None
         self.live = list(range(B))  # prompts whose rows are in the session, in row order
-        self.first_token_s: float | None = None
 
     # -- the variants stage ---------------------------------------------------------------
     def _variants(self) -> tuple[list[list[int]], dict[int, int], int, set[int]]:

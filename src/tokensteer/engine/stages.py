@@ -110,8 +110,6 @@ def emit(req: Request, confirmed: list[tuple[torch.Tensor, torch.Tensor]]) -> No
             reason = "stop" if hit else "length" if last else None
             st.finished[b] = reason is not None
             req.events.append(TokenEvent(b, t, new, float(chosen[b]), alts, reason, now))
-    if req.first_token_s is None and req.events:
-        req.first_token_s = now
 
 
 def _checked(c: Control, out, like: torch.Tensor, finished: list[bool]) -> torch.Tensor:
