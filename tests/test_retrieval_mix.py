@@ -78,6 +78,17 @@ def test_row_mix_skips_the_prompt_row(tiny, kb):
     assert FormulaControl(tiny, "R(k=3)", docs=kb, trace=True).row_mix() is None
 
 
+@pytest.mark.parametrize("formula, rows", [("R(k=3)", 3), ("R(k=3) - 0.3*M", 4), ("R(k=1)", 1)])
+def test_only_rows_the_formula_reads_are_decoded(tiny, kb, formula, rows):
+    from tokensteer.engine import engine_for
+    from tokensteer.sampling import SamplingConfig
+
+    h = engine_for(tiny).submit([PROMPT, PROMPT + " big"], SamplingConfig(max_tokens=3, ignore_eos=True),
+                                [FormulaControl(tiny, formula, docs=kb)])
+    gens = h.result()
+    assert h.rows_per_prompt == rows and all(len(g.tokens) == 3 for g in gens)
+
+
 def test_r_composes_with_the_prompt_row(tiny, kb):
     ctl = FormulaControl(tiny, "R(k=2) - 0.3*M", docs=kb)
     g = tokensteer.generate(tiny, PROMPT, max_tokens=1, top_logprobs=10, controls=[ctl])

@@ -43,8 +43,14 @@ class Request:
         self._check_context()
         self.drafter = _drafter(controls)
         self.mix = None if self.drafter is not None else _row_mix(controls, owners, backend, R)
+        prompt_tokens = self.rows[::R]
+        if self.mix is not None and R > 1 and not bool(self.mix[:, 0].any()):  # the mix never reads the prompt's own row: not decoded
+            self.rows = [r for i, r in enumerate(self.rows) if i % R]
+            offsets = {c: o - 1 for c, o in offsets.items()}
+            self.mix, R = self.mix[:, 1:].contiguous(), R - 1
+            self.R = R
         self.forcer = _forcer(controls) if self.drafter is None else None
-        self.state = LoopState(backend, self.rows[::R], R if self.mix is None else self.mix.shape[0])
+        self.state = LoopState(backend, prompt_tokens, R if self.mix is None else self.mix.shape[0])
         self.state.offsets, self.state.mix = offsets, self.mix
         self.state.max_tokens, self.state.stop, self.state.cfg = cfg.max_tokens, tuple(cfg.stop), cfg
         self.edits = [e for c in controls if c.takes("edits") for e in c.residual_edits(B * R, R)]
