@@ -34,10 +34,12 @@ class Task:
     required: tuple[str, ...] = ()  # fields every item needs (so plain-text prompt files do not work)
 
     def items(self, path: str | Path | None = None, n: int | None = None) -> list[Item]:
-        """The shipped prompt set, or the user's own file (one prompt per line, or JSONL); first ``n``."""
-        if path is None:
-            text = resources.files("tokensteer").joinpath("data", "prompts", self.prompt_file).read_text("utf-8")
-            where = f"shipped prompt set {self.prompt_file}"
+        """The shipped prompt set, a named shipped set (``openings_dev``), or the user's own file
+        (one prompt per line, or JSONL); first ``n``. An existing file wins over a shipped name."""
+        shipped = self.prompt_file if path is None else shipped_prompt_file(str(path))
+        if shipped is not None:
+            text = resources.files("tokensteer").joinpath("data", "prompts", shipped).read_text("utf-8")
+            where = f"shipped prompt set {shipped}"
         else:
             try:
                 p = existing_file(path, "prompt file")
@@ -85,6 +87,15 @@ class Task:
             if k not in ("item", "k"):
                 out[k] = mean(float(r[k]) for r in records if k in r)
         return out
+
+
+def shipped_prompt_file(name: str) -> str | None:
+    """The shipped prompt file a bare name means (``openings_dev`` or ``openings_dev.jsonl``), when no
+    file of that name exists; None otherwise."""
+    if "/" in name or "\\" in name or Path(name).exists():
+        return None
+    fname = name if name.endswith(".jsonl") else f"{name}.jsonl"
+    return fname if resources.files("tokensteer").joinpath("data", "prompts", fname).is_file() else None
 
 
 def parse_prompts(text: str, where: str = "prompts") -> list[Item]:
