@@ -25,6 +25,8 @@ from tokensteer.server.metrics import CountRequests, Metrics
 if TYPE_CHECKING:
     from tokensteer.backends.base import Backend
     from tokensteer.engine import Engine
+    from tokensteer.kvselect import KVSelectConfig
+    from tokensteer.server.kvselect import Engines
 
 PLAYGROUND_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize")
@@ -38,6 +40,7 @@ class Settings:
     vectors: str | None = None
     limits: Limits = field(default_factory=Limits)
     max_batch_rows: int = 32
+    kv_select: KVSelectConfig | None = None  # TokenSelect for requests that do not name their own (serve --kv-select)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class ServerContext:
     model_id: str
     created: int = field(default_factory=lambda: int(time.time()))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    engines: Engines | None = None  # the engine per kv_select setting (``engine`` for the server's own)
     closed: bool = False
 
 
@@ -70,18 +74,22 @@ def warm_tokenizer(lm: Backend) -> None:
 def create_app(lm: Backend, settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """The server for one loaded model (``engine``: an existing Engine over ``lm``, else a new one)."""
     from tokensteer.engine import Engine
+    from tokensteer.server.kvselect import Engines, server_setting
     from tokensteer.server.routes import chat, completions, info
 
     settings = settings or Settings()
     lim = settings.limits
+    server_setting(lm, settings.kv_select)
     warm_tokenizer(lm)
     own = engine is None  # an engine the caller passed outlives this app
     engine = engine or Engine(lm, max_batch_rows=settings.max_batch_rows, max_running=lim.max_concurrent)
     ctx = ServerContext(lm, engine, lim, Vectors(settings.vectors), settings.api_key or None, Metrics(), Gate(lim.max_concurrent), lm.model_name)
+    ctx.engines = Engines(lm, engine, settings.max_batch_rows, lim.max_concurrent)
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         ctx.closed = True
+        ctx.engines.close()
         if own:
             engine.close()
 

@@ -28,6 +28,7 @@ def serve_command(
     max_formula_chars: int = typer.Option(2000, help="Longest formula."),
     max_formula_rows: int = typer.Option(8, help="Most conditioning texts in one formula (each is a batch row)."),
     batch_rows: int = typer.Option(32, help="Rows the running batch holds before requests start a second one."),
+    kv_select: Optional[str] = typer.Option(None, "--kv-select", help="TokenSelect for long prompts (torch backend) for requests that do not set tokensteer.kv_select: bare for the defaults, or k=…,local=…,init=…,theta=…. See docs/longcontext.md.", rich_help_panel="Long prompts"),
     log_level: str = typer.Option("info", help="uvicorn's log level: debug, info, warning, error."),
     ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (pip install 'tokensteer\\[ray]'; docs/scaling.md).", rich_help_panel="Ray cluster"),
     address: Optional[str] = typer.Option(None, help="With --ray: join the Ray cluster at ADDR (host:port, or 'auto' for `ray start` on this machine); default: start a local one.", rich_help_panel="Ray cluster"),
@@ -45,6 +46,8 @@ def serve_command(
 
       tokensteer serve --ray --address auto --replicas 2
 
+      tokensteer serve --backend torch --kv-select --max-prompt-tokens 32768
+
       curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "gemma-3-270m", "prompt": "The day was", "max_tokens": 20, "tokensteer": {"formula": "positive"}}'
     """
@@ -61,13 +64,16 @@ def serve_command(
             raise UserError(f"--vectors {vectors!r} is not a folder")
         if not ray and (address or replicas is not None or autoscale):
             raise UserError("--address, --replicas and --autoscale need --ray")
+        from tokensteer.kvselect import cli as kv_cli
+
+        kv_cfg, backend = kv_cli.choose(kv_select, backend, err)
         sock = bind(host, port)  # before the model loads: a busy port fails at once
 
     from tokensteer.server import Limits, Settings, create_app
 
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_n=max_n,
                     max_formula_chars=max_formula_chars, max_formula_rows=max_formula_rows, max_concurrent=max_concurrent)
-    settings = Settings(api_key=api_key, vectors=vectors, limits=limits, max_batch_rows=batch_rows)
+    settings = Settings(api_key=api_key, vectors=vectors, limits=limits, max_batch_rows=batch_rows, kv_select=kv_cfg)
     if ray:
         from tokensteer.scale.cli import serve_on_ray
 
@@ -76,7 +82,8 @@ def serve_command(
 
     import uvicorn
 
-    app = create_app(lm, settings)
+    with user_errors():
+        app = create_app(lm, settings)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if bound_host not in ("127.0.0.1", "::1", "localhost") and not api_key:

@@ -35,6 +35,7 @@ class Plan:
     controls: RequestControls
     prompt_param: str = "prompt"
     byte_level: bool = False  # byte-level sampling (``Engine.submit_bytes``): events are bytes
+    kv_select: object = None  # the request's TokenSelect setting (None: the server's; see ``server.kvselect``)
 
 
 @dataclass
@@ -147,10 +148,12 @@ def _submit(ctx: ServerContext, plan: Plan) -> Job:
     cfg = SamplingConfig(seed=seeds, **plan.sampling)
     prompts = [p for p in plan.prompts for _ in range(plan.n)]
     if plan.byte_level:
-        return Job(ctx, _submit_bytes(ctx, plan, prompts, cfg), plan, counts, [])
+        with ctx.lock:
+            return Job(ctx, _submit_bytes(ctx, plan, prompts, cfg), plan, counts, [])
     with ctx.lock:  # controls build caches (grammars, vectors) that are not made for two threads at once
+        engine = ctx.engines.get(plan.kv_select)
         controls = build(lm, plan.controls)
-        handle = ctx.engine.submit(prompts, cfg, controls)
+        handle = engine.submit(prompts, cfg, controls)
     traced = [c for c in controls if getattr(c, "trace_on", False)]  # formula controls asked for a trace
     return Job(ctx, handle, plan, counts, traced)
 
@@ -164,4 +167,4 @@ def _submit_bytes(ctx: ServerContext, plan: Plan, prompts: list[str], cfg: Sampl
         raise UserError("byte_level takes a formula only: steering, constraints and trace act on tokens")
     if cfg.top_logprobs:
         raise UserError("logprobs are per token; byte-level responses carry none")
-    return ctx.engine.submit_bytes(prompts, cfg, req.formula)
+    return ctx.engines.get(plan.kv_select).submit_bytes(prompts, cfg, req.formula)

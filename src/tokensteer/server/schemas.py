@@ -44,6 +44,18 @@ class Constraints(Strict):
     fast_forward: bool = True
 
 
+class KVSelect(Strict):
+    """TokenSelect settings as an object (``--kv-select k=…,local=…``); those left out keep their defaults."""
+
+    k: int | None = None
+    local: int | None = None
+    init: int | None = None
+    theta: float | None = None
+    refresh: int | None = None
+    chunk: int | None = None
+    extrapolate: bool | None = None
+
+
 class TokensteerExtra(Strict):
     """The ``tokensteer`` object: a formula, steering vectors, constraints and the formula trace."""
 
@@ -52,6 +64,7 @@ class TokensteerExtra(Strict):
     constraints: Constraints | None = None
     trace: bool = False
     byte_level: bool = False  # sample byte by byte (the formula may then combine byte distributions)
+    kv_select: str | bool | KVSelect | None = None  # TokenSelect for this request: "on", "off", "k=1024,…" or an object
 
 
 class StreamOptions(Strict):

@@ -280,9 +280,11 @@ class TorchBackend(Backend):
         with self._lock:
             self._edits, self._ctx, self._mix = edits, EditContext(phase, ids.shape[0]), mix
             try:
-                with use(self.selector(cache)):
-                    if phase == "prefill" and keep == 1 and ids.shape[1] > self.prefill_chunk:
-                        return prefill_chunks(self.model, ids, cache, mask, positions, self.prefill_chunk, self.progress)[:, None]
+                sel = self.selector(cache)
+                chunk = sel.cfg.chunk if sel is not None else self.prefill_chunk  # a cache's own setting chunks its prompts
+                with use(sel):
+                    if phase == "prefill" and keep == 1 and ids.shape[1] > chunk:
+                        return prefill_chunks(self.model, ids, cache, mask, positions, chunk, self.progress)[:, None]
                     out = self.model(
                         input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep
                     )

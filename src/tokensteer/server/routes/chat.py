@@ -10,6 +10,7 @@ from tokensteer.server.auth import check_key
 from tokensteer.server.chat import chat_prompt
 from tokensteer.server.controls import request_controls
 from tokensteer.server.errors import APIError
+from tokensteer.server.kvselect import requested
 from tokensteer.server.limits import read_json
 from tokensteer.server.responses import chat_logprobs, usage
 from tokensteer.server.routes.common import CHAT_DEFAULT_MAX_TOKENS, check_model, sampling, stream
@@ -56,7 +57,7 @@ async def chat(request: Request):
     controls = request_controls(req.tokensteer, schema_of(req.response_format), ctx.vectors, ctx.limits)
     n = 1 if req.n is None else req.n
     plan = Plan([prompt], n, sampling(req, max_tokens, req.top_logprobs or 0, stops), req.seed, controls, prompt_param="messages",
-                byte_level=bool(req.tokensteer and req.tokensteer.byte_level))
+                byte_level=bool(req.tokensteer and req.tokensteer.byte_level), kv_select=requested(req.tokensteer))
     job = await start(ctx, plan)
     job.id = job.id.replace("cmpl-", "chatcmpl-")
     tok = ctx.lm.tokenizer

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from tokensteer.server.auth import check_key
 from tokensteer.server.controls import request_controls
 from tokensteer.server.errors import APIError
+from tokensteer.server.kvselect import requested
 from tokensteer.server.limits import read_json
 from tokensteer.server.responses import completion_logprobs, usage
 from tokensteer.server.routes.common import check_model, sampling, stream
@@ -37,7 +38,7 @@ async def completions(request: Request):
         raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     plan = Plan(prompts, n, sampling(req, max_tokens, req.logprobs or 0), req.seed, request_controls(req.tokensteer, None, ctx.vectors, ctx.limits),
-                byte_level=bool(req.tokensteer and req.tokensteer.byte_level))
+                byte_level=bool(req.tokensteer and req.tokensteer.byte_level), kv_select=requested(req.tokensteer))
     job = await start(ctx, plan)
     want_lp = req.logprobs is not None
     tok = ctx.lm.tokenizer
