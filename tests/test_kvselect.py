@@ -176,7 +176,7 @@ def test_cache_reuse_keeps_tokens_that_leave_the_local_window():
     first = sel.layers[0].chosen.clone()
     sel.attend(_Module(), q, k[:, :, :21], v[:, :, :21], None, 0.3, None)
     st_ = sel.layers[0]
-    assert st_.chosen[0, :3].tolist() == first[0].tolist() and st_.chosen[0, 3:].tolist() == [17]  # slot 17 left the window
+    assert st_.chosen[0, :3].tolist() == first[0].tolist() and st_.chosen[0, 3:].tolist() == [18]  # slot 18 left the window
 
 
 def test_a_stale_state_is_not_reused():

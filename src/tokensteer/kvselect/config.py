@@ -16,10 +16,10 @@ class KVSelectConfig:
     """Which KV entries a growing (full-attention) layer attends to, per step and head group.
 
     Each step attends to the first ``init`` tokens, the ``k`` tokens with the most attention mass
-    (per-head softmax over q·k, summed over heads) and the last ``local`` tokens before the query
-    chunk. A decode query whose cosine with the previous step's query is ≥ ``theta`` reuses the
-    last selection (``theta`` > 1: never), and a fresh one is made at least every ``refresh``
-    steps. ``chunk`` tokens are prefilled per forward; ``extrapolate`` re-indexes the
+    (per-head softmax over q·k, summed over heads) and the last ``local`` tokens, its own included
+    (a prompt chunk at least that long is its own local window). A decode query whose cosine with
+    the previous step's query is ≥ ``theta`` reuses the last selection (``theta`` > 1: never), and
+    a fresh one is made at least every ``refresh`` steps. ``chunk`` tokens are prefilled per forward; ``extrapolate`` re-indexes the
     selected keys' positions so prompts past the model's trained length fit its position range.
     """
 

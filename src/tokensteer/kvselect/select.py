@@ -37,8 +37,10 @@ def top_tokens(votes: torch.Tensor, k: int, offset: int) -> torch.Tensor:
 
 def window(n_kv: int, n_query: int, cfg: KVSelectConfig) -> tuple[int, int] | None:
     """The candidate slots [lo, hi) the top-k is chosen from, or None when attending to everything
-    costs no more (the cache is not longer than the sink, the budget and the local window)."""
-    lo, hi = cfg.init, n_kv - n_query - cfg.local
+    costs no more (the cache is not longer than the sink, the budget and the local window). The
+    local window is the last ``local`` slots, the queries' own included: a prompt chunk at least
+    that long is its own local window, as in the official code (n_local = the chunk size)."""
+    lo, hi = cfg.init, n_kv - max(cfg.local, n_query)
     if hi - lo <= cfg.k:
         return None
     return lo, hi
