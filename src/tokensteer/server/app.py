@@ -21,6 +21,7 @@ from tokensteer.server.controls import Vectors
 from tokensteer.server.errors import APIError
 from tokensteer.server.limits import Gate, Limits
 from tokensteer.server.metrics import CountRequests, Metrics
+from tokensteer.server.retrieve import Stores
 
 if TYPE_CHECKING:
     from tokensteer.backends.base import Backend
@@ -38,6 +39,7 @@ class Settings:
 
     api_key: str | None = None
     vectors: str | None = None
+    stores: str | None = None  # folder of document stores clients name in tokensteer.retrieve
     limits: Limits = field(default_factory=Limits)
     max_batch_rows: int = 32
     kv_select: KVSelectConfig | None = None  # TokenSelect for requests that do not name their own (serve --kv-select)
@@ -58,6 +60,7 @@ class ServerContext:
     created: int = field(default_factory=lambda: int(time.time()))
     lock: threading.Lock = field(default_factory=threading.Lock)
     engines: Engines | None = None  # the engine per kv_select setting (``engine`` for the server's own)
+    stores: Stores = field(default_factory=lambda: Stores(None))  # document stores for tokensteer.retrieve
     closed: bool = False
 
 
@@ -85,6 +88,7 @@ def create_app(lm: Backend, settings: Settings | None = None, engine: Engine | N
     engine = engine or Engine(lm, max_batch_rows=settings.max_batch_rows, max_running=lim.max_concurrent)
     ctx = ServerContext(lm, engine, lim, Vectors(settings.vectors), settings.api_key or None, Metrics(), Gate(lim.max_concurrent), lm.model_name)
     ctx.engines = Engines(lm, engine, settings.max_batch_rows, lim.max_concurrent)
+    ctx.stores = Stores(settings.stores)
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield

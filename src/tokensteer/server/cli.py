@@ -20,6 +20,7 @@ def serve_command(
     port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
     api_key: Optional[str] = typer.Option(None, envvar="TOKENSTEER_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on the API routes."),
     vectors: Optional[str] = typer.Option(None, help="Folder of steering vectors (.safetensors/.gguf) clients may name in tokensteer.steer."),
+    stores: Optional[str] = typer.Option(None, help="Folder of document stores (sub-folders of .txt/.md files, .jsonl files) clients may name in tokensteer.retrieve."),
     max_concurrent: int = typer.Option(64, help="Requests running or queued at once; more get HTTP 429."),
     max_tokens_limit: int = typer.Option(1024, help="Most tokens one choice may generate."),
     max_prompt_tokens: int = typer.Option(2048, help="Most tokens in one prompt."),
@@ -44,6 +45,8 @@ def serve_command(
 
       tokensteer serve --port 8080 --vectors vectors/ --api-key secret
 
+      tokensteer serve --stores stores/    (then "tokensteer": {"retrieve": {"store": "NAME", "k": 4}})
+
       tokensteer serve --ray --address auto --replicas 2
 
       tokensteer serve --backend torch --kv-select --max-prompt-tokens 32768
@@ -62,6 +65,8 @@ def serve_command(
             raise UserError(f"--max-formula-rows must be ≥ 0, got {max_formula_rows}")
         if vectors is not None and not os.path.isdir(os.path.expanduser(vectors)):
             raise UserError(f"--vectors {vectors!r} is not a folder")
+        if stores is not None and not os.path.isdir(os.path.expanduser(stores)):
+            raise UserError(f"--stores {stores!r} is not a folder")
         if not ray and (address or replicas is not None or autoscale):
             raise UserError("--address, --replicas and --autoscale need --ray")
         from tokensteer.kvselect import cli as kv_cli
@@ -73,7 +78,7 @@ def serve_command(
 
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_n=max_n,
                     max_formula_chars=max_formula_chars, max_formula_rows=max_formula_rows, max_concurrent=max_concurrent)
-    settings = Settings(api_key=api_key, vectors=vectors, limits=limits, max_batch_rows=batch_rows, kv_select=kv_cfg)
+    settings = Settings(api_key=api_key, vectors=vectors, stores=stores, limits=limits, max_batch_rows=batch_rows, kv_select=kv_cfg)
     if ray:
         from tokensteer.scale.cli import serve_on_ray
 

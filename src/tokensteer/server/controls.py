@@ -1,7 +1,7 @@
 """The ``tokensteer`` request object as the CLI's ``RequestControls``, with the server's safety
 rules on top: steering vectors are names looked up in the ``--vectors`` folder, and nothing a
-client sends can make the server read a file (no ``M(model=…)`` or ``R`` formula terms, no schema,
-grammar or word-list paths)."""
+client sends can make the server read a file (no ``M(model=…)`` terms, no schema, grammar or word-list
+paths; R terms read a store named from the ``--stores`` folder, see ``server.retrieve``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING
 
 from tokensteer.controls import RequestControls, build_controls
 from tokensteer.errors import UserError
+from tokensteer.server import retrieve
 from tokensteer.server.errors import APIError
 from tokensteer.server.limits import Limits
+from tokensteer.server.retrieve import Stores
 from tokensteer.server.schemas import SteerItem, TokensteerExtra
 
 if TYPE_CHECKING:
@@ -87,22 +89,24 @@ def check_formula(text: str, limits: Limits) -> None:
     if any_node(root, lambda n: isinstance(n, Model) and n.model is not None):
         raise APIError(400, "M(model=…) terms load another model from a path, which the server never does for a client; "
                        "use terms on the loaded model", param=param, code="unsupported_formula")
-    if any_node(root, lambda n: isinstance(n, Retrieve)):
-        raise APIError(400, "R(…) retrieval terms need documents, which the server does not take from clients", param=param, code="unsupported_formula")
     prefixes: set[str] = set()
+    passages: set[Retrieve] = set()  # R terms: k rows each (their documents: server.retrieve)
 
     def note(n: object) -> bool:
         if isinstance(n, Model) and n.prefix:
             prefixes.add(n.prefix)
+        elif isinstance(n, Retrieve):
+            passages.add(n)
         return False
 
     any_node(root, note)
-    if len(prefixes) > limits.max_formula_rows:
-        raise APIError(400, f"the formula has {len(prefixes)} conditioning texts, above this server's limit of {limits.max_formula_rows} "
+    rows = len(prefixes) + sum(n.k for n in passages)
+    if rows > limits.max_formula_rows:
+        raise APIError(400, f"the formula has {rows} conditioning texts{' and passages' * bool(passages)}, above this server's limit of {limits.max_formula_rows} "
                        "(tokensteer serve --max-formula-rows)", param=param, code="formula_too_large")
 
 
-def request_controls(extra: TokensteerExtra | None, schema: object, vectors: Vectors, limits: Limits) -> RequestControls:
+def request_controls(extra: TokensteerExtra | None, schema: object, vectors: Vectors, limits: Limits, stores: Stores | None = None) -> RequestControls:
     """The CLI's RequestControls for a request's ``tokensteer`` object, plus a ``response_format``
     JSON schema (``schema``, None when there is none)."""
     extra = extra or TokensteerExtra()
@@ -128,12 +132,14 @@ def request_controls(extra: TokensteerExtra | None, schema: object, vectors: Vec
             req.script = [req.script]
     if schema is not None:
         req.json_schema = schema
+    retrieve.apply(extra, req, stores or Stores(None), limits)
     return req
 
 
 def build(lm: Backend, req: RequestControls) -> list[Control]:
     """Check and build the controls as ``tokensteer generate`` does; the loaded backend must have
     every capability they need (the server cannot switch backends per request)."""
+    retrieve.open_docs(req)
     needs = req.required_capabilities()
     missing = needs - lm.capabilities
     if missing:

@@ -56,6 +56,16 @@ class KVSelect(Strict):
     extrapolate: bool | None = None
 
 
+class RetrieveSpec(Strict):
+    """REPLUG over a document store named from the server's ``--stores`` folder (never a path):
+    ``R(k, tau, every)`` on its own, or, beside a formula with R terms, just the store they read."""
+
+    store: str
+    k: int | None = None
+    tau: float | None = None
+    every: int | None = None
+
+
 class TokensteerExtra(Strict):
     """The ``tokensteer`` object: a formula, steering vectors, constraints and the formula trace."""
 
@@ -65,6 +75,7 @@ class TokensteerExtra(Strict):
     trace: bool = False
     byte_level: bool = False  # sample byte by byte (the formula may then combine byte distributions)
     kv_select: str | bool | KVSelect | None = None  # TokenSelect for this request: "on", "off", "k=1024,…" or an object
+    retrieve: RetrieveSpec | None = None  # retrieval mixtures over a server-side document store
 
 
 class StreamOptions(Strict):

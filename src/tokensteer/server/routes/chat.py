@@ -54,7 +54,7 @@ async def chat(request: Request):
     plain = bool(stops)  # the plain template: the reply after "Assistant:" starts with a space, which is dropped
     given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = min(CHAT_DEFAULT_MAX_TOKENS, ctx.limits.max_tokens) if given is None else given
-    controls = request_controls(req.tokensteer, schema_of(req.response_format), ctx.vectors, ctx.limits)
+    controls = request_controls(req.tokensteer, schema_of(req.response_format), ctx.vectors, ctx.limits, ctx.stores)
     n = 1 if req.n is None else req.n
     plan = Plan([prompt], n, sampling(req, max_tokens, req.top_logprobs or 0, stops), req.seed, controls, prompt_param="messages",
                 byte_level=bool(req.tokensteer and req.tokensteer.byte_level), kv_select=requested(req.tokensteer))

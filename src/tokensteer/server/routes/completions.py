@@ -37,7 +37,7 @@ async def completions(request: Request):
     if req.logprobs is not None and not 0 <= req.logprobs <= 20:
         raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    plan = Plan(prompts, n, sampling(req, max_tokens, req.logprobs or 0), req.seed, request_controls(req.tokensteer, None, ctx.vectors, ctx.limits),
+    plan = Plan(prompts, n, sampling(req, max_tokens, req.logprobs or 0), req.seed, request_controls(req.tokensteer, None, ctx.vectors, ctx.limits, ctx.stores),
                 byte_level=bool(req.tokensteer and req.tokensteer.byte_level), kv_select=requested(req.tokensteer))
     job = await start(ctx, plan)
     want_lp = req.logprobs is not None

@@ -94,6 +94,7 @@ async def options(request: Request):
         "recipes": [{"name": r.name, "usage": r.usage(), "formula": r.formula(), "doc": r.doc} for r in RECIPES.values()],
         "guides": sorted(GUIDES),
         "vectors": ctx.vectors.listing(),
+        "stores": ctx.stores.listing(),
         "limits": {"max_tokens": lim.max_tokens, "max_n": lim.max_n, "max_prompt_tokens": lim.max_prompt_tokens,
                    "max_formula_chars": lim.max_formula_chars},
     }
