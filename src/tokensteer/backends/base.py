@@ -121,16 +121,24 @@ class Backend(ABC):
 
     @abstractmethod
     def session(
-        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None, capacity: int | None = None
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None,
+        capacity: int | None = None, isolated: bool = False,
     ) -> Session:
         """Start a session whose forward passes apply ``edits``; ``rollback`` asks for a cache that
         ``trim`` can roll back any distance (backends may keep more history for it); ``capacity``
         is the most rows it will hold at once (the engine's batch), where a backend must plan for it.
+        ``isolated`` (with ``capacity``) asks that each row's logits not depend on the other rows
+        however they join and leave, each row then holding at most ``row_cells(capacity)`` cells.
 
         ``mix`` [R', R] (backends with ``HEAD_MIX`` only): every group of R consecutive rows returns
         R' logit rows, the output layer applied to those combinations of the group's final hidden
         states. The output layer is linear, so that equals the same combinations of the rows'
         logits, at the cost of R' rows instead of R through the (often biggest) last matrix."""
+
+    def row_cells(self, capacity: int) -> int | None:
+        """Cells (prompt + generated tokens) one row of an ``isolated`` session of ``capacity`` rows
+        may hold, where isolation limits them; None where rows never depend on each other."""
+        return None
 
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
         """Residual stream after each requested layer: per text a [len(layers), T, H] tensor."""

@@ -31,7 +31,11 @@ class Group:
         self.backend, self.key, self.capacity, self.sink = backend, first.key(), capacity, sink
         edits = () if first.row_edits else first.edits
         kw = {"mix": first.mix} if first.mix is not None else {}  # lets llama.cpp pick the output layer that mixes
-        self.session = backend.session(edits, rollback=first.path == "speculative", capacity=capacity, **kw)
+        # rows whose logits must not depend on their neighbours, where the backend limits their length for it
+        rollback = first.path == "speculative"
+        self.row_cells = None if rollback else backend.row_cells(capacity)
+        self.isolated = self.row_cells is not None and first.longest() <= self.row_cells
+        self.session = backend.session(edits, rollback=rollback, capacity=capacity, isolated=self.isolated, **kw)
         self.requests: list[Request] = []
         self.steps = 0
 
@@ -41,10 +45,15 @@ class Group:
 
     def fits(self, req: Request, placed: Sequence[Request] = ()) -> bool:
         """Whether ``req`` may join beside the running requests and those ``placed`` this iteration:
-        the same key, room in the batch and in the KV cells its rows share."""
+        the same key, room in the batch and in the KV cells its rows share (isolated: in each row's
+        own cells; a longer request joins a group whose rows share a cache, so long rows batch too)."""
         others = [*self.requests, *placed]
         if req.key() != self.key or sum(r.n_rows() for r in others) + req.n_rows() > self.capacity:
             return False
+        if self.row_cells is not None and (req.longest() <= self.row_cells) != self.isolated:
+            return False
+        if self.isolated:
+            return True
         cells = self.backend.shared_cells
         return cells is None or sum(r.cells() for r in others) + req.cells() <= cells
 

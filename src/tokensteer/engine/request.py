@@ -130,6 +130,10 @@ class Request:
         """Rows this request holds in its session now."""
         return len(self.live) * self.R
 
+    def longest(self) -> int:
+        """Cells its longest row may take by its end."""
+        return max(len(r) for r in self.rows) + self.cfg.max_tokens
+
     def cells(self) -> int:
         """KV cells it may take by its end (for backends whose rows share one cache)."""
         return sum(len(r) for r in self.rows) + len(self.rows) * self.cfg.max_tokens

@@ -33,6 +33,7 @@ from tokensteer.backends import LLAMACPP_CAPABILITIES, env_n_ctx
 from tokensteer.backends.base import Backend
 from tokensteer.backends.llamacpp.context import (
     DEFAULT_CTX, MAX_SEQS, MIN_SEQS, TORCH_HINT, CannotLoad, Context, check_n_ctx, default_cells, default_threads, init_llama,
+    isolated_seqs,
 )
 from tokensteer.backends.llamacpp.gguf import build_head, head_path
 from tokensteer.backends.llamacpp.head import Head
@@ -135,22 +136,34 @@ class LlamaCppBackend(Backend):
         """False once ``close`` has freed the model."""
         return self._finalizer.alive
 
-    def acquire(self, n_rows: int, capture: bool = False, rollback: bool = False) -> Context:
+    def acquire(self, n_rows: int, capture: bool = False, rollback: bool = False, isolated: bool = False) -> Context:
         """A context for ``n_rows`` rows: an idle one that fits, else a new one. Short contexts and
-        ``rollback`` ones keep every sliding-window cell (exact ``trim`` at any depth)."""
+        ``rollback`` ones keep every sliding-window cell (exact ``trim`` at any depth); ``isolated``
+        ones give each row a cache of its own (see ``Context``)."""
         swa_full = rollback or self.n_ctx <= DEFAULT_CTX
         if not self.is_open:
             raise UserError("this llama.cpp model was closed; load it again")
         if n_rows > MAX_SEQS // 2:
             raise UserError(f"the llamacpp backend decodes at most {MAX_SEQS // 2} rows at once; this batch has {n_rows}")
+        # shared cells: spare ids for select()'s forks; isolated: compact ids, one per row
+        n_seq = isolated_seqs(n_rows) if isolated else min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows))
         with self._lock:
             for i, c in enumerate(self._idle):
-                if c.n_seq >= 2 * n_rows and c.captures == capture and c.swa_full == swa_full:  # spare ids for select()
+                if c.isolated == isolated and c.captures == capture and c.swa_full == swa_full and (
+                    c.n_seq == n_seq if isolated else c.n_seq >= n_seq
+                ):
                     return self._idle.pop(i)
-        c = Context(self.model, self.n_ctx, min(MAX_SEQS, max(MIN_SEQS, 2 * n_rows)), self.n_threads, capture, self._splice, swa_full)
+        c = Context(self.model, self.n_ctx, n_seq, self.n_threads, capture, self._splice, swa_full, isolated)
         with self._lock:
             self._all.append(c)
         return c
+
+    def row_cells(self, capacity: int) -> int | None:
+        """Cells each row may take in an isolated session of ``capacity`` rows; None where that
+        would leave too few."""
+        n_seq = isolated_seqs(capacity)
+        cells = self.n_ctx // n_seq // 256 * 256
+        return cells if n_seq <= MAX_SEQS and cells >= 256 else None
 
     def release(self, c: Context) -> None:
         c.reset()
@@ -176,12 +189,13 @@ class LlamaCppBackend(Backend):
         return None
 
     def session(
-        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None, capacity: int | None = None
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None,
+        capacity: int | None = None, isolated: bool = False,
     ) -> "LlamaSession":
         why = self.unsupported(edits)
         if why:
             raise UserError(why)
-        s = LlamaSession(self, edits, mix, capacity)
+        s = LlamaSession(self, edits, mix, capacity, isolated and not rollback and capacity is not None)
         if rollback and self.n_ctx > DEFAULT_CTX:  # a long context that trim() must roll back exactly
             s.c = self.acquire(max(capacity or 0, MIN_SEQS // 2), capture=s.head is not None, rollback=True)
         return s

@@ -56,6 +56,11 @@ def check_n_ctx(n_ctx: int, trained: int, model_name: str) -> None:
         raise UserError(f"{where}={n_ctx} is longer than the {trained} tokens {model_name} was trained on; set it to at most {trained}")
 
 
+def isolated_seqs(n_rows: int) -> int:
+    """Sequence ids of an isolated context for ``n_rows`` rows (each id a cache of its own)."""
+    return max(MIN_SEQS, 1 << max(0, n_rows - 1).bit_length())
+
+
 def default_cells(model) -> int:
     """KV cells per context when none is asked for: the model's trained length, so any prompt it
     can read fits, unless that much cache would pass ``KV_BUDGET`` (a 128k-token model)."""
@@ -82,15 +87,23 @@ class Context:
 
     ``swa_full`` keeps every cell of the sliding-window layers, so backtracking (``trim``) past a
     window stays exact; without it those layers keep only their window (and a batch), so a long
-    prompt costs them a window's attention instead of the whole context's."""
+    prompt costs them a window's attention instead of the whole context's.
+
+    ``isolated`` gives every sequence id a cache of its own (``n_ctx / n_seq`` cells): a row's
+    attention then reads only its own cells, in position order, whoever joins or leaves, so its
+    logits do not depend on its neighbours. Otherwise rows share all cells (a fork costs nothing and
+    any row may grow long), and cells freed by a leaving row may later hold another row's newer
+    positions before its older ones, which changes the order of its attention sums (rounding)."""
 
     def __init__(
-        self, model, n_ctx: int, n_seq: int, n_threads: int, capture: bool = False, splice: int | None = None, swa_full: bool = True
+        self, model, n_ctx: int, n_seq: int, n_threads: int, capture: bool = False, splice: int | None = None,
+        swa_full: bool = True, isolated: bool = False,
     ) -> None:
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, N_BATCH, N_BATCH, n_seq
         p.n_threads = p.n_threads_batch = n_threads
-        p.kv_unified = True  # rows share cells: a fork costs nothing and any row may grow long
+        p.kv_unified = not isolated
+        self.isolated = isolated
         p.swa_full = swa_full
         self.swa_full = swa_full
         p.no_perf = True
@@ -105,6 +118,7 @@ class Context:
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
         self.mem = llama_cpp.llama_get_memory(self.ptr)
         self.n_seq, self.n_ctx = n_seq, int(llama_cpp.llama_n_ctx(self.ptr))
+        self.row_cells = int(llama_cpp.llama_n_ctx_seq(self.ptr)) if isolated else self.n_ctx  # most cells of one row
         self.n_batch = int(llama_cpp.llama_n_batch(self.ptr))  # llama.cpp caps it at n_ctx
         self.batch = Batch(self.n_batch)
         self.cvec_on = False

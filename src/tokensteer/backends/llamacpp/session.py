@@ -36,16 +36,18 @@ class LlamaSession(Session):
     """Rows of one batch, one sequence id each, in a context taken from the backend's pool."""
 
     def __init__(
-        self, backend: LlamaCppBackend, edits: Sequence[ResidualEdit], mix: torch.Tensor | None = None, capacity: int | None = None
+        self, backend: LlamaCppBackend, edits: Sequence[ResidualEdit], mix: torch.Tensor | None = None,
+        capacity: int | None = None, isolated: bool = False,
     ) -> None:
-        self.b, self.capacity = backend, capacity
+        self.b, self.capacity, self.isolated = backend, capacity, isolated
         self.c: Context | None = None
         self.first_mix = mix  # the mix of rows added without one of their own (``prefill``)
         self.mix = RowMix()  # which rows reach the output layer mixed (see ``rowmix``)
         # the output layer run after a captured final norm; None: llama.cpp's own (mixing full logits)
         self.head = backend.head() if mix is not None else backend.plain_head()
         self._out: np.ndarray | None = None  # plain sessions' logits buffer, reused every step
-        self.seqs = np.zeros(0, np.int32)  # sequence id of each row
+        self.seqs = np.zeros(0, np.int32)  # sequence id of each row (isolated: the ids 0..n-1)
+        self._perm: np.ndarray | None = None  # isolated: each row's place in a batch ordered by id
         self.pos = np.zeros(0, np.int32)  # next position of each row
         self.cvecs = {
             "prefill": control_vector(backend, [e for e in edits if e.positions in ("all", "prompt")]),
@@ -71,6 +73,11 @@ class LlamaSession(Session):
         self._phase = phase
 
     def _full(self) -> UserError:
+        if self.c.isolated:
+            return UserError(
+                f"a row outgrew its {self.c.row_cells} cells of the llama.cpp cache; "
+                "lower --max-tokens, or set TOKENSTEER_N_CTX higher"
+            )
         return UserError(
             f"the llama.cpp context is full ({self.c.n_ctx} tokens shared by all rows); "
             "set TOKENSTEER_N_CTX higher, or shorten the prompt or --max-tokens"
@@ -131,7 +138,7 @@ class LlamaSession(Session):
         if self.c is not None:
             self.c.reset()
             self._phase = None
-        self.seqs, self.pos, self.mix = np.zeros(0, np.int32), np.zeros(0, np.int32), RowMix()
+        self.seqs, self.pos, self.mix, self._perm = np.zeros(0, np.int32), np.zeros(0, np.int32), RowMix(), None
         return self.add(rows, mix=self.first_mix)
 
     def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = (), mix: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,8 +147,10 @@ class LlamaSession(Session):
         if not rows or any(len(r) == 0 for r in rows):
             raise UserError("every prompt needs at least one token")
         if self.c is None:
-            self.c = self.b.acquire(max(self.capacity or 0, len(rows)), capture=self.head is not None)
+            self.c = self.b.acquire(max(self.capacity or 0, len(rows)), capture=self.head is not None, isolated=self.isolated)
         self._set_phase("prefill")
+        if self.c.isolated and max(len(r) for r in rows) > self.c.row_cells:
+            raise self._full()
         if int(self.pos.sum()) + sum(len(r) for r in {tuple(r) for r in rows}) > self.c.n_ctx:
             raise self._full()
         used = set(self.seqs.tolist())
@@ -156,6 +165,7 @@ class LlamaSession(Session):
             raise
         self.seqs = np.concatenate([self.seqs, np.asarray(free, np.int32)])
         self.pos = np.concatenate([self.pos, np.array([len(r) for r in rows], np.int32)])
+        self._set_perm()
         new = RowMix.of(mix, len(rows))
         self.mix.add(mix, len(rows))
         return self._mixed(out, new) if self.head is not None else self._mix_logits(out, new)
@@ -193,19 +203,23 @@ class LlamaSession(Session):
         if tokens.shape[0] != n:
             raise ValueError(f"step got {tokens.shape[0]} tokens for {n} rows")
         self._set_phase("decode")
-        batch = self.c.batch
-        batch.token[:n] = tokens.numpy()
-        batch.pos[:n] = self.pos
-        batch.seq[:n] = self.seqs
+        batch, perm = self.c.batch, self._perm
+        at = slice(0, n) if perm is None else perm  # isolated: one micro-batch needs ids in order
+        batch.token[at] = tokens.numpy()
+        batch.pos[at] = self.pos
+        batch.seq[at] = self.seqs
         batch.logits[:n] = 1
         self._decode(n, self.head is not None)
         self.pos += 1
-        if self.head is not None and not self.mix.mixes:  # our output kernel into a reused buffer
-            if self._out is None or self._out.shape[0] != n:
-                self._out = np.empty((n, self.b.n_vocab), np.float32)
-            return torch.from_numpy(self.head.logits(self._hidden(n), self._out))
         if self.head is not None:
-            return self._mixed(self._hidden(n), self.mix)
+            h = self._hidden(n) if perm is None else self._hidden(n)[perm]
+            if self.mix.mixes:
+                return self._mixed(h, self.mix)
+            if self._out is None or self._out.shape[0] != n:  # our output kernel into a reused buffer
+                self._out = np.empty((n, self.b.n_vocab), np.float32)
+            return torch.from_numpy(self.head.logits(h, self._out))
+        if perm is not None:
+            return self._mix_logits(torch.from_numpy(self._logits(n)[perm]), self.mix)
         if self.mix.mixes:
             return self._mix_logits(torch.from_numpy(self._logits(n)), self.mix)
         addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
@@ -218,7 +232,7 @@ class LlamaSession(Session):
         n, k = tokens.shape
         if n != len(self.seqs):
             raise ValueError(f"extend got {n} rows of tokens for {len(self.seqs)} rows")
-        if n * k > self.c.n_batch:  # more than one batch holds: step instead
+        if n * k > self.c.n_batch or self.c.isolated:  # more than one batch holds, or ids must be in order: step
             return super().extend(tokens)
         self._set_phase("decode")
         # Position by position, every row each time: the cells land in the order k steps would put
@@ -253,20 +267,40 @@ class LlamaSession(Session):
     def select(self, rows: Sequence[int]) -> None:
         rows = [int(r) for r in rows]
         old = self.seqs.tolist()
-        kept = set()
+        wanted = {old[r] for r in rows}
+        for s in set(old) - wanted:
+            llama_cpp.llama_memory_seq_rm(self.c.mem, s, -1, -1)
+        used: set[int] = set()
         new: list[int] = []
         for r in rows:
             s = old[r]
-            if s in kept:  # a duplicate: fork the sequence into a free id (cells are shared)
-                s = next(i for i in range(self.c.n_seq) if i not in kept and i not in old)
-                llama_cpp.llama_memory_seq_cp(self.c.mem, old[r], s, -1, -1)
-            kept.add(s)
+            if s in used:  # a duplicate: fork the sequence into a free id
+                s = self._fork(old[r], wanted | used)
+            used.add(s)
             new.append(s)
-        for s in set(old) - kept:
-            llama_cpp.llama_memory_seq_rm(self.c.mem, s, -1, -1)
+        if self.c.isolated:  # keep the ids 0..n-1: move the highest into the gaps
+            gaps = sorted(set(range(len(new))) - used)
+            for i, s in enumerate(new):
+                if s >= len(new):
+                    new[i] = self._fork(s, used, gaps.pop(0))
+                    llama_cpp.llama_memory_seq_rm(self.c.mem, s, -1, -1)
         self.seqs = np.array(new, np.int32)
         self.pos = self.pos[rows]
         self.mix.select(rows)
+        self._set_perm()
+
+    def _fork(self, src: int, taken: set[int], dst: int | None = None) -> int:
+        """Copy sequence ``src`` into ``dst`` (default: the lowest id not in ``taken``); shared
+        cells cost nothing, an isolated cache is copied whole."""
+        if dst is None:
+            dst = next(i for i in range(self.c.n_seq) if i not in taken)
+        llama_cpp.llama_memory_seq_cp(self.c.mem, src, dst, -1, -1)
+        return dst
+
+    def _set_perm(self) -> None:
+        n = len(self.seqs)
+        ordered = self.c is None or not self.c.isolated or np.array_equal(self.seqs, np.arange(n))
+        self._perm = None if ordered else self.seqs.astype(np.intp)
 
     def close(self) -> None:
         if self.c is not None:

@@ -254,8 +254,10 @@ class TorchBackend(Backend):
         return (m.apply(args[0]), *args[1:])
 
     def session(
-        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None, capacity: int | None = None
+        self, edits: Sequence[ResidualEdit] = (), rollback: bool = False, mix: torch.Tensor | None = None,
+        capacity: int | None = None, isolated: bool = False,
     ) -> "TorchSession":
+        """Rows are always isolated here: each has its own cache rows, padded on the left."""
         if mix is not None and HEAD_MIX not in self.capabilities:
             raise UserError(f"{self.model_name}'s output layer is not linear (a bias or logit soft-capping); it cannot mix rows")
         why = self.unsupported(edits)
