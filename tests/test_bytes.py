@@ -138,11 +138,15 @@ class Reference:
             with torch.no_grad():
                 logits = self.lm.model(input_ids=torch.tensor([self.v.start + list(seq)])).logits[0, -1].float()
             lp = torch.log_softmax(logits, -1)
-            complete = tail_state(b"".join(self.v.table[t] for t in seq)) == 0
-            ok = torch.tensor([complete if t in self.v.eos else bool(self.v.table[t]) and self.canonical(seq + (t,)) for t in range(len(lp))])
+            end = self.end_ok(seq)
+            ok = torch.tensor([end if t in self.v.eos else bool(self.v.table[t]) and self.canonical(seq + (t,)) for t in range(len(lp))])
             lp = lp.masked_fill(~ok, NEG_INF)
             self.cache[seq] = lp - torch.logsumexp(lp, -1)
         return self.cache[seq]
+
+    def end_ok(self, seq: tuple[int, ...]) -> bool:
+        """Whether the text may end after ``seq`` (a canonical sequence): on a character boundary."""
+        return tail_state(b"".join(self.v.table[t] for t in seq)) == 0
 
     def text_logprob(self, text: str) -> float:
         """log P(canonical encoding of text, then end of text) under the canonical token model."""
@@ -152,6 +156,11 @@ class Reference:
 
     def next_symbols(self, x: bytes) -> torch.Tensor:
         """Next-symbol log-probabilities after x, from every cover found by depth-first search."""
+        acc = self.cover_sums(x)
+        return torch.log(acc / acc.sum())
+
+    def cover_sums(self, x: bytes) -> torch.Tensor:
+        """[257] probabilities of x followed by each symbol (unnormalised), summed over covers."""
         acc = torch.zeros(257, dtype=torch.float64)
 
         def visit(seq: tuple[int, ...], mass: float, pos: int) -> None:
@@ -170,7 +179,7 @@ class Reference:
                     acc[b[len(x) - pos]] += math.exp(m)
 
         visit((), 0.0, 0)
-        return torch.log(acc / acc.sum())
+        return acc
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:

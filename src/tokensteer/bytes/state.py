@@ -14,6 +14,11 @@ node, computed with one forward pass of the changed tokens on the session's KV c
 back to the common prefix, ``extend`` the rest). Probabilities are those of the model restricted
 to canonical sequences: at each node the likeliest tokens (``ByteOptions``) are checked and the
 non-canonical ones removed, then renormalised.
+
+A tokenizer that writes a dummy prefix space before every text (Llama 2's SentencePiece) spells
+" " + text: the state runs on that, with the space given (``hidden``). The first token must start
+with it, no fixed boundary falls inside or right after it, and the empty text ends with the
+start row's end-of-text probability (its encoding is no tokens, not "▁").
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class ByteState:
 
     def _start(self, data: bytes) -> None:
         """Prefill the prompt up to its last fixed boundary, then feed the rest byte by byte."""
+        self.hidden = len(self.v.prefix)  # bytes the tokenizer writes before the text, never predicted
+        data = self.v.prefix + data
         p = self._initial_boundary(data)
         self.text = bytearray(data[:p])
         self.p = p
@@ -101,7 +108,8 @@ class ByteState:
     def logprobs(self) -> torch.Tensor:
         """[257] float64 log-probabilities of the next byte (0–255) and of END (index 256)."""
         if self._cache is None:
-            self._cache = next_logprobs(self.v, self.nodes.values(), bytes(self.text), self.step, self._complete(len(self.text)))
+            end = self.nodes[()] if len(self.text) == self.hidden > 0 else self.step  # the empty text: no tokens, then the end
+            self._cache = next_logprobs(self.v, self.nodes.values(), bytes(self.text), end, self._complete(len(self.text)))
         return self._cache
 
     def push(self, byte: int) -> None:
@@ -111,7 +119,7 @@ class ByteState:
         self.text.append(byte)
         L = len(self.text)
         self._cache = None
-        if not self.v.spans_boundary(self.text, L - 1) and L - 1 > self.p:
+        if not self.v.spans_boundary(self.text, L - 1) and L - 1 > max(self.p, self.hidden):
             self.safe.add(L - 1)
         for n in self.nodes.values():
             if n.lo < n.hi:
@@ -188,6 +196,10 @@ class ByteState:
         """A node from the model's logits after ``toks``: non-canonical next tokens removed."""
         lp = torch.log_softmax(logits.float(), -1)
         banned = self.v.banned if self._complete(pos) else self.v.banned_all
+        if self.hidden and pos == 0:
+            banned = self.v.banned_first  # the first token starts with the dummy prefix
+        elif self.hidden and pos == self.hidden:
+            banned = self.v.banned_all  # the prefix alone is not a text: the empty one has no tokens
         removed = torch.exp(lp[banned].double()).sum()  # normalised, so what is left is 1 - removed
         lp[banned] = NEG_INF
         n_allowed = len(self.v.sorted)
@@ -216,7 +228,7 @@ class ByteState:
     def _initial_boundary(self, data: bytes) -> int:
         """The last position of the prompt no token can straddle, on a character boundary; the
         text after it is fed byte by byte."""
-        for q in range(len(data) - 1, 0, -1):
+        for q in range(len(data) - 1, self.hidden, -1):
             if tail_state(data[:q]) == 0 and not self.v.spans_boundary(data, q):
                 return q
         return 0

@@ -2,7 +2,8 @@
 contiguous range (found by bisection), with a padded byte matrix for vectorised sums by next byte.
 
 Built once per tokenizer and cached. Tokens with no bytes (control tokens) can never be part of a
-text; the end-of-text ids are kept apart.
+text; the end-of-text ids are kept apart. ``encode`` and ``prefix`` say how the tokenizer spells
+text (``tokensteer.bytes.spelling``: a Llama 2-style dummy prefix space is taken off).
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ import bisect
 import json
 import re
 import weakref
-from typing import Callable, Sequence
-
 import torch
 
 from tokensteer.backends.base import Backend, Tokenizer
+from tokensteer.bytes.spelling import spelling
 from tokensteer.bytes.utf8 import tail_state
 from tokensteer.errors import UserError
-
-#: texts whose encoding must spell them back byte for byte (no dummy prefix, no normalisation)
-PROBES = ("a", " a  b\n\tc", "Hello, world! Café naïve — 東京 😀 x1234")
 
 _CACHE: "weakref.WeakKeyDictionary[Tokenizer, ByteVocab]" = weakref.WeakKeyDictionary()
 
@@ -66,18 +63,15 @@ def token_table(tok: Tokenizer, n: int) -> list[bytes]:
     table = _hf_table(tok, n)
     if table is not None:
         sample = list(range(min(n, 600))) + list(range(600, n, max(1, n // 3000)))
-        if all(table[i] == tok.token_bytes(i) for i in sample):
+        if all(_agrees(table[i], tok.token_bytes(i)) for i in sample):
             return table
     return [tok.token_bytes(i) for i in range(n)]
 
 
-def make_encoder(tok: Tokenizer) -> Callable[[Sequence[str]], list[list[int]]]:
-    """Encode texts without special tokens, through the Rust tokenizer when there is one."""
-    hf = getattr(tok, "hf", None)
-    fast = getattr(hf, "backend_tokenizer", None)
-    if fast is not None:
-        return lambda texts: [fast.encode(t, add_special_tokens=False).ids for t in texts]
-    return lambda texts: [tok.encode(t, add_bos=False) for t in texts]
+def _agrees(piece: bytes, decoded: bytes) -> bool:
+    """Whether a vocabulary piece's bytes match a token's decoded bytes: a decoder that strips the
+    dummy prefix space (Llama 2's) may drop the first space of a lone "▁…" token."""
+    return piece == decoded or (piece[:1] == b" " and piece[1:] == decoded)
 
 
 class ByteVocab:
@@ -86,9 +80,10 @@ class ByteVocab:
     def __init__(self, tok: Tokenizer, width: int) -> None:
         self.tok = tok
         self.width = width  # logits per row (may exceed the tokenizer's vocabulary)
-        self.encode = make_encoder(tok)
         self.table = token_table(tok, min(width, tok.vocab_size))
         self.table += [b""] * (width - len(self.table))
+        spell = spelling(tok, self.table)
+        self.encode, self.prefix, self.problem = spell.encode, spell.prefix, spell.problem
         self.eos = sorted(i for i in tok.eos_ids if i < width)
         eos = set(self.eos)
         ids = [i for i, b in enumerate(self.table) if b and i not in eos]
@@ -112,6 +107,9 @@ class ByteVocab:
         self.banned = torch.nonzero(~self.allowed & ~eos_at).flatten()  # on a character boundary
         self.first_of_id = torch.full((width,), 256, dtype=torch.long)  # 256: no byte (control tokens, end of text)
         self.first_of_id[self.order] = self.cols[0].long()
+        # a dummy prefix: the first token of a text starts with it (the empty text is no tokens)
+        unprefixed = self.allowed & (self.first_of_id != self.prefix[0]) if self.prefix else torch.zeros(width, dtype=torch.bool)
+        self.banned_first = torch.nonzero((~self.allowed & ~eos_at) | unprefixed).flatten()
         self.start = self._start_tokens()
         self.pure = pure_bpe(tok)
         self._self_ok: dict[int, bool] = {}
@@ -176,8 +174,9 @@ class ByteVocab:
 
 def pure_bpe(tok: Tokenizer) -> bool:
     """Whether the tokenizer is BPE over the whole text (no pre-tokenizer that splits it; Gemma's
-    split on " " never matches once spaces are "▁"). Then a merge can only cross the end of a text
-    where some token spans it, which lets most canonicality checks be skipped."""
+    split on " " never matches once spaces are "▁", and Llama 2's Metaspace does not split). Then a
+    merge can only cross the end of a text where some token spans it, which lets most
+    canonicality checks be skipped."""
     fast = getattr(getattr(tok, "hf", None), "backend_tokenizer", None)
     if fast is not None:
         if type(fast.model).__name__ != "BPE":
@@ -185,29 +184,23 @@ def pure_bpe(tok: Tokenizer) -> bool:
         pre, norm = fast.pre_tokenizer, fast.normalizer
         if pre is None:
             return True
+        spec = json.loads(pre.__getstate__())
+        if spec.get("type") == "Metaspace":
+            return spec.get("split") is False
         replaces = norm is not None and json.loads(norm.__getstate__()) == {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
-        return replaces and json.loads(pre.__getstate__()).get("pattern") == {"String": " "}
-    vocab = getattr(tok, "_vocab", None)
-    if vocab is not None:  # llama.cpp: SentencePiece-style merges, no pre-tokenizer
-        import llama_cpp
-
-        return int(llama_cpp.llama_vocab_type(vocab)) == int(llama_cpp.LLAMA_VOCAB_TYPE_SPM)
-    return False
+        return replaces and spec.get("pattern") == {"String": " "}
+    # llama.cpp: SentencePiece-style merges, no pre-tokenizer
+    return getattr(tok, "vocab_type", None) == "spm"
 
 
 def byte_vocab(lm: Backend, width: int | None = None) -> ByteVocab:
     """The cached ByteVocab of ``lm``'s tokenizer; refuses tokenizers whose encoding does not spell
-    the text back (a SentencePiece dummy prefix, normalisation), which byte-level covers assume."""
+    the text back (normalisation), which byte-level covers assume."""
     tok = lm.tokenizer
     v = _CACHE.get(tok)
     if v is None or (width is not None and v.width != width):
         v = ByteVocab(tok, width or tok.vocab_size)
-        for s in PROBES:
-            got = b"".join(v.table[i] for i in v.encode([s])[0])
-            if got != s.encode("utf-8"):
-                raise UserError(
-                    f"byte-level probabilities need a tokenizer that spells text back byte for byte; {lm.model_name}'s "
-                    f"turns {s!r} into {got.decode('utf-8', 'replace')!r} (a dummy prefix space or normalisation)"
-                )
+        if v.problem:
+            raise UserError(f"byte-level probabilities need a tokenizer that spells text back byte for byte; {lm.model_name}'s {v.problem}")
         _CACHE[tok] = v
     return v

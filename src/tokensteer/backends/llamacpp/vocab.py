@@ -15,6 +15,13 @@ import llama_cpp
 from tokensteer.backends.base import MARKER, Tokenizer
 from tokensteer.errors import UserError
 
+#: llama.cpp's ``enum llama_vocab_type``, by name
+VOCAB_TYPES = {
+    int(getattr(llama_cpp, f"LLAMA_VOCAB_TYPE_{n.upper()}")): n
+    for n in ("none", "spm", "bpe", "wpm", "ugm", "rwkv", "plamo2")
+    if hasattr(llama_cpp, f"LLAMA_VOCAB_TYPE_{n.upper()}")
+}
+
 
 class LlamaTokenizer(Tokenizer):
     """Tokenize and detokenize with the vocabulary stored in the GGUF file."""
@@ -28,6 +35,13 @@ class LlamaTokenizer(Tokenizer):
         self.eos_ids = frozenset(t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, t))
         self._pieces: dict[int, bytes] = {}
         self._special: frozenset[int] | None = None
+
+    @property
+    def vocab_type(self) -> str:
+        """The tokenizer's algorithm as llama.cpp names it: "spm" (SentencePiece-style BPE with byte
+        fallback), "bpe" (byte-level BPE), "wpm", "ugm", "rwkv", "plamo2", or "none"."""
+        self._check_open()
+        return VOCAB_TYPES.get(int(llama_cpp.llama_vocab_type(self._vocab)), "none")
 
     @property
     def special_ids(self) -> frozenset[int]:
