@@ -194,6 +194,9 @@ def token_table(tok: Tokenizer) -> TokenTable:
             _write(path, tokens)
         except OSError:
             pass  # a read-only cache only costs time
+    # special tokens write no text, whatever a cache written by an older version says
+    special = set(getattr(tok, "special_ids", ())) - set(tok.eos_ids)
+    tokens = [b"" if i in special else t for i, t in enumerate(tokens)]
     table = TokenTable(tokens, tok.eos_ids)
     _tables[tok] = table
     return table
