@@ -5,8 +5,11 @@ passage most similar to the question pasted before it (top-1); REPLUG ``R(k=K)``
 the retrieval's recall (the question's own document among the K passages). Cost: median decode
 seconds per token of plain decoding and of each configuration, interleaved round after round on
 one question, generating a fixed number of tokens; the figure is their ratio. ``R(k=K)`` alone
-reads only its passage rows, so the output layer skips the prompt's own row; ``k4-unfused`` times
-the same formula with every row through the output layer. ``--formulas`` adds formulas with R terms
+reads only its passage rows, so the prompt's own row is not decoded at all (K rows); ``k4-unfused``
+times the same formula with every row (1 + K) through the blocks and the output layer, and
+``k4-every8`` re-retrieves every 8 tokens (a side session of K rows beside the prompt's row, and a
+new prefill whenever the passages change). Beside each cost, the time to the first token (query
+embedding, search and prefill of the passage rows) against plain decoding's. ``--formulas`` adds formulas with R terms
 (by default ``R(k=4) - 0.3*M``, the mixture pushed away from the model without documents), measured
 the same way. Target: k=4 ≥ 85 % at ≤ 1.6× plain decoding's cost per token. The last line is one
 JSON object.
@@ -21,6 +24,8 @@ import json
 import statistics
 import time
 
+import torch
+
 import tokensteer as ts
 from tokensteer.eval.tasks import get_task
 from tokensteer.formula.ast import Retrieve
@@ -29,7 +34,8 @@ from tokensteer.retrieval import open_store
 from tokensteer.retrieval.term import with_passage
 from tokensteer.sampling import SamplingConfig
 
-BATCH = 8  # questions per batched generation (k = 8 gives 72 rows)
+BATCH = 8  # questions per batched generation (k = 8 gives 64 rows)
+EVERY = 8  # tokens between re-retrievals in the cost table's re-retrieving configuration
 
 
 def answers(lm, prompts: list[str], controls, max_tokens: int) -> list[str]:
@@ -65,9 +71,10 @@ def accuracy(lm, split: str, ks: list[int], tau: float, formulas: list[str], max
     return res
 
 
-def per_token(lm, prompt: str, controls, tokens: int) -> float:
+def per_token(lm, prompt: str, controls, tokens: int) -> tuple[float, float]:
+    """(decode seconds per token after the first, seconds to the first token: retrieval + prefill)."""
     g = ts.generate(lm, prompt, max_tokens=tokens, ignore_eos=True, controls=controls)
-    return g.decode_s / (len(g.tokens) - 1)
+    return g.decode_s / (len(g.tokens) - 1), g.prefill_s
 
 
 def cost(lm, ks: list[int], tau: float, formulas: list[str], rounds: int, tokens: int) -> dict:
@@ -79,20 +86,25 @@ def cost(lm, ks: list[int], tau: float, formulas: list[str], rounds: int, tokens
         configs[f"k{k}"] = (prompt, [FormulaControl(lm, Retrieve(k, tau), docs=store)])
     if 4 in ks:
         configs["k4-unfused"] = (prompt, [FormulaControl(lm, Retrieve(4, tau), docs=store, fuse=False)])
+        configs[f"k4-every{EVERY}"] = (prompt, [FormulaControl(lm, Retrieve(4, tau, EVERY), docs=store)])
     for f in formulas:
         configs[f] = (prompt, [FormulaControl(lm, f, docs=store)])
     for p, c in configs.values():  # warm-up: contexts, kernels, the query embedding
         per_token(lm, p, c, 4)
     times: dict[str, list[float]] = {name: [] for name in configs}
+    firsts: dict[str, list[float]] = {name: [] for name in configs}
     for r in range(rounds):
         for name, (p, c) in configs.items():
-            times[name].append(per_token(lm, p, c, tokens))
-        print(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()), flush=True)
-    plain = statistics.median(times["plain"])
-    out = {"plain_ms_per_token": round(plain * 1e3, 2)}
+            t, first = per_token(lm, p, c, tokens)
+            times[name].append(t)
+            firsts[name].append(first)
+        print(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms ({firsts[n][-1] * 1e3:.0f} ms first)" for n, t in times.items()), flush=True)
+    plain, plain_first = statistics.median(times["plain"]), statistics.median(firsts["plain"])
+    out = {"plain_ms_per_token": round(plain * 1e3, 2), "plain_ms_first_token": round(plain_first * 1e3, 1)}
     for name, t in times.items():
         if name != "plain":
             out[f"cost_{name}"] = round(statistics.median(t) / plain, 3)
+            out[f"first_token_{name}"] = round(statistics.median(firsts[name]) / plain_first, 2)
     return out
 
 
@@ -107,9 +119,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="only the first N questions of each split")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32, help="tokens per cost measurement")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch's intra-op threads (the mixture's arithmetic)")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     formulas = [f.strip() for f in args.formulas.split(";") if f.strip()]
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     t0 = time.perf_counter()
     lm = ts.load(None, backend=args.backend)
     result: dict = {"backend": lm.name, "tau": args.tau}
