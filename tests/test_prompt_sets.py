@@ -42,3 +42,16 @@ def test_unknown_names_are_files(name):
     assert shipped_prompt_file(name) is None
     with pytest.raises(UserError):
         get_task("sentiment-positive").items(name or "missing-file.txt")
+
+
+def test_report_gives_perplexity_and_distinct_ratios_against_none():
+    from tokensteer.eval.report import ratios, render_html
+
+    res = {"task": "sentiment-positive", "methods": {
+        "none": {"n": 2, "success_rate": 0.5, "perplexity": 10.0, "perplexity_median": 8.0, "distinct_2": 0.8},
+        "formula:positive": {"n": 2, "success_rate": 1.0, "perplexity": 15.0, "perplexity_median": 10.0, "distinct_2": 0.6},
+    }}
+    r = ratios(res)["formula:positive"]
+    assert r == {"ppl ÷ none": 1.5, "median ppl ÷ none": 1.25, "distinct-2 ÷ none": pytest.approx(0.75)}
+    assert "median ppl ÷ none" in render_html(res, [])
+    assert ratios({"methods": {"prompt": res["methods"]["none"]}}) == {}

@@ -107,14 +107,32 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
+RATIOS = [("perplexity", "ppl ÷ none"), ("perplexity_median", "median ppl ÷ none"), ("distinct_2", "distinct-2 ÷ none")]
+
+
+def ratios(results: dict) -> dict[str, dict[str, float | None]]:
+    """Each method's mean and median perplexity and distinct-2 over the ``none`` method's (the
+    uncontrolled text); empty when the run has no ``none``."""
+    base = results["methods"].get("none")
+    if not base:
+        return {}
+    out = {}
+    for name, m in results["methods"].items():
+        out[name] = {h: (m[k] / base[k] if m.get(k) is not None and base.get(k) else None) for k, h in RATIOS}
+    return out
+
+
 def _table(results: dict) -> str:
     methods = results["methods"]
     extra = sorted({k for m in methods.values() for k in m if k not in SKIP})
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["method", *(h for _, h in COLUMNS), *extra])
+    rel = ratios(results)
+    rel_heads = [h for _, h in RATIOS] if rel else []
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["method", *(h for _, h in COLUMNS), *rel_heads, *extra])
     rows = []
     for name, m in methods.items():
         cells = [f"<td><code>{html.escape(name)}</code></td>"]
         cells += [f"<td>{fmt(m.get(k))}</td>" for k, _ in COLUMNS]
+        cells += [f"<td>{fmt(rel[name][h])}</td>" for h in rel_heads]
         cells += [f"<td>{fmt(m.get(k))}</td>" for k in extra]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"

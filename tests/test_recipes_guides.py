@@ -1,0 +1,63 @@
+"""The word guides behind the sentiment and detox recipes: direction, saturation, the finished-text
+penalty, and that scores are log-probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokensteer.formula import guide_data, guide_words
+from tokensteer.formula.guides import GUIDES, WordGuide, get_guide
+from tokensteer.formula.recipes import RECIPES
+
+
+@pytest.mark.parametrize("name,good,bad", [
+    ("positive", "We had a wonderful time and everyone smiled", "We had a miserable time and everyone cried"),
+    ("negative", "The trip was a disaster and I regret it", "The trip was lovely and I enjoyed it"),
+    ("nontoxic", "He thanked his colleague politely", "He called his colleague a stupid idiot"),
+])
+def test_word_guides_point_towards_their_attribute(name, good, bad):
+    g = get_guide(name)
+    lp = g.logprob([good, bad])
+    assert lp[0] > lp[1]
+    assert torch.all(lp < 0)  # log-probabilities of the attribute
+
+
+def test_scores_are_log_sigmoids_of_the_logit_even_far_out():
+    g = WordGuide({"a": ["yes yes"], "b": ["no no"]}, "a")
+    g.weights = {"up": 500.0, "down": -500.0}
+    lp = g.logprob(["up", "down", "x"])
+    ref = torch.nn.functional.logsigmoid(torch.tensor([g.logit("up"), g.logit("down"), g.logit("x")]))
+    assert torch.isfinite(lp).all() and torch.allclose(lp, ref)
+
+
+def test_push_fades_once_the_text_has_the_attribute():
+    """A positive word moves a neutral text's score more than an already glowing one's."""
+    g = get_guide("positive")
+    neutral, glowing = "The bus arrived at noon and", "What a wonderful, happy, lovely and delightful day and"
+    d = [float(g.logprob([t + " great"])[0] - g.logprob([t])[0]) for t in (neutral, glowing)]
+    assert d[0] > d[1] > 0
+
+
+def test_finishing_a_neutral_text_costs_more_than_finishing_a_positive_one():
+    g = WordGuide(guide_data.SENTIMENT, "positive", {"positive": guide_words.words(guide_words.POSITIVE)}, finish=3.0)
+    cost = [float(g.logprob([t])[0] - g.logprob([t + "\n"])[0]) for t in ("The bus arrived.", "We loved it, a wonderful happy day.")]
+    assert cost[0] > cost[1] > 0
+    assert float(WordGuide(guide_data.SENTIMENT, "positive").logprob(["a.\n"])[0]) == pytest.approx(
+        float(WordGuide(guide_data.SENTIMENT, "positive").logprob(["a."])[0]))  # finish=0: a line break is no penalty
+
+
+def test_word_lists_hold_no_word_in_both_classes_of_a_guide():
+    for a, b in ((guide_words.POSITIVE, guide_words.NEGATIVE), (guide_words.POLITE, guide_words.TOXIC)):
+        assert not set(guide_words.words(a)) & set(guide_words.words(b))
+
+
+@pytest.mark.parametrize("name", ["positive", "negative", "detox"])
+def test_recipes_use_builtin_guides_and_a_base_nucleus(name):
+    text = RECIPES[name].formula()
+    assert text.startswith("nucleus(") and "C(" in text
+    guide = text.split('C("')[1].split('"')[0]
+    assert guide in GUIDES
+    assert math.isfinite(float(text.rsplit(",", 1)[1].rstrip(")")))
