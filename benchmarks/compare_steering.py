@@ -1,33 +1,39 @@
-"""tokensteer's steering vectors side by side with repeng and steering-vectors on the bundled model.
+"""tokensteer's default steering pipeline side by side with repeng and steering-vectors on the bundled model.
 
-Same pairs (the shipped sentiment set), same model, same layer, same evaluation: each library's
-direction for that layer is scaled to the layer's median residual norm, saved as a vector file and
-run through the eval suite itself (``sentiment-positive`` task: neutral prompts, VADER success,
-perplexity under the uncontrolled model) at the same relative strengths. Reports training time,
-whether training is bit-for-bit repeatable, agreement of directions, each dose-response curve and
-attribute success at matched perplexity (interpolated where a curve reaches ``--factor``).
-Last line: JSON.
+One eval run (``sentiment-positive`` task, VADER success, perplexity under the uncontrolled model)
+holds: no steering; the default CLI pipeline's vector exactly as ``tokensteer steer train`` +
+``tokensteer steer search`` left it (``--vec``: its layer, strength and guard); and, at the
+pipeline's layer and a sweep of strengths, the unguarded direction of each library trained on the
+same pairs (ours diffmean; repeng pca_diff / pca_center; steering-vectors' mean). Every direction
+is scaled to the layer's median residual norm, so strengths are comparable. Success is compared at
+matched perplexity: each library's curve is interpolated at the perplexity ratio the default
+pipeline reached (and at ``--factor``). Also reports training time, whether training is bit-for-bit
+repeatable and the directions' agreement. Last line: JSON.
 
 repeng 0.4.0 pins numpy<2 and steering-vectors 0.12.2 pins transformers<5, so they live beside
 the venv (``pip install --no-deps --target .bench-libs repeng==0.4.0 steering-vectors==0.12.2``);
 pass that folder with --libs. repeng 0.4.0 references ``np.float_`` (removed in numpy 2) in
 annotations, so we alias it to ``np.float64`` before importing it.
 
-    OMP_NUM_THREADS=1 TOKENSTEER_THREADS=1 .venv/bin/python benchmarks/compare_steering.py --libs .bench-libs [--prompts 40]
+    tokensteer steer train --pairs sentiment --out pos.safetensors && tokensteer steer search pos.safetensors
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare_steering.py --libs .bench-libs --vec pos.safetensors \\
+        --prompts openings_dev --out benchmarks/eval/sentiment-positive-steer-compare-dev
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import tokensteer as ts
-from tokensteer.steering import SteeringVector, load_pairs, save_vector, train_vector
+from tokensteer.steering import SteeringVector, load_pairs, load_vector, save_vector, train_vector
 
 
 def timed(fn):
@@ -42,40 +48,19 @@ def unit(v) -> torch.Tensor:
     return v / v.norm()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--libs", help="folder holding repeng and steering_vectors (installed with --no-deps --target)")
-    ap.add_argument("--pairs", type=int, default=64, help="how many sentiment pairs to train on")
-    ap.add_argument("--layer", type=int, default=11, help="the layer every library's vector is applied at (the search's choice)")
-    ap.add_argument("--prompts", type=int, default=40, help="first N prompts of the eval suite's sentiment-positive task")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--strengths", default="0.05,0.08,0.11,0.14", help="relative strengths (fraction of the layer's median residual norm)")
-    ap.add_argument("--factor", type=float, default=1.5, help="perplexity ratio at which success is compared")
-    ap.add_argument("--backend", default="llamacpp", help="backend that generates the continuations (vectors are trained on torch)")
-    ap.add_argument("--no-eval", action="store_true", help="only training time, repeatability and agreement")
-    a = ap.parse_args()
-    if a.libs:
-        sys.path.insert(0, a.libs)
-    np.float_ = np.float64  # repeng 0.4.0 annotations use the numpy-1 alias
-    lm = ts.load(None, backend="torch")
+def train_all(lm, ps, layer: int) -> tuple[dict, dict[str, torch.Tensor], SteeringVector]:
+    """Every library's direction at ``layer`` (unit length), training CPU time and repeatability."""
     model, tok = lm.model, lm.tokenizer.hf
-    ps = load_pairs("sentiment")
-    ps = type(ps)(ps.name, ps.pairs[: a.pairs], ps.source)
-    L = a.layer
-    out: dict = {"pairs": len(ps.pairs), "layer": L, "train_cpu_s": {}, "repeatable": {}, "cos_to_ours": {}, "errors": {}}
+    out: dict = {"train_cpu_s": {}, "repeatable": {}, "errors": {}}
     dirs: dict[str, torch.Tensor] = {}
-
-    # tokensteer: all layers, twice for the repeatability check
     for method in ("diffmean", "pca", "probe"):
         v1, t = timed(lambda: train_vector(lm, ps, method))
         v2 = train_vector(lm, ps, method)
         out["train_cpu_s"][f"tokensteer-{method}"] = t
         out["repeatable"][f"tokensteer-{method}"] = all(torch.equal(v1.vectors[i], v2.vectors[i]) for i in v1.vectors)
-        dirs[f"tokensteer-{method}"] = unit(v1.vectors[L])
+        dirs[f"tokensteer-{method}"] = unit(v1.vectors[layer])
         if method == "diffmean":
             ours = v1
-    median = ours.meta["stats"][str(L)]["median_norm"]
-
     try:
         from repeng import ControlVector, DatasetEntry
 
@@ -85,10 +70,9 @@ def main() -> None:
             cv2 = ControlVector.train(model, tok, data, method=method)
             out["train_cpu_s"][f"repeng-{method}"] = t
             out["repeatable"][f"repeng-{method}"] = all(np.array_equal(cv.directions[i], cv2.directions[i]) for i in cv.directions)
-            dirs[f"repeng-{method}"] = unit(cv.directions[L])
+            dirs[f"repeng-{method}"] = unit(cv.directions[layer])
     except Exception as e:  # report exactly why it could not run
         out["errors"]["repeng"] = f"{type(e).__name__}: {e}"
-
     try:
         from steering_vectors import train_steering_vector
 
@@ -97,59 +81,96 @@ def main() -> None:
         sv2 = train_steering_vector(model, tok, samples, show_progress=False)
         out["train_cpu_s"]["steering-vectors-mean"] = t
         out["repeatable"]["steering-vectors-mean"] = all(torch.equal(sv.layer_activations[i], sv2.layer_activations[i]) for i in sv.layer_activations)
-        dirs["steering-vectors-mean"] = unit(sv.layer_activations[L].float())
-        out["save_load"] = {"steering-vectors": hasattr(sv, "save") or hasattr(sv, "to_file")}
+        dirs["steering-vectors-mean"] = unit(sv.layer_activations[layer].float())
     except Exception as e:
         out["errors"]["steering-vectors"] = f"{type(e).__name__}: {e}"
-
     ref = dirs["tokensteer-diffmean"]
     out["cos_to_ours"] = {k: float(v @ ref) for k, v in dirs.items()}
+    return out, dirs, ours
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--libs", help="folder holding repeng and steering_vectors (installed with --no-deps --target)")
+    ap.add_argument("--vec", required=True, help="the default pipeline's vector (`steer train` then `steer search`, no other flags)")
+    ap.add_argument("--prompts", default="openings_dev", help="prompt set of the eval (a shipped name such as openings_dev, or a file)")
+    ap.add_argument("--n", type=int, help="first N prompts only")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--strengths", default="0.1,0.15,0.2", help="the libraries' strengths (fraction of the layer's median residual norm)")
+    ap.add_argument("--dirs", default="tokensteer-diffmean,repeng-pca_diff,steering-vectors-mean", help="the directions evaluated (all are trained)")
+    ap.add_argument("--factor", type=float, default=1.5, help="perplexity ratio at which success is also compared")
+    ap.add_argument("--backend", default="llamacpp", help="backend that generates the continuations (vectors are trained on torch)")
+    ap.add_argument("--seed", type=int, default=0, help="the eval's base seed")
+    ap.add_argument("--out", help="folder for the eval run (results.json, report.html, the vectors); default: a temporary folder")
+    ap.add_argument("--no-eval", action="store_true", help="only training time, repeatability and agreement")
+    a = ap.parse_args()
+    if a.libs:
+        sys.path.insert(0, a.libs)
+    np.float_ = np.float64  # repeng 0.4.0 annotations use the numpy-1 alias
+    pipeline = load_vector(a.vec)
+    rec = pipeline.meta.get("recommended", {})
+    layer = rec["layers"][0]
+    ps = load_pairs(pipeline.meta["pairs"]["name"])
+    if ps.sha256 != pipeline.meta["pairs"].get("sha256"):
+        sys.exit(f"{a.vec} was trained on other pairs than the shipped {ps.name!r} set")
+    lm = ts.load(None, backend="torch")
+    out, dirs, ours = train_all(lm, ps, layer)
+    out |= {"pairs": len(ps.pairs), "layer": layer, "pipeline": {k: rec.get(k) for k in ("layers", "strength", "positions", "guard")}}
     if a.no_eval:
         print(json.dumps(out))
         return
     print(json.dumps(out), file=sys.stderr, flush=True)  # the training figures, in case the eval is cut short
-    out["eval"] = evaluate(a, ours, dirs, median)
+    out["eval"] = evaluate(a, pipeline, ours, dirs, layer)
     print(json.dumps(out))
 
 
-def evaluate(a, ours: SteeringVector, dirs: dict[str, torch.Tensor], median: float) -> dict:
-    """The eval suite's own run (sentiment-positive task, VADER, perplexity under the uncontrolled
-    model) for every direction at every strength, then attribute success at matched perplexity."""
+def evaluate(a, pipeline: SteeringVector, ours: SteeringVector, dirs: dict[str, torch.Tensor], layer: int) -> dict:
+    """One eval run of every direction at every strength plus the pipeline's own vector; success at matched perplexity."""
     import tempfile
-    from pathlib import Path
 
     from tokensteer.eval.runner import run
 
-    L = a.layer
-    gen_lm = ts.load(None, backend=a.backend)
+    folder = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="compare-steering-"))
+    vecs = folder / "vectors"
+    vecs.mkdir(parents=True, exist_ok=True)
+    median = ours.meta["stats"][str(layer)]["median_norm"]
     strengths = [float(x) for x in a.strengths.split(",")]
-    folder = Path(tempfile.mkdtemp(prefix="compare-steering-"))
-    methods, label = ["none"], {}
+    shutil.copyfile(a.vec, vecs / "pipeline.safetensors")
+    pipe = f"steer:{vecs / 'pipeline.safetensors'}"
+    methods, label = ["none", pipe], {}
     for name, d in dirs.items():
+        if name not in a.dirs.split(","):
+            continue
         meta = {k: v for k, v in ours.meta.items() if k not in ("recommended", "stats", "path")}
-        path = save_vector(SteeringVector({L: (d * median).float()}, meta | {"source": name}), folder / f"{name}.safetensors")
+        path = save_vector(SteeringVector({layer: (d * median).float()}, meta | {"source": name}), vecs / f"{name}.safetensors")
         for s in strengths:
             methods.append(f"steer:{path}@{s}")
             label[f"steer:{path}@{s}"] = (name, s)
-    res = run("sentiment-positive", methods, n=a.prompts, out=folder / "eval", lm=gen_lm, report=False,
+    gen_lm = ts.load(None, backend=a.backend)
+    res = run("sentiment-positive", methods, prompts=a.prompts, n=a.n, out=folder, lm=gen_lm, seed=a.seed,
               sampling=ts.SamplingConfig(max_tokens=a.tokens, temperature=1.0, top_p=0.9, stop=("\n",)),
               progress=lambda stage, done, total: print(f"{stage} {done}/{total}", file=sys.stderr, flush=True) if done == total else None)
     base = res["methods"]["none"]
-    ev: dict = {"backend": gen_lm.name, "prompts": res["n_prompts"], "tokens": a.tokens, "factor": a.factor,
-                "baseline": {"positive_rate": base["success_rate"], "perplexity": base["perplexity"]}, "curves": {},
-                "success_at_matched_ppl": {}, "best_within_factor": {}}
+    p = res["methods"][pipe]
+    matched = p["perplexity"] / base["perplexity"]
+    ev: dict = {"backend": gen_lm.name, "prompts": a.prompts, "n_prompts": res["n_prompts"], "tokens": a.tokens, "seed": a.seed,
+                "factor": a.factor, "baseline": {"positive_rate": base["success_rate"], "perplexity": base["perplexity"], "distinct_2": base["distinct_2"]},
+                "pipeline": {"positive_rate": p["success_rate"], "ppl_ratio": matched, "distinct_2": p["distinct_2"],
+                             "distinct_2_ratio": p["distinct_2"] / base["distinct_2"], "tok_s": p["tok_s"]},
+                "curves": {}, "success_at_pipeline_ppl": {}, "success_at_factor": {}, "best_within_factor": {}}
     for m, (name, s) in label.items():
         r = res["methods"][m]
         ev["curves"].setdefault(name, []).append(
-            {"strength": s, "positive_rate": r["success_rate"], "ppl_ratio": r["perplexity"] / base["perplexity"]})
+            {"strength": s, "positive_rate": r["success_rate"], "ppl_ratio": r["perplexity"] / base["perplexity"], "distinct_2": r["distinct_2"]})
     for name, curve in ev["curves"].items():
-        curve.sort(key=lambda p: p["strength"])
+        curve.sort(key=lambda q: q["strength"])
         pts = [{"strength": 0.0, "positive_rate": base["success_rate"], "ppl_ratio": 1.0}] + curve
-        ev["success_at_matched_ppl"][name] = at_ratio(pts, a.factor)
-        ok = [p["positive_rate"] for p in curve if p["ppl_ratio"] <= a.factor]
+        ev["success_at_pipeline_ppl"][name] = at_ratio(pts, matched)
+        ev["success_at_factor"][name] = at_ratio(pts, a.factor)
+        ok = [q["positive_rate"] for q in curve if q["ppl_ratio"] <= a.factor]
         ev["best_within_factor"][name] = max(ok) if ok else None
-        print(name, " ".join(f"{p['strength']}:{p['positive_rate']:.2f}/x{p['ppl_ratio']:.2f}" for p in curve), file=sys.stderr, flush=True)
+        print(name, " ".join(f"{q['strength']}:{q['positive_rate']:.2f}/x{q['ppl_ratio']:.2f}" for q in curve), file=sys.stderr, flush=True)
+    print(f"pipeline {ev['pipeline']['positive_rate']:.3f} at x{matched:.2f}; none {base['success_rate']:.3f}", file=sys.stderr, flush=True)
     return ev
 
 

@@ -30,6 +30,7 @@ Examples:
     add_completion=False,
 )
 
+DEFAULT_GUARD = 0.8  # the search's guard unless --guard says otherwise (RESULTS.md: unguarded doses that stay coherent miss the target)
 MODEL_HELP = "Local Hugging Face model folder or .gguf file (default: bundled Gemma 3 270M)."
 
 
@@ -119,7 +120,7 @@ def search(
     bisect_steps: int = typer.Option(3, help="Bisection steps after the doubling phase."),
     confidence: float = typer.Option(0.9, help="A dose passes when this one-sided bootstrap bound of its perplexity ratio is ≤ --factor (0.5: the plain estimate)."),
     positions: str = typer.Option("all", help="Positions steered: all, prompt or generated."),
-    guard: Optional[float] = typer.Option(None, help="Search with a guard: sample only within the unsteered model's top-p nucleus (e.g. 0.8); stronger doses stay fluent, each token costs a second forward. Saved with the recommendation."),
+    guard: float = typer.Option(DEFAULT_GUARD, help="Sample only within the unsteered model's top-p nucleus: stronger doses stay fluent on prompts the search never saw, each token costs a second forward. Saved with the recommendation; 0 searches without a guard."),
 ) -> None:
     """Pick layer and strength automatically and save the dose–response curve in the file and a plot.
 
@@ -127,12 +128,14 @@ def search(
     Coherence is the eval suite's perplexity of the steered text over the uncontrolled text's, on
     neutral prompts that are not the eval's, with a bootstrap bound so a lucky draw does not pass;
     the KL from the unsteered model and the text's distinct-2 (repetition) are bounded as well.
+    By default it searches with a guard (sampling within the unsteered model's top-0.8), which is
+    saved with the recommendation, so `--steer VEC` and `steer:VEC` apply it too.
 
     Examples:
 
       tokensteer steer search pos.safetensors --factor 1.5
 
-      tokensteer steer search pos.safetensors --guard 0.8
+      tokensteer steer search pos.safetensors --guard 0   (no guard: plain decoding cost, weaker doses)
 
       tokensteer steer search pos.safetensors --prompts 16 --tokens 16   (quicker, noisier)
     """
@@ -163,8 +166,9 @@ def search(
             raise UserError(f"--min-distinct is a fraction of the uncontrolled text's distinct-2, between 0 and 1; got {min_distinct}")
         if not 0 < confidence < 1:
             raise UserError(f"--confidence must be between 0 and 1, got {confidence}")
-        if guard is not None and not (math.isfinite(guard) and 0 < guard <= 1):
-            raise UserError(f"--guard is a top-p in (0, 1], got {guard}")
+        if not (math.isfinite(guard) and 0 <= guard <= 1):
+            raise UserError(f"--guard is a top-p in (0, 1], or 0 for none; got {guard}")
+        guard = guard or None
     vader = v.meta.get("pairs", {}).get("name") == "sentiment"
     needs = {RESIDUAL_ADD if positions == "all" else RESIDUAL_FN} | (set() if vader else {HIDDEN_STATES})
     lm = load_model(model, backend, "float32", frozenset(needs))
