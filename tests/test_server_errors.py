@@ -182,6 +182,10 @@ class FakeJob:
         yield TokenEvent(0, 5, "hi", -0.1)
         raise self.error
 
+    async def batches(self):
+        async for ev in self.events():
+            yield [ev]
+
     def record(self, ev):
         return None
 

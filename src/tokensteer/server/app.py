@@ -43,6 +43,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     max_batch_rows: int = 32
     kv_select: KVSelectConfig | None = None  # TokenSelect for requests that do not name their own (serve --kv-select)
+    stream_interval: float = 0.0  # seconds a stream's write may wait for more tokens (serve --stream-interval)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ServerContext:
     lock: threading.Lock = field(default_factory=threading.Lock)
     engines: Engines | None = None  # the engine per kv_select setting (``engine`` for the server's own)
     stores: Stores = field(default_factory=lambda: Stores(None))  # document stores for tokensteer.retrieve
+    stream_interval: float = 0.0  # see Settings
     closed: bool = False
 
 
@@ -89,6 +91,7 @@ def create_app(lm: Backend, settings: Settings | None = None, engine: Engine | N
     ctx = ServerContext(lm, engine, lim, Vectors(settings.vectors), settings.api_key or None, Metrics(), Gate(lim.max_concurrent), lm.model_name)
     ctx.engines = Engines(lm, engine, settings.max_batch_rows, lim.max_concurrent)
     ctx.stores = Stores(settings.stores)
+    ctx.stream_interval = settings.stream_interval
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield

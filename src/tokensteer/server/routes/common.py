@@ -48,15 +48,16 @@ def sampling(req: Sampling, max_tokens: int, top_logprobs: int, stops: tuple[str
 
 async def stream(job: Job, heads: list[dict], chunk: Callable, tail: Callable | None) -> AsyncIterator[bytes]:
     """SSE frames: ``heads`` first, then ``chunk(ev, trace)`` per event (None sends nothing), then
-    ``tail()`` (the usage chunk) if given. An error mid-stream becomes a frame holding the error
-    object; the stream always ends with [DONE]. Closing it early cancels the request."""
+    ``tail()`` (the usage chunk) if given. Events that are ready together go out in one write
+    (see ``Job.batches``). An error mid-stream becomes a frame holding the error object; the
+    stream always ends with [DONE]. Closing it early cancels the request."""
     try:
-        for head in heads:
-            yield frame(head)
-        async for ev in job.events():
-            out = chunk(ev, job.record(ev))
-            if out is not None:
-                yield frame(out)
+        if heads:
+            yield b"".join(frame(head) for head in heads)
+        async for batch in job.batches():
+            frames = [frame(out) for ev in batch if (out := chunk(ev, job.record(ev))) is not None]
+            if frames:
+                yield b"".join(frames)
         if tail is not None:
             yield frame(tail())
     except Exception as e:  # noqa: BLE001 - the client gets the error object, the log the traceback
