@@ -108,3 +108,16 @@ def test_eval_cli_longcontext(tiny_dir, tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["kv_select"].startswith("k=8,") and set(res["summary"]["480"]["tasks"]) == {"passkey"}
     assert "longcontext" in r.output and "480" in r.output
+    kept = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [k["dense_text"] for k in kept] == [k["dense_text"] for k in res["records"]] and len(kept) == 1
+
+
+def test_runs_spread_depths_and_interleave_tasks(tiny_dir):
+    from tokensteer.longcontext.run import spread
+
+    assert [spread(i) for i in range(4)] == [0.0, 0.5, 0.25, 0.75]
+    lm = ts.load(str(tiny_dir), backend="torch")
+    seen = []
+    res = evaluate(lm, KVSelectConfig(k=8, local=8, init=2, chunk=64), ["passkey", "niah_single"], [480], 2, on_record=seen.append)
+    assert [(r["task"], r["depth"]) for r in seen] == [("passkey", 0.25), ("niah_single", 0.25), ("passkey", 0.75), ("niah_single", 0.75)]
+    assert seen == res["records"]

@@ -65,9 +65,16 @@ def run_task(tasks: list[str], lengths: str | None, n: int | None, kv_select: st
         def progress(stage: str, done: int, total: int) -> None:
             bar.update(job, description=stage, completed=done, total=total)
 
-        res = evaluate(lm, cfg, tasks, sizes, n or 1, seed, progress)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "records.jsonl"  # each sample as it is scored: a long run stopped early keeps its samples
+        partial.write_text("", "utf-8")
+
+        def keep(record: dict) -> None:
+            with partial.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+        res = evaluate(lm, cfg, tasks, sizes, n or 1, seed, progress, keep)
     (folder / "results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n", "utf-8")
     print_summary(res["summary"], console)
     return res

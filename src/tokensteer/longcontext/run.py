@@ -137,22 +137,37 @@ def evaluate(
     n: int = 1,
     seed: int = 0,
     progress: Progress | None = None,
+    on_record: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Score dense and selected attention on ``n`` samples of each task at each length."""
+    """Score dense and selected attention on ``n`` samples of each task at each length. Samples run
+    round by round (every task and length, then the next depth, spread out), so an eval stopped
+    early has scored every task at depths across the prompt; ``on_record`` gets each record as it is made."""
     if "kv_select" not in getattr(lm, "capabilities", ()):
         raise UserError("the longcontext task compares dense and selected attention on the torch backend; use --backend torch")
     trained = getattr(lm, "trained", None)
     if trained and not kv.extrapolate and max(lengths) > trained:
         raise UserError(f"length {max(lengths)} is past the {trained} tokens {lm.model_name} was trained to; add extrapolate=on to --kv-select")
     samples = make_samples(tasks, lengths, n, lm.tokenizer.encode, seed)
+    samples = [samples[j] for j in sorted(range(len(samples)), key=lambda j: (spread(j % n), j))]
     records = []
     for i, s in enumerate(samples):
         if progress:
             progress(f"{s.task} @ {s.length}", i, len(samples))
         records.append(compare(lm, s, kv))
+        if on_record is not None:
+            on_record(records[-1])
     if progress:
         progress("done", len(samples), len(samples))
     return {"kv_select": kv.spec(), "model": lm.model_name, "n_per_task": n, "records": records, "summary": summarize(records)}
+
+
+def spread(i: int) -> float:
+    """Sample ``i``'s place in the run order: its bits reversed as a binary fraction, so the first
+    samples of any run have needle depths spread across the prompt (0, 1/2, 1/4, 3/4, …)."""
+    f, half = 0.0, 0.5
+    while i:
+        f, i, half = f + half * (i & 1), i >> 1, half / 2
+    return f
 
 
 def compare(lm, s: Sample, kv: KVSelectConfig) -> dict[str, Any]:
