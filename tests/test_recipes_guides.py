@@ -61,3 +61,35 @@ def test_recipes_use_builtin_guides_and_a_base_nucleus(name):
     guide = text.split('C("')[1].split('"')[0]
     assert guide in GUIDES
     assert math.isfinite(float(text.rsplit(",", 1)[1].rstrip(")")))
+
+
+@pytest.mark.parametrize("name", ["positive", "negative", "detox"])
+def test_default_recipes_run_one_row_and_alpha_adds_the_experts(name):
+    from tokensteer.formula.fusion import prefixes_of
+    from tokensteer.formula.parser import parse
+
+    assert prefixes_of(parse(name).root) == []  # the guide alone: plain decoding's one row
+    assert len(prefixes_of(parse(f"{name}(alpha=2)").root)) == 2  # DExperts: expert and anti-expert rows
+    assert 'k=40' in RECIPES[name].formula()
+
+
+def test_recipe_guide_k_must_be_whole():
+    from tokensteer.formula.parser import FormulaError, parse
+
+    assert "k=12" in str(parse("positive(k=12)").root)
+    with pytest.raises(FormulaError):
+        parse("positive(k=20.5)")
+
+
+def test_recipes_move_the_tiny_models_text_the_guides_way(tiny):
+    """On a random tiny model the guide is the only signal: the recipe must raise the guide's score
+    of what is generated over plain sampling, prompt for prompt, seed for seed."""
+    import tokensteer as ts
+    from tokensteer.formula import FormulaControl
+
+    prompts = ["the cat sat", "one two three", "a b c", "the dog"] * 3
+    g = get_guide("positive")
+    plain = ts.generate(tiny, prompts, max_tokens=6, ignore_eos=True, seed=1)
+    steered = ts.generate(tiny, prompts, max_tokens=6, ignore_eos=True, seed=1, controls=[FormulaControl(tiny, "positive(guide=64, p=1)")])
+    score = lambda gens: float(g.logprob([p + x.text for p, x in zip(prompts, gens)]).mean())
+    assert score(steered) > score(plain)

@@ -92,9 +92,12 @@ class WordGuide:
         return torch.tensor([min(x, 0.0) - math.log1p(math.exp(-abs(x))) for x in z], dtype=torch.float32)
 
 
+#: log-odds the sentiment guides take off a finished text (see ``WordGuide``); chosen on the dev openings
+FINISH = 3.0
+
 GUIDES: dict[str, Callable[[], Scorer]] = {
-    "positive": lambda: WordGuide(guide_data.SENTIMENT, "positive", _lists("POSITIVE", "NEGATIVE")),
-    "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", _lists("POSITIVE", "NEGATIVE")),
+    "positive": lambda: WordGuide(guide_data.SENTIMENT, "positive", _lists("POSITIVE", "NEGATIVE"), finish=FINISH),
+    "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", _lists("POSITIVE", "NEGATIVE"), finish=FINISH),
     "nontoxic": lambda: WordGuide(guide_data.CIVILITY, "nontoxic", _lists("POLITE", "TOXIC")),
     "formal": lambda: TextClassifierGuide(guide_data.REGISTER, "formal"),
     "informal": lambda: TextClassifierGuide(guide_data.REGISTER, "informal"),

@@ -19,8 +19,8 @@ NEGATIVE = "The following is a bleak, sad and depressing story full of misery an
 TOXIC = "The following is a hateful, rude and obscene rant full of insults and swear words.\n\n"
 CLEAN = "The following is a polite, kind and respectful text.\n\n"
 FORMAL = "The following is an excerpt from a formal academic report.\n\n"
-# sentiment recipes' defaults, tuned on a development set of openers kept apart from the eval's prompts
-ALPHA, BETA, NUCLEUS = 8.0, 8.0, 0.8
+# sentiment recipes' defaults, tuned on openings_dev only (openings_test is for reporting)
+ALPHA, BETA, NUCLEUS, GUIDE_K = 0.0, 16.0, 0.8, 40.0
 TEXT_PARAMS = frozenset({"text", "expert", "anti"})
 INFORMAL = "lol ok so here's what happened, super casual chat msg:\n\n"
 
@@ -89,10 +89,13 @@ def _n(v: object) -> str:
     return fmt_num(float(v)) if isinstance(v, (int, float)) else str(v)
 
 
-def _dexperts(expert: str, anti: str, alpha: object, p: object, guide: str | None = None, beta: object = 0) -> str:
-    body = f"M + {_n(alpha)}*(M({_q(expert)}) - M({_q(anti)}))"
+def _dexperts(expert: str, anti: str, alpha: object, p: object, guide: str | None = None, beta: object = 0, k: object = None) -> str:
+    """DExperts inside the base nucleus, plus a guide term; α = 0 leaves the expert rows out (one
+    row per token: the guide alone steers, at about the cost of plain decoding)."""
+    body = "M" if isinstance(alpha, (int, float)) and float(alpha) == 0 else f"M + {_n(alpha)}*(M({_q(expert)}) - M({_q(anti)}))"
     if guide and float(beta) != 0:
-        body += f" + {_n(beta)}*C({fmt_str(guide)})"
+        kk = f", k={_n(k)}" if k is not None else ""
+        body += f" + {_n(beta)}*C({fmt_str(guide)}{kk})"
     return f"nucleus({body}, {_n(p)})"
 
 
@@ -101,25 +104,27 @@ RECIPES: dict[str, Recipe] = {
     for r in [
         Recipe(
             "positive",
-            "Positive sentiment: DExperts with a cheerful vs a bleak conditioning text, kept inside the "
-            "base model's top-p nucleus, plus the offline sentiment guide. The nucleus is tighter than "
-            "DExperts' 0.9 (tuned on benchmarks/data/sentiment_dev.jsonl) so the strong push stays "
-            "among tokens the base model finds likely, which keeps perplexity near the uncontrolled one.",
-            (("alpha", ALPHA), ("guide", BETA), ("p", NUCLEUS)),
-            lambda alpha, guide, p: _dexperts(POSITIVE, NEGATIVE, alpha, p, "positive", guide),
+            "Positive sentiment: the base model inside its own top-p nucleus, rescored by the offline "
+            "positive guide on the 40 likeliest candidates (a word-level classifier that also weighs "
+            "against ending a passage before it is positive). Plain decoding's one row per token; "
+            "alpha > 0 adds DExperts rows (a cheerful vs a bleak conditioning text). Defaults chosen "
+            "on the dev openings only.",
+            (("alpha", ALPHA), ("guide", BETA), ("p", NUCLEUS), ("k", GUIDE_K)),
+            lambda alpha, guide, p, k: _dexperts(POSITIVE, NEGATIVE, alpha, p, "positive", guide, k),
         ),
         Recipe(
             "negative",
             "Negative sentiment: the mirror image of positive (same weights and nucleus).",
-            (("alpha", ALPHA), ("guide", BETA), ("p", NUCLEUS)),
-            lambda alpha, guide, p: _dexperts(NEGATIVE, POSITIVE, alpha, p, "negative", guide),
+            (("alpha", ALPHA), ("guide", BETA), ("p", NUCLEUS), ("k", GUIDE_K)),
+            lambda alpha, guide, p, k: _dexperts(NEGATIVE, POSITIVE, alpha, p, "negative", guide, k),
         ),
         Recipe(
             "detox",
-            "Less toxic text: the base model pushed away from a hateful-rant conditioning text and "
-            "towards a polite one (DExperts, α=2), inside the base nucleus, plus the offline civility guide.",
-            (("alpha", 2.0), ("guide", 1.0), ("p", 0.9)),
-            lambda alpha, guide, p: _dexperts(CLEAN, TOXIC, alpha, p, "nontoxic", guide),
+            "Less toxic text: the base model inside its nucleus, rescored by the offline civility guide "
+            "(insults and swear words weigh heavily against) on the 40 likeliest candidates; alpha > 0 "
+            "adds DExperts rows (a polite vs a hateful-rant conditioning text).",
+            (("alpha", 0.0), ("guide", 8.0), ("p", 0.9), ("k", GUIDE_K)),
+            lambda alpha, guide, p, k: _dexperts(CLEAN, TOXIC, alpha, p, "nontoxic", guide, k),
         ),
         Recipe(
             "formal",
