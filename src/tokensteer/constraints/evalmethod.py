@@ -41,6 +41,8 @@ class RowView:
     step = property(lambda self: self._s.step)
     max_tokens = property(lambda self: self._s.max_tokens)
     stop = property(lambda self: self._s.stop)
+    cfg = property(lambda self: self._s.cfg)
+    generators = property(lambda self: self._s.generators[self._b : self._b + 1])
     rows = property(lambda self: None if self._s.rows is None else self._s.rows[self._b : self._b + 1])
 
 

@@ -3,8 +3,9 @@ contradictions before any decoding starts, then built into Controls for a loaded
 
 Spec keys (YAML/JSON): ban, require, require_within, words, sentences, end_word, regex,
 json_schema (a file path or an inline schema), grammar (a .lark/.gbnf file), script, script_soft,
-vocab (a file path or a list of words); and fast_forward (default true: feed a grammar's fixed text
-in one forward pass).
+vocab (a file path or a list of words); fast_forward (default true: feed a grammar's fixed text
+in one forward pass); plan (``smc``, the default, or ``mask``: how word counts and end words are
+met, see ``tokensteer.constraints.smc``) and particles (how many texts the plan weighs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ KEYS = (
     "ban", "require", "require_within", "words", "sentences", "end_word", "regex",
     "json_schema", "grammar", "script", "script_soft", "vocab",
 )  # fmt: skip
+#: options that say how constraints are met, not what they are
+OPTIONS = ("fast_forward", "plan", "particles")
+#: how word counts and end words are met
+PLANS = ("smc", "mask")
 
 
 @dataclass
@@ -37,6 +42,8 @@ class ConstraintSpec:
     script_soft: float | None = None
     vocab: list[str] | None = None
     fast_forward: bool = True  # a grammar's fixed text goes to the model in one pass (hook 7)
+    plan: str = "smc"  # word counts and end words: "smc" plans whole texts, "mask" masks token by token
+    particles: int = 8  # texts the plan weighs per prompt
 
     def empty(self) -> bool:
         return not any(getattr(self, k) not in (None, [], ()) for k in KEYS)
@@ -68,7 +75,7 @@ def from_mapping(d: dict) -> ConstraintSpec:
     if not isinstance(d, dict):
         raise UserError(f"a constraints spec must be a mapping of {', '.join(KEYS)}; got {type(d).__name__}")
     d = {("require" if k == "keywords" else k): v for k, v in d.items()}
-    unknown = sorted(set(d) - set(KEYS) - {"fast_forward"})
+    unknown = sorted(set(d) - set(KEYS) - set(OPTIONS))
     if unknown:
         raise UserError(f"unknown constraint {unknown[0]!r}; known: {', '.join(KEYS)}")
     schema = d.get("json_schema")
@@ -94,6 +101,12 @@ def from_mapping(d: dict) -> ConstraintSpec:
     ff = d.get("fast_forward", True)
     if not isinstance(ff, bool):
         raise UserError(f"'fast_forward' must be true or false, got {ff!r}")
+    plan = d.get("plan", "smc")
+    if plan not in PLANS:
+        raise UserError(f"'plan' must be one of {', '.join(PLANS)}, got {plan!r}")
+    particles = d.get("particles", 8)
+    if isinstance(particles, bool) or not isinstance(particles, int) or not 1 <= particles <= 256:
+        raise UserError(f"'particles' must be a whole number from 1 to 256, got {particles!r}")
     return ConstraintSpec(
         ban=_list(d.get("ban"), "ban"),
         require=_list(d.get("require"), "require"),
@@ -108,6 +121,8 @@ def from_mapping(d: dict) -> ConstraintSpec:
         script_soft=float(soft) if soft is not None else None,
         vocab=vocab,
         fast_forward=ff,
+        plan=plan,
+        particles=particles,
     )
 
 
@@ -201,8 +216,17 @@ def build(lm, spec: ConstraintSpec) -> list:
     check(spec)
     if spec.empty():
         return []
+    table = token_table(lm.tokenizer)
+    if spec.plan == "smc" and (spec.words is not None or spec.end_word):
+        from tokensteer.constraints.smc import SMCPlanner
+
+        return [SMCPlanner(lambda: AllOf(parts(lm, spec, table), table), spec.particles)]
+    return [AllOf(parts(lm, spec, table), table)]
+
+
+def parts(lm, spec: ConstraintSpec, table) -> list:
+    """One Control per kind of constraint in ``spec`` (already checked)."""
     tok = lm.tokenizer
-    table = token_table(tok)
     parts = []
     if spec.ban:
         from tokensteer.constraints.banned import BannedWords
@@ -241,4 +265,4 @@ def build(lm, spec: ConstraintSpec) -> list:
         grammar = grammar_for(spec.regex, spec.json_schema, spec.grammar)
         plan = spec.regex if spec.regex is not None else schema_regex(spec.json_schema) if spec.json_schema is not None else None
         parts.append(Grammar(tok, table, grammar, label, spec.fast_forward, regex=plan))
-    return [AllOf(parts, table)]
+    return parts
