@@ -116,6 +116,26 @@ def test_re_retrieval_follows_the_generated_text(tiny, kb):
         assert torch.allclose(vals, want[ids], atol=2e-3), step
 
 
+def test_re_retrieval_prefills_only_new_passages(tiny, kb, monkeypatch):
+    added: list[int] = []
+    real = tiny.session
+
+    def session(*args, **kw):
+        s = real(*args, **kw)
+        if not args and not kw:  # the R term's side session (the engine's own sessions take arguments)
+            add = s.add
+            s.add = lambda rows, *a, **k: added.append(len(rows)) or add(rows, *a, **k)
+        return s
+
+    monkeypatch.setattr(tiny, "session", session)
+    ctl = FormulaControl(tiny, "R(k=2, tau=0.3, every=1)", docs=kb)
+    tokensteer.generate(tiny, PROMPT, max_tokens=8, ignore_eos=True, controls=[ctl])
+    texts = [{p["text"] for p in e.passages} for e in ctl.retrieval.events]
+    entering = [len(now - before) for before, now in zip(texts, texts[1:])]
+    moves = [n for n in entering if n]
+    assert added == [2] + moves and 0 < sum(moves) < 2 * len(moves)  # the first prefill, then only passages new to a row
+
+
 def test_r_without_documents(tiny):
     with pytest.raises(UserError, match="no documents were given: add --docs PATH"):
         FormulaControl(tiny, "R(k=2) + M")

@@ -7,7 +7,7 @@ most similar to the prompt, weighted by softmax(similarity / τ), every passage 
 same batched forward:
 
     tokensteer generate "Question: What is the capital of Tarsk?\\nAnswer:" --docs kb/ --retrieve 4
-    FormulaControl(lm, "R(k=4) - 0.3*M", docs="kb/")
+    FormulaControl(lm, "R(k=4) - 0.2*M", docs="kb/")
     build_controls(lm, RequestControls(docs="kb/", retrieve={"k": 4, "tau": 0.1}))
 
 See docs/retrieval.md.

@@ -1,6 +1,6 @@
 """The ``retrieve:ARG`` evaluation method: REPLUG over the task's documents (the qa tasks ship
 theirs) or over ``docs=PATH``. ARG is K (``retrieve:4``), ``k=4,tau=0.1,every=8[,docs=PATH]``, or a
-formula with R terms (``retrieve:R(k=4) - 0.3*M``). Every item shares one FormulaControl, so the
+formula with R terms (``retrieve:R(k=4) - 0.2*M``). Every item shares one FormulaControl, so the
 runner batches them.
 """
 
@@ -43,7 +43,7 @@ class RetrieveMethod(Method):
 
 
 def make(arg: str | None) -> Method:
-    """``retrieve:4``, ``retrieve:k=4,tau=0.05,docs=kb/``, ``retrieve:R(k=4) - 0.3*M`` or a YAML/JSON
+    """``retrieve:4``, ``retrieve:k=4,tau=0.05,docs=kb/``, ``retrieve:R(k=4) - 0.2*M`` or a YAML/JSON
     file with ``formula`` (or ``k``, ``tau``, ``every``) and ``docs``."""
     spec = read_spec(arg)
     if not spec:

@@ -4,8 +4,9 @@ with w = softmax(sim(d, x) / τ) over the k passages most similar to the prompt.
 Each passage is one more row of the loop's batched forward (hook 1: the passage, a blank line, the
 prompt), so k passages cost one forward of 1 + k rows per token. With ``every=N`` the passages are
 re-retrieved on prompt + generated text every N tokens; a row's prefix cannot change inside the
-loop's session, so such a term keeps a side session of its own (like a term on another model) and
-re-reads passage + prompt + generated text into it whenever the passages change.
+loop's session, so such a term keeps a side session of its own (like a term on another model):
+rows of passages still retrieved keep their cache, and only a new passage's row is prefilled with
+passage + prompt + generated text; the weights follow the latest similarities.
 """
 
 from __future__ import annotations
@@ -122,24 +123,48 @@ class RetrievalTerms:
         self.events, self._seen = [], 0
         for i, t in enumerate(self.terms):
             t.hits = [hits[i] for _, hits in pending]
-            self._settle(t, state, [[] for _ in range(B)])
+            self._settle(t)
+            if t.node.every:
+                tok = state.tokenizer
+                rows = [tok.encode(with_passage(h.chunk.text, p)) for p, hits in zip(self._prompts, t.hits) for h in hits]
+                t.session = state.backend.session()
+                t.side_lp = self._lp(t.session.prefill(rows), B)
 
-    def _settle(self, t: _Term, state: LoopState, generated: list[list[int]]) -> None:
-        """Weights (and for a side term, its session, fed up to ``generated``) for the passages in
-        ``t.hits``; record them for the trace."""
+    def _settle(self, t: _Term) -> None:
+        """Weights for the passages in ``t.hits``; record them for the trace."""
         w = torch.stack([weights(h, t.node.tau) for h in t.hits])
         t.log_w = w.log()
         for b, hits in enumerate(t.hits):
             self.events.append(Retrieval(b, self._seen, str(t.node), [
                 {"doc": h.chunk.doc, "title": h.chunk.title, "chunk": h.chunk.index, "similarity": round(h.score, 4),
                  "weight": round(float(w[b, j]), 4), "text": h.chunk.text} for j, h in enumerate(hits)]))
-        if t.node.every:
-            if t.session is not None:
-                t.session.close()
-            tok = state.tokenizer
-            rows = [tok.encode(with_passage(h.chunk.text, p)) + g for p, g, hits in zip(self._prompts, generated, t.hits) for h in hits]
-            t.session = state.backend.session()
-            t.side_lp = self._lp(t.session.prefill(rows), state.batch_size)
+
+    def _move(self, t: _Term, state: LoopState, found: list[list[Hit]], generated: list[list[int]], tokens: torch.Tensor) -> torch.Tensor:
+        """Re-seat a side term's rows on the passages ``found``: rows of passages still retrieved
+        keep their cache and take this step's token; only new passages are prefilled (passage +
+        prompt + ``generated``). Returns the rows' logits, prompt-major in ``found``'s order."""
+        k, tok = t.node.k, state.tokenizer
+        keep: list[int] = []  # session rows kept, in the order they stay
+        fresh: list[list[int]] = []  # token rows of new passages
+        where: list[int] = []  # for each row of the new layout: its index in keep + fresh
+        for b, (old, new) in enumerate(zip(t.hits, found)):
+            before = [h.chunk for h in old]
+            for h in new:
+                if h.chunk in before:
+                    where.append(len(keep))
+                    keep.append(b * k + before.index(h.chunk))
+                else:
+                    where.append(-1 - len(fresh))
+                    fresh.append(tok.encode(with_passage(h.chunk.text, self._prompts[b])) + generated[b])
+        t.session.select(keep)
+        parts = []
+        if keep:
+            parts.append(t.session.step(tokens[[r // k for r in keep]]))
+        if fresh:
+            parts.append(t.session.add(fresh))
+        order = [i if i >= 0 else len(keep) - 1 - i for i in where]
+        t.session.select(order)
+        return torch.cat(parts)[order]
 
     def _lp(self, logits: torch.Tensor, B: int) -> torch.Tensor:
         return torch.log_softmax(logits.float(), -1).view(B, -1, logits.shape[-1])
@@ -157,9 +182,11 @@ class RetrievalTerms:
                     tok = state.tokenizer
                     queries = [p + tok.decode(g) for p, g in zip(self._prompts, generated)]
                 found = self.store.search(queries, t.node.k)
-                if [[h.chunk for h in q] for q in found] != [[h.chunk for h in q] for q in t.hits]:
+                if [[(h.chunk, h.score) for h in q] for q in found] != [[(h.chunk, h.score) for h in q] for q in t.hits]:
+                    logits = self._move(t, state, found, generated, tokens)
                     t.hits = found
-                    self._settle(t, state, generated)
+                    self._settle(t)
+                    t.side_lp = self._lp(logits, state.batch_size)
                     continue
             t.side_lp = self._lp(t.session.step(tokens.repeat_interleave(t.node.k)), state.batch_size)
 
