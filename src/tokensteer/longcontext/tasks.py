@@ -38,10 +38,15 @@ Encode = Callable[[str], Sequence[int]]
 
 
 def fit(build: Callable[[int], str], budget: int, encode: Encode, hi: int = 1 << 16) -> str:
-    """``build(n)`` with the largest n whose encoding has at most ``budget`` tokens (bisection)."""
+    """``build(n)`` with the largest n ≤ ``hi`` whose encoding has at most ``budget`` tokens: doubling
+    n until it is too long, then bisection, so no text encoded is much longer than the budget."""
     lo = 0
     if len(encode(build(0))) > budget:
         raise UserError(f"a {budget}-token prompt cannot even hold the task's question; choose a longer length")
+    step = 1
+    while step < hi and len(encode(build(step))) <= budget:
+        lo, step = step, step * 2
+    hi = min(hi, step)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if len(encode(build(mid))) <= budget:
