@@ -9,7 +9,9 @@ reads only its passage rows, so the prompt's own row is not decoded at all (K ro
 times the same formula with every row (1 + K) through the blocks and the output layer, and
 ``k4-every8`` re-retrieves every 8 tokens (a side session of K rows beside the prompt's row, and a
 new prefill whenever the passages change). Beside each cost, the time to the first token (query
-embedding, search and prefill of the passage rows) against plain decoding's. ``--formulas`` adds formulas with R terms
+embedding, search and prefill of the passage rows) against plain decoding's, and the engine
+thread's CPU seconds per token against plain's (with ``TOKENSTEER_THREADS=1 --torch-threads 1``
+every step runs on that thread, so this ratio holds on a loaded machine where wall time does not). ``--formulas`` adds formulas with R terms
 (by default ``R(k=4) - 0.2*M``, the mixture pushed away from the model without documents), measured
 the same way. Target: k=4 ≥ 85 % at ≤ 1.6× plain decoding's cost per token. The last line is one
 JSON object.
@@ -30,6 +32,7 @@ import tokensteer as ts
 from tokensteer.eval.tasks import get_task
 from tokensteer.formula.ast import Retrieve
 from tokensteer.formula.engine import FormulaControl
+from tokensteer.hooks import Control
 from tokensteer.retrieval import open_store
 from tokensteer.retrieval.term import with_passage
 from tokensteer.sampling import SamplingConfig
@@ -71,10 +74,27 @@ def accuracy(lm, split: str, ks: list[int], tau: float, formulas: list[str], max
     return res
 
 
-def per_token(lm, prompt: str, controls, tokens: int) -> tuple[float, float]:
-    """(decode seconds per token after the first, seconds to the first token: retrieval + prefill)."""
-    g = ts.generate(lm, prompt, max_tokens=tokens, ignore_eos=True, controls=controls)
-    return g.decode_s / (len(g.tokens) - 1), g.prefill_s
+class StepClock(Control):
+    """Reads the engine thread's CPU clock at every accepted token: with one llama.cpp thread and
+    one torch thread, all of a step's work runs there, so CPU seconds per token do not depend on
+    what else the machine runs."""
+
+    stages = frozenset({"accept"})
+
+    def start(self, state) -> None:
+        self.marks: list[float] = []
+
+    def on_token(self, state, tokens) -> None:
+        self.marks.append(time.thread_time())
+
+
+def per_token(lm, prompt: str, controls, tokens: int) -> tuple[float, float, float]:
+    """(decode seconds per token after the first, seconds to the first token: retrieval + prefill,
+    the engine thread's CPU seconds per token after the first)."""
+    clock = StepClock()
+    g = ts.generate(lm, prompt, max_tokens=tokens, ignore_eos=True, controls=[*controls, clock])
+    cpu = (clock.marks[-1] - clock.marks[0]) / (len(clock.marks) - 1)
+    return g.decode_s / (len(g.tokens) - 1), g.prefill_s, cpu
 
 
 def cost(lm, ks: list[int], tau: float, formulas: list[str], rounds: int, tokens: int) -> dict:
@@ -93,17 +113,22 @@ def cost(lm, ks: list[int], tau: float, formulas: list[str], rounds: int, tokens
         per_token(lm, p, c, 4)
     times: dict[str, list[float]] = {name: [] for name in configs}
     firsts: dict[str, list[float]] = {name: [] for name in configs}
+    cpus: dict[str, list[float]] = {name: [] for name in configs}
     for r in range(rounds):
         for name, (p, c) in configs.items():
-            t, first = per_token(lm, p, c, tokens)
+            t, first, cpu = per_token(lm, p, c, tokens)
             times[name].append(t)
             firsts[name].append(first)
-        print(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms ({firsts[n][-1] * 1e3:.0f} ms first)" for n, t in times.items()), flush=True)
-    plain, plain_first = statistics.median(times["plain"]), statistics.median(firsts["plain"])
-    out = {"plain_ms_per_token": round(plain * 1e3, 2), "plain_ms_first_token": round(plain_first * 1e3, 1)}
+            cpus[name].append(cpu)
+        print(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms (CPU {cpus[n][-1] * 1e3:.1f}; {firsts[n][-1] * 1e3:.0f} ms first)"
+                                               for n, t in times.items()), flush=True)
+    plain, plain_first, plain_cpu = (statistics.median(x["plain"]) for x in (times, firsts, cpus))
+    out = {"plain_ms_per_token": round(plain * 1e3, 2), "plain_ms_first_token": round(plain_first * 1e3, 1),
+           "plain_cpu_ms_per_token": round(plain_cpu * 1e3, 2)}
     for name, t in times.items():
         if name != "plain":
             out[f"cost_{name}"] = round(statistics.median(t) / plain, 3)
+            out[f"cpu_cost_{name}"] = round(statistics.median(cpus[name]) / plain_cpu, 3)
             out[f"first_token_{name}"] = round(statistics.median(firsts[name]) / plain_first, 2)
     return out
 
