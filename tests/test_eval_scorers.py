@@ -10,6 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tokensteer as ts
+from tokensteer.backends.base import Backend
 from tokensteer.errors import UserError
 from tokensteer.eval import scorers
 from tokensteer.eval.tasks import TASKS, parse_prompts
@@ -76,15 +78,37 @@ def test_eval_distinct_n():
 
 
 def test_eval_perplexity_torch_matches_session_path(tiny):
+    """The one-pass scoring of the torch backend equals stepping a session (the generic path)."""
     prompts, texts = ["the cat sat", "one two"], [" on the mat", " three four five"]
     ctx = [tiny.tokenizer.encode(p) for p in prompts]
     cont = [scorers.continuation_tokens(tiny.tokenizer, p, t, c) for p, t, c in zip(prompts, texts, ctx)]
-    a = scorers._nll_torch(tiny, ctx, cont)
-    b = scorers._nll_session(tiny, ctx, cont)
+    a = tiny.continuation_nll(ctx, cont)
+    b = Backend.continuation_nll(tiny, ctx, cont)
     assert a == pytest.approx(b, rel=1e-4)
     ppl = scorers.perplexity(tiny, prompts + ["x"], texts + [""])
     assert ppl[0] == pytest.approx(math.exp(a[0] / len(cont[0])), rel=1e-5)
     assert math.isnan(ppl[2])
+
+
+@pytest.mark.model
+def test_eval_perplexity_llamacpp_packed_matches_stepping():
+    """llama.cpp scores many texts per call (packed prefills, ids and cells reused as they run out);
+    it agrees with stepping a session through each continuation up to the kernels' rounding (calls
+    of more than a few tokens run llama.cpp's own matrix kernels, steps ours)."""
+    lm = ts.load(None, backend="llamacpp")
+    try:
+        tok = lm.tokenizer
+        prompts = [f"Item {i}: the weather" for i in range(40)] + ["A long one " * 150]
+        texts = [" was sunny and warm" * (1 + i % 3) for i in range(40)] + [" and it ends here."]
+        ctx = [tok.encode(p) for p in prompts]
+        cont = [scorers.continuation_tokens(tok, p, t, c) for p, t, c in zip(prompts, texts, ctx)]
+        packed = lm.continuation_nll(ctx, cont)
+        stepped = Backend.continuation_nll(lm, ctx[:4] + ctx[-1:], cont[:4] + cont[-1:])
+        assert packed[:4] + packed[-1:] == pytest.approx(stepped, rel=0.05)
+        assert packed[40] == pytest.approx(lm.continuation_nll(ctx[40:], cont[40:])[0], rel=0.05)  # split across calls
+        assert lm.continuation_nll([ctx[0]], [[]]) == [0.0]
+    finally:
+        lm.close()
 
 
 @settings(max_examples=60, deadline=None)

@@ -135,6 +135,26 @@ class Backend(ABC):
         states. The output layer is linear, so that equals the same combinations of the rows'
         logits, at the cost of R' rows instead of R through the (often biggest) last matrix."""
 
+    @torch.no_grad()
+    def continuation_nll(self, ctx: Sequence[Sequence[int]], cont: Sequence[Sequence[int]]) -> list[float]:
+        """Summed negative log-likelihood of each continuation after its context, no controls:
+        here by stepping a session through the continuations (backends override it with one pass)."""
+        session = self.session()
+        try:
+            logits = session.prefill([list(x) for x in ctx])
+            nll = [0.0] * len(ctx)
+            for t in range(max((len(y) for y in cont), default=0)):
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                nxt = []
+                for i, y in enumerate(cont):
+                    if t < len(y):
+                        nll[i] -= float(lp[i, y[t]])
+                    nxt.append(y[t] if t < len(y) else (y[-1] if y else ctx[i][-1]))
+                logits = session.step(torch.tensor(nxt, dtype=torch.long))
+            return nll
+        finally:
+            session.close()
+
     def row_cells(self, capacity: int) -> int | None:
         """Cells (prompt + generated tokens) one row of an ``isolated`` session of ``capacity`` rows
         may hold, where isolation limits them; None where rows never depend on each other."""

@@ -146,8 +146,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def perplexity(lm: Backend, prompts: Sequence[str], texts: Sequence[str], batch_size: int = 16) -> list[float]:
     """Perplexity of each continuation given its prompt under ``lm`` with no controls (nan if empty).
 
-    On the torch backend: one batched forward pass per chunk; on others, teacher forcing through
-    the backend's session (prefill the prompts, then step through the continuation tokens).
+    Each backend scores a chunk in as few passes as it can (``Backend.continuation_nll``).
     """
     tok = lm.tokenizer
     out: list[float] = []
@@ -155,7 +154,7 @@ def perplexity(lm: Backend, prompts: Sequence[str], texts: Sequence[str], batch_
         ps, ts = prompts[s : s + batch_size], texts[s : s + batch_size]
         ctx = [tok.encode(p) for p in ps]
         cont = [continuation_tokens(tok, p, t, c) for p, t, c in zip(ps, ts, ctx)]
-        nll = _nll_torch(lm, ctx, cont) if lm.name == "torch" else _nll_session(lm, ctx, cont)
+        nll = lm.continuation_nll(ctx, cont)
         out += [math.exp(v / len(c)) if c else float("nan") for v, c in zip(nll, cont)]
     return out
 
@@ -166,42 +165,3 @@ def continuation_tokens(tok: Any, prompt: str, text: str, ctx: list[int]) -> lis
         return []
     full = tok.encode(prompt + text)
     return full[len(ctx) :] if full[: len(ctx)] == ctx else tok.encode(text, add_bos=False)
-
-
-@torch.no_grad()
-def _nll_torch(lm: Any, ctx: list[list[int]], cont: list[list[int]]) -> list[float]:
-    """Summed negative log-likelihood of each continuation, one right-padded forward pass."""
-    seqs = [c + x for c, x in zip(ctx, cont)]
-    T = max(len(s) for s in seqs)
-    pad = getattr(lm.tokenizer, "pad_id", 0) or 0
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
-    lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    out = []
-    for i, (c, x) in enumerate(zip(ctx, cont)):
-        out.append(-float(lp[i, len(c) - 1 : len(c) - 1 + len(x)].sum()))
-    return out
-
-
-@torch.no_grad()
-def _nll_session(lm: Backend, ctx: list[list[int]], cont: list[list[int]]) -> list[float]:
-    """Summed negative log-likelihood by stepping a session through the continuations."""
-    session = lm.session()
-    try:
-        logits = session.prefill(ctx)
-        nll = [0.0] * len(ctx)
-        for t in range(max((len(x) for x in cont), default=0)):
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            nxt = []
-            for i, x in enumerate(cont):
-                if t < len(x):
-                    nll[i] -= float(lp[i, x[t]])
-                nxt.append(x[t] if t < len(x) else (x[-1] if x else ctx[i][-1]))
-            logits = session.step(torch.tensor(nxt, dtype=torch.long))
-        return nll
-    finally:
-        session.close()

@@ -39,6 +39,7 @@ from tokensteer.backends.llamacpp.gguf import build_head, head_path
 from tokensteer.backends.llamacpp.head import Head
 from tokensteer.backends.llamacpp.kernels import splice_function
 from tokensteer.backends.llamacpp.q8head import Q8Head
+from tokensteer.backends.llamacpp.scoring import continuation_nll
 from tokensteer.backends.llamacpp.session import LlamaSession
 from tokensteer.backends.llamacpp.vocab import LlamaTokenizer
 from tokensteer.errors import UserError
@@ -309,6 +310,10 @@ class LlamaCppBackend(Backend):
         finally:
             c.free()
         return int(got.argmax()) == int(full.argmax()) and float(np.abs(got - full).max()) <= 0.02 * max(1.0, float(np.abs(full).max()))
+
+    def continuation_nll(self, ctx: Sequence[Sequence[int]], cont: Sequence[Sequence[int]]) -> list[float]:
+        """Packed prefills, several texts per call (``scoring``)."""
+        return continuation_nll(self, ctx, cont)
 
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:
         raise UserError(f"the llamacpp backend cannot read hidden states (needed to train steering vectors and probes); {TORCH_HINT}")

@@ -76,8 +76,10 @@ class HFTokenizer(Tokenizer):
             table = _byte_decoder()
             if all(c in table for c in piece):
                 return bytes(table[c] for c in piece)
-        if isinstance(piece, str) and piece.startswith("\u2581") and text and not text.startswith(" "):
-            text = " " + text  # SentencePiece decoders drop the word-start space of a lone token
+        if isinstance(piece, str) and piece.startswith("\u2581"):
+            spelled = piece.replace("\u2581", " ")
+            if text == spelled[1:]:
+                text = spelled  # a decoder that strips the dummy prefix space drops it from a lone "▁…" token
         return text.encode("utf-8")
 
 
@@ -293,6 +295,20 @@ class TorchBackend(Backend):
             finally:
                 self._edits, self._mix = {}, None
         return out.logits.float()
+
+    @torch.inference_mode()
+    def continuation_nll(self, ctx: Sequence[Sequence[int]], cont: Sequence[Sequence[int]]) -> list[float]:
+        """One right-padded forward pass over contexts and continuations together."""
+        seqs = [[*c, *x] for c, x in zip(ctx, cont)]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.tokenizer.pad_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        with self._lock:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return [-float(lp[i, len(c) - 1 : len(c) - 1 + len(x)].sum()) for i, (c, x) in enumerate(zip(ctx, cont))]
 
     @torch.inference_mode()
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[torch.Tensor]:

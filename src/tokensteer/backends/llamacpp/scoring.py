@@ -1,0 +1,91 @@
+"""Log-likelihood of given continuations in packed prefills: many texts per llama_decode call.
+
+Scoring needs the logits at every continuation position but no sampling, so each text is decoded
+as one prompt (teacher forcing), several texts side by side under their own sequence ids, instead
+of one decode step per token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Sequence
+
+import llama_cpp
+import numpy as np
+import torch
+
+from tokensteer.backends.llamacpp.kernels import PREFILL_ROWS
+from tokensteer.errors import UserError
+
+if TYPE_CHECKING:
+    from tokensteer.backends.llamacpp.backend import LlamaCppBackend
+    from tokensteer.backends.llamacpp.context import Context
+
+MAX_OUTPUTS = 64  # logit rows per call: bounds llama.cpp's output buffer (rows x vocabulary floats)
+
+
+class _Packer:
+    """Fills a context's batch with (token, position, sequence, owner of the output) and decodes it
+    when full, adding each output row's negative log-likelihood to its owner."""
+
+    def __init__(self, c: Context, n_vocab: int, nll: list[float]) -> None:
+        self.c, self.n_vocab, self.nll = c, n_vocab, nll
+        self.n, self.owners, self.targets = 0, [], []
+
+    def add(self, token: int, pos: int, seq: int, owner: int | None, target: int | None) -> None:
+        b = self.c.batch
+        b.token[self.n], b.pos[self.n], b.seq[self.n] = token, pos, seq
+        b.logits[self.n] = owner is not None
+        self.n += 1
+        if owner is not None:
+            self.owners.append(owner)
+            self.targets.append(target)
+        if self.n == self.c.n_batch or len(self.owners) == MAX_OUTPUTS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.n:
+            return
+        c = self.c
+        c.batch.c.n_tokens = self.n
+        if c.capture is not None:
+            c.capture.limit(PREFILL_ROWS)
+        rc = llama_cpp.llama_decode(c.ptr, c.batch.c)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        if self.owners:
+            addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
+            rows = len(self.owners)
+            x = torch.from_numpy(np.ctypeslib.as_array((ctypes.c_float * (rows * self.n_vocab)).from_address(addr)).reshape(rows, -1))
+            lse = torch.logsumexp(x, dim=-1)
+            picked = x.gather(1, torch.tensor(self.targets)[:, None]).squeeze(1)
+            for owner, v in zip(self.owners, (lse - picked).tolist()):
+                self.nll[owner] += v
+        self.n, self.owners, self.targets = 0, [], []
+
+
+def continuation_nll(b: LlamaCppBackend, ctx: Sequence[Sequence[int]], cont: Sequence[Sequence[int]]) -> list[float]:
+    """Summed negative log-likelihood of each continuation after its context, no controls."""
+    nll = [0.0] * len(ctx)
+    c = b.acquire(1)
+    try:
+        c.reset()
+        pack, seq, cells = _Packer(c, b.n_vocab, nll), 0, 0
+        for i, (x, y) in enumerate(zip(ctx, cont)):
+            if not y:
+                continue
+            toks = [*x, *y]
+            if len(toks) > c.n_ctx:
+                raise UserError(f"a text of {len(toks)} tokens does not fit the {c.n_ctx}-token llama.cpp context")
+            if seq == c.n_seq or cells + len(toks) > c.n_ctx:  # out of ids or cells: start over
+                pack.flush()
+                c.reset()
+                seq, cells = 0, 0
+            for p in range(len(toks) - 1):  # position p's logits predict token p + 1
+                scored = p >= len(x) - 1
+                pack.add(toks[p], p, seq, i if scored else None, toks[p + 1] if scored else None)
+            seq, cells = seq + 1, cells + len(toks)
+        pack.flush()
+    finally:
+        b.release(c)
+    return nll
