@@ -11,10 +11,13 @@
   whole-request tokens per second (first token included).
 
     .venv/bin/python benchmarks/ray_overhead.py [--n 8] [--samples 2] [--tokens 64] [--rounds 4]
-        [--serve-only] [--haproxy]
+        [--serve-only] [--haproxy] [--per-token]
 
 ``--haproxy`` starts the Ray cluster with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (Ray Serve's HAProxy
 ingress: HTTP goes from HAProxy straight to the replica instead of through the Python proxy).
+``serve --ray`` runs with its default ``--stream-interval`` (a write may carry several tokens);
+``--per-token`` adds a third server, ``serve --ray --stream-interval 0`` (one write per token),
+measured in the same rounds (``serve_ratio_per_token``).
 
 The last line of output is one JSON object.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 import ray
 
 from tokensteer.eval.runner import run
+from tokensteer.scale.cluster import LOCAL_OBJECT_STORE_BYTES, LOCAL_SYSTEM_CONFIG
 
 from common import cpu_name, start_server  # noqa: E402
 
@@ -49,7 +53,7 @@ def eval_rounds(args) -> dict:
         run(args.task, ["none"], out=Path(tmp) / "local", **kw)
         local = time.perf_counter() - t
         t = time.perf_counter()
-        ray.init(include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
         start = time.perf_counter() - t
         try:
             t = time.perf_counter()
@@ -81,31 +85,47 @@ def one(url: str, tokens: int) -> tuple[float, float]:
     return (len(times) - 1) / (times[-1] - times[0]), len(times) / times[-1]
 
 
+#: Ray's memory monitor reads the whole machine's memory: on a shared machine other programs' use
+#: would make it kill the replicas mid-run
+RAY_ENV = {"RAY_memory_monitor_refresh_ms": "0"}
+
+
 def serve_rounds(args) -> dict:
     cpus = len(os.sched_getaffinity(0))
+    env = {**RAY_ENV, **({"RAY_SERVE_ENABLE_HA_PROXY": "1"} if args.haproxy else {})}
     plain, plain_url = start_server(["serve", "--port", "0", "--log-level", "warning"])
-    on_ray, ray_url = start_server(["serve", "--ray", "--port", "0", "--replica-cpus", str(cpus), "--log-level", "warning"],
-                            {"RAY_SERVE_ENABLE_HA_PROXY": "1"} if args.haproxy else None)
+    on_ray, ray_url = start_server(["serve", "--ray", "--port", "0", "--replica-cpus", str(cpus), "--log-level", "warning"], env)
+    servers = [("plain", plain, plain_url), ("ray", on_ray, ray_url)]
+    if args.per_token:
+        p, u = start_server(["serve", "--ray", "--port", "0", "--replica-cpus", str(cpus), "--log-level", "warning", "--stream-interval", "0"], env)
+        servers.append(("ray_per_token", p, u))
     try:
-        one(plain_url, 8), one(ray_url, 8)  # warm-up
+        for _, _, url in servers:
+            one(url, 8)  # warm-up
         rows = []
         for r in range(args.rounds):
-            order = [("plain", plain_url), ("ray", ray_url)][:: 1 if r % 2 == 0 else -1]
+            order = [(name, url) for name, _, url in servers][:: 1 if r % 2 == 0 else -1]
             got = {name: one(url, args.tokens) for name, url in order}
             rows.append(got)
-            print(f"round {r}: plain {got['plain'][0]:.2f} tok/s, ray {got['ray'][0]:.2f} tok/s", flush=True)
+            print(f"round {r}: " + ", ".join(f"{name} {v[0]:.2f} tok/s" for name, v in got.items()), flush=True)
     finally:
-        for p in (plain, on_ray):
+        for _, p, _ in servers:
             p.send_signal(signal.SIGINT)
-        for p in (plain, on_ray):
+        for _, p, _ in servers:
             try:
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 p.kill()
     med = {k: [statistics.median(r[name][k] for r in rows) for name in ("plain", "ray")] for k in (0, 1)}
-    return {"serve_plain_tok_s": round(med[0][0], 2), "serve_ray_tok_s": round(med[0][1], 2), "serve_ratio": round(med[0][0] / med[0][1], 3),
-            "serve_e2e_ratio": round(med[1][0] / med[1][1], 3), "serve_rounds": [round(r["plain"][0] / r["ray"][0], 3) for r in rows],
-            "replica_cpus": cpus, "haproxy": args.haproxy}
+    out = {"serve_plain_tok_s": round(med[0][0], 2), "serve_ray_tok_s": round(med[0][1], 2), "serve_ratio": round(med[0][0] / med[0][1], 3),
+           "serve_e2e_ratio": round(med[1][0] / med[1][1], 3), "serve_rounds": [round(r["plain"][0] / r["ray"][0], 3) for r in rows],
+           "replica_cpus": cpus, "haproxy": args.haproxy}
+    if args.per_token:
+        per = [statistics.median(r["ray_per_token"][k] for r in rows) for k in (0, 1)]
+        out.update({"serve_ray_per_token_tok_s": round(per[0], 2), "serve_ratio_per_token": round(med[0][0] / per[0], 3),
+                    "serve_e2e_ratio_per_token": round(med[1][0] / per[1], 3),
+                    "serve_rounds_per_token": [round(r["plain"][0] / r["ray_per_token"][0], 3) for r in rows]})
+    return out
 
 
 def main() -> None:
@@ -117,6 +137,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="served requests per server")
     ap.add_argument("--serve-only", action="store_true", help="skip the eval comparison")
     ap.add_argument("--haproxy", action="store_true", help="serve --ray through Ray Serve's HAProxy ingress")
+    ap.add_argument("--per-token", action="store_true", help="also serve --ray --stream-interval 0 (one write per token)")
     args = ap.parse_args()
     out = {"cpu": cpu_name(), "load_before": round(os.getloadavg()[0], 2)}
     if not args.serve_only:

@@ -28,6 +28,7 @@ import tokensteer as ts
 from tokensteer.cli import app
 from tokensteer.errors import UserError
 from tokensteer.eval.runner import run
+from tokensteer.scale.cluster import connected
 from tokensteer.scale.eval import ACTOR_PREFIX, RERUN_STAGE, pack
 from tokensteer.scale.serve import APP_NAME, ReplicaConfig, deployment_options, parse_autoscale
 from tokensteer.server import Settings
@@ -124,6 +125,22 @@ def test_ray_options_without_ray_are_user_errors(tiny_dir):
     assert r.exit_code == 2 and "need --ray" in r.output
     r = CliRunner().invoke(app, ["serve", "--ray", "--replicas", "2", "--autoscale", "1,2", "--port", "0"])
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_a_cluster_the_command_starts_runs_its_workers_at_normal_priority(monkeypatch):
+    """Ray starts workers at nice 15, where any other work on the machine starves the replicas."""
+    seen: dict = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with connected() as owned:
+        assert owned
+    assert seen["address"] == "local" and seen["_system_config"]["worker_niceness"] == 0
+    seen.clear()
+    with connected("10.0.0.1:6379"):
+        pass
+    assert seen["address"] == "10.0.0.1:6379" and "_system_config" not in seen  # a joined cluster keeps its own settings
 
 
 @given(st.integers(-3, 6), st.integers(-3, 6))

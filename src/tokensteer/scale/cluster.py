@@ -14,6 +14,9 @@ from tokensteer.errors import UserError
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 #: the Ray namespace of tokensteer's named actors and Serve apps
 NAMESPACE = "tokensteer"
+#: Ray starts its workers at a low priority (nice 15), so any other work on the machine slows the
+#: replicas and eval workers; in a cluster this command starts, they are the work and run at 0
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 def require_ray() -> Any:
@@ -40,7 +43,8 @@ def connected(address: str | None = None, log_to_driver: bool = True) -> Iterato
         if addr:
             ray.init(address=addr, **kw)
         else:
-            ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kw)
+            ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                     _system_config=LOCAL_SYSTEM_CONFIG, **kw)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
         where = f"the Ray cluster at {addr}" if addr else "a local Ray cluster"
         raise UserError(f"cannot join {where}: {first_line(e)}") from None
