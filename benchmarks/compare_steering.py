@@ -4,7 +4,7 @@ One eval run (``sentiment-positive`` task, VADER success, perplexity under the u
 holds: no steering; the default CLI pipeline's vector exactly as ``tokensteer steer train`` +
 ``tokensteer steer search`` left it (``--vec``: its layer, strength and guard); and, at the
 pipeline's layer and a sweep of strengths, the unguarded direction of each library trained on the
-same pairs (ours diffmean; repeng pca_diff / pca_center; steering-vectors' mean). Every direction
+same pairs (``--dirs``: ours diffmean, repeng pca_diff, steering-vectors' mean). Every direction
 is scaled to the layer's median residual norm, so strengths are comparable. Success is compared at
 matched perplexity: each library's curve is interpolated at the perplexity ratio the default
 pipeline reached (and at ``--factor``). Also reports training time, whether training is bit-for-bit
@@ -18,11 +18,16 @@ annotations, so we alias it to ``np.float64`` before importing it.
     tokensteer steer train --pairs sentiment --out pos.safetensors && tokensteer steer search pos.safetensors
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare_steering.py --libs .bench-libs --vec pos.safetensors \\
         --prompts openings_dev --out benchmarks/eval/sentiment-positive-steer-compare-dev
+
+Samples are cached in OUT/cache by method spelling (the pipeline's copy is named by its content), so
+a run without ``--vec`` first and the same command with it later generate the libraries' curves once.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import json
 import shutil
 import sys
@@ -48,16 +53,19 @@ def unit(v) -> torch.Tensor:
     return v / v.norm()
 
 
-def train_all(lm, ps, layer: int) -> tuple[dict, dict[str, torch.Tensor], SteeringVector]:
-    """Every library's direction at ``layer`` (unit length), training CPU time and repeatability."""
+def train_all(lm, ps, layer: int, repeat: bool, wanted: list[str]) -> tuple[dict, dict[str, torch.Tensor], SteeringVector]:
+    """The ``wanted`` directions at ``layer`` (unit length; ours diffmean always), training CPU time and (``repeat``) repeatability."""
     model, tok = lm.model, lm.tokenizer.hf
     out: dict = {"train_cpu_s": {}, "repeatable": {}, "errors": {}}
     dirs: dict[str, torch.Tensor] = {}
     for method in ("diffmean", "pca", "probe"):
+        if method != "diffmean" and f"tokensteer-{method}" not in wanted:
+            continue
         v1, t = timed(lambda: train_vector(lm, ps, method))
-        v2 = train_vector(lm, ps, method)
         out["train_cpu_s"][f"tokensteer-{method}"] = t
-        out["repeatable"][f"tokensteer-{method}"] = all(torch.equal(v1.vectors[i], v2.vectors[i]) for i in v1.vectors)
+        if repeat:
+            v2 = train_vector(lm, ps, method)
+            out["repeatable"][f"tokensteer-{method}"] = all(torch.equal(v1.vectors[i], v2.vectors[i]) for i in v1.vectors)
         dirs[f"tokensteer-{method}"] = unit(v1.vectors[layer])
         if method == "diffmean":
             ours = v1
@@ -66,10 +74,13 @@ def train_all(lm, ps, layer: int) -> tuple[dict, dict[str, torch.Tensor], Steeri
 
         data = [DatasetEntry(p.positive, p.negative) for p in ps.pairs]
         for method in ("pca_diff", "pca_center"):
+            if f"repeng-{method}" not in wanted:
+                continue
             cv, t = timed(lambda: ControlVector.train(model, tok, data, method=method))
-            cv2 = ControlVector.train(model, tok, data, method=method)
             out["train_cpu_s"][f"repeng-{method}"] = t
-            out["repeatable"][f"repeng-{method}"] = all(np.array_equal(cv.directions[i], cv2.directions[i]) for i in cv.directions)
+            if repeat:
+                cv2 = ControlVector.train(model, tok, data, method=method)
+                out["repeatable"][f"repeng-{method}"] = all(np.array_equal(cv.directions[i], cv2.directions[i]) for i in cv.directions)
             dirs[f"repeng-{method}"] = unit(cv.directions[layer])
     except Exception as e:  # report exactly why it could not run
         out["errors"]["repeng"] = f"{type(e).__name__}: {e}"
@@ -77,11 +88,13 @@ def train_all(lm, ps, layer: int) -> tuple[dict, dict[str, torch.Tensor], Steeri
         from steering_vectors import train_steering_vector
 
         samples = [(p.positive, p.negative) for p in ps.pairs]
-        sv, t = timed(lambda: train_steering_vector(model, tok, samples, show_progress=False))
-        sv2 = train_steering_vector(model, tok, samples, show_progress=False)
-        out["train_cpu_s"]["steering-vectors-mean"] = t
-        out["repeatable"]["steering-vectors-mean"] = all(torch.equal(sv.layer_activations[i], sv2.layer_activations[i]) for i in sv.layer_activations)
-        dirs["steering-vectors-mean"] = unit(sv.layer_activations[layer].float())
+        if "steering-vectors-mean" in wanted:
+            sv, t = timed(lambda: train_steering_vector(model, tok, samples, show_progress=False))
+            out["train_cpu_s"]["steering-vectors-mean"] = t
+            dirs["steering-vectors-mean"] = unit(sv.layer_activations[layer].float())
+            if repeat:
+                sv2 = train_steering_vector(model, tok, samples, show_progress=False)
+                out["repeatable"]["steering-vectors-mean"] = all(torch.equal(sv.layer_activations[i], sv2.layer_activations[i]) for i in sv.layer_activations)
     except Exception as e:
         out["errors"]["steering-vectors"] = f"{type(e).__name__}: {e}"
     ref = dirs["tokensteer-diffmean"]
@@ -92,7 +105,10 @@ def train_all(lm, ps, layer: int) -> tuple[dict, dict[str, torch.Tensor], Steeri
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--libs", help="folder holding repeng and steering_vectors (installed with --no-deps --target)")
-    ap.add_argument("--vec", required=True, help="the default pipeline's vector (`steer train` then `steer search`, no other flags)")
+    ap.add_argument("--vec", help="the default pipeline's vector (`steer train` then `steer search`); without it, only the libraries' curves")
+    ap.add_argument("--layer", type=int, default=11, help="the layer without --vec (with it: the pipeline's layer)")
+    ap.add_argument("--pairs", default="sentiment", help="the pairs without --vec (with it: the pairs it was trained on)")
+    ap.add_argument("--repeat", action="store_true", help="train everything twice to check bit-for-bit repeatability")
     ap.add_argument("--prompts", default="openings_dev", help="prompt set of the eval (a shipped name such as openings_dev, or a file)")
     ap.add_argument("--n", type=int, help="first N prompts only")
     ap.add_argument("--tokens", type=int, default=32)
@@ -107,14 +123,23 @@ def main() -> None:
     if a.libs:
         sys.path.insert(0, a.libs)
     np.float_ = np.float64  # repeng 0.4.0 annotations use the numpy-1 alias
-    pipeline = load_vector(a.vec)
-    rec = pipeline.meta.get("recommended", {})
-    layer = rec["layers"][0]
-    ps = load_pairs(pipeline.meta["pairs"]["name"])
-    if ps.sha256 != pipeline.meta["pairs"].get("sha256"):
+    pipeline = load_vector(a.vec) if a.vec else None
+    rec = pipeline.meta.get("recommended", {}) if pipeline else {}
+    layer = rec["layers"][0] if pipeline else a.layer
+    ps = load_pairs(pipeline.meta["pairs"]["name"] if pipeline else a.pairs)
+    if pipeline and ps.sha256 != pipeline.meta["pairs"].get("sha256"):
         sys.exit(f"{a.vec} was trained on other pairs than the shipped {ps.name!r} set")
-    lm = ts.load(None, backend="torch")
-    out, dirs, ours = train_all(lm, ps, layer)
+    trained = Path(a.out or ".") / "vectors" / f"training-layer{layer}.pt"
+    if a.out and trained.is_file():  # an earlier run's directions (training is deterministic): no second training
+        out, dirs, ours = torch.load(trained, weights_only=False)
+    else:
+        lm = ts.load(None, backend="torch")
+        out, dirs, ours = train_all(lm, ps, layer, a.repeat, a.dirs.split(","))
+        del lm  # the torch model is not needed to generate: free its memory
+        gc.collect()
+        if a.out:
+            trained.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((out, dirs, ours), trained)
     out |= {"pairs": len(ps.pairs), "layer": layer, "pipeline": {k: rec.get(k) for k in ("layers", "strength", "positions", "guard")}}
     if a.no_eval:
         print(json.dumps(out))
@@ -124,7 +149,7 @@ def main() -> None:
     print(json.dumps(out))
 
 
-def evaluate(a, pipeline: SteeringVector, ours: SteeringVector, dirs: dict[str, torch.Tensor], layer: int) -> dict:
+def evaluate(a, pipeline: SteeringVector | None, ours: SteeringVector, dirs: dict[str, torch.Tensor], layer: int) -> dict:
     """One eval run of every direction at every strength plus the pipeline's own vector; success at matched perplexity."""
     import tempfile
 
@@ -135,9 +160,12 @@ def evaluate(a, pipeline: SteeringVector, ours: SteeringVector, dirs: dict[str, 
     vecs.mkdir(parents=True, exist_ok=True)
     median = ours.meta["stats"][str(layer)]["median_norm"]
     strengths = [float(x) for x in a.strengths.split(",")]
-    shutil.copyfile(a.vec, vecs / "pipeline.safetensors")
-    pipe = f"steer:{vecs / 'pipeline.safetensors'}"
-    methods, label = ["none", pipe], {}
+    methods, label, pipe = ["none"], {}, None
+    if a.vec:  # named by content: the eval's sample cache keys on the method's spelling
+        digest = hashlib.sha256(Path(a.vec).read_bytes()).hexdigest()[:10]
+        shutil.copyfile(a.vec, vecs / f"pipeline-{digest}.safetensors")
+        pipe = f"steer:{vecs / f'pipeline-{digest}.safetensors'}"
+        methods.append(pipe)
     for name, d in dirs.items():
         if name not in a.dirs.split(","):
             continue
@@ -151,12 +179,13 @@ def evaluate(a, pipeline: SteeringVector, ours: SteeringVector, dirs: dict[str, 
               sampling=ts.SamplingConfig(max_tokens=a.tokens, temperature=1.0, top_p=0.9, stop=("\n",)),
               progress=lambda stage, done, total: print(f"{stage} {done}/{total}", file=sys.stderr, flush=True) if done == total else None)
     base = res["methods"]["none"]
-    p = res["methods"][pipe]
-    matched = p["perplexity"] / base["perplexity"]
+    p = res["methods"][pipe] if pipe else None
+    matched = p["perplexity"] / base["perplexity"] if p else a.factor
     ev: dict = {"backend": gen_lm.name, "prompts": a.prompts, "n_prompts": res["n_prompts"], "tokens": a.tokens, "seed": a.seed,
                 "factor": a.factor, "baseline": {"positive_rate": base["success_rate"], "perplexity": base["perplexity"], "distinct_2": base["distinct_2"]},
-                "pipeline": {"positive_rate": p["success_rate"], "ppl_ratio": matched, "distinct_2": p["distinct_2"],
-                             "distinct_2_ratio": p["distinct_2"] / base["distinct_2"], "tok_s": p["tok_s"]},
+                "pipeline": p and {"method": pipe, "positive_rate": p["success_rate"], "ppl_ratio": matched, "ppl_median_ratio":
+                                   p["perplexity_median"] / base["perplexity_median"], "distinct_2": p["distinct_2"],
+                                   "distinct_2_ratio": p["distinct_2"] / base["distinct_2"], "tok_s": p["tok_s"]},
                 "curves": {}, "success_at_pipeline_ppl": {}, "success_at_factor": {}, "best_within_factor": {}}
     for m, (name, s) in label.items():
         r = res["methods"][m]
@@ -170,7 +199,7 @@ def evaluate(a, pipeline: SteeringVector, ours: SteeringVector, dirs: dict[str, 
         ok = [q["positive_rate"] for q in curve if q["ppl_ratio"] <= a.factor]
         ev["best_within_factor"][name] = max(ok) if ok else None
         print(name, " ".join(f"{q['strength']}:{q['positive_rate']:.2f}/x{q['ppl_ratio']:.2f}" for q in curve), file=sys.stderr, flush=True)
-    print(f"pipeline {ev['pipeline']['positive_rate']:.3f} at x{matched:.2f}; none {base['success_rate']:.3f}", file=sys.stderr, flush=True)
+    print(f"pipeline {p and p['success_rate']} at x{matched:.2f}; none {base['success_rate']:.3f}", file=sys.stderr, flush=True)
     return ev
 
 
