@@ -1,6 +1,7 @@
 """Issue #27's count figures from `tokensteer eval` runs: per method, success, mean and median
 perplexity, their ratios to the uncontrolled text's, the per-item median ratio, and how many texts
-hold a special token (ids from the sample cache).
+hold a special token (ids from the sample cache, which git ignores: the figures are written to
+OUT/count_smc.json beside results.json).
 
     .venv/bin/python benchmarks/count_smc.py benchmarks/eval/count-smc-dev benchmarks/eval/count-smc-test
 """
@@ -46,9 +47,11 @@ def main() -> None:
     tok = ts.load(None, backend="llamacpp").tokenizer
     special = set(tok.special_ids) - set(tok.eos_ids)
     for arg in sys.argv[1:]:
+        table = {name: {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()} for name, row in summary(Path(arg), special).items()}
+        (Path(arg) / "count_smc.json").write_text(json.dumps(table, indent=1) + "\n")
         print(Path(arg).name)
-        for name, row in summary(Path(arg), special).items():
-            print(f"  {name:28s}", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+        for name, row in table.items():
+            print(f"  {name:28s}", json.dumps(row))
 
 
 if __name__ == "__main__":
