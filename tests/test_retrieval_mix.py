@@ -87,6 +87,7 @@ def test_only_rows_the_formula_reads_are_decoded(tiny, kb, formula, rows):
                                 [FormulaControl(tiny, formula, docs=kb)])
     gens = h.result()
     assert h.rows_per_prompt == rows and all(len(g.tokens) == 3 for g in gens)
+    assert [g.prompt_tokens for g in gens] == [len(tiny.tokenizer.encode(p)) for p in (PROMPT, PROMPT + " big")]
 
 
 def test_r_composes_with_the_prompt_row(tiny, kb):

@@ -63,7 +63,7 @@ class Engine:
         """Queue a request; its rows join the running batch at the next step. Validation errors raise here."""
         prompts, cfg, controls = check_request(prompts, cfg, controls)
         req = Request(self.backend, prompts, cfg, controls)
-        n_tokens = [len(r) for r in req.rows[:: req.R]]
+        n_tokens = [len(p) for p in req.state.prompt_tokens]
         return self._queue(req, lambda events, total: collect(req.prompts, events, n_tokens, total, self.backend.name))
 
     def submit_bytes(
