@@ -14,6 +14,7 @@ from tokensteer.errors import UserError
 from tokensteer.server import retrieve
 from tokensteer.server.errors import APIError
 from tokensteer.server.limits import Limits
+from tokensteer.server.named import NamedEntries
 from tokensteer.server.retrieve import Stores
 from tokensteer.server.schemas import SteerItem, TokensteerExtra
 
@@ -25,37 +26,10 @@ VECTOR_SUFFIXES = (".safetensors", ".gguf")
 LAYERS = re.compile(r"^\s*\d{1,4}(\s*-\s*\d{1,4})?(\s*,\s*\d{1,4}(\s*-\s*\d{1,4})?)*\s*$")
 
 
-class Vectors:
-    """The steering vectors a client may name: the files directly inside one folder, by file name
-    or by file name without its suffix. The folder is listed again on every lookup, so vectors
-    added while the server runs are found."""
+class Vectors(NamedEntries):
+    """The steering vectors a client may name: ``.safetensors`` and ``.gguf`` files of ``--vectors``."""
 
-    def __init__(self, folder: str | Path | None) -> None:
-        self.folder = Path(folder).expanduser().resolve() if folder else None
-
-    def names(self) -> dict[str, Path]:
-        if self.folder is None or not self.folder.is_dir():
-            return {}
-        out: dict[str, Path] = {}
-        for p in sorted(self.folder.iterdir()):
-            if p.suffix.lower() in VECTOR_SUFFIXES and p.is_file():
-                out.setdefault(p.stem, p)
-                out.setdefault(p.name, p)
-        return out
-
-    def listing(self) -> list[str]:
-        """Each vector once, by its short name."""
-        return sorted({p.stem for p in self.names().values()})
-
-    def resolve(self, name: str, param: str) -> Path:
-        found = self.names().get(name)
-        if found is None:
-            if self.folder is None:
-                raise APIError(400, "this server has no steering vectors (start it with tokensteer serve --vectors DIR)", param=param, code="unknown_vector")
-            known = ", ".join(self.listing()) or "none"
-            raise APIError(400, f"unknown steering vector {name!r}: vectors are named from the server's folder, never by path; known: {known}",
-                           param=param, code="unknown_vector")
-        return found
+    suffixes, what, flag, code = VECTOR_SUFFIXES, "steering vector", "--vectors", "unknown_vector"
 
 
 def steer_spec(item: SteerItem, path: Path, param: str) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from tokensteer.errors import UserError
 from tokensteer.server.errors import APIError
 from tokensteer.server.limits import Limits
+from tokensteer.server.named import NamedEntries
 
 if TYPE_CHECKING:
     from tokensteer.controls import RequestControls
@@ -23,42 +24,14 @@ STORE_SUFFIXES = (".jsonl", ".txt", ".md")
 PARAM = "tokensteer.retrieve"
 
 
-class Stores:
-    """The document stores a client may name: each sub-folder, ``.jsonl``, ``.txt`` or ``.md`` file
-    directly inside one folder, by its name without the suffix (or with it). Listed again on every
-    lookup, so stores added while the server runs are found."""
+class Stores(NamedEntries):
+    """The document stores a client may name: sub-folders and ``.jsonl``, ``.txt`` or ``.md`` files
+    of ``--stores``."""
 
-    def __init__(self, folder: str | Path | None) -> None:
-        self.folder = Path(folder).expanduser().resolve() if folder else None
+    suffixes, folders, what, flag, code = STORE_SUFFIXES, True, "document store", "--stores", "unknown_store"
 
-    def names(self) -> dict[str, Path]:
-        if self.folder is None or not self.folder.is_dir():
-            return {}
-        out: dict[str, Path] = {}
-        for p in sorted(self.folder.iterdir()):
-            if p.name.startswith("."):
-                continue
-            if p.is_dir():
-                out.setdefault(p.name, p)
-            elif p.is_file() and p.suffix.lower() in STORE_SUFFIXES:
-                out.setdefault(p.stem, p)
-                out.setdefault(p.name, p)
-        return out
-
-    def listing(self) -> list[str]:
-        """Each store once, by its short name."""
-        return sorted({p.stem if p.is_file() else p.name for p in self.names().values()})
-
-    def resolve(self, name: str) -> Path:
-        found = self.names().get(name)
-        if found is None:
-            if self.folder is None:
-                raise APIError(400, "this server has no document stores (start it with tokensteer serve --stores DIR)",
-                               param=f"{PARAM}.store", code="unknown_store")
-            known = ", ".join(self.listing()) or "none"
-            raise APIError(400, f"unknown document store {name!r}: stores are named from the server's folder, never by path; known: {known}",
-                           param=f"{PARAM}.store", code="unknown_store")
-        return found
+    def resolve(self, name: str, param: str = f"{PARAM}.store") -> Path:
+        return super().resolve(name, param)
 
 
 @dataclass(frozen=True)
