@@ -47,8 +47,12 @@ def make_tiny_model(folder, seed: int = 0) -> None:
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(cfg)
-    with torch.no_grad():  # larger random weights give peaked, varied distributions
+    save_random(Gemma3ForCausalLM(cfg), tok, folder)
+
+
+def save_random(model, tok, folder) -> None:
+    """Give a tiny model larger random weights (peaked, varied distributions) and save it with its tokenizer."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)

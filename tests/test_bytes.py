@@ -297,15 +297,22 @@ def test_mixing_token_and_byte_level_terms_is_refused(bpe, sp_dir):
 
 
 # generation ---------------------------------------------------------------------------------
-def test_greedy_generation_follows_the_argmax(lm):
-    g = generate_bytes(lm, "The harb", max_tokens=15)
-    st, pending = ByteState(lm, "The harb"), b""
+def check_greedy_bytes(lm, prompt: str, max_tokens: int = 15):
+    """Greedy byte-level generation picks each step's argmax among the bytes UTF-8 allows, with its
+    log-probability; returns the generation and the state that followed it."""
+    g = generate_bytes(lm, prompt, max_tokens=max_tokens)
+    st, pending = ByteState(lm, prompt), b""
     for b, lp in zip(g.tokens, g.logprobs):
         dist = st.logprobs().float().masked_fill(~next_byte_mask(pending), NEG_INF)
         assert int(dist.argmax()) == b
         assert abs(float(torch.log_softmax(dist, -1)[b]) - lp) < 1e-5
         st.push(b)
         pending = b"" if tail_state(pending + bytes([b])) == 0 else pending + bytes([b])
+    return g, st
+
+
+def test_greedy_generation_follows_the_argmax(lm):
+    g, _ = check_greedy_bytes(lm, "The harb")
     assert g.text == bytes(g.tokens).decode("utf-8", "replace")[: len(g.text)]
 
 

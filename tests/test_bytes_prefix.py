@@ -13,7 +13,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bytes import CORPUS, Reference, close
+from conftest import save_random
+from test_bytes import CORPUS, Reference, check_greedy_bytes, close
 
 import tokensteer
 from tokensteer.bytes import (
@@ -70,12 +71,7 @@ def make_llama2_model(folder, proto: bytes, legacy_json: bool, seed: int = 2) ->
     )
     model = LlamaForCausalLM(cfg)
     torch.manual_seed(seed)
-    with torch.no_grad():  # larger random weights give peaked, varied distributions
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_random(model, tok, folder)
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +221,7 @@ def test_at_a_clean_boundary_bytes_are_the_tokens_by_first_byte(llama2, sp, prom
 
 
 def test_greedy_generation_follows_the_argmax(llama2):
-    g = generate_bytes(llama2, "The harb", max_tokens=15)
-    st_, pending = ByteState(llama2, "The harb"), b""
-    for b, lp in zip(g.tokens, g.logprobs):
-        dist = st_.logprobs().float().masked_fill(~next_byte_mask(pending), NEG_INF)
-        assert int(dist.argmax()) == b
-        assert abs(float(torch.log_softmax(dist, -1)[b]) - lp) < 1e-5
-        st_.push(b)
-        pending = b"" if tail_state(pending + bytes([b])) == 0 else pending + bytes([b])
+    g, st_ = check_greedy_bytes(llama2, "The harb")
     assert st_.forwards <= len(g.tokens) + len(b"The harb") + 2
 
 
