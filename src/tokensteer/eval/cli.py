@@ -11,7 +11,7 @@ def eval_command(
     task: Optional[str] = typer.Option(None, "--task", help="sentiment-positive, sentiment-negative, detox, topic, count, keywords, qa-dev or qa-test."),
     method: list[str] = typer.Option([], "--method", "-m", help="KIND or KIND:ARG (repeatable): none, prompt, formula:positive, steer:PATH\\[@STRENGTH] (without @STRENGTH: the file's recommended dose), constraints:SPEC, retrieve:K."),
     out: str = typer.Option("eval-out", "--out", "-o", help="Folder for results.json, report.html, PNGs and the sample cache."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Your own prompts: one per line, or JSONL with the task's fields."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Your own prompts (one per line, or JSONL with the task's fields), or a shipped set by name: openings_dev, openings_test, rude_dev, rude_test, count_dev, count_test."),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N prompts."),
     samples: int = typer.Option(1, "--samples", "-k", help="Continuations per prompt (detox: RealToxicityPrompts uses 25)."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="PARAM=V1,V2,... run each method that has PARAM once per value, e.g. strength=0,0.05,0.1."),
