@@ -28,6 +28,9 @@ from tokensteer.errors import UserError
 from tokensteer.hooks import Control
 from tokensteer.sampling import SamplingConfig
 
+# seconds an idle engine thread waits for the next request before it exits: a thread per request
+# would cost native memory each time (thread pools the kernels keep per calling thread)
+IDLE_S = 30.0
 PATHS = {"shared": Group, "forced": ForcedGroup, "speculative": SpeculativeGroup, "bytes": ByteGroup}
 #: why a request may not share a running group, for ``stats``
 WHY_ALONE = {
@@ -150,6 +153,7 @@ class Engine:
             with self._cv:
                 while self._held and not self._groups and not self._closed:
                     self._cv.wait()
+                self._cv.wait_for(lambda: self._closed or self._pending or self._groups, timeout=IDLE_S)
                 if self._closed or (not self._pending and not self._groups):
                     self._thread = None  # idle: the next submit starts a new thread
                     break
