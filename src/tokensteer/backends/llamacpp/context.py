@@ -8,6 +8,7 @@ import os
 import threading
 
 import llama_cpp
+import numpy as np
 
 from tokensteer.backends import env_threads
 from tokensteer.backends.llamacpp.batch import Batch
@@ -122,6 +123,13 @@ class Context:
         self.n_batch = int(llama_cpp.llama_n_batch(self.ptr))  # llama.cpp caps it at n_ctx
         self.batch = Batch(self.n_batch)
         self.cvec_on = False
+
+    def logits(self, n: int, n_vocab: int) -> np.ndarray:
+        """The [n, V] logits of the last decode, in batch order, viewed in place (no copy)."""
+        addr = ctypes.cast(llama_cpp.llama_get_logits(self.ptr), ctypes.c_void_p).value
+        if not addr:
+            raise RuntimeError("llama.cpp returned no logits")
+        return np.ctypeslib.as_array((ctypes.c_float * (n * n_vocab)).from_address(addr)).reshape(n, -1)
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self.mem, False)

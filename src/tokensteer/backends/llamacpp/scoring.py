@@ -7,11 +7,9 @@ of one decode step per token.
 
 from __future__ import annotations
 
-import ctypes
 from typing import TYPE_CHECKING, Sequence
 
 import llama_cpp
-import numpy as np
 import torch
 
 from tokensteer.backends.llamacpp.kernels import PREFILL_ROWS
@@ -54,9 +52,7 @@ class _Packer:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
         if self.owners:
-            addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
-            rows = len(self.owners)
-            x = torch.from_numpy(np.ctypeslib.as_array((ctypes.c_float * (rows * self.n_vocab)).from_address(addr)).reshape(rows, -1))
+            x = torch.from_numpy(c.logits(len(self.owners), self.n_vocab))
             lse = torch.logsumexp(x, dim=-1)
             picked = x.gather(1, torch.tensor(self.targets)[:, None]).squeeze(1)
             for owner, v in zip(self.owners, (lse - picked).tolist()):

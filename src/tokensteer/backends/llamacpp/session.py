@@ -125,10 +125,7 @@ class LlamaSession(Session):
 
     def _logits(self, n: int) -> np.ndarray:
         """The [n, V] logits of the last decode, in batch order, viewed in place (no copy)."""
-        addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
-        if not addr:
-            raise RuntimeError("llama.cpp returned no logits")
-        return np.ctypeslib.as_array((ctypes.c_float * (n * self.b.n_vocab)).from_address(addr)).reshape(n, -1)
+        return self.c.logits(n, self.b.n_vocab)
 
     @property
     def n_rows(self) -> int:
