@@ -1,0 +1,106 @@
+"""Rules of the code base that a machine can check: small modules, no private names across modules,
+no compiler at run time, sub-commands that do not import the command line's root."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "src"
+MAX_LINES = 400
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name -> file of every module under src/."""
+    out = {}
+    for p in sorted(ROOT.rglob("*.py")):
+        parts = list(p.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = p
+    return out
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def absolute(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module an ``from ... import`` in ``module`` (file ``path``) reads from."""
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    base = base[: len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def private_uses(source: str, module: str, path: Path, known: dict[str, Path]) -> list[str]:
+    """``from X import _y`` and ``X._y`` (X one of ``known``) in ``source``: private names of other modules."""
+    tree = ast.parse(source)
+    found, aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = absolute(module, path, node)
+            for a in node.names:
+                if private(a.name) and mod in known:
+                    found.append(f"{path.name}:{node.lineno}: from {mod} import {a.name}")
+                if f"{mod}.{a.name}" in known:
+                    aliases[a.asname or a.name] = f"{mod}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            chain, cur = [], node.value
+            while isinstance(cur, ast.Attribute):
+                chain.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name) and cur.id in aliases:
+                target = ".".join([aliases[cur.id], *reversed(chain)])
+                if target in known and target != module:
+                    found.append(f"{path.name}:{node.lineno}: {target}.{node.attr}")
+    return found
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_no_private_name_is_used_across_modules():
+    known = modules()
+    found = [u for name, p in known.items() for u in private_uses(p.read_text(), name, p, known)]
+    assert not found, found
+
+
+def test_the_private_name_check_finds_both_forms():
+    known = {"tokensteer.a": ROOT / "tokensteer/a.py", "tokensteer.b": ROOT / "tokensteer/b.py"}
+    source = "from tokensteer.a import _x, y\nimport tokensteer.a as a\nfrom tokensteer import b\na._z()\nb._w\nb.__name__\n"
+    found = private_uses(source, "tokensteer.c", ROOT / "tokensteer/c.py", known)
+    assert sorted(f.split(": ", 1)[1] for f in found) == ["from tokensteer.a import _x", "tokensteer.a._z", "tokensteer.b._w"]
+
+
+def test_no_compiler_or_subprocess_runs_at_run_time():
+    """Native kernels are built at install (setup.py); the package never starts a compiler or a process."""
+    banned = {"subprocess", "distutils", "setuptools", "cffi"}
+    found = []
+    for p in modules().values():
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{p.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in banned]
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os" and node.attr in ("system", "popen", "execv", "execvp", "spawnv"):
+                found.append(f"{p.relative_to(ROOT)}:{node.lineno}: os.{node.attr}")
+    assert not found, found
+
+
+def test_sub_commands_do_not_import_the_command_line_root():
+    """Shared CLI helpers live in tokensteer.cli_common, so nothing imports tokensteer.cli (no import cycle)."""
+    found = []
+    for name, p in modules().items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (absolute(name, p, node) == "tokensteer.cli" or
+                                                     (absolute(name, p, node) == "tokensteer" and any(a.name == "cli" for a in node.names))):
+                found.append(f"{name}:{node.lineno}")
+            if isinstance(node, ast.Import) and any(a.name == "tokensteer.cli" for a in node.names):
+                found.append(f"{name}:{node.lineno}")
+    assert not found, found
