@@ -15,7 +15,7 @@ NATIVE := $(wildcard src/tokensteer/backends/llamacpp/native/*.[ch])
 $(STAMP): pyproject.toml setup.py $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 'setuptools>=68'
-	# llama-cpp-python compiles from source the first time (about 6-7 minutes); pip caches the wheel.
+	# llama-cpp-python compiles from source the first time (several minutes); pip caches the wheel.
 	# Its AMX kernels crash on Q4_K weights (llama.cpp #20824), so they are compiled out (the
 	# backend loads weights unrepacked anyway, so a row's logits do not depend on its batch).
 	CMAKE_BUILD_PARALLEL_LEVEL=2 CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install -q $(LLAMA)

@@ -1,7 +1,7 @@
 """Backends behind the decode loop, and the choice between them.
 
 ``torch`` runs any local Hugging Face model (or GGUF through transformers) with every hook;
-``llamacpp`` runs GGUF files (the bundled model included) several times faster but can only add
+``llamacpp`` runs GGUF files (the bundled model included) faster but can only add
 steering vectors; ``auto`` picks llamacpp when it is installed, can load the model and has every
 capability the request needs, else torch. The llama.cpp settings (``TOKENSTEER_N_CTX``,
 ``TOKENSTEER_THREADS``) are checked whichever backend runs.

@@ -1,7 +1,7 @@
 """The matrix products of llama.cpp's transformer blocks, run by our own kernels.
 
 llama.cpp multiplies a quantised weight matrix by each row of a batch separately, decoding every
-weight block again for every row, so a decode step of 4 rows costs nearly twice a step of 1.
+weight block again for every row, so a decode step costs more with every row it carries.
 ``native/matmul.c`` decodes each block once and meets up to 4 rows with it (AVX-512 VNNI),
 for Q8_0, Q5_0, Q4_K and Q6_K weights. It is spliced into llama.cpp's own graphs: the eval
 callback (``Capture``) offers each node to ``tokensteer_splice`` before llama.cpp computes the

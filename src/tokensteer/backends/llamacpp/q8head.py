@@ -1,15 +1,15 @@
 """The output layer of a GGUF model whose output matrix is Q8_0, run by our own kernel.
 
-On Gemma 3 270M that layer is the tied 262,144 x 640 Q8_0 embedding, most of the file, and in
-llama.cpp it costs more than all the blocks before it, plus as much again for each extra row,
-because llama.cpp's kernel runs it row by row. ``native/q8head.c`` reads the matrix once per 4 rows
-with AVX-512 VNNI (or AVX2) dot products, activations quantised as llama.cpp quantises them, so a
-decoding session can stop llama.cpp's graph at the final norm (``Capture``) and finish here: extra
-rows cost little, and a formula's mixed rows (``Session`` ``mix``) need no second model. On CPUs
-with AMX, ``native/q8amx.c`` repacks the matrix once into tiles (a copy of about its size) and one
-tile instruction then serves 16 rows. Where the install did not
-build the kernel (no C compiler), on CPUs with neither AVX-512 VNNI nor AVX2, or where the matrix
-is another type, ``Q8Head`` raises ValueError and the backend keeps llama.cpp's own layer.
+On Gemma 3 270M that layer is the tied 262,144 x 640 Q8_0 embedding, most of the weights, and
+llama.cpp's kernel runs it row by row, reading the whole matrix again for each extra row.
+``native/q8head.c`` reads the matrix once per 4 rows with AVX-512 VNNI (or AVX2) dot products,
+activations quantised as llama.cpp quantises them, so a decoding session can stop llama.cpp's graph
+at the final norm (``Capture``) and finish here: extra rows cost little, and a formula's mixed rows
+(``Session`` ``mix``) need no second model. On CPUs with AMX, ``native/q8amx.c`` repacks the matrix
+once into tiles (a copy of about its size) and one tile instruction then serves 16 rows. Where the
+install did not build the kernel (no C compiler), on CPUs with neither AVX-512 VNNI nor AVX2, or
+where the matrix is another type, ``Q8Head`` raises ValueError and the backend keeps llama.cpp's own
+layer.
 """
 
 from __future__ import annotations
