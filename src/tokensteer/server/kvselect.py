@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tokensteer.errors import UserError
 from tokensteer.kvselect import KV_SELECT, KVSelectConfig, parse_kv_select
 from tokensteer.server.errors import APIError
+from tokensteer.server.schemas import KVSelect, TokensteerExtra
 
 if TYPE_CHECKING:
     from tokensteer.engine import Engine
@@ -41,10 +42,10 @@ def request_setting(spec: object, lm) -> KVSelectConfig | None:
     return cfg
 
 
-def requested(extra: object) -> object:
+def requested(extra: TokensteerExtra | None) -> str | bool | dict | None:
     """The ``kv_select`` of a request's ``tokensteer`` object as ``parse_kv_select`` takes it (None: not given)."""
-    v = getattr(extra, "kv_select", None)
-    return v.model_dump() if hasattr(v, "model_dump") else v
+    v = None if extra is None else extra.kv_select
+    return v.model_dump() if isinstance(v, KVSelect) else v
 
 
 def server_setting(lm, cfg: KVSelectConfig | None) -> None:
