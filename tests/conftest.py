@@ -50,14 +50,31 @@ def make_tiny_model(folder, seed: int = 0) -> None:
     save_random(Gemma3ForCausalLM(cfg), tok, folder)
 
 
-def save_random(model, tok, folder) -> None:
-    """Give a tiny model larger random weights (peaked, varied distributions) and save it with its tokenizer."""
+def save_random(model, tok, folder, seed: int | None = None) -> None:
+    """Give a tiny model larger random weights (peaked, varied distributions; drawn after
+    ``torch.manual_seed(seed)`` when a seed is given) and save it with its tokenizer."""
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+def deny_reading(monkeypatch, name: str) -> None:
+    """Make ``Path.read_text`` of any file called ``name`` fail as an unreadable file does (also for root)."""
+    from pathlib import Path
+
+    orig = Path.read_text
+
+    def denied(self, *a, **k):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", denied)
 
 
 @pytest.fixture(scope="session")

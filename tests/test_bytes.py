@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import save_random
 
 import tokensteer
 from tokensteer.bytes import END, ByteFormula, ByteState, generate_bytes, score, stream_bytes
@@ -22,14 +23,6 @@ from tokensteer.errors import UserError
 
 CORPUS = (Path(__file__).parent / "data" / "bytes_corpus.txt").read_text(encoding="utf-8").splitlines()
 NEG_INF = float("-inf")
-
-
-def _random_weights(model, seed: int) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():  # larger random weights give peaked, varied distributions
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
 
 
 def make_bpe_model(folder: Path, seed: int = 0) -> None:
@@ -45,9 +38,7 @@ def make_bpe_model(folder: Path, seed: int = 0) -> None:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
-    _random_weights(model, seed)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_random(model, tok, folder, seed)
 
 
 def make_sp_model(folder: Path, seed: int = 1) -> None:
@@ -78,9 +69,7 @@ def make_sp_model(folder: Path, seed: int = 1) -> None:
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
-    _random_weights(model, seed)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_random(model, tok, folder, seed)
 
 
 @pytest.fixture(scope="module")

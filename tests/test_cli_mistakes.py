@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from conftest import deny_reading
 
 from tokensteer.cli import app
 from tokensteer.errors import UserError
@@ -94,14 +95,7 @@ def test_constraint_files_that_are_not_utf8(tiny_dir, files, flag, name):
 
 
 def test_unreadable_file_is_one_line(tiny_dir, files, monkeypatch):
-    orig = Path.read_text
-
-    def denied(self, *a, **k):
-        if self.name == "pairs.jsonl":
-            raise PermissionError(13, "Permission denied", str(self))
-        return orig(self, *a, **k)
-
-    monkeypatch.setattr(Path, "read_text", denied)
+    deny_reading(monkeypatch, "pairs.jsonl")
     r = run("steer", "train", "--pairs", files / "pairs.jsonl", "--out", files / "new.safetensors", "--model", tiny_dir)
     assert_user_error(r, "permission denied")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import deny_reading
 
 from tokensteer.controls import RequestControls
 from tokensteer.errors import UserError
@@ -113,18 +114,9 @@ def test_unreadable_file(tmp_path):
 
 
 def test_unreadable_file_as_root_too(tmp_path, monkeypatch):
-    from pathlib import Path
-
     (tmp_path / "kb").mkdir()
     (tmp_path / "kb" / "secret.txt").write_text("x")
-    orig = Path.read_text
-
-    def denied(self, *a, **k):
-        if self.name == "secret.txt":
-            raise PermissionError(13, "Permission denied", str(self))
-        return orig(self, *a, **k)
-
-    monkeypatch.setattr(Path, "read_text", denied)
+    deny_reading(monkeypatch, "secret.txt")
     with pytest.raises(UserError, match="cannot read document .*Permission denied"):
         load_documents(tmp_path / "kb")
 
