@@ -3,7 +3,8 @@
 On the bundled model (llama.cpp, ``TOKENSTEER_THREADS`` threads, 2 by default), in one run:
 
 * ``throughput_8_vs_1``: 8 requests arriving at seeded Poisson times, served together by one engine,
-  against the same 8 served one after another; aggregate generated tokens per second;
+  against the same 8 served one after another; aggregate generated tokens per second (the median
+  of the rounds, after one untimed warm-up batch);
 * ``ttft_p50_ms`` / ``ttft_p95_ms``: time from submit to first token under that load;
 * ``single_overhead``: one request through the engine ÷ the same request through the fixed-batch
   loop the engine replaced (read from git at ``--baseline``), seconds per decoded token (prefill
@@ -110,6 +111,9 @@ def main() -> None:
 
     lm = ts.load(None, backend=args.backend)
     cfg = ts.SamplingConfig(max_tokens=args.tokens, temperature=0.8, seed=0, ignore_eos=True)
+    # untimed warm-up: a process's first batch opens the backend's contexts, which the timed
+    # one-at-a-time half (always run second) would otherwise never pay for
+    serve(lm, [0.0] * len(PROMPTS), ts.SamplingConfig(max_tokens=4, ignore_eos=True))
     rng = random.Random(0)
     ratios, ttfts = [], []
     for r in range(args.rounds):

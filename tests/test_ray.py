@@ -162,9 +162,13 @@ def test_pack_keeps_controlled_batches_whole_and_gives_every_worker_a_job():
     ctl = [object()]
     batches = [Batch("none", [unit(i)]) for i in range(5)] + [Batch("steer", [unit(5), unit(6)], ctl)]
     jobs = pack(batches, batch_size=16, workers=2)
-    assert [[[u.index for u in b.units] for b in j.batches] for j in jobs] == [[[0], [1], [2]], [[5, 6]], [[3], [4]]]
+    assert [[[u.index for u in b.units] for b in j.batches] for j in jobs] == [[[5, 6]], [[0, 1, 2]], [[3, 4]]]
     assert all(not b.controls for j in jobs for b in j.batches)  # rebuilt on the worker from the method spec
     assert [j.units for j in pack(batches, batch_size=2, workers=1)] == [2, 2, 2, 1]
+    # one full batch of plain units (what the eval plans) is cut so that both workers get half
+    whole = [Batch("none", [unit(i) for i in range(16)]), Batch("prompt", [unit(16), unit(17)])]
+    assert [[(b.method, len(b.units)) for b in j.batches] for j in pack(whole, batch_size=16, workers=2)] == [
+        [("none", 9)], [("none", 7), ("prompt", 2)]]
 
 
 def test_deployment_options_fixed_or_autoscaled():

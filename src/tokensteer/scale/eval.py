@@ -64,22 +64,19 @@ class Job:
 
 
 def pack(batches: Sequence[Batch], batch_size: int, workers: int) -> list[Job]:
-    """Batches with controls one job each; units without controls up to ``batch_size`` to a job (they
-    fill an actor's running batch together), fewer where that leaves a worker without a job."""
-    n_free = sum(1 for b in batches if not b.controls)
-    size = max(1, min(batch_size, -(-n_free // workers)))
-    jobs: list[Job] = []
-    free: list[Batch] = []
-    for b in batches:
-        if b.controls:
-            jobs.append(Job([replace(b, controls=[])]))
-        else:
-            free.append(b)
-            if len(free) >= size:
-                jobs.append(Job(free))
-                free = []
-    if free:
-        jobs.append(Job(free))
+    """Batches with controls one job each; units without controls in jobs of up to ``batch_size``
+    (they fill an actor's running batch together), fewer where that would leave a worker idle.
+    Every unit draws from its own seed, so how units are cut into jobs never changes a text."""
+    free = [(b.method, u) for b in batches if not b.controls for u in b.units]
+    size = max(1, min(batch_size, -(-len(free) // workers)))
+    jobs = [Job([replace(b, controls=[])]) for b in batches if b.controls]
+    for i in range(0, len(free), size):
+        job = Job([])
+        for method, u in free[i : i + size]:
+            if not job.batches or job.batches[-1].method != method:
+                job.batches.append(Batch(method, []))
+            job.batches[-1].units.append(u)
+        jobs.append(job)
     return jobs
 
 
