@@ -107,9 +107,9 @@ class LlamaCppBackend(Backend):
         n_threads = n_threads or default_threads()
         params = llama_cpp.llama_model_default_params()
         # Weights stay in the plain CPU buffer: no AMX (whose kernels crash on Q4_K, llama.cpp #20824)
-        # and no repacking, whose 4-column kernels give a row different logits (by up to 1.2) when it
-        # shares a decode call with 3 others. Without it, batched rows are bit-identical to one row
-        # at a time, for a little speed that our block kernels win back.
+        # and no repacking, whose 4-column kernels give a row different logits when it shares a
+        # decode call with 3 others. Without it, batched rows are bit-identical to one row at a
+        # time, for a little speed that our block kernels win back.
         params.use_extra_bufts = False
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
@@ -282,8 +282,7 @@ class LlamaCppBackend(Backend):
             b.c.n_tokens = n
             if llama_cpp.llama_decode(c.ptr, b.c) != 0:
                 return None
-            addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
-            return np.ctypeslib.as_array((ctypes.c_float * (n * self.n_vocab)).from_address(addr)).reshape(n, -1).copy()
+            return c.logits(n, self.n_vocab).copy()
         finally:
             c.free()
 
@@ -298,8 +297,7 @@ class LlamaCppBackend(Backend):
             b.c.n_tokens = n
             if llama_cpp.llama_decode(c.ptr, b.c) != 0:
                 return False
-            addr = ctypes.cast(llama_cpp.llama_get_logits(c.ptr), ctypes.c_void_p).value
-            full = np.ctypeslib.as_array((ctypes.c_float * self.n_vocab).from_address(addr)).copy()
+            full = c.logits(1, self.n_vocab)[0].copy()
             llama_cpp.llama_memory_clear(c.mem, False)
             c.capture.arm()
             rc = llama_cpp.llama_decode(c.ptr, b.c)

@@ -26,6 +26,15 @@ INIT_LOCK = threading.Lock()
 _initialised = False
 
 
+def logits_view(ctx, n: int, n_vocab: int) -> np.ndarray:
+    """The [n, V] logits of the last decode in llama.cpp context ``ctx``, in batch order, viewed in
+    place (no copy: the next decode overwrites them)."""
+    addr = ctypes.cast(llama_cpp.llama_get_logits(ctx), ctypes.c_void_p).value
+    if not addr:
+        raise RuntimeError("llama.cpp returned no logits")
+    return np.ctypeslib.as_array((ctypes.c_float * (n * n_vocab)).from_address(addr)).reshape(n, -1)
+
+
 def init_llama() -> None:
     """Initialise llama.cpp once per process and keep its log quiet unless asked."""
     global _initialised
@@ -126,10 +135,7 @@ class Context:
 
     def logits(self, n: int, n_vocab: int) -> np.ndarray:
         """The [n, V] logits of the last decode, in batch order, viewed in place (no copy)."""
-        addr = ctypes.cast(llama_cpp.llama_get_logits(self.ptr), ctypes.c_void_p).value
-        if not addr:
-            raise RuntimeError("llama.cpp returned no logits")
-        return np.ctypeslib.as_array((ctypes.c_float * (n * n_vocab)).from_address(addr)).reshape(n, -1)
+        return logits_view(self.ptr, n, n_vocab)
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self.mem, False)

@@ -16,7 +16,6 @@ same result, without the saving.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import llama_cpp
 import numpy as np
 
 from tokensteer.backends.llamacpp.batch import Batch
+from tokensteer.backends.llamacpp.context import logits_view
 from tokensteer.errors import UserError
 
 ROWS = 64  # mixed rows per head call (llama.cpp sizes its logits buffers by this)
@@ -69,9 +69,7 @@ class Head:
                 rc = llama_cpp.llama_decode(self.ctx, self.batch.c)
                 if rc != 0:
                     raise RuntimeError(f"llama_decode failed with code {rc} in the output layer")
-                addr = ctypes.cast(llama_cpp.llama_get_logits(self.ctx), ctypes.c_void_p).value
-                view = np.ctypeslib.as_array((ctypes.c_float * (k * self.n_vocab)).from_address(addr)).reshape(k, -1)
-                np.multiply(view, scale[start : start + k, None], out=out[start : start + k])
+                np.multiply(logits_view(self.ctx, k, self.n_vocab), scale[start : start + k, None], out=out[start : start + k])
         return out
 
     def free(self) -> None:
