@@ -506,9 +506,9 @@ def test_regex_plan_costs_count_the_vocabularys_tokens():
 
 @pytest.mark.parametrize("regex", [r"(a|b)*a(a|b){20}", r"\p{L}+"])
 def test_regexes_without_a_small_dfa_go_unplanned(tiny, regex):
-    from tokensteer.constraints.grammar import _plan
+    from tokensteer.constraints.grammar import regex_plan
 
-    assert _plan(regex, token_table(tiny.tokenizer)) is None
+    assert regex_plan(regex, token_table(tiny.tokenizer)) is None
     g = sample(tiny, ConstraintSpec(regex=regex), 0, n=1, max_tokens=6)[0]
     assert g.finish_reason in {"length", "eos"}
 
@@ -549,12 +549,12 @@ def test_regex_plan_prices_fixed_text_as_the_tokenizer_writes_it():
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000))
 def test_json_schema_finishes_in_a_budget_its_plan_says_fits(tiny, seed):
-    from tokensteer.constraints.grammar import _plan
+    from tokensteer.constraints.grammar import regex_plan
     from tokensteer.constraints.regexplan import schema_regex
 
     schema = {"type": "object", "additionalProperties": False, "required": ["n", "tag"],
               "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "tag": {"enum": ["cat", "dog"]}}}
-    plan = _plan(schema_regex(schema), token_table(tiny.tokenizer), lambda t: tiny.tokenizer.encode(t, add_bos=False))
+    plan = regex_plan(schema_regex(schema), token_table(tiny.tokenizer), lambda t: tiny.tokenizer.encode(t, add_bos=False))
     plan.allowed(plan.initial, 1)
     for g in sample(tiny, ConstraintSpec(json_schema=schema), seed, max_tokens=int(plan.dist[plan.initial]) + 1):
         jsonschema.validate(json.loads(g.text), schema)

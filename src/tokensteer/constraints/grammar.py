@@ -178,7 +178,7 @@ def read_grammar(path: str) -> str:
     return text
 
 
-def _plan(regex: str, table: TokenTable, encode=None) -> RegexPlan | None:
+def regex_plan(regex: str, table: TokenTable, encode=None) -> RegexPlan | None:
     """The regex's budget plan, or None when its DFA cannot be built here (too big, or syntax that
     interegular does not know, such as ``\\p{L}``): llguidance alone then decides, as for Lark grammars."""
     def build() -> RegexPlan | None:
@@ -212,7 +212,7 @@ class Grammar(Constraint):
         self.llt = lltokenizer(tok, table)
         self.words = (table.size + 31) // 32
         self.pending: list[Future | None] = []  # per row: the next mask, being computed by _POOL
-        self.plan = _plan(regex, table, lambda text: tok.encode(text, add_bos=False)) if regex is not None else None
+        self.plan = regex_plan(regex, table, lambda text: tok.encode(text, add_bos=False)) if regex is not None else None
         self.rows: RowPlans | None = None
 
     def __repr__(self) -> str:
