@@ -333,6 +333,13 @@ def _state(max_tokens, step=0, prompt=(), stop=()):
     return SimpleNamespace(batch_size=1, step=step, max_tokens=max_tokens, prompt_tokens=[list(prompt)], stop=stop, finished=[False], generated=[[]])
 
 
+def first_mask(constraint, budget: int):
+    """``constraint``'s mask on the first step of a row that may generate ``budget`` tokens."""
+    state = _state(budget)
+    constraint.start(state)
+    return constraint.allowed(state, 0)
+
+
 def test_exact_words_refuses_a_letterless_piece_the_budget_cannot_finish(tiny):
     """A piece without a letter ("\\x87") needs another token to count as a word: with exactly one
     token per word left it is refused (it once made --words 5 in 5 tokens end with 4 words)."""
@@ -342,9 +349,7 @@ def test_exact_words_refuses_a_letterless_piece_the_budget_cannot_finish(tiny):
     piece, word = table.tokens.index(b"\x87"), table.tokens.index(b" the")
     words = ExactWords(table, 5)
     for budget, allowed in [(5, False), (6, True)]:
-        state = _state(budget)
-        words.start(state)
-        mask = words.allowed(state, 0)
+        mask = first_mask(words, budget)
         assert bool(mask[word]) and bool(mask[piece]) is allowed, budget
     for seed in range(6):
         for g in sample(tiny, ConstraintSpec(words=5), seed, max_tokens=5, prompts=["dog dog", "the cat ", "naïve é", "x"]):
@@ -423,9 +428,7 @@ def test_vocabulary_leaves_steps_to_finish_an_open_word(tiny):
     words = WordList(table, ["hello", "world", "it's"])
     h, he = table.tokens.index(b"h"), table.tokens.index(b"he")
     for budget, allowed in [(2, False), (3, True)]:
-        state = _state(budget)
-        words.start(state)
-        mask = words.allowed(state, 0)
+        mask = first_mask(words, budget)
         assert bool(mask[he]) and bool(mask[h]) is allowed, budget
     for seed in range(4):
         for g in sample(tiny, ConstraintSpec(vocab=["hello", "world", "it's"]), seed, max_tokens=3):
