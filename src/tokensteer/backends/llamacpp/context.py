@@ -26,10 +26,16 @@ INIT_LOCK = threading.Lock()
 _initialised = False
 
 
+def logits_address(ctx) -> int:
+    """Where llama.cpp context ``ctx`` keeps its logits (0: none yet); it moves when llama.cpp
+    reallocates its output buffer, so a kept view is valid while this stays the same."""
+    return ctypes.cast(llama_cpp.llama_get_logits(ctx), ctypes.c_void_p).value or 0
+
+
 def logits_view(ctx, n: int, n_vocab: int) -> np.ndarray:
     """The [n, V] logits of the last decode in llama.cpp context ``ctx``, in batch order, viewed in
     place (no copy: the next decode overwrites them)."""
-    addr = ctypes.cast(llama_cpp.llama_get_logits(ctx), ctypes.c_void_p).value
+    addr = logits_address(ctx)
     if not addr:
         raise RuntimeError("llama.cpp returned no logits")
     return np.ctypeslib.as_array((ctypes.c_float * (n * n_vocab)).from_address(addr)).reshape(n, -1)
