@@ -53,6 +53,22 @@ def test_the_readme_is_a_short_guide_whose_blocks_all_have_a_runner():
                 assert argv[0] in ("tokensteer", "make"), f"README.md:{line}: no runner for {argv[0]!r}"
 
 
+def test_the_readme_has_a_section_with_an_example_for_each_capability():
+    text = README.read_text(encoding="utf-8")
+    sections = dict(re.findall(r"^## ([^\n]+)\n(.*?)(?=^## |\Z)", text, re.M | re.S))
+    for title in ("Set-up", "Quick start", "Generate", "Formulas", "Activation steering", "Hard constraints", "Evaluation", "Serve"):
+        assert title in sections, f"README.md has no '## {title}' section"
+        assert "```" in sections[title], f"README.md's '{title}' section has no example"
+    assert "](benchmarks/RESULTS.md)" in text  # figures live there, not here
+
+
+def test_the_readme_quotes_no_measured_figures():
+    """Speeds and machines belong in benchmarks/RESULTS.md; the README only links to it."""
+    text = README.read_text(encoding="utf-8")
+    found = re.findall(r"tok/s|tokens/s|this CPU|this machine|\d\s?ms\b|\d(?:\.\d+)?\s?[x×]\b|\d\s?%|EPYC|Xeon", text)
+    assert not found, found
+
+
 def test_the_readme_links_to_files_that_exist():
     text = README.read_text(encoding="utf-8")
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
