@@ -4,10 +4,15 @@ no compiler at run time, sub-commands that do not import the command line's root
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src"
 MAX_LINES = 400
+#: a measured figure in prose: a time, a rate or a speed ratio (figures belong in benchmarks/RESULTS.md)
+FIGURE = re.compile(r"\d\s?(ms|µs)\b|\d\s?(tok/s|tokens/s|bytes/s)|(?<![\w.])\d+(\.\d+)?\s?[x×](?!\w|\s?\d)|\d\s?% (faster|slower)")
 
 
 def modules() -> dict[str, Path]:
@@ -104,3 +109,25 @@ def test_sub_commands_do_not_import_the_command_line_root():
             if isinstance(node, ast.Import) and any(a.name == "tokensteer.cli" for a in node.names):
                 found.append(f"{name}:{node.lineno}")
     assert not found, found
+
+
+def prose(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every comment and docstring line of ``source``."""
+    out = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            doc = ast.get_docstring(node, clean=False)
+            out += [(node.body[0].lineno + i, line) for i, line in enumerate((doc or "").splitlines())]
+    return out
+
+
+def test_comments_and_docstrings_quote_no_measured_figures():
+    found = [f"{p.relative_to(ROOT)}:{n}: {t.strip()}" for p in modules().values() for n, t in prose(p.read_text()) if FIGURE.search(t)]
+    assert not found, found
+
+
+def test_the_figure_check_tells_figures_from_shapes():
+    src = ('"""Doc: a 262,144 x 640 matrix."""\n# 4 rows cost 1.8x one row\nx = 1  # 45 tok/s\ndef f():\n    """Takes 20 ms."""\n'
+           '# byte <0xE2>; a 4xx reply; 3 ×\n')
+    assert sorted(n for n, t in prose(src) if FIGURE.search(t)) == [2, 3, 5, 6]
+    assert [t for n, t in prose(src) if n == 6 and FIGURE.search(t.replace("3 ×", ""))] == []
