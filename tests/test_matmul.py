@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 
 from tokensteer.backends.llamacpp import kernels as matmul  # noqa: E402
 
-pytestmark = pytest.mark.skipif(matmul._kernel() is None, reason="the block kernels cannot be built on this machine")
+pytestmark = pytest.mark.skipif(matmul.kernel() is None, reason="the block kernels cannot be built on this machine")
 
 Q = gguf.GGMLQuantizationType
 

@@ -10,21 +10,21 @@ from hypothesis import strategies as st
 gguf = pytest.importorskip("gguf")
 
 import tokensteer.backends.llamacpp.q8head as q8head  # noqa: E402
-from tokensteer.backends.llamacpp.q8head import Q8Head, _kernel  # noqa: E402
+from tokensteer.backends.llamacpp.q8head import Q8Head, kernel  # noqa: E402
 
-pytestmark = pytest.mark.skipif(_kernel() is None, reason="the Q8_0 output kernel is not built for this machine")
+pytestmark = pytest.mark.skipif(kernel() is None, reason="the Q8_0 output kernel is not built for this machine")
 
 
 @pytest.fixture(params=["amx", "best", "avx2"])
 def variant(request, monkeypatch):
     """The AMX kernel, the best build this CPU runs without AMX, and the AVX2 build (the AVX2 path
     even on an AVX-512 CPU). Returns Q8Head's ``amx`` argument."""
-    if request.param == "amx" and q8head._amx() is None:
+    if request.param == "amx" and q8head.amx_kernel() is None:
         pytest.skip("no AMX here")
     if request.param == "avx2":
-        if _kernel("avx2") is None:
+        if kernel("avx2") is None:
             pytest.skip("no AVX2 build here")
-        monkeypatch.setattr(q8head, "_kernel", lambda: _kernel("avx2"))
+        monkeypatch.setattr(q8head, "kernel", lambda: kernel("avx2"))
     return request.param == "amx"
 
 

@@ -25,7 +25,7 @@ PREFILL_ROWS = 16  # past this many tokens in one call llama.cpp's own matrix ke
 
 
 @cache
-def _kernel() -> ctypes.CDLL | None:
+def kernel() -> ctypes.CDLL | None:
     """The installed kernel for this CPU and this llama.cpp, or None where there is none."""
     from tokensteer.backends.llamacpp.native import library
 
@@ -40,7 +40,7 @@ def _kernel() -> ctypes.CDLL | None:
 
 def splice_function() -> int | None:
     """Address of ``tokensteer_splice`` for the eval callback, or None where the kernel cannot run."""
-    lib = _kernel()
+    lib = kernel()
     return None if lib is None else ctypes.cast(lib.tokensteer_splice, ctypes.c_void_p).value
 
 
@@ -48,7 +48,7 @@ def matmul(weights: np.ndarray, type_name: str, n_out: int, x: np.ndarray, slice
     """``x @ W.T`` for the GGUF-encoded matrix ``weights`` (raw bytes of ``n_out`` rows) and float
     rows ``x`` [n, n_in], computed in ``slices`` pieces of output rows as llama.cpp's threads would.
     For tests; raises ValueError for a type or shape the kernel does not take."""
-    lib = _kernel()
+    lib = kernel()
     if lib is None:
         raise ValueError("the matrix kernel is not built for this machine")
     if type_name not in TYPES:
@@ -68,7 +68,7 @@ def matmul(weights: np.ndarray, type_name: str, n_out: int, x: np.ndarray, slice
 
 def geglu(a: np.ndarray, b: np.ndarray, slices: int = 1) -> np.ndarray:
     """``gelu(a) * b`` (tanh GELU) as the spliced GEGLU op computes it, in ``slices`` pieces. For tests."""
-    lib = _kernel()
+    lib = kernel()
     if lib is None:
         raise ValueError("the matrix kernel is not built for this machine")
     a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)

@@ -25,7 +25,7 @@ Q8_0 = 8  # ggml's type id
 
 
 @cache
-def _kernel(variant: str | None = None) -> ctypes.CDLL | None:
+def kernel(variant: str | None = None) -> ctypes.CDLL | None:
     """The installed kernel: the best build this CPU runs, or the named ``variant`` (``avx2``
     tests that path on an AVX-512 machine); None where there is none."""
     from tokensteer.backends.llamacpp.native import library
@@ -39,7 +39,7 @@ def _kernel(variant: str | None = None) -> ctypes.CDLL | None:
 
 
 @cache
-def _amx() -> ctypes.CDLL | None:
+def amx_kernel() -> ctypes.CDLL | None:
     """The AMX kernel, or None where there is none (no AMX) or Linux refuses tile state."""
     from tokensteer.backends.llamacpp.native import library
 
@@ -66,7 +66,7 @@ class Q8Head:
 
         from tokensteer.backends.llamacpp.gguf import layout
 
-        self._lib = _kernel()
+        self._lib = kernel()
         if self._lib is None:
             raise ValueError("the Q8_0 output kernel is not built for this machine")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -77,7 +77,7 @@ class Q8Head:
         self.width, self.n_vocab = int(dims[0]), int(dims[1])
         self.n_threads = n_threads
         self._w: np.memmap | None = np.memmap(path, np.uint8, mode="r", offset=start, shape=(size,))
-        self._amx = _amx() if amx else None
+        self._amx = amx_kernel() if amx else None
         self._tiles: int | None = None  # the matrix repacked for AMX (C memory, freed by ``free``)
         if self._amx is not None:
             self._tiles = self._amx.tokensteer_q8_0_pack(self._w.ctypes.data, self.n_vocab, self.width, n_threads)
