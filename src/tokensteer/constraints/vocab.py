@@ -170,10 +170,16 @@ def _read(path) -> list[bytes] | None:
     return [blob[a:b] for a, b in zip(starts, ends)]
 
 
-def _write(path, tokens: list[bytes]) -> None:
+def write_cache(path, tokens: list[bytes]) -> None:
+    """Save a token table's bytes where ``token_table`` reads them back (whole or not at all)."""
     lengths = np.array([len(t) for t in tokens], dtype=np.int32)
     blob = np.frombuffer(b"".join(tokens), dtype=np.uint8)
     atomic_write(path, lambda tmp: np.savez(tmp, lengths=lengths, blob=blob), suffix=".npz", user_error=False)
+
+
+def forget(tok: Tokenizer) -> None:
+    """Drop ``tok``'s table from memory: the next ``token_table`` reads the disk cache again."""
+    _tables.pop(tok, None)
 
 
 def token_table(tok: Tokenizer) -> TokenTable:
@@ -191,7 +197,7 @@ def token_table(tok: Tokenizer) -> TokenTable:
             except (ValueError, IndexError, KeyError):
                 tokens.append(b"")
         try:
-            _write(path, tokens)
+            write_cache(path, tokens)
         except OSError:
             pass  # a read-only cache only costs time
     # special tokens write no text, whatever a cache written by an older version says
