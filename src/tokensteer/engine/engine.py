@@ -26,6 +26,7 @@ from tokensteer.engine.request import Request
 from tokensteer.engine.speculative import SpeculativeGroup
 from tokensteer.errors import UserError
 from tokensteer.hooks import Control
+from tokensteer.openmp import release_pool
 from tokensteer.sampling import SamplingConfig
 
 # seconds an idle engine thread waits for the next request before it exits: a thread per request
@@ -82,6 +83,7 @@ class Engine:
         return self._queue(req, req.collect)
 
     def _queue(self, req, collect_events) -> Handle:
+        release_pool()  # this thread hands its work over: its idle OpenMP workers would slow the engine
         handle = Handle(self._cancel, collect_events)
         if req.cfg.max_tokens == 0:
             handle.close(None, 0.0)
@@ -153,6 +155,8 @@ class Engine:
             with self._cv:
                 while self._held and not self._groups and not self._closed:
                     self._cv.wait()
+                if not (self._pending or self._groups):
+                    release_pool()  # idle: its OpenMP workers would slow other threads' parallel work
                 self._cv.wait_for(lambda: self._closed or self._pending or self._groups, timeout=IDLE_S)
                 if self._closed or (not self._pending and not self._groups):
                     self._thread = None  # idle: the next submit starts a new thread
