@@ -16,7 +16,7 @@ from tokensteer.cli import app
 from tokensteer.errors import UserError
 from tokensteer.formula.engine import FormulaControl
 from tokensteer.retrieval import DocStore
-from tokensteer.retrieval.term import weights, with_passage
+from tokensteer.retrieval.term import FLOOR, mixture, weights, with_passage
 
 PASSAGES = ["the cat sat on the mat", "a quick brown fox jumps", "one two three four five", "good great happy kind"]
 PROMPT = "the dog ran to the"
@@ -68,6 +68,21 @@ def test_mixture_matches_replug(tiny, kb, fuse):
     ids, vals = top(g)
     assert torch.allclose(vals, want[ids], atol=1e-4)
     assert int(ids[0]) == int(want.argmax())
+
+
+def test_mixture_reads_logits_or_log_probabilities():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 50, generator=g) * 4
+    logits[0, 1, 7] = float("-inf")  # a token one passage rules out
+    w = torch.softmax(torch.randn(2, 3, generator=g), -1)
+    want = torch.logsumexp(torch.log_softmax(logits, -1).clamp(min=FLOOR) + w.log()[:, :, None], 1)
+    for rows in (logits, torch.log_softmax(logits, -1), logits + 3.0):
+        got = mixture(w, rows)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(got.exp().sum(-1), torch.ones(2), atol=1e-5)  # already normalised
+    one_hot = torch.full((1, 2, 50), float("-inf"))
+    one_hot[0, :, 3] = 0.0
+    assert bool(torch.isfinite(mixture(torch.tensor([[0.5, 0.5]]), one_hot)).all())  # the floor keeps every token
 
 
 def test_row_mix_skips_the_prompt_row(tiny, kb):

@@ -152,8 +152,10 @@ class FormulaControl(Control):
 
     def logprobs(self, state: LoopState, logprobs: torch.Tensor) -> torch.Tensor:
         self._state = state
-        if state.mix is not None and self.retrieval is not None:  # the R terms' rows alone (retrieval.row_mix)
-            self._mixed, self._rows, self._docs = None, None, state.rows
+        if state.mix is not None and self.retrieval is not None:  # the R terms' rows alone (retrieval.row_mix),
+            # read as logits: the mixture normalises each row itself
+            self._mixed, self._rows = None, None
+            self._docs = state.logits.view(state.batch_size, state.rows_per_prompt, -1)
             self._base_in = self._base_rows = logprobs
             return self._combine(self.formula.root)
         if state.mix is not None:  # row 0 is the same-model terms' weighted sum, row 1 the base if asked
@@ -182,6 +184,8 @@ class FormulaControl(Control):
         total = sum(w for w, t in terms if kind(t) in ("model", "operator"))
         div = total if normalized else 1.0
         mixed = self._mixed
+        if len(terms) == 1 and isinstance(terms[0][1], Retrieve) and terms[0][0] / div == 1.0 and not filters and not self.trace_on:
+            return self.eval(terms[0][1])  # a lone R term is already a normalised mixture
         if mixed is None:
             values = [(w / div, self.eval(t)) for w, t in terms if kind(t) != "guide"]
         else:  # the backend already summed the same-model terms; their log-softmax constants, and

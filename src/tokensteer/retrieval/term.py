@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import math
+
+import numpy as np
 import torch
 
 from tokensteer.errors import UserError
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from tokensteer.loop import LoopState
 
 SEPARATOR = "\n\n"
-FLOOR = -80.0  # the mixture's floor for a passage row's log-probabilities (see RetrievalTerms.value)
+FLOOR = -80.0  # the mixture's floor for a passage row's log-probabilities (see ``mixture``)
 
 
 def with_passage(passage: str, prompt: str) -> str:
@@ -37,6 +40,22 @@ def with_passage(passage: str, prompt: str) -> str:
 def weights(hits: list[Hit], tau: float) -> torch.Tensor:
     """softmax(similarity / τ) over the retrieved passages, [k]."""
     return torch.softmax(torch.tensor([h.score for h in hits], dtype=torch.float64) / tau, 0).float()
+
+
+def mixture(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, V] log Σ_d w_d · softmax(rows_d) of ``rows`` [B, k, V] (logits or log-probabilities,
+    alike: softmax ignores a row's shift) with weights ``w`` [B, k].
+
+    One softmax over the rows (its exponentials are cheaper than ``exp`` on the log-probabilities)
+    and one batched product. Probabilities below e^FLOOR count as e^FLOOR, so no token some passage
+    allows is dropped and no product leaves the normal floats; no sampled token changes.
+    """
+    p = torch.softmax(rows.float(), -1).clamp_(min=math.exp(FLOOR))
+    out = torch.bmm(w[:, None, :].to(p.dtype), p)[:, 0]
+    if out.is_cpu:  # numpy's vectorised log is several times faster than torch's on CPU
+        np.log(out.numpy(), out=out.numpy())
+        return out
+    return out.log_()
 
 
 def retrieve_nodes(n: Node) -> list[Retrieve]:
@@ -63,9 +82,9 @@ class _Term:
     node: Retrieve
     offset: int = 0  # first of its rows among the R terms' variant rows (row terms only)
     hits: list[list[Hit]] = field(default_factory=list)  # per prompt
-    log_w: torch.Tensor | None = None  # [B, k]
+    w: torch.Tensor | None = None  # [B, k] mixture weights
     session: Session | None = None  # side session (every > 0)
-    side_lp: torch.Tensor | None = None  # [B, k, V] the side session's latest log-probabilities
+    side: torch.Tensor | None = None  # [B, k, V] the side session's latest logits
 
 
 class RetrievalTerms:
@@ -128,12 +147,12 @@ class RetrievalTerms:
                 tok = state.tokenizer
                 rows = [tok.encode(with_passage(h.chunk.text, p)) for p, hits in zip(self._prompts, t.hits) for h in hits]
                 t.session = state.backend.session()
-                t.side_lp = self._lp(t.session.prefill(rows), B)
+                t.side = self._rows(t.session.prefill(rows), B)
 
     def _settle(self, t: _Term) -> None:
         """Weights for the passages in ``t.hits``; record them for the trace."""
         w = torch.stack([weights(h, t.node.tau) for h in t.hits])
-        t.log_w = w.log()
+        t.w = w
         for b, hits in enumerate(t.hits):
             self.events.append(Retrieval(b, self._seen, str(t.node), [
                 {"doc": h.chunk.doc, "title": h.chunk.title, "chunk": h.chunk.index, "similarity": round(h.score, 4),
@@ -166,8 +185,8 @@ class RetrievalTerms:
         t.session.select(order)
         return torch.cat(parts)[order]
 
-    def _lp(self, logits: torch.Tensor, B: int) -> torch.Tensor:
-        return torch.log_softmax(logits.float(), -1).view(B, -1, logits.shape[-1])
+    def _rows(self, logits: torch.Tensor, B: int) -> torch.Tensor:
+        return logits.view(B, -1, logits.shape[-1])
 
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
         """Advance side sessions; every N tokens re-retrieve on prompt + generated text."""
@@ -186,9 +205,9 @@ class RetrievalTerms:
                     logits = self._move(t, state, found, generated, tokens)
                     t.hits = found
                     self._settle(t)
-                    t.side_lp = self._lp(logits, state.batch_size)
+                    t.side = self._rows(logits, state.batch_size)
                     continue
-            t.side_lp = self._lp(t.session.step(tokens.repeat_interleave(t.node.k)), state.batch_size)
+            t.side = self._rows(t.session.step(tokens.repeat_interleave(t.node.k)), state.batch_size).clone()
 
     def finish(self) -> None:
         for t in self.terms:
@@ -198,15 +217,10 @@ class RetrievalTerms:
 
     # hook 3 --------------------------------------------------------------------------------
     def value(self, node: Retrieve, doc_rows: torch.Tensor | None) -> torch.Tensor:
-        """[B, V] log Σ_d w_d · P(y | d ⊕ x) of one R term; ``doc_rows`` [B, n_rows, V] are the
-        R terms' variant rows as log-probabilities."""
+        """[B, V] log Σ_d w_d · P(y | d ⊕ x) of one R term, a normalised distribution; ``doc_rows``
+        [B, n_rows, V] are the R terms' variant rows, as logits or log-probabilities."""
         t = next(t for t in self.terms if t.node == node)
-        rows = t.side_lp if node.every else doc_rows[:, t.offset : t.offset + node.k]
-        # Σ_d w_d·p_d as one batched product over contiguous rows: several times cheaper than a
-        # logsumexp across rows. Log-probabilities below FLOOR count as FLOOR, so exp never leaves
-        # the normal floats and no token some passage allows is dropped; no sampled token changes.
-        p = torch.bmm(t.log_w.exp()[:, None, :].to(rows.dtype), rows.clamp(min=FLOOR).exp_())
-        return p[:, 0].log_()
+        return mixture(t.w, t.side if node.every else doc_rows[:, t.offset : t.offset + node.k])
 
 
 def retrieval_terms(lm: Backend, root: Node, docs: DocStore | str | Path | None) -> RetrievalTerms | None:
