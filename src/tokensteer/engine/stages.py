@@ -21,7 +21,8 @@ def rewrite(req: Request) -> torch.Tensor:
     st = req.state
     if not req.rewriters:
         return st.logits.float().view(st.batch_size, st.rows_per_prompt, -1)[:, 0]
-    x = st.rows[:, 0]
+    # only the prompts' own rows: a rewriter that reads the others normalises them on first use (st.rows)
+    x = torch.log_softmax(st.logits.float().view(st.batch_size, st.rows_per_prompt, -1)[:, 0], dim=-1)
     for c in req.rewriters:
         x = _checked(c, c.logprobs(st, x), x, st.finished)
     return x
@@ -118,8 +119,9 @@ def _checked(c: Control, out, like: torch.Tensor, finished: list[bool]) -> torch
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"{control_name(c)} returned log-probabilities of {got}; expected shape {tuple(like.shape)}")
     live = out[~torch.tensor(finished)] if any(finished) else out
-    if bool(torch.isnan(live).any()) or bool(torch.isposinf(live).any()):
+    top = live.amax(dim=-1)  # one pass: a row's max is NaN if it holds one, +inf if it holds one, -inf if all are
+    if bool(torch.isnan(top).any()) or bool(torch.isposinf(top).any()):
         raise UserError(f"{control_name(c)} returned NaN or +inf log-probabilities")
-    if bool(torch.isneginf(live).all(dim=-1).any()):
+    if bool(torch.isneginf(top).any()):
         raise UserError(f"{control_name(c)} left no possible next token (every log-probability is -inf)")
     return out
