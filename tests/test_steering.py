@@ -30,7 +30,7 @@ from tokensteer.steering import (
     steering_controls,
     train_vector,
 )
-from tokensteer.steering.apply import _gcav_fn, dose, parse_spec
+from tokensteer.steering.apply import gcav_fn, dose, parse_spec
 from tokensteer.steering.pairs import parse_jsonl
 from tokensteer.steering.train import parse_layers, pca
 from tokensteer.steering.vecfile import MISMATCH_ENV, model_signature
@@ -352,7 +352,7 @@ def test_gcav_pushes_to_the_target_probability_and_no_further():
     w, b = torch.randn(16, generator=g), 0.3
     h = torch.randn(2, 5, 16, generator=g) * 3
     p0 = torch.tensor([0.9, 0.9])
-    out = _gcav_fn(w, b, p0)(h, None)
+    out = gcav_fn(w, b, p0)(h, None)
     p_before, p_after = torch.sigmoid(h @ w + b), torch.sigmoid(out @ w + b)
     assert bool((p_after >= 0.9 - 1e-4).all())
     keep = p_before >= 0.9
@@ -495,8 +495,8 @@ def test_repetitive_doses_fail_the_search(tiny, vec, monkeypatch):
     res = S.search(tiny, vec, lambda t: [1.0] * len(t), **kw)
     d = {p.strength: p.distinct2 for p in res.curve}
     # the same search, with the steered texts made to repeat themselves from strength 0.5 on
-    real = S._evaluate
-    monkeypatch.setattr(S, "_evaluate", lambda *a, **k: (p := real(*a, **k), setattr(p, "distinct2", 0.1 if p.strength >= 0.5 else p.distinct2))[0])
+    real = S.evaluate_dose
+    monkeypatch.setattr(S, "evaluate_dose", lambda *a, **k: (p := real(*a, **k), setattr(p, "distinct2", 0.1 if p.strength >= 0.5 else p.distinct2))[0])
     res2 = S.search(tiny, vec, lambda t: [1.0] * len(t), **kw)
     assert res.strength == 1.0 and d[0.25] >= 0.6 * d[0.0]
     assert res2.strength == 0.25 and [p.feasible for p in res2.curve if p.strength >= 0.5] == [False]

@@ -10,6 +10,7 @@ from tokensteer.hooks import Control
 from tokensteer import engine
 from tokensteer.engine import Generation, TokenEvent
 from tokensteer.models import resolve
+from tokensteer.openmp import release_pool
 from tokensteer.sampling import SamplingConfig
 
 
@@ -36,6 +37,7 @@ def load(
             raise UserError("kv_select runs in transformers' attention: use backend='torch' (or 'auto')")
         backend = "torch"
     lm = load_backend(resolve(model), backend, dtype, progress, needs)
+    release_pool()  # the backend's checks ran parallel work here; generation runs on the engine's thread
     if cfg is not None:
         lm.set_kv_select(cfg)
     return lm

@@ -81,7 +81,7 @@ def eval_command(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=() if no_stop else tuple(unescape(s) for s in stop)
         )
         cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*cols, console=err, transient=False) as bar:
+        with Progress(*cols, console=err, transient=False, refresh_per_second=2) as bar:  # redraws take the GIL from generation
             bars: dict[str, int] = {}
 
             def progress(stage: str, done: int, total: int) -> None:

@@ -83,7 +83,7 @@ class Steer:
         return isinstance(self.strength, (list, tuple))
 
 
-def _gcav_fn(w: torch.Tensor, b: float, p0: torch.Tensor):
+def gcav_fn(w: torch.Tensor, b: float, p0: torch.Tensor):
     """GCAV minimal push: move each hidden state along w/‖w‖ just enough that σ(w·h+b) ≥ p0."""
     norm = float(w.norm())
     unit = w / norm
@@ -122,7 +122,7 @@ class SteeringControl(Control):
                 if s.mode == "gcav":
                     w, b = s.vector.probes[layer][:-1], float(s.vector.probes[layer][-1])
                     p0 = torch.tensor(strengths if s.per_row else strengths * n_prompts, dtype=torch.float32)
-                    fn = _gcav_fn(w, b, p0.repeat_interleave(rows_per_prompt))
+                    fn = gcav_fn(w, b, p0.repeat_interleave(rows_per_prompt))
                     edits.append(ResidualEdit(layer, fn=fn, positions=s.positions))
                     continue
                 u = s.vector.vectors[layer]

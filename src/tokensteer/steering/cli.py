@@ -30,7 +30,7 @@ Examples:
     add_completion=False,
 )
 
-DEFAULT_GUARD = 0.8  # the search's guard unless --guard says otherwise (RESULTS.md: unguarded doses that stay coherent miss the target)
+DEFAULT_GUARD = 0.8  # the search's guard unless --guard says otherwise: unguarded doses that stay coherent miss the success target
 MODEL_HELP = "Local Hugging Face model folder or .gguf file (default: bundled Gemma 3 270M)."
 
 

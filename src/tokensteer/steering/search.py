@@ -90,7 +90,7 @@ def default_scorer(lm, vec: SteeringVector, layer: int) -> tuple[str, Scorer]:
     return "probe", probe_scorer(lm, vec, layer)
 
 
-def _evaluate(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence, positions="all", guard=None) -> Point:
+def evaluate_dose(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence, positions="all", guard=None) -> Point:
     """Generate with one dose, then score it: attribute, the eval's perplexity ratio with its bound, KL
     (of the steered model from the base, before any guard: taken after the guard it lets strong doses
     through whose text repeats itself, which perplexity does not catch)."""
@@ -186,7 +186,7 @@ def search(
         say(f"trying layers {', '.join(map(str, ranked[:n_layer_trials]))} on {k} prompts…")
         for li in ranked[:n_layer_trials]:
             name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, li)
-            p = _evaluate(lm, vec, [li], min(probe_strength / 2, max_strength), prompts[:k], cfg, sc, base_ppls[:k], confidence, positions, guard)
+            p = evaluate_dose(lm, vec, [li], min(probe_strength / 2, max_strength), prompts[:k], cfg, sc, base_ppls[:k], confidence, positions, guard)
             p.feasible = feasible(p)
             trials.append(p)
             gain = p.score - mean(sc(base_texts[:k]))
@@ -201,7 +201,7 @@ def search(
     curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True, 1.0, layers, base_distinct2)]
 
     def run(s: float) -> Point:
-        p = _evaluate(lm, vec, layers, s, prompts, cfg, sc, base_ppls, confidence, positions, guard)
+        p = evaluate_dose(lm, vec, layers, s, prompts, cfg, sc, base_ppls, confidence, positions, guard)
         p.feasible = feasible(p)
         curve.append(p)
         why = failed(p, base_distinct2, factor, kl_max, min_distinct)

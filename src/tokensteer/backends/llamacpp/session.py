@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tokensteer.backends.base import Session
+from tokensteer.backends.llamacpp.context import logits_address
 from tokensteer.backends.llamacpp.kernels import PREFILL_ROWS
 from tokensteer.backends.rowmix import RowMix
 from tokensteer.errors import UserError
@@ -219,7 +220,7 @@ class LlamaSession(Session):
             return self._mix_logits(torch.from_numpy(self._logits(n)[perm]), self.mix)
         if self.mix.mixes:
             return self._mix_logits(torch.from_numpy(self._logits(n)), self.mix)
-        addr = ctypes.cast(llama_cpp.llama_get_logits(self.c.ptr), ctypes.c_void_p).value
+        addr = logits_address(self.c.ptr)
         if self._view is None or self._view[:2] != (addr, n):  # llama.cpp reuses its buffer: keep the view
             self._view = (addr, n, torch.from_numpy(self._logits(n)))
         return self._view[2]
