@@ -10,6 +10,7 @@ own with ``register_guide(name, factory)``; a guide only needs ``logprob(texts) 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
@@ -59,11 +60,24 @@ class WordGuide:
     WORD = r"[a-z]+(?:'[a-z]+)?"
 
     def __init__(
-        self, data: dict[str, list[str]], target: str, lists: dict[str, list[str]] | None = None, finish: float = 0.0
+        self,
+        data: dict[str, list[str]],
+        target: str,
+        lists: dict[str, list[str]] | None = None,
+        finish: float = 0.0,
+        margin: float = 0.0,
+        cap: float | None = None,
+        repeats: bool = False,
     ) -> None:
         """``finish``: log-odds taken off a text that ends in a line break (it is finished), so a
         formula avoids ending a passage that has not shown the attribute yet (FUDGE's view: the
-        classifier judges the text as it will end); a text that clearly has it barely loses."""
+        classifier judges the text as it will end); a text that clearly has it barely loses.
+        ``margin``: log-odds a text must pass before the guide saturates (it scores
+        σ(z − margin)), so the push lasts until the attribute is clear rather than merely present.
+        ``cap``: the most log-odds the target's own words may add up to, so a text cannot bank
+        credit with them that would hide a word of the other class (one insult in a polite text
+        still costs its full weight). ``repeats``: a listed word of another class (``lists``) counts
+        each time it occurs, so repeating one (say, an insult already in the prompt) is never free."""
         import re
 
         from sklearn.feature_extraction.text import CountVectorizer
@@ -78,11 +92,21 @@ class WordGuide:
         self.weights = {w: float(c) for w, c in zip(vec.get_feature_names_out(), lr.coef_[0])}
         self.bias = float(lr.intercept_[0])
         self._split = re.compile(self.WORD).findall
-        self.finish = float(finish)
+        self.finish, self.margin, self.cap = float(finish), float(margin), cap
+        others = {w for c, ws in (lists or {}).items() if c != target for w in ws}
+        self.repeated = {w: v for w, v in self.weights.items() if w in others and v < 0} if repeats else {}
 
     def logit(self, text: str) -> float:
-        """Log-odds of the attribute: the bias plus the weight of each distinct word."""
-        z = self.bias + sum(self.weights.get(w, 0.0) for w in set(self._split(text.lower())))
+        """Log-odds of the attribute: the bias plus the weight of each distinct word (the target's
+        words together at most ``cap``), less ``margin``."""
+        words = self._split(text.lower())
+        ws = [self.weights.get(w, 0.0) for w in set(words)]
+        if self.repeated:  # a listed word of another class again at each further occurrence
+            ws += [self.repeated[w] * (n - 1) for w, n in Counter(words).items() if n > 1 and w in self.repeated]
+        gain = sum(w for w in ws if w > 0)
+        if self.cap is not None:
+            gain = min(gain, self.cap)
+        z = self.bias + gain + sum(w for w in ws if w < 0) - self.margin
         return z - self.finish if text.endswith("\n") else z
 
     def logprob(self, texts: Sequence[str]) -> "torch.Tensor":
@@ -92,13 +116,16 @@ class WordGuide:
         return torch.tensor([min(x, 0.0) - math.log1p(math.exp(-abs(x))) for x in z], dtype=torch.float32)
 
 
-#: log-odds the sentiment guides take off a finished text (see ``WordGuide``); chosen on the dev openings
-FINISH = 3.0
+#: log-odds the sentiment guides take off a finished text, and the margin they ask for (see
+#: ``WordGuide``); chosen on the dev openings
+FINISH, MARGIN = 3.0, 4.0
+#: the most credit polite words give the civility guide (its ``cap``), so any insult weighs fully; chosen on rude_dev
+CIVIL_CAP = 1.0
 
 GUIDES: dict[str, Callable[[], Scorer]] = {
-    "positive": lambda: WordGuide(guide_data.SENTIMENT, "positive", _lists("POSITIVE", "NEGATIVE"), finish=FINISH),
-    "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", _lists("POSITIVE", "NEGATIVE"), finish=FINISH),
-    "nontoxic": lambda: WordGuide(guide_data.CIVILITY, "nontoxic", _lists("POLITE", "TOXIC")),
+    "positive": lambda: WordGuide(guide_data.SENTIMENT, "positive", _lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
+    "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", _lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
+    "nontoxic": lambda: WordGuide(guide_data.CIVILITY, "nontoxic", _lists("POLITE", "TOXIC"), cap=CIVIL_CAP, repeats=True),
     "formal": lambda: TextClassifierGuide(guide_data.REGISTER, "formal"),
     "informal": lambda: TextClassifierGuide(guide_data.REGISTER, "informal"),
 }

@@ -20,7 +20,9 @@ TOXIC = "The following is a hateful, rude and obscene rant full of insults and s
 CLEAN = "The following is a polite, kind and respectful text.\n\n"
 FORMAL = "The following is an excerpt from a formal academic report.\n\n"
 # sentiment recipes' defaults, tuned on openings_dev only (openings_test is for reporting)
-ALPHA, BETA, NUCLEUS, GUIDE_K = 0.0, 16.0, 0.8, 40.0
+ALPHA, BETA, NUCLEUS, GUIDE_K = 0.0, 24.0, 0.95, 80.0
+# detox's (guide weight, nucleus, candidates), tuned on rude_dev only
+DETOX_BETA, DETOX_NUCLEUS, DETOX_K = 8.0, 0.9, 40.0
 TEXT_PARAMS = frozenset({"text", "expert", "anti"})
 INFORMAL = "lol ok so here's what happened, super casual chat msg:\n\n"
 
@@ -105,8 +107,9 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "positive",
             "Positive sentiment: the base model inside its own top-p nucleus, rescored by the offline "
-            "positive guide on the 40 likeliest candidates (a word-level classifier that also weighs "
-            "against ending a passage before it is positive). Plain decoding's one row per token; "
+            "positive guide on the k likeliest candidates (a word-level classifier that keeps pushing "
+            "until the text is clearly positive and weighs against ending a passage before it is). "
+            "Plain decoding's one row per token; "
             "alpha > 0 adds DExperts rows (a cheerful vs a bleak conditioning text). Defaults chosen "
             "on the dev openings only.",
             (("alpha", ALPHA), ("guide", BETA), ("p", NUCLEUS), ("k", GUIDE_K)),
@@ -121,9 +124,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "detox",
             "Less toxic text: the base model inside its nucleus, rescored by the offline civility guide "
-            "(insults and swear words weigh heavily against) on the 40 likeliest candidates; alpha > 0 "
+            "(each insult or swear word weighs fully against, however polite the rest) on the k "
+            "likeliest candidates; alpha > 0 "
             "adds DExperts rows (a polite vs a hateful-rant conditioning text).",
-            (("alpha", 0.0), ("guide", 8.0), ("p", 0.9), ("k", GUIDE_K)),
+            (("alpha", 0.0), ("guide", DETOX_BETA), ("p", DETOX_NUCLEUS), ("k", DETOX_K)),
             lambda alpha, guide, p, k: _dexperts(CLEAN, TOXIC, alpha, p, "nontoxic", guide, k),
         ),
         Recipe(
