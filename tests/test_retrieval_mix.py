@@ -93,7 +93,7 @@ def test_row_mix_skips_the_prompt_row(tiny, kb):
     assert FormulaControl(tiny, "R(k=3)", docs=kb, trace=True).row_mix() is None
 
 
-@pytest.mark.parametrize("formula, rows", [("R(k=3)", 3), ("R(k=3) - 0.3*M", 4), ("R(k=1)", 1)])
+@pytest.mark.parametrize("formula, rows", [("R(k=3)", 3), ("R(k=3) - 0.3*M", 4), ("R(k=1)", 1), ("R(k=3) - 0.3*R(k=2, tau=10)", 3)])
 def test_only_rows_the_formula_reads_are_decoded(tiny, kb, formula, rows):
     from tokensteer.engine import engine_for
     from tokensteer.sampling import SamplingConfig
@@ -114,6 +114,19 @@ def test_r_composes_with_the_prompt_row(tiny, kb):
     base = torch.log_softmax(sess.prefill([tiny.tokenizer.encode(PROMPT)]).float(), -1)[0]
     sess.close()
     want = torch.log_softmax(r - 0.3 * base, -1)
+    ids, vals = top(g)
+    assert torch.allclose(vals, want[ids], atol=1e-4)
+
+
+def test_r_terms_share_their_passage_rows(tiny, kb):
+    ctl = FormulaControl(tiny, "R(k=3) - 0.4*R(k=2, tau=10)", docs=kb)
+    assert ctl.retrieval.n_rows == 3
+    g = tokensteer.generate(tiny, PROMPT, max_tokens=1, top_logprobs=10, controls=[ctl])
+    (hits,) = kb.search([PROMPT], 3)
+    texts = [h.chunk.text for h in hits]
+    r3 = expected(tiny, texts, weights(hits, 0.1), PROMPT)
+    r2 = expected(tiny, texts[:2], weights(hits[:2], 10.0), PROMPT)
+    want = torch.log_softmax(r3 - 0.4 * r2, -1)
     ids, vals = top(g)
     assert torch.allclose(vals, want[ids], atol=1e-4)
 

@@ -2,7 +2,9 @@
 with w = softmax(sim(d, x) / τ) over the k passages most similar to the prompt.
 
 Each passage is one more row of the loop's batched forward (hook 1: the passage, a blank line, the
-prompt), so k passages cost one forward of 1 + k rows per token. With ``every=N`` the passages are
+prompt), so k passages cost one forward of 1 + k rows per token. R terms share these rows: every
+search returns the best passages first, so a term reads the first k rows of the largest k (``R(k=4)
+- 0.7*R(k=4, tau=10)`` runs 4 passage rows, not 8). With ``every=N`` the passages are
 re-retrieved on prompt + generated text every N tokens; a row's prefix cannot change inside the
 loop's session, so such a term keeps a side session of its own (like a term on another model):
 rows of passages still retrieved keep their cache, and only a new passage's row is prefilled with
@@ -44,13 +46,19 @@ def weights(hits: list[Hit], tau: float) -> torch.Tensor:
 
 def mixture(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """[B, V] log Σ_d w_d · softmax(rows_d) of ``rows`` [B, k, V] (logits or log-probabilities,
-    alike: softmax ignores a row's shift) with weights ``w`` [B, k].
+    alike: softmax ignores a row's shift) with weights ``w`` [B, k]."""
+    return mix(w, probabilities(rows))
 
-    One softmax over the rows (its exponentials are cheaper than ``exp`` on the log-probabilities)
-    and one batched product. Probabilities below e^FLOOR count as e^FLOOR, so no token some passage
-    allows is dropped and no product leaves the normal floats; no sampled token changes.
-    """
-    p = torch.softmax(rows.float(), -1).clamp_(min=math.exp(FLOOR))
+
+def probabilities(rows: torch.Tensor) -> torch.Tensor:
+    """softmax(rows) (its exponentials are cheaper than ``exp`` of log-probabilities), with
+    probabilities below e^FLOOR counted as e^FLOOR: no token some passage allows is dropped and no
+    product leaves the normal floats; no sampled token changes."""
+    return torch.softmax(rows.float(), -1).clamp_(min=math.exp(FLOOR))
+
+
+def mix(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[B, V] log Σ_d w_d · p_d of probabilities ``p`` [B, k, V], as one batched product."""
     out = torch.bmm(w[:, None, :].to(p.dtype), p)[:, 0]
     if out.is_cpu:  # numpy's vectorised log is several times faster than torch's on CPU
         np.log(out.numpy(), out=out.numpy())
@@ -80,7 +88,6 @@ class Retrieval:
 @dataclass
 class _Term:
     node: Retrieve
-    offset: int = 0  # first of its rows among the R terms' variant rows (row terms only)
     hits: list[list[Hit]] = field(default_factory=list)  # per prompt
     w: torch.Tensor | None = None  # [B, k] mixture weights
     session: Session | None = None  # side session (every > 0)
@@ -93,16 +100,15 @@ class RetrievalTerms:
     def __init__(self, lm: Backend, nodes: list[Retrieve], docs: DocStore | str | Path) -> None:
         self.lm = lm
         self.store = docs if isinstance(docs, DocStore) else open_store(docs)
-        self.terms, offset = [], 0
         for n in nodes:
             self.store.check_k(n.k)
-            self.terms.append(_Term(n, offset))
-            offset += n.k if not n.every else 0
-        self.n_rows = offset
+        self.terms = [_Term(n) for n in nodes]
+        self.n_rows = max((n.k for n in nodes if not n.every), default=0)  # the row terms' shared passage rows
         self.events: list[Retrieval] = []
         self._pending: list[tuple[str, list[list[Hit]]]] = []  # (prompt, hits per term) from variants()
         self._prompts: list[str] = []
         self._seen = 0  # tokens seen since start (re-retrieval counts them)
+        self._probs: tuple[torch.Tensor, torch.Tensor] | None = None  # (this step's rows, their probabilities)
 
     # hook 1 --------------------------------------------------------------------------------
     def variants(self, prompt: str) -> list[str]:
@@ -112,7 +118,8 @@ class RetrievalTerms:
             return [""] * self.n_rows
         found = self.search([prompt])
         self._pending.append((prompt, [h[0] for h in found]))
-        return [with_passage(h.chunk.text, prompt) for t, hits in zip(self.terms, found) if not t.node.every for h in hits[0]]
+        rows = max((hits[0] for t, hits in zip(self.terms, found) if not t.node.every), key=len, default=[])
+        return [with_passage(h.chunk.text, prompt) for h in rows]
 
     def search(self, queries: list[str]) -> list[list[list[Hit]]]:
         """Per term, per query: its k passages (one search at the largest k, cut per term)."""
@@ -191,6 +198,7 @@ class RetrievalTerms:
     def on_token(self, state: LoopState, tokens: torch.Tensor) -> None:
         """Advance side sessions; every N tokens re-retrieve on prompt + generated text."""
         self._seen += 1
+        self._probs = None
         generated = None
         for t in self.terms:
             if not t.node.every:
@@ -210,6 +218,7 @@ class RetrievalTerms:
             t.side = self._rows(t.session.step(tokens.repeat_interleave(t.node.k)), state.batch_size).clone()
 
     def finish(self) -> None:
+        self._probs = None
         for t in self.terms:
             if t.session is not None:
                 t.session.close()
@@ -218,9 +227,13 @@ class RetrievalTerms:
     # hook 3 --------------------------------------------------------------------------------
     def value(self, node: Retrieve, doc_rows: torch.Tensor | None) -> torch.Tensor:
         """[B, V] log Σ_d w_d · P(y | d ⊕ x) of one R term, a normalised distribution; ``doc_rows``
-        [B, n_rows, V] are the R terms' variant rows, as logits or log-probabilities."""
+        [B, n_rows, V] are the R terms' shared passage rows, as logits or log-probabilities."""
         t = next(t for t in self.terms if t.node == node)
-        return mixture(t.w, t.side if node.every else doc_rows[:, t.offset : t.offset + node.k])
+        if node.every:
+            return mixture(t.w, t.side)
+        if self._probs is None or self._probs[0] is not doc_rows:  # once per step for all row terms
+            self._probs = (doc_rows, probabilities(doc_rows))
+        return mix(t.w, self._probs[1][:, : node.k])
 
 
 def retrieval_terms(lm: Backend, root: Node, docs: DocStore | str | Path | None) -> RetrievalTerms | None:
