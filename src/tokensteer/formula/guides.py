@@ -123,15 +123,15 @@ FINISH, MARGIN = 3.0, 4.0
 CIVIL_CAP = 1.0
 
 GUIDES: dict[str, Callable[[], Scorer]] = {
-    "positive": lambda: WordGuide(guide_data.SENTIMENT, "positive", _lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
-    "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", _lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
-    "nontoxic": lambda: WordGuide(guide_data.CIVILITY, "nontoxic", _lists("POLITE", "TOXIC"), cap=CIVIL_CAP, repeats=True),
+    "positive": lambda: WordGuide(guide_data.SENTIMENT, "positive", word_lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
+    "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", word_lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
+    "nontoxic": lambda: WordGuide(guide_data.CIVILITY, "nontoxic", word_lists("POLITE", "TOXIC"), cap=CIVIL_CAP, repeats=True),
     "formal": lambda: TextClassifierGuide(guide_data.REGISTER, "formal"),
     "informal": lambda: TextClassifierGuide(guide_data.REGISTER, "informal"),
 }
 
 
-def _lists(first: str, second: str) -> dict[str, list[str]]:
+def word_lists(first: str, second: str) -> dict[str, list[str]]:
     """The word lists of ``guide_words`` for a two-class guide, keyed like its ``guide_data`` set."""
     from tokensteer.formula import guide_words as gw
 
