@@ -41,6 +41,11 @@ import tokensteer as ts
 from tokensteer.steering import SteeringVector, load_pairs, load_vector, save_vector, train_vector
 
 
+# repeng runs 32 texts per forward by default, each with its full-vocabulary logits: a smaller batch
+# keeps the peak memory of training low on a shared machine (the last-token hidden states change only by rounding).
+REPENG_BATCH = 4
+
+
 def timed(fn):
     """Result and CPU seconds of this process (robust to other jobs on a shared machine)."""
     t = time.process_time()
@@ -76,10 +81,10 @@ def train_all(lm, ps, layer: int, repeat: bool, wanted: list[str]) -> tuple[dict
         for method in ("pca_diff", "pca_center"):
             if f"repeng-{method}" not in wanted:
                 continue
-            cv, t = timed(lambda: ControlVector.train(model, tok, data, method=method))
+            cv, t = timed(lambda: ControlVector.train(model, tok, data, method=method, batch_size=REPENG_BATCH))
             out["train_cpu_s"][f"repeng-{method}"] = t
             if repeat:
-                cv2 = ControlVector.train(model, tok, data, method=method)
+                cv2 = ControlVector.train(model, tok, data, method=method, batch_size=REPENG_BATCH)
                 out["repeatable"][f"repeng-{method}"] = all(np.array_equal(cv.directions[i], cv2.directions[i]) for i in cv.directions)
             dirs[f"repeng-{method}"] = unit(cv.directions[layer])
     except Exception as e:  # report exactly why it could not run
@@ -186,15 +191,18 @@ def evaluate(a, pipeline: SteeringVector | None, ours: SteeringVector, dirs: dic
                 "pipeline": p and {"method": pipe, "positive_rate": p["success_rate"], "ppl_ratio": matched, "ppl_median_ratio":
                                    p["perplexity_median"] / base["perplexity_median"], "distinct_2": p["distinct_2"],
                                    "distinct_2_ratio": p["distinct_2"] / base["distinct_2"], "tok_s": p["tok_s"]},
-                "curves": {}, "success_at_pipeline_ppl": {}, "success_at_factor": {}, "best_within_factor": {}}
+                "curves": {}, "success_at_pipeline_ppl": {}, "success_at_pipeline_median_ppl": {}, "success_at_factor": {}, "best_within_factor": {}}
     for m, (name, s) in label.items():
         r = res["methods"][m]
         ev["curves"].setdefault(name, []).append(
-            {"strength": s, "positive_rate": r["success_rate"], "ppl_ratio": r["perplexity"] / base["perplexity"], "distinct_2": r["distinct_2"]})
+            {"strength": s, "positive_rate": r["success_rate"], "ppl_ratio": r["perplexity"] / base["perplexity"],
+             "ppl_median_ratio": r["perplexity_median"] / base["perplexity_median"], "distinct_2": r["distinct_2"]})
     for name, curve in ev["curves"].items():
         curve.sort(key=lambda q: q["strength"])
-        pts = [{"strength": 0.0, "positive_rate": base["success_rate"], "ppl_ratio": 1.0}] + curve
+        pts = [{"strength": 0.0, "positive_rate": base["success_rate"], "ppl_ratio": 1.0, "ppl_median_ratio": 1.0}] + curve
         ev["success_at_pipeline_ppl"][name] = at_ratio(pts, matched)
+        if p:  # the mean ratio is swayed by a few outlier texts: also match the median ratio
+            ev["success_at_pipeline_median_ppl"][name] = at_ratio(pts, ev["pipeline"]["ppl_median_ratio"], "ppl_median_ratio")
         ev["success_at_factor"][name] = at_ratio(pts, a.factor)
         ok = [q["positive_rate"] for q in curve if q["ppl_ratio"] <= a.factor]
         ev["best_within_factor"][name] = max(ok) if ok else None
@@ -203,14 +211,15 @@ def evaluate(a, pipeline: SteeringVector | None, ours: SteeringVector, dirs: dic
     return ev
 
 
-def at_ratio(curve: list[dict], factor: float) -> float | None:
+def at_ratio(curve: list[dict], factor: float, key: str = "ppl_ratio") -> float | None:
     """Positive rate where the dose-response curve first reaches perplexity ratio ``factor``
-    (linear interpolation between the two strengths around it); None if it never gets there."""
+    (``key``: the mean or median ratio; linear interpolation between the two strengths around it);
+    None if it never gets there."""
     for p, q in zip(curve, curve[1:]):
-        if p["ppl_ratio"] <= factor <= q["ppl_ratio"]:
-            if q["ppl_ratio"] == p["ppl_ratio"]:
+        if p[key] <= factor <= q[key]:
+            if q[key] == p[key]:
                 return q["positive_rate"]
-            t = (factor - p["ppl_ratio"]) / (q["ppl_ratio"] - p["ppl_ratio"])
+            t = (factor - p[key]) / (q[key] - p[key])
             return p["positive_rate"] + t * (q["positive_rate"] - p["positive_rate"])
     return None
 
