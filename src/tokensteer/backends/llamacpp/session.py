@@ -46,7 +46,7 @@ class LlamaSession(Session):
         self.mix = RowMix()  # which rows reach the output layer mixed (see ``rowmix``)
         # the output layer run after a captured final norm; None: llama.cpp's own (mixing full logits)
         self.head = backend.head() if mix is not None else backend.plain_head()
-        self._out: np.ndarray | None = None  # plain sessions' logits buffer, reused every step
+        self._out: np.ndarray | None = None  # a step's logits buffer (output kernel), reused every step
         self.seqs = np.zeros(0, np.int32)  # sequence id of each row (isolated: the ids 0..n-1)
         self._perm: np.ndarray | None = None  # isolated: each row's place in a batch ordered by id
         self.pos = np.zeros(0, np.int32)  # next position of each row
@@ -211,11 +211,10 @@ class LlamaSession(Session):
         self.pos += 1
         if self.head is not None:
             h = self._hidden(n) if perm is None else self._hidden(n)[perm]
-            if self.mix.mixes:
-                return self._mixed(h, self.mix)
-            if self._out is None or self._out.shape[0] != n:  # our output kernel into a reused buffer
-                self._out = np.empty((n, self.b.n_vocab), np.float32)
-            return torch.from_numpy(self.head.logits(h, self._out))
+            u = self.mix.apply(np.asarray(h, np.float32)) if self.mix.mixes else h
+            if self._out is None or self._out.shape[0] != len(u):  # our output kernel into a reused buffer
+                self._out = np.empty((len(u), self.b.n_vocab), np.float32)
+            return torch.from_numpy(self.head.logits(u, self._out))
         if perm is not None:
             return self._mix_logits(torch.from_numpy(self._logits(n)[perm]), self.mix)
         if self.mix.mixes:
