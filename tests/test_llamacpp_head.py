@@ -272,7 +272,7 @@ def test_mixing_before_the_head_is_closer_to_the_exact_sum(llama):
     a, b = llama.session(mix=mix), llama.session()
     seen = []
     real = a._mixed
-    a._mixed = lambda h, mix: (seen.append(torch.as_tensor(np.asarray(h, np.float32))), real(h, mix))[1]
+    a._mixed = lambda h, mix, **kw: (seen.append(torch.as_tensor(np.asarray(h, np.float32))), real(h, mix, **kw))[1]
     kl = {"fused": [], "unfused": []}
     try:
         la, lb = a.prefill(rows), b.prefill(rows)
@@ -300,7 +300,7 @@ def test_formula_on_llamacpp_runs_its_sum_through_the_head_once(llama):
     head = llama.head()
     calls = []
     real = head.logits
-    head.logits = lambda u: (calls.append(u.shape[0]), real(u))[1]
+    head.logits = lambda u, out=None: (calls.append(u.shape[0]), real(u, out))[1]
     try:
         f = 'M + 0.5*(M("Here is a happy story:\\n") - M("Here is a sad story:\\n"))'
         out = ts.generate(llama, PROMPTS, max_tokens=5, temperature=0, ignore_eos=True, controls=[FormulaControl(llama, f)])

@@ -56,9 +56,10 @@ class Head:
         self.batch.logits[:] = 1
         self.lock = threading.Lock()
 
-    def logits(self, u: np.ndarray) -> np.ndarray:
-        """[n, V] float32 logits of the rows ``u`` [n, width] (a copy)."""
-        out = np.empty((u.shape[0], self.n_vocab), np.float32)
+    def logits(self, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[n, V] float32 logits of the rows ``u`` [n, width], written into ``out`` when given (as ``Q8Head.logits``)."""
+        if out is None:
+            out = np.empty((u.shape[0], self.n_vocab), np.float32)
         scale = np.sqrt(np.square(u, dtype=np.float64).mean(-1) + self.eps).astype(np.float32)
         with self.lock:
             for start in range(0, u.shape[0], ROWS):

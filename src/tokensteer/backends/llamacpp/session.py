@@ -113,10 +113,17 @@ class LlamaSession(Session):
             raise RuntimeError("llama.cpp did not stop at the final norm of this model")
         return h.reshape(n, -1)
 
-    def _mixed(self, h: torch.Tensor | np.ndarray, mix: RowMix) -> torch.Tensor:
-        """Logits of the mixed rows of final hidden states ``h`` [N, H], through the head model."""
-        u = mix.apply(np.asarray(h, np.float32))
-        return torch.from_numpy(self.head.logits(np.ascontiguousarray(u, np.float32)))
+    def _mixed(self, h: torch.Tensor | np.ndarray, mix: RowMix, reuse: bool = False) -> torch.Tensor:
+        """Logits of the mixed rows of final hidden states ``h`` [N, H], through the head model
+        (``reuse``: into the step's buffer, which the next step overwrites)."""
+        u = np.ascontiguousarray(mix.apply(np.asarray(h, np.float32)), np.float32)
+        return torch.from_numpy(self.head.logits(u, self._buffer(len(u)) if reuse else None))
+
+    def _buffer(self, n: int) -> np.ndarray:
+        """The reused [n, V] buffer a step's logits are written into."""
+        if self._out is None or self._out.shape[0] != n:
+            self._out = np.empty((n, self.b.n_vocab), np.float32)
+        return self._out
 
     def _mix_logits(self, logits: torch.Tensor, mix: RowMix) -> torch.Tensor:
         """Without the head model: mix the full logits (the same result, no saving)."""
@@ -211,10 +218,9 @@ class LlamaSession(Session):
         self.pos += 1
         if self.head is not None:
             h = self._hidden(n) if perm is None else self._hidden(n)[perm]
-            u = self.mix.apply(np.asarray(h, np.float32)) if self.mix.mixes else h
-            if self._out is None or self._out.shape[0] != len(u):  # our output kernel into a reused buffer
-                self._out = np.empty((len(u), self.b.n_vocab), np.float32)
-            return torch.from_numpy(self.head.logits(u, self._out))
+            if self.mix.mixes:
+                return self._mixed(h, self.mix, reuse=True)
+            return torch.from_numpy(self.head.logits(h, self._buffer(n)))
         if perm is not None:
             return self._mix_logits(torch.from_numpy(self._logits(n)[perm]), self.mix)
         if self.mix.mixes:
