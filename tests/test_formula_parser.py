@@ -135,3 +135,10 @@ def test_recipes_parse_check_and_document_their_formula():
     assert parse('M - expert-antiexpert("a", "b")').root != parse("M").root  # a recipe is a term too
     with pytest.raises(UserError, match="must be a number"):
         parse('positive("strong")')
+
+
+def test_a_negated_constant_too_large_is_refused_at_its_sign():
+    """'-1e61' raised a UserError without a column (the sign turns the constant into a weight)."""
+    with pytest.raises(FormulaError) as e:
+        parse("M + -1e61")
+    assert e.value.column == 5

@@ -210,7 +210,10 @@ class Parser:
         if t.kind == "op" and t.text in "+-":
             self.next()
             inner = self.signed()
-            return -inner if t.text == "-" else inner
+            try:
+                return -inner if t.text == "-" else inner
+            except UserError as e:  # a constant too large to negate into a weight: point at the sign
+                raise self.error(str(e), t) from None
         return self.atom()
 
     def atom(self) -> Node:
