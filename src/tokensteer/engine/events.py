@@ -43,15 +43,23 @@ class Generation:
 
 class Detokenizer:
     """Incremental detokenisation that holds back text a stop string could still claim, so a
-    stream and a finished generation always give the same text."""
+    stream and a finished generation always give the same text.
+
+    Each push decodes only a short window of the newest ids (the text before it is kept), so a
+    long generation costs time in proportion to its length, not its square.
+    """
 
     def __init__(self, tokenizer, stops: Sequence[str], skip_special: bool = True) -> None:
         self.tok, self.stops, self.emitted, self.skip_special = tokenizer, stops, 0, skip_special
+        self.longest = max((len(s) for s in stops), default=0)
+        self.text = ""  # the text of ids[: self.read], final
+        self.start = self.read = 0  # the window: ids[start:] is decoded, ids[start:read] already in ``text``
 
     def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
         """Return the text that became final with these ids, and whether a stop string was hit."""
-        text = self.tok.decode(ids, skip_special=self.skip_special)
-        hits = [i for i in (text.find(s) for s in self.stops) if i != -1]
+        text = self._decode(ids)
+        begin = max(0, self.emitted - self.longest + 1)  # a stop wholly in the emitted text was found before
+        hits = [i for i in (text.find(s, begin) for s in self.stops) if i != -1]
         if hits:
             safe = min(hits)
         elif final:
@@ -64,6 +72,20 @@ class Detokenizer:
         new = text[self.emitted : safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         return new, bool(hits)
+
+    def _decode(self, ids: list[int]) -> str:
+        """The text of all ``ids``: the kept text, then what the window's newest ids add. Both
+        decodes of the window start at the same id, so a tokenizer's start-of-text rules cancel."""
+        before = self.tok.decode(ids[self.start : self.read], skip_special=self.skip_special)
+        window = self.tok.decode(ids[self.start :], skip_special=self.skip_special)
+        if not window.startswith(before):  # a tokenizer whose text is not additive here: decode it all
+            self.text, self.start, self.read = "", 0, 0
+            return self.tok.decode(ids, skip_special=self.skip_special)
+        tail = window[len(before) :]
+        text = self.text + tail
+        if tail and not tail.endswith("\ufffd"):  # complete characters: keep them, move the window on
+            self.text, self.start, self.read = text, self.read, len(ids)
+        return text
 
 
 def collect(prompts: Sequence[str], events: Sequence[TokenEvent], prompt_tokens: Sequence[int], total_s: float, backend: str) -> list[Generation]:
