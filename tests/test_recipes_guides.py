@@ -55,9 +55,10 @@ def test_word_lists_hold_no_word_in_both_classes_of_a_guide():
 
 
 @pytest.mark.parametrize("name", ["positive", "negative", "detox"])
-def test_recipes_use_builtin_guides_and_a_base_nucleus(name):
+def test_recipes_use_builtin_guides_and_a_nucleus(name):
     text = RECIPES[name].formula()
-    assert text.startswith("nucleus(") and "C(" in text
+    # sentiment: the base model's nucleus; detox: the steered distribution's, to leave a sure insult
+    assert text.startswith("topp(" if name == "detox" else "nucleus(") and "C(" in text
     guide = text.split('C("')[1].split('"')[0]
     assert guide in GUIDES
     assert math.isfinite(float(text.rsplit(",", 1)[1].rstrip(")")))
@@ -93,3 +94,57 @@ def test_recipes_move_the_tiny_models_text_the_guides_way(tiny):
     steered = ts.generate(tiny, prompts, max_tokens=6, ignore_eos=True, seed=1, controls=[FormulaControl(tiny, "positive(guide=64, p=1)")])
     score = lambda gens: float(g.logprob([p + x.text for p, x in zip(prompts, gens)]).mean())
     assert score(steered) > score(plain)
+
+
+def _civility(**kw):
+    from tokensteer.formula.guides import word_lists
+
+    return WordGuide(guide_data.CIVILITY, "nontoxic", word_lists("POLITE", "TOXIC"), cap=1.0, repeats=True, **kw)
+
+
+def test_prefix_scores_a_split_insult_at_its_first_piece():
+    """'stup' (the first token of 'stupid' in many tokenizers) costs what the whole word costs,
+    only with the option on, only at the text's end, and not for a piece no listed word begins."""
+    on, off = _civility(prefix=3), _civility()
+    base = "He looked at me and said I was"
+    lp = lambda g, t: float(g.logprob([t])[0])
+    assert lp(on, base + " stup") == pytest.approx(lp(on, base + " stupid"))
+    assert lp(off, base + " stup") == pytest.approx(lp(off, base))
+    assert lp(on, base + " stup and left") == pytest.approx(lp(off, base + " stup and left"))  # a finished piece is just a word
+    assert lp(on, base + " qzx") == pytest.approx(lp(off, base + " qzx"))
+    assert lp(on, base + " st") == pytest.approx(lp(off, base + " st"))  # shorter than the prefix length
+
+
+def test_steady_guide_charges_an_opposed_word_fully_however_clear_the_text():
+    """With saturation a negative word in a glowing text costs almost nothing; steady keeps its cost."""
+    lists = {"positive": guide_words.words(guide_words.POSITIVE), "negative": guide_words.words(guide_words.NEGATIVE)}
+    plain = WordGuide(guide_data.SENTIMENT, "positive", lists)
+    steady = WordGuide(guide_data.SENTIMENT, "positive", lists, steady=True)
+    glowing = "What a wonderful, happy, lovely, joyful and delightful day with friends, and"
+    cost = lambda g: float(g.logprob([glowing])[0] - g.logprob([glowing + " terrible"])[0])
+    assert cost(plain) < 0.1 < -steady.weights["terrible"] * 0.99 < cost(steady)
+    assert float(steady.logprob([glowing])[0]) <= 0.0
+
+
+def test_negation_turns_a_word_partly_around():
+    from tokensteer.formula.guides import FLIP, negated
+
+    assert negated("i did not like it at all".split()) == [("i", False), ("did", False), ("like", True), ("it", True), ("at", True), ("all", False)]
+    assert negated(["wasn't", "happy"]) == [("happy", True)]
+    lists = {"positive": guide_words.words(guide_words.POSITIVE), "negative": guide_words.words(guide_words.NEGATIVE)}
+    g = WordGuide(guide_data.SENTIMENT, "negative", lists, negation=True)
+    assert g.logit("I was not happy") - g.logit("I was") == pytest.approx(FLIP * g.weights["happy"])
+    assert g.logit("I was not happy") > g.logit("I was happy")
+
+
+def test_broad_lists_extend_leave_out_mild_words_and_keep_classes_apart():
+    from tokensteer.formula.guides import word_lists
+
+    for a, b in (("POSITIVE", "NEGATIVE"), ("POLITE", "TOXIC")):
+        narrow, broad = word_lists(a, b), word_lists(a, b, broad=True)
+        mild = set(guide_words.words(guide_words.MILD))
+        for key in narrow:
+            assert set(narrow[key]) - mild <= set(broad[key]) and len(broad[key]) == len(set(broad[key]))
+            assert len(broad[key]) > len(narrow[key]) - len(mild) and not mild & set(broad[key])
+        k1, k2 = broad
+        assert not set(broad[k1]) & set(broad[k2])

@@ -15,10 +15,10 @@ from tokensteer.formula import guide_data
 from tokensteer.formula.guides import WordGuide, register_guide, word_lists
 
 
-def factory(base: str, kw: dict):
+def factory(base: str, kw: dict, broad: bool = False):
     if base in ("positive", "negative"):
-        return lambda: WordGuide(guide_data.SENTIMENT, base, word_lists("POSITIVE", "NEGATIVE"), **kw)
-    return lambda: WordGuide(guide_data.CIVILITY, "nontoxic", word_lists("POLITE", "TOXIC"), **kw)
+        return lambda: WordGuide(guide_data.SENTIMENT, base, word_lists("POSITIVE", "NEGATIVE", broad), **kw)
+    return lambda: WordGuide(guide_data.CIVILITY, "nontoxic", word_lists("POLITE", "TOXIC", broad), **kw)
 
 
 def main() -> None:
@@ -28,7 +28,8 @@ def main() -> None:
     for spec in rest[:cut]:
         name, kw = spec.split("=", 1)
         kw = json.loads(kw)
-        register_guide(name, factory(kw.pop("base"), kw))
+        broad = kw.pop("broad", False)
+        register_guide(name, factory(kw.pop("base"), kw, broad))
     res = run(task, rest[cut + 1 :], prompts=prompts, n=int(n), samples=int(samples), out=out,
               backend="llamacpp", batch_size=16, cache_dir=cache, report=False)
     for m, v in res["methods"].items():

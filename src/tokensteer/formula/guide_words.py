@@ -71,6 +71,75 @@ reasonable sincerely regards dear hello hi colleague colleagues neighbour neighb
 family kindness care caring support supported forgive forgave peace peaceful together hope honest
 """
 
+# Broader lists, written by category (everyday insults and pejoratives, profanity and its common
+# spellings; strong and mild feelings, harm, loss and illness; praise and pleasure), used by the
+# guides built with ``word_lists(..., broad=True)``.
+
+TOXIC_MORE = """
+imbeciles dimwit dimwits nitwit nitwits halfwit dunce dunces buffoon buffoons oaf oafs twit twits
+twat wanker wankers tosser bellend prat git numbskull bonehead boneheads blockhead airhead meathead
+knucklehead pinhead dipshit shithead shitheads asshat dickhead dickheads motherfucker motherfuckers
+motherfucking fuckers fucks fuckface fuckin fucken effing frigging freaking cocksucker bullshit
+horseshit goddamn goddamned bugger arse arsehole bollocks pissing pisses sucker suckers stfu wtf
+scumbags lowlife lowlifes degenerate degenerates deadbeat slob slobs pervert perverts weirdo weirdos
+sleazebag sleazy skank skanky hag hags bimbo hoe hoes nazi nazis fascist fascists bigot bigots racist
+racists sexist sexists misogynist thug thugs crook crooks fraud frauds swindler cheater cheaters
+traitor traitors scoundrel villain villains monster monsters savage savages cockroach cockroaches
+maggot maggots leech leeches weasel weasels swine moronic imbecilic dimwitted halfwitted clueless
+incompetent repulsive revolting vile despicable contemptible loathsome hideous nasty demented
+deranged psychotic delusional spineless gutless shameless disgraceful scummy trashy corrupt crooked
+bigoted murderer murderers terrorist terrorists killer killers rapist rapists pedophile criminal
+criminals thief thieves scammer scammers prostitute hooker pimp junkie druggie drunkard bum bums
+hobo peasant peasants redneck rednecks hillbilly wimp wimps wuss sissy pussy crybaby brat brats punk
+punks noob noobs dork dorks dweeb butthole stinks stinky smelly fatso lardass fatass ho
+"""
+
+NEGATIVE_MORE = """
+abysmal appalling atrocious agony agonizing anguish alarming angrily annoyance awkward bankrupt
+bankruptcy boredom brutal brutally burden burdened catastrophe catastrophic collapse collapsed
+condemn condemned conflict confused confusion corrupt corruption crash crashed criticism criticized
+cruelty crushed damaging deadly defeat defeated delay deprived desperately destruction devastated
+devastating dire disappoint disgrace disgraceful dismal distress distressed disturbing dread dreaded
+drown drowned empty enemy enemies exhausting fatal fearful feared flaw flawed foul fright frightening
+fury gloom grieve gruesome harm harmful hatred haunted heartless horrendous horrific humiliated
+humiliation hurtful ignored illness injury injuries insult insulted irritating isolated jealousy
+lacking lament lethal lousy mourning murdered nightmare nightmares offensive pathetic pity poison
+poisoned prison punish punished punishment rage ruthless sadder saddest scary scream screamed
+screaming severe shameful shattered sickening sickness sinister slaughter sob sobbing sobbed starving
+stuck suicide suspicious threatening tormented torture tortured toxic traumatic trauma unfair
+unpleasant victim victims vile weary wept woeful wound wounded wrecked wretched neglected failing
+failures disgust miserably tragically upsetting annoy dismay disdain resent resentment scorn whine
+whining moan groan hopelessly bitterly decay decayed rot rotting sinking drained meaningless emptiness
+regretful remorse ominous sorrows downfall ruins wreck insecure insecurity paranoid cynical resentful
+mourned funeral coffin widow orphan homeless famine plague disease cancer infection bleeding bruised
+scar scarred unhappily unwell nauseous vomit cough fever freezing gray dreary drab bland
+"""
+
+POSITIVE_MORE = """
+admirable adventurous affectionately amusing amused applause applauded astonishing attractive
+beautifully bless blissfully breathtaking bravely calmly captivating carefree celebrating charm
+charmed cheered cheerfully comforting compassion compassionate confident cozily cuddle dazzling
+dearest delight delightfully devoted eager effortless elated enchanted enchanting
+encouraging energetic enjoyment enthusiastic enthusiasm euphoric exquisite fabulously faithful
+fantastically fond fondly fortunately freedom friendlier genius gladness glee gleeful
+gracious gratitude greatest handsome harmonious heartwarming heroic hilarious honored honoured
+hopefully hospitable humor humour idyllic invigorating jubilant kindest laughs lovelier loveliest
+loyal luckily luxurious magical majestic marvel mesmerizing miracle nicest nurturing passionate
+pleasantly pleasing plentiful polite prosper prosperous radiance reassuring refreshing rejoice
+relief relieved relish romance serene serenity sincere smiley snug soothing spectacular
+splendidly stellar sublime successfully sunniest sweetest sweetheart tender
+thrilling thriving tranquil triumph triumphant uplifting victorious warmth welcomed
+whimsical wonderfully wondrous worthy zest
+"""
+
+# Words whose feeling depends on their context (weather, time, effort, prices: "a cold drink", "late
+# May", "hard work"): the broad lists leave them out, so a guide is not satisfied by them alone.
+MILD = """
+late cold dark slow hard break broke lost lose losing loss alone problem problems difficult crowded
+noisy expensive delayed cancelled canceled fired risk poor mean weak tired lonely trouble mess messy
+dull stale sour bitter harsh crash empty gray freezing bland drab stuck
+"""
+
 
 def words(block: str) -> list[str]:
     """The words of one of the blocks above, in order, without repeats."""

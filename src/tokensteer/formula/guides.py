@@ -9,6 +9,7 @@ own with ``register_guide(name, factory)``; a guide only needs ``logprob(texts) 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from functools import lru_cache
@@ -68,6 +69,9 @@ class WordGuide:
         margin: float = 0.0,
         cap: float | None = None,
         repeats: bool = False,
+        steady: bool = False,
+        prefix: int = 0,
+        negation: bool = False,
     ) -> None:
         """``finish``: log-odds taken off a text that ends in a line break (it is finished), so a
         formula avoids ending a passage that has not shown the attribute yet (FUDGE's view: the
@@ -77,7 +81,15 @@ class WordGuide:
         ``cap``: the most log-odds the target's own words may add up to, so a text cannot bank
         credit with them that would hide a word of the other class (one insult in a polite text
         still costs its full weight). ``repeats``: a listed word of another class (``lists``) counts
-        each time it occurs, so repeating one (say, an insult already in the prompt) is never free."""
+        each time it occurs, so repeating one (say, an insult already in the prompt) is never free.
+        ``steady``: words against the target cost their full weight however clear the text already
+        is (the score is log σ(z⁺ − margin) plus their weights, z⁺ the log-odds without them), so a
+        text that has made its point is still kept from undoing it.
+        ``prefix``: a text ending inside a word of at least this many letters that the guide does
+        not know is scored as the most opposed listed word of another class it begins, so a word
+        the tokenizer splits ("stup" + "id") is weighed when its first piece is chosen (0: off).
+        ``negation``: a word up to ``SCOPE`` words after a negator ("not", "never", "didn't")
+        counts ``FLIP`` times its weight ("not happy" leans negative, "not to cry" no longer does)."""
         import re
 
         from sklearn.feature_extraction.text import CountVectorizer
@@ -95,48 +107,101 @@ class WordGuide:
         self.finish, self.margin, self.cap = float(finish), float(margin), cap
         others = {w for c, ws in (lists or {}).items() if c != target for w in ws}
         self.repeated = {w: v for w, v in self.weights.items() if w in others and v < 0} if repeats else {}
+        self.steady, self.prefix, self.negation = steady, int(prefix), negation
+        self._opposed = sorted(w for w in others if self.weights.get(w, 0.0) < 0)
+
+    def prefix_weight(self, piece: str) -> float:
+        """The weight of the most opposed listed word that starts with ``piece`` (0 if none)."""
+        i = bisect.bisect_left(self._opposed, piece)
+        found = []
+        while i < len(self._opposed) and self._opposed[i].startswith(piece):
+            found.append(self.weights[self._opposed[i]])
+            i += 1
+        return min(found, default=0.0)
+
+    def parts(self, text: str) -> tuple[float, float]:
+        """(log-odds from the bias and the target's words, capped and less ``margin`` and the
+        finish penalty; the summed weights of the words against it)."""
+        words = self._split(text.lower())
+        if self.negation:
+            ws = [self.weights.get(w, 0.0) * (FLIP if neg else 1.0) for w, neg in set(negated(words))]
+        else:
+            ws = [self.weights.get(w, 0.0) for w in set(words)]
+        if self.repeated:  # a listed word of another class again at each further occurrence
+            ws += [self.repeated[w] * (n - 1) for w, n in Counter(words).items() if n > 1 and w in self.repeated]
+        if self.prefix and words and text[-1:].isalpha():
+            last = words[-1]  # the text may stop inside this word
+            if len(last) >= self.prefix and last not in self.weights:
+                ws.append(self.prefix_weight(last))
+        gain = sum(w for w in ws if w > 0)
+        if self.cap is not None:
+            gain = min(gain, self.cap)
+        z = self.bias + gain - self.margin - (self.finish if text.endswith("\n") else 0.0)
+        return z, sum(w for w in ws if w < 0)
 
     def logit(self, text: str) -> float:
         """Log-odds of the attribute: the bias plus the weight of each distinct word (the target's
         words together at most ``cap``), less ``margin``."""
-        words = self._split(text.lower())
-        ws = [self.weights.get(w, 0.0) for w in set(words)]
-        if self.repeated:  # a listed word of another class again at each further occurrence
-            ws += [self.repeated[w] * (n - 1) for w, n in Counter(words).items() if n > 1 and w in self.repeated]
-        gain = sum(w for w in ws if w > 0)
-        if self.cap is not None:
-            gain = min(gain, self.cap)
-        z = self.bias + gain + sum(w for w in ws if w < 0) - self.margin
-        return z - self.finish if text.endswith("\n") else z
+        z, loss = self.parts(text)
+        return z + loss
 
     def logprob(self, texts: Sequence[str]) -> "torch.Tensor":
         import torch
 
-        z = [self.logit(t) for t in texts]  # log σ(z) in plain Python: a torch op per step costs more
-        return torch.tensor([min(x, 0.0) - math.log1p(math.exp(-abs(x))) for x in z], dtype=torch.float32)
+        out = []
+        for t in texts:  # log σ(z) in plain Python: a torch op per step costs more
+            z, loss = self.parts(t)
+            x = z if self.steady else z + loss
+            out.append(min(x, 0.0) - math.log1p(math.exp(-abs(x))) + (loss if self.steady else 0.0))
+        return torch.tensor(out, dtype=torch.float32)
+
+
+#: negators, how many words after one are negated, and the factor on a negated word's weight
+NEGATORS = frozenset("not no never nothing nobody none neither nor without hardly cannot".split())
+SCOPE, FLIP = 3, -0.5
+
+
+def negated(words: Sequence[str]) -> list[tuple[str, bool]]:
+    """Each word that is not a negator, with whether it falls within ``SCOPE`` words after one."""
+    out, left = [], 0
+    for w in words:
+        if w in NEGATORS or w.endswith("n't"):
+            left = SCOPE
+            continue
+        out.append((w, left > 0))
+        left = max(left - 1, 0)
+    return out
 
 
 #: log-odds the sentiment guides take off a finished text, and the margin they ask for (see
 #: ``WordGuide``); chosen on the dev openings
 FINISH, MARGIN = 3.0, 4.0
-#: the most credit polite words give the civility guide (its ``cap``), so any insult weighs fully; chosen on rude_dev
-CIVIL_CAP = 1.0
+#: the most credit polite words give the civility guide (its ``cap``), so any insult weighs fully, and
+#: the letters of a word's first piece it scores as the insult it begins (``prefix``); chosen on rude_dev
+CIVIL_CAP, CIVIL_PREFIX = 1.0, 3
 
 GUIDES: dict[str, Callable[[], Scorer]] = {
     "positive": lambda: WordGuide(guide_data.SENTIMENT, "positive", word_lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
     "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", word_lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
-    "nontoxic": lambda: WordGuide(guide_data.CIVILITY, "nontoxic", word_lists("POLITE", "TOXIC"), cap=CIVIL_CAP, repeats=True),
+    "nontoxic": lambda: WordGuide(
+        guide_data.CIVILITY, "nontoxic", word_lists("POLITE", "TOXIC", broad=True), cap=CIVIL_CAP, repeats=True, steady=True, prefix=CIVIL_PREFIX
+    ),
     "formal": lambda: TextClassifierGuide(guide_data.REGISTER, "formal"),
     "informal": lambda: TextClassifierGuide(guide_data.REGISTER, "informal"),
 }
 
 
-def word_lists(first: str, second: str) -> dict[str, list[str]]:
-    """The word lists of ``guide_words`` for a two-class guide, keyed like its ``guide_data`` set."""
+def word_lists(first: str, second: str, broad: bool = False) -> dict[str, list[str]]:
+    """The word lists of ``guide_words`` for a two-class guide, keyed like its ``guide_data`` set;
+    ``broad`` adds each class's ``*_MORE`` list where it has one and leaves out the ``MILD`` words."""
     from tokensteer.formula import guide_words as gw
 
     keys = {"POSITIVE": "positive", "NEGATIVE": "negative", "POLITE": "nontoxic", "TOXIC": "toxic"}
-    return {keys[n]: gw.words(getattr(gw, n)) for n in (first, second)}
+    if not broad:
+        return {keys[n]: gw.words(getattr(gw, n)) for n in (first, second)}
+    mild = set(gw.words(gw.MILD))
+    full = lambda n: [w for w in dict.fromkeys(gw.words(getattr(gw, n)) + gw.words(getattr(gw, f"{n}_MORE", ""))) if w not in mild]
+    return {keys[n]: full(n) for n in (first, second)}
 
 
 def register_guide(name: str, factory: Callable[[], Scorer]) -> None:

@@ -21,8 +21,8 @@ CLEAN = "The following is a polite, kind and respectful text.\n\n"
 FORMAL = "The following is an excerpt from a formal academic report.\n\n"
 # sentiment recipes' defaults, tuned on openings_dev only (openings_test is for reporting)
 ALPHA, BETA, NUCLEUS, GUIDE_K = 0.0, 24.0, 0.95, 80.0
-# detox's (guide weight, nucleus, candidates), tuned on rude_dev only
-DETOX_BETA, DETOX_NUCLEUS, DETOX_K = 8.0, 0.9, 40.0
+# detox's (guide weight, top-p of the steered distribution, candidates), tuned on rude_dev only
+DETOX_BETA, DETOX_TOP_P, DETOX_K = 16.0, 0.9, 40.0
 TEXT_PARAMS = frozenset({"text", "expert", "anti"})
 INFORMAL = "lol ok so here's what happened, super casual chat msg:\n\n"
 
@@ -91,14 +91,16 @@ def _n(v: object) -> str:
     return fmt_num(float(v)) if isinstance(v, (int, float)) else str(v)
 
 
-def _dexperts(expert: str, anti: str, alpha: object, p: object, guide: str | None = None, beta: object = 0, k: object = None) -> str:
+def _dexperts(expert: str, anti: str, alpha: object, p: object, guide: str | None = None, beta: object = 0, k: object = None, cut: str = "nucleus") -> str:
     """DExperts inside the base nucleus, plus a guide term; α = 0 leaves the expert rows out (one
-    row per token: the guide alone steers, at about the cost of plain decoding)."""
+    row per token: the guide alone steers, at about the cost of plain decoding). ``cut="topp"``
+    takes the nucleus of the steered distribution instead, so the guide can move the text off a
+    token the base model is sure of."""
     body = "M" if isinstance(alpha, (int, float)) and float(alpha) == 0 else f"M + {_n(alpha)}*(M({_q(expert)}) - M({_q(anti)}))"
     if guide and float(beta) != 0:
         kk = f", k={_n(k)}" if k is not None else ""
         body += f" + {_n(beta)}*C({fmt_str(guide)}{kk})"
-    return f"nucleus({body}, {_n(p)})"
+    return f"{cut}({body}, {_n(p)})"
 
 
 RECIPES: dict[str, Recipe] = {
@@ -123,12 +125,13 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "detox",
-            "Less toxic text: the base model inside its nucleus, rescored by the offline civility guide "
-            "(each insult or swear word weighs fully against, however polite the rest) on the k "
-            "likeliest candidates; alpha > 0 "
+            "Less toxic text: the base model rescored by the offline civility guide on the k "
+            "likeliest candidates (each insult or swear word weighs fully against, however polite "
+            "the rest, from the first piece of a word the tokenizer splits), then the top-p nucleus "
+            "of the result, so even a token the base model is sure of can be avoided; alpha > 0 "
             "adds DExperts rows (a polite vs a hateful-rant conditioning text).",
-            (("alpha", 0.0), ("guide", DETOX_BETA), ("p", DETOX_NUCLEUS), ("k", DETOX_K)),
-            lambda alpha, guide, p, k: _dexperts(CLEAN, TOXIC, alpha, p, "nontoxic", guide, k),
+            (("alpha", 0.0), ("guide", DETOX_BETA), ("p", DETOX_TOP_P), ("k", DETOX_K)),
+            lambda alpha, guide, p, k: _dexperts(CLEAN, TOXIC, alpha, p, "nontoxic", guide, k, cut="topp"),
         ),
         Recipe(
             "formal",
