@@ -182,7 +182,7 @@ CIVIL_CAP, CIVIL_PREFIX = 1.0, 3
 
 GUIDES: dict[str, Callable[[], Scorer]] = {
     "positive": lambda: WordGuide(guide_data.SENTIMENT, "positive", word_lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
-    "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", word_lists("POSITIVE", "NEGATIVE"), finish=FINISH, margin=MARGIN),
+    "negative": lambda: WordGuide(guide_data.SENTIMENT, "negative", word_lists("POSITIVE", "NEGATIVE", broad=True), finish=FINISH, margin=MARGIN),
     "nontoxic": lambda: WordGuide(
         guide_data.CIVILITY, "nontoxic", word_lists("POLITE", "TOXIC", broad=True), cap=CIVIL_CAP, repeats=True, steady=True, prefix=CIVIL_PREFIX
     ),
