@@ -1,5 +1,7 @@
 """Coherence of steered text: its perplexity under the base model and the KL of steered from base.
 
+With a guard the KL is that of the distribution actually sampled (the steered one within the base
+model's top-p nucleus); repetition, which a narrow nucleus can cause, is the distinct-2 check's job.
 Both come from one teacher-forced pass that steps a steered session and a plain session in
 lockstep through the same tokens (the public Session API, so any backend works), never holding
 more than one step of full distributions.
@@ -25,8 +27,10 @@ class Coherence:
 
 
 @torch.inference_mode()
-def coherence(lm, prompts: Sequence[str], continuations: Sequence[Sequence[int]], edits: Sequence[ResidualEdit] = ()) -> Coherence:
-    """Teacher-force ``continuations`` (token ids) after ``prompts`` with and without ``edits``."""
+def coherence(lm, prompts: Sequence[str], continuations: Sequence[Sequence[int]], edits: Sequence[ResidualEdit] = (),
+              guard: float | None = None) -> Coherence:
+    """Teacher-force ``continuations`` (token ids) after ``prompts`` with and without ``edits``
+    (``guard``: the KL is taken of the steered distribution restricted to the base's top-``guard``)."""
     rows = [lm.tokenizer.encode(p) for p in prompts]
     base = lm.session(())
     steered = lm.session(edits) if edits else None
@@ -38,8 +42,8 @@ def coherence(lm, prompts: Sequence[str], continuations: Sequence[Sequence[int]]
         T = max((len(c) for c in continuations), default=0)
         for t in range(T):
             pb = torch.log_softmax(lb.float(), dim=-1)
-            ps = torch.log_softmax(ls.float(), dim=-1) if steered else None
-            step_kl = (ps.exp() * (ps - pb)).sum(dim=-1) if steered else None
+            ps = guarded(ls.float(), pb, guard) if steered else None
+            step_kl = kl_rows(ps, pb) if steered else None
             nxt = []
             for i, c in enumerate(continuations):
                 if t < len(c):
@@ -58,6 +62,22 @@ def coherence(lm, prompts: Sequence[str], continuations: Sequence[Sequence[int]]
             steered.close()
     ppl = [math.exp(v / len(c)) if c else float("nan") for v, c in zip(nll, continuations)]
     return Coherence(ppl, [v / len(c) if c else 0.0 for v, c in zip(kl, continuations)])
+
+
+def guarded(logits: torch.Tensor, base_logprobs: torch.Tensor, guard: float | None) -> torch.Tensor:
+    """Log-probabilities sampled from: ``logits`` within the base's top-``guard`` nucleus (as
+    ``SteerGuard`` samples), or all of them without a guard."""
+    if guard is None:
+        return torch.log_softmax(logits, dim=-1)
+    from tokensteer.sampling import nucleus_mask
+
+    return torch.log_softmax(logits.masked_fill(~nucleus_mask(base_logprobs, guard), float("-inf")), dim=-1)
+
+
+def kl_rows(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(q ‖ p) per row; tokens q leaves out (-inf) add nothing."""
+    q = logq.exp()
+    return torch.where(q > 0, q * (logq - logp), torch.zeros_like(q)).sum(dim=-1)
 
 
 def continuation_ids(lm, prompts: Sequence[str], texts: Sequence[str]) -> list[list[int]]:

@@ -92,15 +92,15 @@ def default_scorer(lm, vec: SteeringVector, layer: int) -> tuple[str, Scorer]:
 
 def evaluate_dose(lm, vec, layers, strength, prompts, cfg, scorer, base, confidence, positions="all", guard=None) -> Point:
     """Generate with one dose, then score it: attribute, the eval's perplexity ratio with its bound, KL
-    (of the steered model from the base, before any guard: taken after the guard it lets strong doses
-    through whose text repeats itself, which perplexity does not catch)."""
+    of the distribution sampled from the base's (within the guard's nucleus when guarded: what the
+    text is drawn from) and distinct-2, which catches the repetition a narrow nucleus can cause."""
     from tokensteer.engine import generate
 
     ctls = controls_for([Steer(vec, strength, layers, positions, guard=guard)])
     ctl = ctls[0]
     gens = generate(lm, prompts, cfg, ctls)
     texts = [g.text for g in gens]
-    coh = coherence(lm, prompts, continuation_ids(lm, prompts, texts), ctl.residual_edits(len(prompts), 1))
+    coh = coherence(lm, prompts, continuation_ids(lm, prompts, texts), ctl.residual_edits(len(prompts), 1), guard)
     ratio, bound = ratio_upper_bound(coh.perplexity, base, confidence)
     kl = mean(coh.kl) if coh.kl else 0.0
     return Point(layers[0], strength, mean(scorer(texts)), _mean_finite(coh.perplexity), ratio, kl, True, bound, list(layers),
