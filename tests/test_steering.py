@@ -570,11 +570,24 @@ def test_search_prompts_are_held_out_from_the_eval_suite():
     from tokensteer.steering.search_prompts import SEARCH_PROMPTS
 
     words = lambda s: tuple(s.lower().replace(",", "").split())
-    evals = [words(it.prompt) for it in get_task("sentiment-positive").items()]
-    assert len(set(SEARCH_PROMPTS)) == len(SEARCH_PROMPTS) >= 48
+    task = get_task("sentiment-positive")
+    evals = [words(it.prompt) for name in (None, "openings_dev", "openings_test") for it in task.items(name)]
+    assert len(evals) > 300 and len(set(SEARCH_PROMPTS)) == len(SEARCH_PROMPTS) >= 96
     for p in map(words, SEARCH_PROMPTS):
         for e in evals:
             assert p != e and p[:5] != e[:5], (p, e)  # no copy, and no opener that paraphrases one (the old list had both)
+
+
+def test_the_first_search_prompts_are_varied():
+    """The search takes the first N (48 by default): they hold questions, dialogue, instructions and
+    fragments short and long, not only narrative openers, as users' prompts do."""
+    from tokensteer.steering.search_prompts import SEARCH_PROMPTS
+
+    for head, k in ((SEARCH_PROMPTS[:16], 1), (SEARCH_PROMPTS[:48], 2)):  # the layer trials' share, the default
+        lengths = [len(p.split()) for p in head]
+        assert sum(p.startswith('"') for p in head) >= k
+        assert sum(p.split()[0] in ("How", "Why", "What", "Which", "Where") for p in head) >= k
+        assert min(lengths) <= 3 and max(lengths) >= 5 * k
 
 
 # ---- regressions found by fuzzing (session 7) ---------------------------------------------------

@@ -115,7 +115,7 @@ def search(
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Where to save the dose–response plot (default VEC with .curve.png)."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     backend: str = typer.Option("auto", help="auto, torch or llamacpp (sentiment vectors scored by VADER can search on the fast llamacpp backend)."),
-    prompts: int = typer.Option(48, help="How many of the 64 built-in neutral search prompts (held out from the eval suite's) to continue per dose."),
+    prompts: int = typer.Option(48, help="How many of the built-in neutral search prompts (varied kinds of text, held out from the eval suite's) to continue per dose."),
     tokens: int = typer.Option(32, help="Tokens generated per continuation (the eval suite's default is 32)."),
     bisect_steps: int = typer.Option(3, help="Bisection steps after the doubling phase."),
     confidence: float = typer.Option(0.9, help="A dose passes when this one-sided bootstrap bound of its perplexity ratio is ≤ --factor (0.5: the plain estimate)."),
