@@ -119,7 +119,8 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "negative",
-            "Negative sentiment: the mirror image of positive (same weights and nucleus).",
+            "Negative sentiment: the mirror image of positive (same weights and nucleus); its guide "
+            "learns from the broad word lists, without words that are negative only in context.",
             (("alpha", ALPHA), ("guide", BETA), ("p", NUCLEUS), ("k", GUIDE_K)),
             lambda alpha, guide, p, k: _dexperts(NEGATIVE, POSITIVE, alpha, p, "negative", guide, k),
         ),
