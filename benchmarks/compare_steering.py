@@ -3,7 +3,7 @@
 One eval run (``sentiment-positive`` task, VADER success, perplexity under the uncontrolled model)
 holds: no steering; the default CLI pipeline's vector exactly as ``tokensteer steer train`` +
 ``tokensteer steer search`` left it (``--vec``: its layer, strength and guard); and, at the
-pipeline's layer and a sweep of strengths, the unguarded direction of each library trained on the
+pipeline's layer (or ``--lib-layer``) and a sweep of strengths, the unguarded direction of each library trained on the
 same pairs (``--dirs``: ours diffmean, repeng pca_diff, steering-vectors' mean). Every direction
 is scaled to the layer's median residual norm, so strengths are comparable. Success is compared at
 matched perplexity: each library's curve is interpolated at the perplexity ratio the default
@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--libs", help="folder holding repeng and steering_vectors (installed with --no-deps --target)")
     ap.add_argument("--vec", help="the default pipeline's vector (`steer train` then `steer search`); without it, only the libraries' curves")
     ap.add_argument("--layer", type=int, default=11, help="the layer without --vec (with it: the pipeline's layer)")
+    ap.add_argument("--lib-layer", type=int, help="the layer of the libraries' directions (default: the pipeline's, or --layer)")
     ap.add_argument("--pairs", default="sentiment", help="the pairs without --vec (with it: the pairs it was trained on)")
     ap.add_argument("--repeat", action="store_true", help="train everything twice to check bit-for-bit repeatability")
     ap.add_argument("--prompts", default="openings_dev", help="prompt set of the eval (a shipped name such as openings_dev, or a file)")
@@ -130,7 +131,7 @@ def main() -> None:
     np.float_ = np.float64  # repeng 0.4.0 annotations use the numpy-1 alias
     pipeline = load_vector(a.vec) if a.vec else None
     rec = pipeline.meta.get("recommended", {}) if pipeline else {}
-    layer = rec["layers"][0] if pipeline else a.layer
+    layer = a.lib_layer if a.lib_layer is not None else rec["layers"][0] if pipeline else a.layer
     ps = load_pairs(pipeline.meta["pairs"]["name"] if pipeline else a.pairs)
     if pipeline and ps.sha256 != pipeline.meta["pairs"].get("sha256"):
         sys.exit(f"{a.vec} was trained on other pairs than the shipped {ps.name!r} set")
@@ -145,7 +146,7 @@ def main() -> None:
         if a.out:
             trained.parent.mkdir(parents=True, exist_ok=True)
             torch.save((out, dirs, ours), trained)
-    out |= {"pairs": len(ps.pairs), "layer": layer, "pipeline": {k: rec.get(k) for k in ("layers", "strength", "positions", "guard")}}
+    out |= {"pairs": len(ps.pairs), "layer": layer, "lib_layer": layer, "pipeline": {k: rec.get(k) for k in ("layers", "strength", "positions", "guard")}}
     if a.no_eval:
         print(json.dumps(out))
         return
@@ -175,7 +176,15 @@ def evaluate(a, pipeline: SteeringVector | None, ours: SteeringVector, dirs: dic
         if name not in a.dirs.split(","):
             continue
         meta = {k: v for k, v in ours.meta.items() if k not in ("recommended", "stats", "path")}
-        path = save_vector(SteeringVector({layer: (d * median).float()}, meta | {"source": name}), vecs / f"{name}.safetensors")
+        path, new = vecs / f"{name}.safetensors", vecs / f"{name}.new.safetensors"
+        save_vector(SteeringVector({layer: (d * median).float()}, meta | {"source": name}), new)
+        if path.is_file():  # the sample cache keys on this path: keep the vector its samples came from
+            same = same_vectors(path, new)
+            new.unlink()
+            if not same:
+                sys.exit(f"{path} holds another vector (another layer?) whose samples are cached under its name; use a new --out")
+        else:
+            new.replace(path)
         for s in strengths:
             methods.append(f"steer:{path}@{s}")
             label[f"steer:{path}@{s}"] = (name, s)
@@ -209,6 +218,14 @@ def evaluate(a, pipeline: SteeringVector | None, ours: SteeringVector, dirs: dic
         print(name, " ".join(f"{q['strength']}:{q['positive_rate']:.2f}/x{q['ppl_ratio']:.2f}" for q in curve), file=sys.stderr, flush=True)
     print(f"pipeline {p and p['success_rate']} at x{matched:.2f}; none {base['success_rate']:.3f}", file=sys.stderr, flush=True)
     return ev
+
+
+def same_vectors(a: Path, b: Path) -> bool:
+    """Same layers and directions up to rounding (the metadata holds a creation time, and repeng's
+    training is not bit-for-bit repeatable)."""
+    va, vb = load_vector(a), load_vector(b)
+    return sorted(va.vectors) == sorted(vb.vectors) and all(torch.allclose(va.vectors[i], vb.vectors[i], rtol=1e-3, atol=1e-4 * float(va.vectors[i].abs().max()))
+                                                            for i in va.vectors)
 
 
 def at_ratio(curve: list[dict], factor: float, key: str = "ppl_ratio") -> float | None:
