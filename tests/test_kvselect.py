@@ -26,11 +26,14 @@ def test_parse_on_off_and_settings():
     c = parse_kv_select("k=64, local=16,init=4,theta=0.95,refresh=8,chunk=32,extrapolate=on")
     assert (c.k, c.local, c.init, c.theta, c.refresh, c.chunk, c.extrapolate) == (64, 16, 4, 0.95, 8, 32, True)
     assert parse_kv_select({"k": 10, "theta": "off"}).theta > 1  # the server's JSON; theta off: never reuse
+    assert KVSelectConfig().dense_tail and not parse_kv_select("tail=off").dense_tail
+    assert not parse_kv_select("extrapolate=on").dense_tail  # re-indexed positions: the last chunk selects too
+    assert KVSelectConfig().theta > 1  # the selection cache is off unless asked for
     assert c.budget == 64 + 16 + 4
 
 
 @pytest.mark.parametrize(
-    "bad", ["k=0", "k=abc", "kk=3", "k=3,k=4", "k", "theta=2.5", "init=-1", "extrapolate=maybe", "local=1.5"]
+    "bad", ["k=0", "k=abc", "kk=3", "k=3,k=4", "k", "theta=2.5", "init=-1", "extrapolate=maybe", "tail=2", "local=1.5"]
 )
 def test_parse_rejects_with_one_line(bad):
     with pytest.raises(UserError) as e:
@@ -41,10 +44,10 @@ def test_parse_rejects_with_one_line(bad):
 @settings(max_examples=60, deadline=None)
 @given(
     k=st.integers(1, 10**6), local=st.integers(1, 10**5), init=st.integers(0, 10**4),
-    theta=st.floats(0, 2, allow_nan=False), refresh=st.integers(1, 1000), chunk=st.integers(1, 8192), ex=st.booleans(),
+    theta=st.floats(0, 2, allow_nan=False), refresh=st.integers(1, 1000), chunk=st.integers(1, 8192), ex=st.booleans(), tail=st.booleans(),
 )
-def test_spec_round_trips(k, local, init, theta, refresh, chunk, ex):
-    c = KVSelectConfig(k, local, init, theta, refresh, chunk, ex)
+def test_spec_round_trips(k, local, init, theta, refresh, chunk, ex, tail):
+    c = KVSelectConfig(k, local, init, theta, refresh, chunk, ex, tail)
     assert parse_kv_select(c.spec()) == c
     assert looks_like_spec(c.spec().split(",")[0])
 

@@ -140,3 +140,19 @@ def test_load_takes_kv_select(tiny_dir):
     assert lm.name == "torch" and len(ts.generate(lm, "the cat sat on the mat " * 5, max_tokens=3).tokens) == 3
     with pytest.raises(ts.UserError, match="kv_select runs in transformers' attention"):
         ts.load(str(tiny_dir), backend="llamacpp", kv_select=True)
+
+
+def test_the_prompts_last_chunk_attends_densely_by_default(lm):
+    """With ``tail`` (the default) the last prompt chunk reads the whole cache: when earlier chunks
+    select nothing (each fits the budget), the first answer token's log-probability is dense's."""
+    prompt = _prompt(40)
+    n = len(lm.tokenizer.encode(prompt))
+    assert 32 < n <= 48  # the first chunk is its own window (dense); the second, last one would select
+    dense = ts.generate(lm, prompt, max_tokens=1, temperature=0, ignore_eos=True)
+    lm.set_kv_select("k=4,local=4,init=1,chunk=32")
+    tail = ts.generate(lm, prompt, max_tokens=1, temperature=0, ignore_eos=True)
+    assert lm.kv_select.tail and lm.last_selector.stats["selected"] == 0
+    assert tail.tokens == dense.tokens and tail.logprobs == pytest.approx(dense.logprobs, abs=1e-5)
+    lm.set_kv_select("k=4,local=4,init=1,chunk=32,tail=off")
+    sel = ts.generate(lm, prompt, max_tokens=1, temperature=0, ignore_eos=True)
+    assert lm.last_selector.stats["selected"] > 0 and sel.logprobs != pytest.approx(dense.logprobs, abs=1e-5)

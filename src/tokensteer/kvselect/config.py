@@ -8,7 +8,7 @@ from tokensteer.errors import UserError
 
 ON = ("on", "default", "true", "yes")
 OFF = ("off", "none", "false", "no")
-KEYS = ("k", "local", "init", "theta", "refresh", "chunk", "extrapolate")
+KEYS = ("k", "local", "init", "theta", "refresh", "chunk", "extrapolate", "tail")
 
 
 @dataclass(frozen=True)
@@ -19,17 +19,22 @@ class KVSelectConfig:
     (per-head softmax over q·k, summed over heads) and the last ``local`` tokens, its own included
     (a prompt chunk at least that long is its own local window). A decode query whose cosine with
     the previous step's query is ≥ ``theta`` reuses the last selection (``theta`` > 1: never), and
-    a fresh one is made at least every ``refresh`` steps. ``chunk`` tokens are prefilled per forward; ``extrapolate`` re-indexes the
-    selected keys' positions so prompts past the model's trained length fit its position range.
+    a fresh one is made at least every ``refresh`` steps; by default it is off, because a reused
+    selection loses what a copied span (a number, a name) needs next. ``chunk`` tokens are
+    prefilled per forward; with ``tail`` the prompt's last chunk (usually the question) attends to
+    everything, so the first answer token reads the whole prompt. ``extrapolate`` re-indexes the
+    selected keys' positions so prompts past the model's trained length fit its position range
+    (the last chunk then selects too).
     """
 
     k: int = 2048
     local: int = 512
     init: int = 128
-    theta: float = 0.9
+    theta: float = 2.0
     refresh: int = 16
     chunk: int = 512
     extrapolate: bool = False
+    tail: bool = True
 
     def __post_init__(self) -> None:
         for name in ("k", "local", "chunk", "refresh"):
@@ -39,6 +44,11 @@ class KVSelectConfig:
             raise UserError(f"kv-select init must be ≥ 0, got {self.init}")
         if not 0.0 <= self.theta <= 2.0:
             raise UserError(f"kv-select theta is a cosine threshold in [0, 1] (above 1: no reuse), got {self.theta}")
+
+    @property
+    def dense_tail(self) -> bool:
+        """Whether the prompt's last chunk attends densely (not when positions are re-indexed)."""
+        return self.tail and not self.extrapolate
 
     @property
     def budget(self) -> int:
@@ -99,10 +109,10 @@ def _from_pairs(pairs: list[tuple[str, object]], spec: str) -> KVSelectConfig:
 
 def _value(name: str, value: object) -> object:
     text = str(value).strip().lower()
-    if name == "extrapolate":
+    if name in ("extrapolate", "tail"):
         if isinstance(value, bool) or text in ON + OFF:
             return value if isinstance(value, bool) else text in ON
-        raise UserError(f"kv-select extrapolate is on or off, got {value!r}")
+        raise UserError(f"kv-select {name} is on or off, got {value!r}")
     if name == "theta":
         if text in OFF:
             return 2.0  # no cosine reaches it: every step selects afresh

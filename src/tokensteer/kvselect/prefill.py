@@ -8,6 +8,7 @@ layer (only the prompt's last logits are needed).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from functools import cache
 from typing import Callable, Iterator
@@ -32,10 +33,14 @@ def iter_prefill(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     chunk: int = PREFILL_CHUNK,
+    dense_tail: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor | None]]:
     """Feed ``ids`` [B, T] into ``kv_cache`` ``chunk`` tokens at a time, yielding after each piece
     (tokens done, then None, or the [B, V] float logits after the last token with the last piece).
-    ``attention_mask`` [B, T] (left padding) and ``position_ids`` [B, T] are sliced along."""
+    ``attention_mask`` [B, T] (left padding) and ``position_ids`` [B, T] are sliced along.
+    ``dense_tail``: the last piece attends to the whole cache, whatever selector is in use."""
+    from tokensteer.kvselect.attention import use
+
     T = ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(T, device=ids.device)[None].expand(ids.shape[0], T)
@@ -44,7 +49,7 @@ def iter_prefill(
         e = min(T, s + chunk)
         last = e == T
         net = model if last or body is None else body
-        with torch.inference_mode():
+        with torch.inference_mode(), (use(None) if last and dense_tail else contextlib.nullcontext()):
             out = net(
                 input_ids=ids[:, s:e],
                 attention_mask=None if attention_mask is None else attention_mask[:, :e],
@@ -64,11 +69,12 @@ def prefill_chunks(
     position_ids: torch.Tensor | None = None,
     chunk: int = PREFILL_CHUNK,
     progress: Progress | None = None,
+    dense_tail: bool = False,
 ) -> torch.Tensor:
     """``iter_prefill`` to the end: the [B, V] float logits after the last token;
     ``progress(done, T)`` is called after every piece."""
     logits = None
-    for done, logits in iter_prefill(model, ids, kv_cache, attention_mask, position_ids, chunk):
+    for done, logits in iter_prefill(model, ids, kv_cache, attention_mask, position_ids, chunk, dense_tail):
         if progress is not None:
             progress(done, ids.shape[1])
     return logits

@@ -54,7 +54,7 @@ def greedy_torch(lm, ids: Sequence[int], max_new: int, kvs: Sequence[KVSelectCon
     prompt = torch.tensor([list(ids)])
     caches = [DynamicCache(config=model.config) for _ in kvs]
     sels = [new_selector(model, kv) if kv is not None else None for kv in kvs]
-    pending = [iter_prefill(model, prompt, c, None, None, kv.chunk if kv else PREFILL_CHUNK) for c, kv in zip(caches, kvs)]
+    pending = [iter_prefill(model, prompt, c, None, None, kv.chunk if kv else PREFILL_CHUNK, kv is not None and kv.dense_tail) for c, kv in zip(caches, kvs)]
     prefill_s, decode_s = [0.0] * len(kvs), [0.0] * len(kvs)
     logits: list[torch.Tensor | None] = [None] * len(kvs)
     while any(p is not None for p in pending):

@@ -288,7 +288,7 @@ class TorchBackend(Backend):
                 chunk = sel.cfg.chunk if sel is not None else self.prefill_chunk  # a cache's own setting chunks its prompts
                 with use(sel):
                     if phase == "prefill" and keep == 1 and ids.shape[1] > chunk:
-                        return prefill_chunks(self.model, ids, cache, mask, positions, chunk, self.progress)[:, None]
+                        return prefill_chunks(self.model, ids, cache, mask, positions, chunk, self.progress, sel is not None and sel.cfg.dense_tail)[:, None]
                     out = self.model(
                         input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep
                     )
