@@ -22,23 +22,11 @@ from tokensteer.engine.events import Detokenizer
 from common import cpu_name
 
 
-class WholeDecode:
+class WholeDecode(Detokenizer):
     """The previous detokeniser: the whole sequence decoded at every push, same hold-back rules."""
 
-    def __init__(self, tok, stops):
-        self.tok, self.stops, self.emitted = tok, stops, 0
-
-    def push(self, ids, final):
-        text = self.tok.decode(ids)
-        hits = [i for i in (text.find(s) for s in self.stops) if i != -1]
-        safe = min(hits) if hits else len(text)
-        if not hits and not final:
-            while safe > self.emitted and text[safe - 1] == "\ufffd":
-                safe -= 1
-            safe -= max((k for s in self.stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
-        new = text[self.emitted : safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return new, bool(hits)
+    def text_of(self, ids):
+        return self.tok.decode(ids, skip_special=self.skip_special)
 
 
 def run(d, ids: list[int]) -> tuple[str, list[float]]:

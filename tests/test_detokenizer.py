@@ -11,30 +11,15 @@ import tokensteer as ts
 from tokensteer.engine.events import Detokenizer
 
 
-def full_decode_pushes(tok, ids: list[int], stops: list[str], finals: list[bool], skip: bool) -> list[tuple[str, bool]]:
-    """The reference: decode all ids at every push, then the same hold-back rules."""
-    emitted, out = 0, []
-    for n, final in zip(range(1, len(ids) + 1), finals):
-        text = tok.decode(ids[:n], skip_special=skip)
-        hits = [i for i in (text.find(s) for s in stops) if i != -1]
-        if hits:
-            safe = min(hits)
-        elif final:
-            safe = len(text)
-        else:
-            safe = len(text)
-            while safe > emitted and text[safe - 1] == "\ufffd":
-                safe -= 1
-            safe -= max((k for s in stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
-        out.append((text[emitted:safe] if safe > emitted else "", bool(hits)))
-        emitted = max(emitted, safe)
-        if hits:
-            break
-    return out
+class WholeDecoding(Detokenizer):
+    """The reference: the same hold-back rules over the whole sequence decoded at every push."""
+
+    def text_of(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special=self.skip_special)
 
 
-def incremental_pushes(tok, ids: list[int], stops: list[str], finals: list[bool], skip: bool) -> list[tuple[str, bool]]:
-    d, out = Detokenizer(tok, stops, skip), []
+def pushes(d: Detokenizer, ids: list[int], finals: list[bool]) -> list[tuple[str, bool]]:
+    out = []
     for n, final in zip(range(1, len(ids) + 1), finals):
         out.append(d.push(ids[:n], final))
         if out[-1][1]:
@@ -65,7 +50,7 @@ def test_incremental_text_equals_full_decode(tokenizers, ids, data, skip, which)
         st.sampled_from(["\n", "the", "zzz", "é"])), max_size=2))
     stops = [s for s in stops if s]
     finals = [False] * (len(ids) - 1) + [True]
-    assert incremental_pushes(tok, ids, stops, finals, skip) == full_decode_pushes(tok, ids, stops, finals, skip)
+    assert pushes(Detokenizer(tok, stops, skip), ids, finals) == pushes(WholeDecoding(tok, stops, skip), ids, finals)
 
 
 def test_no_stops_concatenates_to_the_whole_text(tokenizers):

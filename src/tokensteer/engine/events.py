@@ -57,7 +57,7 @@ class Detokenizer:
 
     def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
         """Return the text that became final with these ids, and whether a stop string was hit."""
-        text = self._decode(ids)
+        text = self.text_of(ids)
         begin = max(0, self.emitted - self.longest + 1)  # a stop wholly in the emitted text was found before
         hits = [i for i in (text.find(s, begin) for s in self.stops) if i != -1]
         if hits:
@@ -73,8 +73,8 @@ class Detokenizer:
         self.emitted = max(self.emitted, safe)
         return new, bool(hits)
 
-    def _decode(self, ids: list[int]) -> str:
-        """The text of all ``ids``: the kept text, then what the window's newest ids add. Both
+    def text_of(self, ids: list[int]) -> str:
+        """The text of all ``ids`` (each push's ids extend the last): the kept text, then what the window's newest ids add. Both
         decodes of the window start at the same id, so a tokenizer's start-of-text rules cancel."""
         before = self.tok.decode(ids[self.start : self.read], skip_special=self.skip_special)
         window = self.tok.decode(ids[self.start :], skip_special=self.skip_special)
