@@ -74,8 +74,9 @@ class Detokenizer:
         return new, bool(hits)
 
     def text_of(self, ids: list[int]) -> str:
-        """The text of all ``ids`` (each push's ids extend the last): the kept text, then what the window's newest ids add. Both
-        decodes of the window start at the same id, so a tokenizer's start-of-text rules cancel."""
+        """The text of all ``ids`` (each push's ids extend the last): the kept text, then what the
+        window's newest ids add. Both decodes of the window start at the same id, so a tokenizer's
+        start-of-text rules cancel."""
         before = self.tok.decode(ids[self.start : self.read], skip_special=self.skip_special)
         window = self.tok.decode(ids[self.start :], skip_special=self.skip_special)
         if not window.startswith(before):  # a tokenizer whose text is not additive here: decode it all

@@ -19,8 +19,8 @@ class KVSelectConfig:
     (per-head softmax over q·k, summed over heads) and the last ``local`` tokens, its own included
     (a prompt chunk at least that long is its own local window). A decode query whose cosine with
     the previous step's query is ≥ ``theta`` reuses the last selection (``theta`` > 1: never), and
-    a fresh one is made at least every ``refresh`` steps; by default it is off, because a reused
-    selection loses what a copied span (a number, a name) needs next. ``chunk`` tokens are
+    a fresh one is made at least every ``refresh`` steps. This selection cache is off by default:
+    a reused selection loses what a copied span (a number, a name) needs next. ``chunk`` tokens are
     prefilled per forward; with ``tail`` the prompt's last chunk (usually the question) attends to
     everything, so the first answer token reads the whole prompt. ``extrapolate`` re-indexes the
     selected keys' positions so prompts past the model's trained length fit its position range

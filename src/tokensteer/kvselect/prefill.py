@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from tokensteer.kvselect.attention import use
+
 PREFILL_CHUNK = 512  # tokens per forward (TokenSelect's own chunk size)
 
 Progress = Callable[[int, int], None]  # (prompt tokens done, prompt tokens in all)
@@ -39,8 +41,6 @@ def iter_prefill(
     (tokens done, then None, or the [B, V] float logits after the last token with the last piece).
     ``attention_mask`` [B, T] (left padding) and ``position_ids`` [B, T] are sliced along.
     ``dense_tail``: the last piece attends to the whole cache, whatever selector is in use."""
-    from tokensteer.kvselect.attention import use
-
     T = ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(T, device=ids.device)[None].expand(ids.shape[0], T)
