@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from tokensteer.cli import app
 from tokensteer.steering import Pair, PairSet, load_vector, save_vector, train_vector
 from tokensteer.steering.apply import SteerGuard, controls_for, steer_from_spec
-from tokensteer.steering.cli import DEFAULT_GUARD
+from tokensteer.steering.cli import DEFAULT_AIM, DEFAULT_GUARD
 
 PAIRS = PairSet("toy", tuple(Pair(p, n) for p, n in [
     ("good great happy kind", "bad awful sad rude"), ("the cat is happy", "the cat is sad"),
@@ -32,6 +32,8 @@ def search(tiny_dir, vec, *extra):
 def test_default_search_is_guarded_and_the_file_applies_its_guard(tiny, tiny_dir, vec_file):
     rec = search(tiny_dir, vec_file)
     assert rec["guard"] == DEFAULT_GUARD and rec["criteria"]["guard"] == DEFAULT_GUARD
+    # the estimate of the perplexity ratio is held to the aim, a margin below the budget
+    assert rec["criteria"]["aim"] == DEFAULT_AIM < rec["criteria"]["factor"] and rec["criteria"]["confidence"] == 0.5
     s = steer_from_spec(str(vec_file), tiny)
     assert s.guard == DEFAULT_GUARD and s.strength == rec["strength"]
     assert any(isinstance(c, SteerGuard) and c.p == DEFAULT_GUARD for c in controls_for([s]))

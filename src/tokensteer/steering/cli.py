@@ -31,6 +31,7 @@ Examples:
 )
 
 DEFAULT_GUARD = 0.8  # the search's guard unless --guard says otherwise: unguarded doses that stay coherent miss the success target
+DEFAULT_AIM = 1.3  # the search's --aim: below the --factor budget, as prompts the search never saw tend to cost more perplexity
 MODEL_HELP = "Local Hugging Face model folder or .gguf file (default: bundled Gemma 3 270M)."
 
 
@@ -107,7 +108,8 @@ def train(
 @app.command()
 def search(
     vec: Path = typer.Argument(..., help="Vector file to tune (updated in place)."),
-    factor: float = typer.Option(1.5, help="Allowed perplexity of steered text, as a multiple of the uncontrolled text's."),
+    factor: float = typer.Option(1.5, help="Perplexity budget: steered text's perplexity as a multiple of the uncontrolled text's (bounds --confidence's bootstrap bound)."),
+    aim: float = typer.Option(DEFAULT_AIM, help="The perplexity ratio a dose's estimate may reach on the search prompts (at most --factor; below it to leave a margin for other prompts)."),
     kl_max: float = typer.Option(2.0, help="Allowed mean KL(steered ‖ base) in nats per token."),
     min_distinct: float = typer.Option(0.6, help="Least distinct-2 of steered text, as a fraction of the uncontrolled text's: rejects doses whose text repeats itself, which perplexity misses (0 turns it off)."),
     layers: str = typer.Option("auto", help="auto (rank by held-out separability, try the best few), or a-b / list."),
@@ -118,7 +120,7 @@ def search(
     prompts: int = typer.Option(48, help="How many of the built-in neutral search prompts (varied kinds of text, held out from the eval suite's) to continue per dose."),
     tokens: int = typer.Option(32, help="Tokens generated per continuation (the eval suite's default is 32)."),
     bisect_steps: int = typer.Option(3, help="Bisection steps after the doubling phase."),
-    confidence: float = typer.Option(0.9, help="A dose passes when this one-sided bootstrap bound of its perplexity ratio is ≤ --factor (0.5: the plain estimate)."),
+    confidence: float = typer.Option(0.5, help="A dose passes when this one-sided bootstrap bound of its perplexity ratio is ≤ --factor (0.5: the plain estimate, so --aim decides)."),
     positions: str = typer.Option("all", help="Positions steered: all, prompt or generated."),
     guard: float = typer.Option(DEFAULT_GUARD, help="Sample only within the unsteered model's top-p nucleus: stronger doses stay fluent on prompts the search never saw, each token costs a second forward. Saved with the recommendation; 0 searches without a guard."),
 ) -> None:
@@ -126,8 +128,10 @@ def search(
 
     The attribute is scored by VADER for sentiment vectors and by the vector's own probe otherwise.
     Coherence is the eval suite's perplexity of the steered text over the uncontrolled text's, on
-    neutral prompts that are not the eval's, with a bootstrap bound so a lucky draw does not pass;
-    the KL from the unsteered model and the text's distinct-2 (repetition) are bounded as well.
+    neutral prompts that are not the eval's: at most --aim, a margin below the --factor budget for
+    prompts the search never saw; the KL from the unsteered model and the text's distinct-2
+    (repetition) are bounded as well. Each candidate layer gets a short strength search on a few
+    prompts, and the one whose strongest coherent dose moves the attribute most is searched on all.
     By default it searches with a guard (sampling within the unsteered model's top-0.8), which is
     saved with the recommendation, so `--steer VEC` and `steer:VEC` apply it too.
 
@@ -155,7 +159,7 @@ def search(
         if vec.suffix.lower() == ".gguf":
             raise UserError(f"search updates the vector file in place; import the GGUF first: tokensteer steer import {vec} --out VEC.safetensors")
         _check_out(plot_path or vec.with_suffix(".curve.png"), "--plot", (vec,), gguf=None)
-        for flag, x in (("--factor", factor), ("--kl-max", kl_max), ("--max-strength", max_strength)):
+        for flag, x in (("--factor", factor), ("--aim", aim), ("--kl-max", kl_max), ("--max-strength", max_strength)):
             if not 0 < x < float("inf"):
                 raise UserError(f"{flag} must be a finite number > 0, got {x}")
         if tokens < 1 or bisect_steps < 0:
@@ -176,7 +180,7 @@ def search(
         from tokensteer.sampling import SamplingConfig
 
         cfg = SamplingConfig(max_tokens=tokens, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
-        res = S.search(lm, v, factor=factor, kl_max=kl_max, min_distinct=min_distinct, layers=parse_layers(layers, lm.n_layers),
+        res = S.search(lm, v, factor=factor, aim=aim, kl_max=kl_max, min_distinct=min_distinct, layers=parse_layers(layers, lm.n_layers),
                        prompts=S.SEARCH_PROMPTS[:prompts], cfg=cfg, bisect_steps=bisect_steps,
                        confidence=confidence, positions=positions, guard=guard,
                        max_strength=max_strength, say=lambda m: (say(m), err.print(f"[dim]{m}[/]", highlight=False)))

@@ -1,14 +1,17 @@
-"""Automatic layer and strength: rank layers cheaply, then bisect strength under a coherence bound.
+"""Automatic layer and strength: rank layers cheaply, then search each candidate's strength within the budget.
 
-Stage 1 ranks layers by held-out probe separability (computed at training time). Stage 2 tries the
-best few at one strength on a few prompts and keeps the layer that moves the attribute most per
-unit of perplexity. The strength search doubles, then bisects, to find the strongest dose whose
-steered text stays coherent: the eval suite's perplexity (the text re-tokenized after its prompt,
-under the base model, ratio of means) ≤ ``factor`` × the uncontrolled text's at a one-sided
-bootstrap confidence bound, mean KL(steered ‖ base) ≤ ``kl_max`` nats per token, and distinct-2
-≥ ``min_distinct`` × the uncontrolled text's (text that repeats itself has a low perplexity, so
-only this catches it). Prompts are neutral openers held out from the eval suite's. The strongest
-coherent dose wins; the whole dose–response curve is saved in the vector file and as a plot.
+Stage 1 ranks layers by held-out probe separability (computed at training time). Stage 2 gives the
+best few a short strength search on a few prompts and keeps the layer whose strongest coherent dose
+moves the attribute most: what a user gets from a layer is its effect at the dose the budget
+allows, not its effect per unit of perplexity at some small dose. The strength search doubles, then
+bisects, to find the strongest coherent dose: the eval suite's perplexity (the text re-tokenized
+after its prompt, under the base model, ratio of means) at most ``aim`` × the uncontrolled text's
+and its one-sided bootstrap bound at most ``factor`` ×, mean KL(steered ‖ base) ≤ ``kl_max`` nats
+per token, and distinct-2 ≥ ``min_distinct`` × the uncontrolled text's (text that repeats itself
+has a low perplexity, so only this catches it). Prompts are neutral openers held out from the eval
+suite's. The strongest coherent dose wins, moved toward the next dose up to where the interpolated
+perplexity ratio reaches ``aim`` when that dose failed on the aim alone; the whole dose–response
+curve is saved in the vector file and as a plot.
 """
 
 from __future__ import annotations
@@ -107,9 +110,12 @@ def evaluate_dose(lm, vec, layers, strength, prompts, cfg, scorer, base, confide
                  distinct_n(texts, 2))
 
 
-def failed(p: Point, base_distinct2: float, factor: float, kl_max: float, min_distinct: float) -> list[str]:
-    """The coherence criteria a dose fails, in words (empty: the dose is coherent)."""
+def failed(p: Point, base_distinct2: float, factor: float, kl_max: float, min_distinct: float, aim: float | None = None) -> list[str]:
+    """The coherence criteria a dose fails, in words (empty: the dose is coherent); ``aim`` bounds the
+    perplexity ratio's estimate, ``factor`` its bootstrap bound."""
     why = []
+    if aim is not None and not p.ppl_ratio <= aim:
+        why.append(f"perplexity ×{p.ppl_ratio:.2f} > aim ×{aim:g}")
     if not p.ppl_ratio_bound <= factor:
         why.append(f"perplexity bound ×{p.ppl_ratio_bound:.2f} > ×{factor:g}")
     if not p.kl <= kl_max:
@@ -134,7 +140,7 @@ def search(
     min_distinct: float = 0.6,
     layers: Sequence[int] | None = None,
     n_layer_trials: int = 3,
-    layer_prompts: int = 16,
+    layer_prompts: int = 24,
     probe_strength: float = 0.25,
     max_strength: float = 2.0,
     bisect_steps: int = 3,
@@ -143,16 +149,23 @@ def search(
     cfg: SamplingConfig | None = None,
     say: Say | None = None,
     guard: float | None = None,
+    aim: float | None = None,
+    layer_bisect_steps: int = 1,
 ) -> SearchResult:
-    """Choose layers (unless given) and the strongest strength whose perplexity bound holds; returns the curve.
+    """Choose layers (unless given) and the strongest strength within the perplexity budget; returns the curve.
 
     Perplexity is the eval suite's (the continuation text re-tokenized after its prompt, scored by
-    the uncontrolled model, mean over prompts); a dose is coherent when the one-sided
-    ``confidence`` bootstrap bound of its ratio to the uncontrolled text's is ≤ ``factor``, so a
-    lucky draw of prompts does not pass a dose the evaluation would reject; its KL and repetition
-    must stay within ``kl_max`` and ``min_distinct`` as well (see ``failed``).
+    the uncontrolled model, mean over prompts). A dose is coherent when its ratio to the uncontrolled
+    text's is at most ``aim`` (the budget ``factor`` less a margin for prompts the search never saw;
+    None: no such check), the one-sided ``confidence`` bootstrap bound of that ratio is at most
+    ``factor`` (with ``confidence`` 0.5 the bound is the estimate, so ``aim`` decides), and its KL
+    and repetition stay within ``kl_max`` and ``min_distinct`` (see ``failed``). Layers: each of the ``n_layer_trials`` best by held-out
+    separability gets a short strength search on the first ``layer_prompts`` prompts, and the one
+    whose strongest coherent dose moves the attribute most wins; its search then goes on from there
+    on all prompts.
     """
     vec.check_model(lm)
+    aim = None if aim is None else min(aim, factor)
     by_probe = scorer is None and vec.meta.get("pairs", {}).get("name") != "sentiment"
     if by_probe:  # no way to score the attribute (no probe at all, or none for a chosen layer): say so before generating
         for i in (layers or []) if vec.probes else vec.layers[:1]:
@@ -167,15 +180,41 @@ def search(
     base_texts = [g.text for g in base]
     base_ppls = coherence(lm, prompts, continuation_ids(lm, prompts, base_texts)).perplexity
     base_ppl = _mean_finite(base_ppls)
-    base_distinct2 = distinct_n(base_texts, 2)
 
-    def feasible(p: Point) -> bool:
-        return not failed(p, base_distinct2, factor, kl_max, min_distinct)
+    def why_not(p: Point, k: int) -> list[str]:
+        return failed(p, distinct_n(base_texts[:k], 2), factor, kl_max, min_distinct, aim)
 
-    # Stage 1: held-out separability ranks the layers; stage 2: the top few are tried causally at
-    # the first dose on the first few prompts; the one that gains most attribute per nat of
-    # perplexity wins.
+    def strengths(ls: list[int], k: int, sc: Scorer, steps: int, curve: list[Point], lo: float = 0.0,
+                  hi: float | None = None, s: float | None = None) -> None:
+        """Double from ``s`` while doses pass (up to ``hi`` when known), then bisect; doses go into ``curve``."""
+        def run(x: float) -> bool:
+            p = evaluate_dose(lm, vec, ls, x, prompts[:k], cfg, sc, base_ppls[:k], confidence, positions, guard)
+            why = why_not(p, k)
+            p.feasible = not why
+            curve.append(p)
+            say(f"{'layer ' + str(ls[0]) + ', ' if k < len(prompts) else ''}strength {x:.3g}: score {p.score:.2f}, "
+                f"perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}, distinct-2 {p.distinct2:.2f}"
+                f"{' — rejected: ' + '; '.join(why) if why else ''}")
+            return p.feasible
+
+        s = min(probe_strength / 2, max_strength) if s is None else s  # a small --max-strength is still tried
+        while s <= max_strength and (hi is None or s < hi):
+            if run(s):
+                lo, s = s, s * 2
+            else:
+                hi = s
+                break
+        for _ in range(steps if hi is not None else 0):
+            mid = (lo + hi) / 2
+            if run(mid):
+                lo = mid
+            else:
+                hi = mid
+
+    # Stage 1: held-out separability ranks the layers; stage 2: the top few each get a short strength
+    # search on the first few prompts, and the one with the best attribute within the budget wins.
     trials: list[Point] = []
+    start: dict = {}
     if layers is None:
         stats = vec.meta.get("stats", {})
         usable = [i for i in vec.layers if i in vec.probes or not by_probe]  # scoring by probe needs the layer's probe
@@ -186,60 +225,61 @@ def search(
         say(f"trying layers {', '.join(map(str, ranked[:n_layer_trials]))} on {k} prompts…")
         for li in ranked[:n_layer_trials]:
             name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, li)
-            p = evaluate_dose(lm, vec, [li], min(probe_strength / 2, max_strength), prompts[:k], cfg, sc, base_ppls[:k], confidence, positions, guard)
-            p.feasible = feasible(p)
-            trials.append(p)
-            gain = p.score - mean(sc(base_texts[:k]))
-            say(f"layer {li}: score {p.score:.2f} (+{gain:.2f}), perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}, distinct-2 {p.distinct2:.2f}")
-            key = gain / max(math.log(p.ppl_ratio), 0.05)  # attribute gained per nat of perplexity
+            mine: list[Point] = []
+            strengths([li], k, sc, layer_bisect_steps, mine)
+            trials += mine
+            ok = [p for p in mine if p.feasible]
+            top = max(ok, key=lambda p: p.strength) if ok else None
+            say(f"layer {li}: " + (f"score {top.score:.2f} at strength {top.strength:.3g} within the budget" if top else "no dose within the budget"))
+            key = top.score if top else -1.0  # ties go to the better separated layer
             if best_key is None or key > best_key:
                 best, best_key = li, key
+                above = [p.strength for p in mine if not p.feasible and (top is None or p.strength > top.strength)]
+                start = {"s": top.strength if top else min(p.strength for p in mine), "hi": min(above, default=None)}
         layers = [best]
     layers = list(layers)
     name, sc = ("given", scorer) if scorer else default_scorer(lm, vec, layers[0])
     base_score = mean(sc(base_texts))
+    base_distinct2 = distinct_n(base_texts, 2)
     curve: list[Point] = [Point(layers[0], 0.0, base_score, base_ppl, 1.0, 0.0, True, 1.0, layers, base_distinct2)]
-
-    def run(s: float) -> Point:
-        p = evaluate_dose(lm, vec, layers, s, prompts, cfg, sc, base_ppls, confidence, positions, guard)
-        p.feasible = feasible(p)
-        curve.append(p)
-        why = failed(p, base_distinct2, factor, kl_max, min_distinct)
-        say(f"strength {s:.3g}: score {p.score:.2f}, perplexity ×{p.ppl_ratio:.2f} (bound ×{p.ppl_ratio_bound:.2f}), KL {p.kl:.2f}, "
-            f"distinct-2 {p.distinct2:.2f} (uncontrolled {base_distinct2:.2f}){' — rejected: ' + '; '.join(why) if why else ''}")
-        return p
-
     say(f"searching the strength at layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))} on {len(prompts)} prompts…")
-    lo, hi, s = 0.0, None, min(probe_strength / 2, max_strength)  # a small --max-strength is still tried
-    while s <= max_strength:
-        if run(s).feasible:
-            lo, s = s, s * 2
-        else:
-            hi = s
-            break
-    if hi is not None:
-        for _ in range(bisect_steps):
-            mid = (lo + hi) / 2
-            if run(mid).feasible:
-                lo = mid
-            else:
-                hi = mid
+    if start:  # on from the trial's choice: up towards its first rejected dose, or bisect below it if it fails here
+        strengths(layers, len(prompts), sc, max(bisect_steps - 1, 0), curve, s=start["s"], hi=start["hi"])
+    else:
+        strengths(layers, len(prompts), sc, bisect_steps, curve)
     if not any(p.feasible and p.strength > 0 for p in curve):
         weakest = min((p for p in curve if p.strength > 0), key=lambda p: p.strength)
         raise UserError(f"no strength kept the text coherent: the weakest dose, {weakest.strength:.3g}, failed on "
-                        f"{'; '.join(failed(weakest, base_distinct2, factor, kl_max, min_distinct))}; "
-                        "try other layers, a lower --max-strength, or looser --factor / --kl-max / --min-distinct")
+                        f"{'; '.join(why_not(weakest, len(prompts)))}; "
+                        "try other layers, a lower --max-strength, or looser --factor / --aim / --kl-max / --min-distinct")
     chosen = choose(curve)
+    strength = chosen.strength
+    above = [p for p in curve if p.strength > chosen.strength]
+    if aim is not None and above:  # the next dose failed on the aim alone: go to where the curve crosses it
+        nxt = min(above, key=lambda p: p.strength)
+        if not failed(nxt, base_distinct2, factor, kl_max, min_distinct):
+            strength = toward_aim(chosen, nxt, aim)
     curve.sort(key=lambda p: p.strength)
     return SearchResult(
-        layers, chosen.strength,
-        {"score": base_score, "perplexity": base_ppl, "distinct2": base_distinct2, "scorer": name, "factor": factor, "kl_max": kl_max,
-         "min_distinct": min_distinct,
+        layers, strength,
+        {"score": base_score, "perplexity": base_ppl, "distinct2": base_distinct2, "scorer": name, "factor": factor, "aim": aim,
+         "kl_max": kl_max, "min_distinct": min_distinct,
          "confidence": confidence, "positions": positions, "guard": guard, "prompts": len(prompts),
+         "layer_prompts": layer_prompts if trials else None,
          "perplexity_definition": "eval suite: text re-tokenized after its prompt, uncontrolled model, ratio of means",
          "sampling": {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}},
         curve, trials,
     )
+
+
+def toward_aim(lo: Point, hi: Point, aim: float) -> float:
+    """The strength between a passing dose ``lo`` and a stronger one ``hi`` whose perplexity ratio is
+    above ``aim`` where the log ratio, interpolated linearly in strength, reaches the aim: the
+    bisection stops at a bracket, and its weaker end alone would leave part of the budget unused."""
+    a, b = math.log(max(lo.ppl_ratio, 1e-9)), math.log(hi.ppl_ratio)
+    if not (a <= math.log(aim) < b and math.isfinite(b)):
+        return lo.strength
+    return round(lo.strength + (hi.strength - lo.strength) * (math.log(aim) - a) / (b - a), 4)
 
 
 def choose(curve: Sequence[Point]) -> Point:
@@ -258,8 +298,9 @@ def record(vec: SteeringVector, res: SearchResult) -> None:
         "strength": res.strength,
         "positions": res.baseline.get("positions", "all"),
         "guard": res.baseline.get("guard"),
-        "by": "automatic search (strongest dose with the bootstrap bound of perplexity ≤ factor × uncontrolled, KL ≤ kl_max "
-              "and distinct-2 ≥ min_distinct × uncontrolled)",
+        "by": "automatic search (the layer whose strongest coherent dose scores best; strongest dose with perplexity ≤ aim × "
+              "uncontrolled, its bootstrap bound ≤ factor ×, KL ≤ kl_max and distinct-2 ≥ min_distinct × uncontrolled, moved to where "
+              "the perplexity ratio interpolated toward the next dose reaches the aim when that dose failed on the aim alone)",
         "criteria": res.baseline,
         "curve": [asdict(p) for p in res.curve],
         "layer_trials": [asdict(p) for p in res.layer_trials],
