@@ -80,3 +80,32 @@ def test_geglu_is_tanh_gelu_times_the_gate(n, slices, scale, seed):
     x = a.astype(np.float64)
     want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))) * b
     assert np.allclose(matmul.geglu(a, b, slices), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0"])
+def test_a_new_matrix_at_a_packed_address_is_packed_again(kind):
+    """Q8_0 and Q5_0 matrices run from panels packed at first use and kept by address; once a model
+    is loaded (``weights_moved``), a matrix whose bytes changed in place is packed again."""
+    lib = matmul.kernel()
+    rng = np.random.default_rng(7)
+    first, W1 = encode(rng, kind, 20, 256)
+    second, W2 = encode(rng, kind, 20, 256)
+    buf = np.ascontiguousarray(first).view(np.uint8).copy()
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    matmul.weights_moved()
+    assert lib.tokensteer_matmul_prepare(matmul.TYPES[kind], buf.ctypes.data, 20, 256) == 1  # panels for this type
+    out = np.empty((3, 20), np.float32)
+    lib.tokensteer_matmul_slice(matmul.TYPES[kind], buf.ctypes.data, 20, 256, x.ctypes.data, 3, 256, out.ctypes.data, 20, 0, 1)
+    assert np.allclose(out, reference(W1, x), rtol=1e-4, atol=1e-4 * np.abs(reference(W1, x)).max())
+    buf[...] = np.ascontiguousarray(second).view(np.uint8).reshape(buf.shape)
+    matmul.weights_moved()
+    lib.tokensteer_matmul_prepare(matmul.TYPES[kind], buf.ctypes.data, 20, 256)
+    lib.tokensteer_matmul_slice(matmul.TYPES[kind], buf.ctypes.data, 20, 256, x.ctypes.data, 3, 256, out.ctypes.data, 20, 0, 1)
+    assert np.allclose(out, reference(W2, x), rtol=1e-4, atol=1e-4 * np.abs(reference(W2, x)).max())
+
+
+def test_k_quants_run_unpacked():
+    rng = np.random.default_rng(8)
+    raw, _ = encode(rng, "Q4_K", 4, 256)
+    raw = np.ascontiguousarray(raw)
+    assert matmul.kernel().tokensteer_matmul_prepare(matmul.TYPES["Q4_K"], raw.ctypes.data, 4, 256) == 0

@@ -59,7 +59,7 @@ def reference(W: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(v=st.integers(1, 70), blocks=st.sampled_from([2, 4, 6]), rows=st.integers(1, 20), seed=st.integers(0, 2**16), untied=st.booleans())
+@given(v=st.integers(1, 70), blocks=st.sampled_from([1, 2, 3, 6, 20]), rows=st.integers(1, 20), seed=st.integers(0, 2**16), untied=st.booleans())
 def test_kernel_matches_the_reference_and_rows_do_not_interact(tmp_path_factory, variant, v, blocks, rows, seed, untied):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((v, 32 * blocks)).astype(np.float32)
@@ -84,9 +84,6 @@ def test_other_types_and_widths_are_refused(tmp_path):
     write(tmp_path / "f32.gguf", W, gguf.GGMLQuantizationType.F32)
     with pytest.raises(ValueError, match="not Q8_0"):
         Q8Head(tmp_path / "f32.gguf", 1)
-    write(tmp_path / "odd.gguf", W[:, :32])  # one block per row: the kernel takes blocks in pairs
-    with pytest.raises(ValueError, match="multiple of 64"):
-        Q8Head(tmp_path / "odd.gguf", 1)
 
 
 def test_bad_shapes_are_refused_not_read_past(tmp_path, variant):

@@ -37,7 +37,7 @@ from tokensteer.backends.llamacpp.context import (
 )
 from tokensteer.backends.llamacpp.gguf import build_head, head_path
 from tokensteer.backends.llamacpp.head import Head
-from tokensteer.backends.llamacpp.kernels import splice_function
+from tokensteer.backends.llamacpp.kernels import splice_function, weights_moved
 from tokensteer.backends.llamacpp.q8head import Q8Head
 from tokensteer.backends.llamacpp.scoring import continuation_nll
 from tokensteer.backends.llamacpp.session import LlamaSession
@@ -112,6 +112,7 @@ class LlamaCppBackend(Backend):
         # time, for a little speed that our block kernels win back.
         params.use_extra_bufts = False
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        weights_moved()
         if not model:
             raise CannotLoad(
                 f"llama.cpp cannot load {path}: the file is corrupt or its architecture is not supported "

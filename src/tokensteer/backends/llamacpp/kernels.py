@@ -3,7 +3,8 @@
 llama.cpp multiplies a quantised weight matrix by each row of a batch separately, decoding every
 weight block again for every row, so a decode step costs more with every row it carries.
 ``native/matmul.c`` decodes each block once and meets up to 4 rows with it (AVX-512 VNNI),
-for Q8_0, Q5_0, Q4_K and Q6_K weights. It is spliced into llama.cpp's own graphs: the eval
+for Q8_0, Q5_0, Q4_K and Q6_K weights; Q8_0 and Q5_0 matrices are first repacked into panels of
+16 weight rows (``native/panels.h``), where one instruction serves 16 weight rows and 8 rows. It is spliced into llama.cpp's own graphs: the eval
 callback (``Capture``) offers each node to ``tokensteer_splice`` before llama.cpp computes the
 graph, which turns a matching product into a ggml custom op that llama.cpp's threads run in place.
 
@@ -35,7 +36,17 @@ def kernel() -> ctypes.CDLL | None:
         f.restype = ctypes.c_int
         f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        lib.tokensteer_matmul_prepare.restype = ctypes.c_int
+        lib.tokensteer_matmul_prepare.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     return lib
+
+
+def weights_moved() -> None:
+    """Tell the kernel that a model was loaded: a matrix it keeps packed is checked against the
+    bytes now at its address before it is used again (a new model may sit where a freed one was)."""
+    lib = kernel()
+    if lib is not None:
+        lib.tokensteer_weights_moved()
 
 
 def splice_function() -> int | None:
@@ -56,6 +67,8 @@ def matmul(weights: np.ndarray, type_name: str, n_out: int, x: np.ndarray, slice
     w = np.ascontiguousarray(weights).view(np.uint8)
     x = np.ascontiguousarray(x, np.float32)
     out = np.empty((x.shape[0], n_out), np.float32)
+    weights_moved()  # a new array may sit where an earlier one was packed
+    lib.tokensteer_matmul_prepare(TYPES[type_name], w.ctypes.data, n_out, x.shape[1])
     for i in range(slices):
         rc = lib.tokensteer_matmul_slice(TYPES[type_name], w.ctypes.data, n_out, x.shape[1], x.ctypes.data, x.shape[0],
                                          x.shape[1], out.ctypes.data, n_out, i, slices)

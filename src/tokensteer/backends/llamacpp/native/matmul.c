@@ -213,6 +213,13 @@ static void *room(size_t size) {
     return scratch;
 }
 
+#include "panels.h"
+
+/* Pack matrix w into panels now, as the splice does (for tests); 1 when it is packed. */
+int tokensteer_matmul_prepare(int type, const uint8_t *w, int64_t n_out, int64_t n) {
+    return prepare_panels(type, w, n_out, n) != NULL;
+}
+
 /* out[r * ldo + o] = W[o] . x[r * ldx ...] for o in this slice (ith of nth) of the n_out weight rows.
  * Each thread quantises every row itself (a few microseconds), so slices need no synchronisation.
  * Returns nonzero for an unsupported type or shape, or when memory runs out. */
@@ -220,6 +227,8 @@ int tokensteer_matmul_slice(int type, const uint8_t *w, int64_t n_out, int64_t n
                             int64_t ldx, float *out, int64_t ldo, int ith, int nth) {
     kind k;
     if (!kind_of(type, &k) || n % k.step != 0 || n_rows <= 0) return 1;
+    const uint8_t *pn = panels_of(w, type);
+    if (pn) return panel_slice(type, pn, n_out, n, x, n_rows, ldx, out, ldo, ith, nth);
     const int64_t row_bytes = n / k.unit * k.bytes, n_chunks = n / 64;
     const size_t per_row = (size_t) n_chunks * sizeof(chunk) + (size_t) (n / 32) * sizeof(float) + 2 * sizeof(void *);
     uint8_t *buf = room(per_row * (size_t) n_rows);
@@ -372,6 +381,7 @@ bool tokensteer_splice(struct ggml_tensor *t, int64_t max_rows) {
     if (w->ne[0] % k.step || w->ne[2] != 1 || w->ne[3] != 1 || x->ne[2] != 1 || x->ne[3] != 1 || x->ne[1] > max_rows) return false;
     if (!ggml_is_contiguous(w) || !w->buffer || !ggml_backend_buffer_is_host(w->buffer) || !f32_host(t) || x->nb[0] != sizeof(float)) return false;
     if (!x->buffer || !ggml_backend_buffer_is_host(x->buffer)) return false;
+    prepare_panels(w->type, w->data, w->ne[1], w->ne[0]);
     t->op = GGML_OP_CUSTOM;
     memcpy(t->op_params, matmul_params, sizeof(matmul_params));
     return true;

@@ -58,7 +58,7 @@ void *tokensteer_q8_0_pack(const uint8_t *w, int64_t n_vocab, int64_t n_embd, in
     return p;
 }
 
-void tokensteer_amx_free(void *p) { free(p); }
+void tokensteer_q8_0_free(void *p) { free(p); }
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
