@@ -82,9 +82,9 @@ def test_geglu_is_tanh_gelu_times_the_gate(n, slices, scale, seed):
     assert np.allclose(matmul.geglu(a, b, slices), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q6_K"])
 def test_a_new_matrix_at_a_packed_address_is_packed_again(kind):
-    """Q8_0 and Q5_0 matrices run from panels packed at first use and kept by address; once a model
+    """Q8_0, Q5_0 and Q6_K matrices run from panels packed at first use and kept by address; once a model
     is loaded (``weights_moved``), a matrix whose bytes changed in place is packed again."""
     lib = matmul.kernel()
     rng = np.random.default_rng(7)

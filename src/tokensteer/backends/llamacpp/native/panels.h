@@ -1,4 +1,4 @@
-/* Panels: Q8_0 and Q5_0 weight matrices repacked once, so that one AVX-512 VNNI instruction
+/* Panels: Q8_0, Q5_0 and Q6_K weight matrices repacked once, so that one AVX-512 VNNI instruction
  * multiplies 4 values of 16 weight rows by 4 values of one activation row. A 32-value block's
  * products of 16 weight rows then sum in integers, and each block is scaled in floats once per 16
  * weight rows instead of once per weight row; up to 8 activation rows meet each decoded vector.
@@ -29,12 +29,17 @@ static pthread_mutex_t pack_lock = PTHREAD_MUTEX_INITIALIZER;
 
 void tokensteer_weights_moved(void) { __atomic_add_fetch(&load_gen, 1, __ATOMIC_ACQ_REL); }
 
-static bool panel_type(int type) { return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q5_0; }
+static bool panel_type(int type) { return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q5_0 || type == GGML_TYPE_Q6_K; }
 
-/* bytes of one (panel, block): Q8_0 8 vectors of 64 bytes and 16 fp16 scales; Q5_0 4 vectors of
- * two nibbles, 8 masks of high bits and 16 fp16 scales; both padded to 64 bytes */
-static int64_t panel_unit(int type) { return type == GGML_TYPE_Q8_0 ? 576 : 384; }
-static int64_t scales_at(int type) { return type == GGML_TYPE_Q8_0 ? 512 : 320; }
+/* bytes of one (panel, 32-value block): Q8_0 8 vectors of 64 bytes and 16 fp16 scales; Q5_0 4
+ * vectors of two nibbles, 8 masks of high bits and 16 fp16 scales; Q6_K 8 vectors, 16 fp16 super-
+ * block scales d and the int8 scales of the block's two 16-value halves; all padded to 64 bytes */
+static int64_t panel_unit(int type) { return type == GGML_TYPE_Q5_0 ? 384 : 576; }
+static int64_t scales_at(int type) { return type == GGML_TYPE_Q5_0 ? 320 : 512; }
+/* the offset of the unsigned values: a weight is scale * (u - off) */
+static int value_offset(int type) { return type == GGML_TYPE_Q8_0 ? 128 : type == GGML_TYPE_Q5_0 ? 16 : 32; }
+/* bytes of one 32-value block of a weight row in the file (Q6_K: 210 per 256) */
+static size_t file_bytes(int type, int64_t n) { return (size_t) (type == GGML_TYPE_Q8_0 ? n / 32 * 34 : type == GGML_TYPE_Q5_0 ? n / 32 * 22 : n / 256 * 210); }
 
 static uint64_t weights_hash(const uint8_t *w, size_t size) {
     uint64_t h = 0x9E3779B97F4A7C15ull, v;
@@ -48,9 +53,15 @@ static uint64_t weights_hash(const uint8_t *w, size_t size) {
     return h;
 }
 
-/* Value k (0..31) of block b of weight row v, as the unsigned u of value d * (u - off). */
+/* Value k of a block (Q8_0, Q5_0: 0..31 of its 32; Q6_K: 0..255 of its super-block) as the
+ * unsigned u of value scale * (u - off). */
 static inline uint8_t unsigned_value(int type, const uint8_t *blk, int k) {
     if (type == GGML_TYPE_Q8_0) return blk[2 + k] ^ 0x80;
+    if (type == GGML_TYPE_Q6_K) { /* 128 bytes of low nibbles, 64 of 2-bit pairs, per 128 values */
+        const int half = k / 128, i = k % 128, l = i % 32, quarter = i / 32;
+        const uint8_t ql = blk[64 * half + l + 32 * (quarter & 1)], qh = blk[128 + 32 * half + l];
+        return (uint8_t) (((quarter < 2 ? ql : ql >> 4) & 15) | (((qh >> (2 * quarter)) & 3) << 4));
+    }
     uint32_t high;
     memcpy(&high, blk + 2, 4);
     const uint8_t nib = k < 16 ? blk[6 + k] & 15 : blk[6 + k - 16] >> 4;
@@ -59,7 +70,7 @@ static inline uint8_t unsigned_value(int type, const uint8_t *blk, int k) {
 
 static uint8_t *pack(int type, const uint8_t *w, int64_t n_out, int64_t n) {
     const int64_t nb = n / 32, panels = (n_out + PANEL - 1) / PANEL, unit = panel_unit(type);
-    const int64_t row_bytes = nb * (type == GGML_TYPE_Q8_0 ? 34 : 22);
+    const int64_t row_bytes = (int64_t) file_bytes(type, n);
     const size_t huge = (size_t) 2 << 20, size = ((size_t) (panels * nb * unit) + huge - 1) / huge * huge;
     uint8_t *p = aligned_alloc(huge, size);
     if (!p) return NULL;
@@ -69,12 +80,15 @@ static uint8_t *pack(int type, const uint8_t *w, int64_t n_out, int64_t n) {
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *u = p + (g * nb + b) * unit;
             for (int r = 0; r < PANEL && g * PANEL + r < n_out; r++) {
-                const uint8_t *blk = w + (g * PANEL + r) * row_bytes + b * (row_bytes / nb);
-                memcpy(u + scales_at(type) + 2 * r, blk, 2);
+                const bool k6 = type == GGML_TYPE_Q6_K;
+                const uint8_t *blk = w + (g * PANEL + r) * row_bytes + (k6 ? b / 8 * 210 : b * (row_bytes / nb));
+                memcpy(u + scales_at(type) + 2 * r, blk + (k6 ? 208 : 0), 2);
+                if (k6) /* the int8 scales of this block's two halves */
+                    for (int h = 0; h < 2; h++) u[scales_at(type) + 32 + 16 * h + r] = blk[192 + 2 * (b % 8) + h];
                 for (int k = 0; k < 32; k++) {
-                    const uint8_t x = unsigned_value(type, blk, k);
+                    const uint8_t x = unsigned_value(type, blk, k6 ? 32 * (int) (b % 8) + k : k);
                     const int grp = k / 4, lane = 4 * r + k % 4;
-                    if (type == GGML_TYPE_Q8_0) {
+                    if (type != GGML_TYPE_Q5_0) {
                         u[grp * 64 + lane] = x;
                     } else { /* group 2j in the low nibbles of vector j, 2j + 1 in the high; bit 4 in mask grp */
                         u[(grp / 2) * 64 + lane] |= (uint8_t) ((x & 15) << (4 * (grp & 1)));
@@ -89,9 +103,9 @@ static uint8_t *pack(int type, const uint8_t *w, int64_t n_out, int64_t n) {
 /* The panels of matrix w, packing it (or repacking it, when other bytes now sit at its address)
  * as needed; NULL where it is not packed. Called from the splice, before a graph runs. */
 static const uint8_t *prepare_panels(int type, const uint8_t *w, int64_t n_out, int64_t n) {
-    if (!panel_type(type) || n % 32) return NULL;
+    if (!panel_type(type) || n % (type == GGML_TYPE_Q6_K ? 256 : 32)) return NULL;
     const int gen = __atomic_load_n(&load_gen, __ATOMIC_ACQUIRE);
-    const size_t size = (size_t) (n_out * (n / 32) * (type == GGML_TYPE_Q8_0 ? 34 : 22));
+    const size_t size = (size_t) n_out * file_bytes(type, n);
     pthread_mutex_lock(&pack_lock);
     packed_matrix *m = NULL;
     for (int i = 0; i < n_packed; i++)
@@ -136,7 +150,7 @@ static inline __attribute__((always_inline)) void panel_rows(int type, const uin
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = pn + b * unit;
         __m512i u[8];
-        if (type == GGML_TYPE_Q8_0) {
+        if (type != GGML_TYPE_Q5_0) {
             for (int g = 0; g < 8; g++) u[g] = _mm512_load_si512(blk + g * 64);
         } else {
             for (int j = 0; j < 4; j++) {
@@ -150,9 +164,25 @@ static inline __attribute__((always_inline)) void panel_rows(int type, const uin
             }
         }
         const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (blk + scales_at(type))));
+        if (type == GGML_TYPE_Q6_K) { /* a scale per 16 values: each half sums and scales apart */
+            const __m512 d0 = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) (blk + 544))))),
+                         d1 = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) (blk + 560)))));
+            for (int r = 0; r < m; r++) {
+                const int32_t *x4 = (const int32_t *) (xq + r * n + b * 32);
+                __m512i s0 = _mm512_set1_epi32(xc[2 * (r * nb + b)]), s1 = _mm512_set1_epi32(xc[2 * (r * nb + b) + 1]);
+                for (int g = 0; g < 4; g++) {
+                    s0 = _mm512_dpbusd_epi32(s0, u[g], _mm512_set1_epi32(x4[g]));
+                    s1 = _mm512_dpbusd_epi32(s1, u[g + 4], _mm512_set1_epi32(x4[g + 4]));
+                }
+                const __m512 dx = _mm512_set1_ps(xd[r * nb + b]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, dx), acc[r]);
+            }
+            continue;
+        }
         for (int r = 0; r < m; r++) {
             const int32_t *x4 = (const int32_t *) (xq + r * n + b * 32);
-            __m512i s = _mm512_set1_epi32(xc[r * nb + b]);
+            __m512i s = _mm512_set1_epi32(xc[2 * (r * nb + b)] + xc[2 * (r * nb + b) + 1]);
             for (int g = 0; g < 8; g++) s = _mm512_dpbusd_epi32(s, u[g], _mm512_set1_epi32(x4[g]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
         }
@@ -161,11 +191,12 @@ static inline __attribute__((always_inline)) void panel_rows(int type, const uin
     for (int r = 0; r < m; r++) _mm512_mask_storeu_ps(out + r * ldo, k, acc[r]);
 }
 
-/* Quantise activation rows per 32 values: int8 values, scales, and -off times each block's sum
- * (the unsigned weights' offset). Returns the scratch it wrote, or NULL when memory runs out. */
+/* Quantise activation rows per 32 values: int8 values, scales, and -off times the sum of each
+ * 16-value half (the unsigned weights' offset). Returns the scratch it wrote, or NULL when memory
+ * runs out. */
 static int8_t *quantize_panel_rows(const float *x, int64_t n_rows, int64_t ldx, int64_t n, int off, float **xd, int32_t **xc) {
     const int64_t nb = n / 32;
-    int8_t *q = room((size_t) (n_rows * n) + (size_t) (n_rows * nb) * (sizeof(float) + sizeof(int32_t)));
+    int8_t *q = room((size_t) (n_rows * n) + (size_t) (n_rows * nb) * (sizeof(float) + 2 * sizeof(int32_t)));
     if (!q) return NULL;
     *xd = (float *) (q + n_rows * n);
     *xc = (int32_t *) (*xd + n_rows * nb);
@@ -181,10 +212,11 @@ static int8_t *quantize_panel_rows(const float *x, int64_t n_rows, int64_t ldx, 
             int8_t *dst = q + r * n + b * 32;
             _mm_storeu_si128((__m128i *) dst, qa);
             _mm_storeu_si128((__m128i *) (dst + 16), qc);
-            int32_t sum = 0;
-            for (int k = 0; k < 32; k++) sum += dst[k];
+            int32_t sum[2] = {0, 0};
+            for (int k = 0; k < 32; k++) sum[k / 16] += dst[k];
             (*xd)[r * nb + b] = d;
-            (*xc)[r * nb + b] = -off * sum;
+            (*xc)[2 * (r * nb + b)] = -off * sum[0];
+            (*xc)[2 * (r * nb + b) + 1] = -off * sum[1];
         }
     return q;
 }
@@ -194,7 +226,7 @@ static int panel_slice(int type, const uint8_t *pn, int64_t n_out, int64_t n, co
                        float *out, int64_t ldo, int ith, int nth) {
     float *xd;
     int32_t *xc;
-    const int8_t *xq = quantize_panel_rows(x, n_rows, ldx, n, type == GGML_TYPE_Q8_0 ? 128 : 16, &xd, &xc);
+    const int8_t *xq = quantize_panel_rows(x, n_rows, ldx, n, value_offset(type), &xd, &xc);
     if (!xq) return 2;
     const int64_t nb = n / 32, panels = (n_out + PANEL - 1) / PANEL, unit = panel_unit(type);
     for (int64_t g = panels * ith / nth; g < panels * (ith + 1) / nth; g++) {
@@ -206,19 +238,21 @@ static int panel_slice(int type, const uint8_t *pn, int64_t n_out, int64_t n, co
             const int m = (int) (n_rows - r0 < PANEL_ROWS ? n_rows - r0 : PANEL_ROWS);
 #define PANEL_CASE(T)                                                                                  \
     switch (m) { /* constant row counts unroll */                                                      \
-    case 1: panel_rows(T, p, nb, q, xd + r0 * nb, xc + r0 * nb, 1, o, ldo, keep); break;               \
-    case 2: panel_rows(T, p, nb, q, xd + r0 * nb, xc + r0 * nb, 2, o, ldo, keep); break;               \
-    case 3: panel_rows(T, p, nb, q, xd + r0 * nb, xc + r0 * nb, 3, o, ldo, keep); break;               \
-    case 4: panel_rows(T, p, nb, q, xd + r0 * nb, xc + r0 * nb, 4, o, ldo, keep); break;               \
-    case 5: panel_rows(T, p, nb, q, xd + r0 * nb, xc + r0 * nb, 5, o, ldo, keep); break;               \
-    case 6: panel_rows(T, p, nb, q, xd + r0 * nb, xc + r0 * nb, 6, o, ldo, keep); break;               \
-    case 7: panel_rows(T, p, nb, q, xd + r0 * nb, xc + r0 * nb, 7, o, ldo, keep); break;               \
-    default: panel_rows(T, p, nb, q, xd + r0 * nb, xc + r0 * nb, PANEL_ROWS, o, ldo, keep); break;    \
+    case 1: panel_rows(T, p, nb, q, xd + r0 * nb, xc + 2 * r0 * nb, 1, o, ldo, keep); break;           \
+    case 2: panel_rows(T, p, nb, q, xd + r0 * nb, xc + 2 * r0 * nb, 2, o, ldo, keep); break;           \
+    case 3: panel_rows(T, p, nb, q, xd + r0 * nb, xc + 2 * r0 * nb, 3, o, ldo, keep); break;           \
+    case 4: panel_rows(T, p, nb, q, xd + r0 * nb, xc + 2 * r0 * nb, 4, o, ldo, keep); break;           \
+    case 5: panel_rows(T, p, nb, q, xd + r0 * nb, xc + 2 * r0 * nb, 5, o, ldo, keep); break;           \
+    case 6: panel_rows(T, p, nb, q, xd + r0 * nb, xc + 2 * r0 * nb, 6, o, ldo, keep); break;           \
+    case 7: panel_rows(T, p, nb, q, xd + r0 * nb, xc + 2 * r0 * nb, 7, o, ldo, keep); break;           \
+    default: panel_rows(T, p, nb, q, xd + r0 * nb, xc + 2 * r0 * nb, PANEL_ROWS, o, ldo, keep); break; \
     }
             if (type == GGML_TYPE_Q8_0) {
                 PANEL_CASE(GGML_TYPE_Q8_0)
-            } else {
+            } else if (type == GGML_TYPE_Q5_0) {
                 PANEL_CASE(GGML_TYPE_Q5_0)
+            } else {
+                PANEL_CASE(GGML_TYPE_Q6_K)
             }
 #undef PANEL_CASE
         }
