@@ -40,7 +40,7 @@ def extensions() -> list[Extension]:
             continue
         compile_args = ["-O3", "-g0", *(f"-m{isa}" for isa in v.isa)] + (["-fopenmp"] if v.openmp else [])
         ext = Extension(f"tokensteer.backends.llamacpp.native.{v.module}", [str(NATIVE / v.source)], extra_compile_args=compile_args,
-                        extra_link_args=["-fopenmp"] if v.openmp else [], depends=[str(NATIVE / "ggml_built.h"), str(NATIVE / "panels.h")], optional=True)
+                        extra_link_args=["-fopenmp"] if v.openmp else [], depends=[str(NATIVE / h) for h in ("ggml_built.h", "panels.h", "geglu.h")], optional=True)
         if v.ggml:
             lib, headers = ggml
             ext.include_dirs = [str(headers)]

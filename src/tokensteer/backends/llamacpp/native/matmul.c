@@ -16,6 +16,7 @@
 #error "needs AVX-512 (F, BW, DQ, VL, VNNI, VBMI) and F16C"
 #endif
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -200,17 +201,36 @@ static inline __attribute__((always_inline)) void dot_row(int type, const uint8_
     for (int r = 0; r < nr; r++) out[r * stride] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* Scratch for one thread's quantised rows, kept between calls (llama.cpp's threads live on). */
-static __thread void *scratch;
-static __thread size_t scratch_size;
+/* Scratch for one thread's quantised rows, kept between calls (llama.cpp's threads may live on)
+ * and freed when its thread ends (a graph may also run on threads started for it). */
+typedef struct {
+    void *p;
+    size_t size;
+} scratch;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *s) {
+    free(((scratch *) s)->p);
+    free(s);
+}
+
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
 
 static void *room(size_t size) {
-    if (size > scratch_size) {
-        free(scratch);
-        scratch = aligned_alloc(64, (size + 63) / 64 * 64);
-        scratch_size = scratch ? size : 0;
+    pthread_once(&scratch_once, scratch_init);
+    scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        if (!(s = calloc(1, sizeof *s))) return NULL;
+        pthread_setspecific(scratch_key, s);
     }
-    return scratch;
+    if (size > s->size) {
+        free(s->p);
+        s->p = aligned_alloc(64, (size + 63) / 64 * 64);
+        s->size = s->p ? size : 0;
+    }
+    return s->p;
 }
 
 #include "panels.h"
@@ -281,40 +301,7 @@ static void run_matmul(struct ggml_tensor *dst, int ith, int nth, void *userdata
                             dst->data, dst->ne[0], ith, nth);
 }
 
-/* gelu(a) * b, gelu by the tanh formula ggml uses: x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)),
- * with exp as 2^n * p(f) (n whole, |f| <= 1/2, p to 7 terms: relative error ~1e-7). ggml itself
- * looks gelu up in a table of fp16 inputs, so the two differ by up to ~1e-3. */
-static inline __m512 gelu(__m512 x) {
-    const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-    const __m512 z = _mm512_mul_ps(_mm512_set1_ps(-2.f * 0.7978845608f), _mm512_fmadd_ps(x3, _mm512_set1_ps(0.044715f), x));
-    const __m512 t = _mm512_mul_ps(_mm512_min_ps(z, _mm512_set1_ps(88.f)), _mm512_set1_ps(1.4426950409f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    const __m512 e = _mm512_scalef_ps(p, n); /* exp(z) */
-    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-}
-
-void tokensteer_geglu_slice(const float *a, const float *b, float *y, int64_t n, int ith, int nth) {
-    const int64_t per = ((n + nth - 1) / nth + 15) / 16 * 16, i0 = per * ith < n ? per * ith : n, i1 = i0 + per < n ? i0 + per : n;
-    int64_t i = i0;
-    for (; i + 16 <= i1; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(gelu(_mm512_loadu_ps(a + i)), _mm512_loadu_ps(b + i)));
-    if (i < i1) {
-        const __mmask16 m = (__mmask16) ((1u << (i1 - i)) - 1);
-        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(gelu(_mm512_maskz_loadu_ps(m, a + i)), _mm512_maskz_loadu_ps(m, b + i)));
-    }
-}
-
-static void run_geglu(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
-    (void) userdata;
-    tokensteer_geglu_slice(dst->src[0]->data, dst->src[1]->data, dst->data, ggml_nelements(dst), ith, nth);
-}
+#include "geglu.h"
 
 /* ggml's own encodings of "custom op `run_matmul` / `run_geglu`, all threads", each taken from
  * a tensor ggml builds */

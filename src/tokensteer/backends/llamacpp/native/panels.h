@@ -13,6 +13,8 @@
 #define PANEL 16        /* weight rows per panel */
 #define PANEL_ROWS 8    /* activation rows that meet each decoded weight vector */
 #define MAX_PACKED 4096 /* matrices a process keeps packed (more run unpacked) */
+#define HUGE_PAGE ((size_t) 2 << 20)
+#define HUGE_FROM ((size_t) 16 << 20) /* panels this large are aligned to huge pages (smaller ones would waste most of one) */
 
 typedef struct {
     const uint8_t *w;    /* the weights' address */
@@ -71,10 +73,12 @@ static inline uint8_t unsigned_value(int type, const uint8_t *blk, int k) {
 static uint8_t *pack(int type, const uint8_t *w, int64_t n_out, int64_t n) {
     const int64_t nb = n / 32, panels = (n_out + PANEL - 1) / PANEL, unit = panel_unit(type);
     const int64_t row_bytes = (int64_t) file_bytes(type, n);
-    const size_t huge = (size_t) 2 << 20, size = ((size_t) (panels * nb * unit) + huge - 1) / huge * huge;
-    uint8_t *p = aligned_alloc(huge, size);
+    size_t size = (size_t) (panels * nb * unit);
+    const size_t align = size >= HUGE_FROM ? HUGE_PAGE : 64;
+    size = (size + align - 1) / align * align;
+    uint8_t *p = aligned_alloc(align, size);
     if (!p) return NULL;
-    madvise(p, size, MADV_HUGEPAGE); /* a long stream reads faster without a TLB miss every 4 KB */
+    if (align == HUGE_PAGE) madvise(p, size, MADV_HUGEPAGE); /* a long stream reads faster without a TLB miss every 4 KB */
     memset(p, 0, size);
     for (int64_t g = 0; g < panels; g++)
         for (int64_t b = 0; b < nb; b++) {
