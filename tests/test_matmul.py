@@ -65,9 +65,12 @@ def test_rows_of_64_values_for_the_32_value_types():
 
 def test_kernel_refuses_other_types_and_shapes():
     rng = np.random.default_rng(0)
-    raw, _ = encode(rng, "Q5_0", 2, 96)
+    raw, W = encode(rng, "Q5_0", 2, 96)  # 3 blocks of 32: any whole number of blocks
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    assert np.allclose(matmul.matmul(raw, "Q5_0", 2, x), reference(W, x), rtol=1e-4, atol=1e-3)
+    raw, _ = encode(rng, "Q4_K", 2, 256)
     with pytest.raises(ValueError, match="shape"):
-        matmul.matmul(raw, "Q5_0", 2, np.zeros((1, 96), np.float32))  # 96 is not a multiple of 64
+        matmul.matmul(raw, "Q4_K", 2, np.zeros((1, 128), np.float32))  # half a Q4_K super-block
     with pytest.raises(ValueError, match="Q4_0"):
         matmul.matmul(raw, "Q4_0", 2, np.zeros((1, 64), np.float32))
 
@@ -82,9 +85,9 @@ def test_geglu_is_tanh_gelu_times_the_gate(n, slices, scale, seed):
     assert np.allclose(matmul.geglu(a, b, slices), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q4_K", "Q6_K"])
 def test_a_new_matrix_at_a_packed_address_is_packed_again(kind):
-    """Q8_0, Q5_0 and Q6_K matrices run from panels packed at first use and kept by address; once a model
+    """Matrices run from panels packed at first use and kept by address; once a model
     is loaded (``weights_moved``), a matrix whose bytes changed in place is packed again."""
     lib = matmul.kernel()
     rng = np.random.default_rng(7)
@@ -103,9 +106,3 @@ def test_a_new_matrix_at_a_packed_address_is_packed_again(kind):
     lib.tokensteer_matmul_slice(matmul.TYPES[kind], buf.ctypes.data, 20, 256, x.ctypes.data, 3, 256, out.ctypes.data, 20, 0, 1)
     assert np.allclose(out, reference(W2, x), rtol=1e-4, atol=1e-4 * np.abs(reference(W2, x)).max())
 
-
-def test_k_quants_run_unpacked():
-    rng = np.random.default_rng(8)
-    raw, _ = encode(rng, "Q4_K", 4, 256)
-    raw = np.ascontiguousarray(raw)
-    assert matmul.kernel().tokensteer_matmul_prepare(matmul.TYPES["Q4_K"], raw.ctypes.data, 4, 256) == 0

@@ -2,9 +2,9 @@
 
 llama.cpp multiplies a quantised weight matrix by each row of a batch separately, decoding every
 weight block again for every row, so a decode step costs more with every row it carries.
-``native/matmul.c`` decodes each block once and meets up to 4 rows with it (AVX-512 VNNI),
-for Q8_0, Q5_0, Q4_K and Q6_K weights; Q8_0 and Q5_0 matrices are first repacked into panels of
-16 weight rows (``native/panels.h``), where one instruction serves 16 weight rows and 8 rows. It is spliced into llama.cpp's own graphs: the eval
+``native/matmul.c`` repacks each Q8_0, Q5_0, Q4_K or Q6_K matrix once into panels of 16 weight
+rows (``native/panels.h``, a copy of about the matrix's size kept for the process), where one
+AVX-512 VNNI instruction serves 16 weight rows and each decoded weight vector meets up to 8 rows. It is spliced into llama.cpp's own graphs: the eval
 callback (``Capture``) offers each node to ``tokensteer_splice`` before llama.cpp computes the
 graph, which turns a matching product into a ggml custom op that llama.cpp's threads run in place.
 

@@ -1,4 +1,4 @@
-/* Panels: Q8_0, Q5_0 and Q6_K weight matrices repacked once, so that one AVX-512 VNNI instruction
+/* Panels: Q8_0, Q5_0, Q4_K and Q6_K weight matrices repacked once, so that one AVX-512 VNNI instruction
  * multiplies 4 values of 16 weight rows by 4 values of one activation row. A 32-value block's
  * products of 16 weight rows then sum in integers, and each block is scaled in floats once per 16
  * weight rows instead of once per weight row; up to 8 activation rows meet each decoded vector.
@@ -31,17 +31,41 @@ static pthread_mutex_t pack_lock = PTHREAD_MUTEX_INITIALIZER;
 
 void tokensteer_weights_moved(void) { __atomic_add_fetch(&load_gen, 1, __ATOMIC_ACQ_REL); }
 
-static bool panel_type(int type) { return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q5_0 || type == GGML_TYPE_Q6_K; }
+static bool panel_type(int type) {
+    return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q5_0 || type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K;
+}
+static bool nibbles(int type) { return type == GGML_TYPE_Q5_0 || type == GGML_TYPE_Q4_K; }
+static bool k_quant(int type) { return type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K; }
 
 /* bytes of one (panel, 32-value block): Q8_0 8 vectors of 64 bytes and 16 fp16 scales; Q5_0 4
- * vectors of two nibbles, 8 masks of high bits and 16 fp16 scales; Q6_K 8 vectors, 16 fp16 super-
- * block scales d and the int8 scales of the block's two 16-value halves; all padded to 64 bytes */
-static int64_t panel_unit(int type) { return type == GGML_TYPE_Q5_0 ? 384 : 576; }
-static int64_t scales_at(int type) { return type == GGML_TYPE_Q5_0 ? 320 : 512; }
-/* the offset of the unsigned values: a weight is scale * (u - off) */
-static int value_offset(int type) { return type == GGML_TYPE_Q8_0 ? 128 : type == GGML_TYPE_Q5_0 ? 16 : 32; }
-/* bytes of one 32-value block of a weight row in the file (Q6_K: 210 per 256) */
-static size_t file_bytes(int type, int64_t n) { return (size_t) (type == GGML_TYPE_Q8_0 ? n / 32 * 34 : type == GGML_TYPE_Q5_0 ? n / 32 * 22 : n / 256 * 210); }
+ * vectors of two nibbles, 8 masks of high bits and 16 fp16 scales; Q4_K 4 vectors of two nibbles,
+ * 16 float scales and 16 float minimums; Q6_K 8 vectors, 16 fp16 super-block scales d and the int8
+ * scales of the block's two 16-value halves; all padded to 64 bytes */
+static int64_t panel_unit(int type) { return nibbles(type) ? 384 : 576; }
+static int64_t scales_at(int type) { return type == GGML_TYPE_Q5_0 ? 320 : type == GGML_TYPE_Q4_K ? 256 : 512; }
+/* the offset of the unsigned values: a weight is scale * (u - off); Q4_K's is its minimum, whose
+ * term needs each block's sum of activations, so its rows are summed as if the offset were 1 */
+static int value_offset(int type) {
+    return type == GGML_TYPE_Q8_0 ? 128 : type == GGML_TYPE_Q5_0 ? 16 : type == GGML_TYPE_Q4_K ? 1 : 32;
+}
+/* bytes of a weight row of n values in the file */
+static size_t file_bytes(int type, int64_t n) {
+    switch (type) {
+    case GGML_TYPE_Q8_0: return (size_t) (n / 32 * 34);
+    case GGML_TYPE_Q5_0: return (size_t) (n / 32 * 22);
+    case GGML_TYPE_Q4_K: return (size_t) (n / 256 * 144);
+    default: return (size_t) (n / 256 * 210);
+    }
+}
+
+/* Q4_K's scale and minimum of sub-block j (0..7): 6-bit numbers packed in 12 bytes */
+static void q4k_scale_min(const uint8_t *q, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = q[j] & 63, *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4), *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
 
 static uint64_t weights_hash(const uint8_t *w, size_t size) {
     uint64_t h = 0x9E3779B97F4A7C15ull, v;
@@ -59,6 +83,11 @@ static uint64_t weights_hash(const uint8_t *w, size_t size) {
  * unsigned u of value scale * (u - off). */
 static inline uint8_t unsigned_value(int type, const uint8_t *blk, int k) {
     if (type == GGML_TYPE_Q8_0) return blk[2 + k] ^ 0x80;
+    if (type == GGML_TYPE_Q4_K) { /* per 64 values, 32 bytes: low nibbles the first 32, high the next */
+        const int l = k % 64;
+        const uint8_t b = blk[16 + 32 * (k / 64) + l % 32];
+        return l < 32 ? b & 15 : b >> 4;
+    }
     if (type == GGML_TYPE_Q6_K) { /* 128 bytes of low nibbles, 64 of 2-bit pairs, per 128 values */
         const int half = k / 128, i = k % 128, l = i % 32, quarter = i / 32;
         const uint8_t ql = blk[64 * half + l + 32 * (quarter & 1)], qh = blk[128 + 32 * half + l];
@@ -84,17 +113,27 @@ static uint8_t *pack(int type, const uint8_t *w, int64_t n_out, int64_t n) {
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *u = p + (g * nb + b) * unit;
             for (int r = 0; r < PANEL && g * PANEL + r < n_out; r++) {
-                const bool k6 = type == GGML_TYPE_Q6_K;
-                const uint8_t *blk = w + (g * PANEL + r) * row_bytes + (k6 ? b / 8 * 210 : b * (row_bytes / nb));
-                memcpy(u + scales_at(type) + 2 * r, blk + (k6 ? 208 : 0), 2);
+                const bool k6 = type == GGML_TYPE_Q6_K, k4 = type == GGML_TYPE_Q4_K;
+                const uint8_t *blk = w + (g * PANEL + r) * row_bytes + (k_quant(type) ? b / 8 * (row_bytes / (nb / 8)) : b * (row_bytes / nb));
+                if (k4) { /* float scale d * sc and minimum dmin * m of this sub-block */
+                    uint16_t d[2];
+                    int sc, m;
+                    memcpy(d, blk, 4);
+                    q4k_scale_min(blk + 4, (int) (b % 8), &sc, &m);
+                    const float fs = _cvtsh_ss(d[0]) * (float) sc, fm = _cvtsh_ss(d[1]) * (float) m;
+                    memcpy(u + 256 + 4 * r, &fs, 4);
+                    memcpy(u + 320 + 4 * r, &fm, 4);
+                } else {
+                    memcpy(u + scales_at(type) + 2 * r, blk + (k6 ? 208 : 0), 2);
+                }
                 if (k6) /* the int8 scales of this block's two halves */
                     for (int h = 0; h < 2; h++) u[scales_at(type) + 32 + 16 * h + r] = blk[192 + 2 * (b % 8) + h];
                 for (int k = 0; k < 32; k++) {
-                    const uint8_t x = unsigned_value(type, blk, k6 ? 32 * (int) (b % 8) + k : k);
+                    const uint8_t x = unsigned_value(type, blk, k_quant(type) ? 32 * (int) (b % 8) + k : k);
                     const int grp = k / 4, lane = 4 * r + k % 4;
-                    if (type != GGML_TYPE_Q5_0) {
+                    if (!nibbles(type)) {
                         u[grp * 64 + lane] = x;
-                    } else { /* group 2j in the low nibbles of vector j, 2j + 1 in the high; bit 4 in mask grp */
+                    } else { /* group 2j in the low nibbles of vector j, 2j + 1 in the high; Q5_0's bit 4 in mask grp */
                         u[(grp / 2) * 64 + lane] |= (uint8_t) ((x & 15) << (4 * (grp & 1)));
                         if (x & 16) u[256 + grp * 8 + lane / 8] |= (uint8_t) (1u << (lane % 8));
                     }
@@ -107,7 +146,7 @@ static uint8_t *pack(int type, const uint8_t *w, int64_t n_out, int64_t n) {
 /* The panels of matrix w, packing it (or repacking it, when other bytes now sit at its address)
  * as needed; NULL where it is not packed. Called from the splice, before a graph runs. */
 static const uint8_t *prepare_panels(int type, const uint8_t *w, int64_t n_out, int64_t n) {
-    if (!panel_type(type) || n % (type == GGML_TYPE_Q6_K ? 256 : 32)) return NULL;
+    if (!panel_type(type) || n % (k_quant(type) ? 256 : 32)) return NULL;
     const int gen = __atomic_load_n(&load_gen, __ATOMIC_ACQUIRE);
     const size_t size = (size_t) n_out * file_bytes(type, n);
     pthread_mutex_lock(&pack_lock);
@@ -154,20 +193,34 @@ static inline __attribute__((always_inline)) void panel_rows(int type, const uin
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = pn + b * unit;
         __m512i u[8];
-        if (type != GGML_TYPE_Q5_0) {
+        if (!nibbles(type)) {
             for (int g = 0; g < 8; g++) u[g] = _mm512_load_si512(blk + g * 64);
         } else {
             for (int j = 0; j < 4; j++) {
                 const __m512i v = _mm512_load_si512(blk + j * 64);
-                __mmask64 lo, hi;
-                memcpy(&lo, blk + 256 + 16 * j, 8);
-                memcpy(&hi, blk + 256 + 16 * j + 8, 8);
-                const __m512i a = _mm512_and_si512(v, lo4), c = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-                u[2 * j] = _mm512_mask_add_epi8(a, lo, a, c16);
-                u[2 * j + 1] = _mm512_mask_add_epi8(c, hi, c, c16);
+                u[2 * j] = _mm512_and_si512(v, lo4), u[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+                if (type == GGML_TYPE_Q5_0) {
+                    __mmask64 lo, hi;
+                    memcpy(&lo, blk + 256 + 16 * j, 8);
+                    memcpy(&hi, blk + 256 + 16 * j + 8, 8);
+                    u[2 * j] = _mm512_mask_add_epi8(u[2 * j], lo, u[2 * j], c16);
+                    u[2 * j + 1] = _mm512_mask_add_epi8(u[2 * j + 1], hi, u[2 * j + 1], c16);
+                }
             }
         }
-        const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (blk + scales_at(type))));
+        if (type == GGML_TYPE_Q4_K) { /* d * sc * (q . x) - dmin * m * sum(x) */
+            const __m512 sc = _mm512_load_ps((const float *) (blk + 256)), mn = _mm512_load_ps((const float *) (blk + 320));
+            for (int r = 0; r < m; r++) {
+                const int32_t *x4 = (const int32_t *) (xq + r * n + b * 32);
+                __m512i s = _mm512_setzero_si512();
+                for (int g = 0; g < 8; g++) s = _mm512_dpbusd_epi32(s, u[g], _mm512_set1_epi32(x4[g]));
+                const float dx = xd[r * nb + b], sum = (float) -(xc[2 * (r * nb + b)] + xc[2 * (r * nb + b) + 1]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sc, _mm512_set1_ps(dx)), acc[r]);
+                acc[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(dx * sum), acc[r]);
+            }
+            continue;
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (blk + scales_at(type))));
         if (type == GGML_TYPE_Q6_K) { /* a scale per 16 values: each half sums and scales apart */
             const __m512 d0 = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) (blk + 544))))),
                          d1 = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) (blk + 560)))));
@@ -255,6 +308,8 @@ static int panel_slice(int type, const uint8_t *pn, int64_t n_out, int64_t n, co
                 PANEL_CASE(GGML_TYPE_Q8_0)
             } else if (type == GGML_TYPE_Q5_0) {
                 PANEL_CASE(GGML_TYPE_Q5_0)
+            } else if (type == GGML_TYPE_Q4_K) {
+                PANEL_CASE(GGML_TYPE_Q4_K)
             } else {
                 PANEL_CASE(GGML_TYPE_Q6_K)
             }
