@@ -432,7 +432,7 @@ def test_cli_train_info_export_import(tiny_dir, tmp_path):
     r = CliRunner().invoke(app, ["steer", "export", str(vec), "--gguf", str(tmp_path / "x.gguf"), "--layers", "0"])
     assert r.exit_code == 2 and "layer 0" in r.output
     for bad, word in ((["--positions", "middle"], "positions"), (["--prompts", "1"], "prompts"), (["--confidence", "1.5"], "confidence"),
-                      (["--min-distinct", "1.5"], "min-distinct")):
+                      (["--min-distinct", "1.5"], "min-distinct"), (["--layer-trials", "0"], "layer-trials"), (["--aim", "0"], "aim")):
         r = CliRunner().invoke(app, ["steer", "search", str(vec), "--model", str(tiny_dir), *bad])
         assert r.exit_code == 2 and word in r.output, r.output
 

@@ -85,7 +85,7 @@ def search_two_layers(tiny, monkeypatch, curves, **kw):
                          {"units": "raw", "stats": {"0": {"heldout_d_prime": 2.0}, "1": {"heldout_d_prime": 1.0}}})
     cfg = SamplingConfig(max_tokens=2, temperature=1.0, seed=3, ignore_eos=True)
     res = S.search(tiny, vec, lambda t: [0.0] * len(t), prompts=["the cat", "the dog", "hello", "a bird"], layer_prompts=2,
-                   factor=1.5, kl_max=1e9, min_distinct=0.0, max_strength=2.0, bisect_steps=3, cfg=cfg, **kw)
+                   factor=1.5, kl_max=1e9, min_distinct=0.0, max_strength=2.0, bisect_steps=3, cfg=cfg, **{"n_layer_trials": 2, **kw})
     return res, calls
 
 
@@ -150,3 +150,9 @@ def test_no_interpolation_past_a_dose_that_failed_on_another_criterion(tiny, mon
     monkeypatch.setattr(S, "failed", lambda p, *a, **k: real(p, *a, **k) + (["repetitive"] if p.strength > 0.5 else []))
     res, _ = search_two_layers(tiny, monkeypatch, {0: STEEP, 1: CHEAP}, aim=1.3, confidence=0.5)
     assert res.layers == [1] and res.strength == max(p.strength for p in res.curve if p.feasible) == 0.5
+
+
+def test_by_default_the_best_separated_layer_is_searched_without_trials(tiny, monkeypatch):
+    res, calls = search_two_layers(tiny, monkeypatch, {0: STEEP, 1: CHEAP}, aim=1.3, confidence=0.5, n_layer_trials=1)
+    assert res.layers == [0] and res.layer_trials == [] and all(n == 4 for _, _, n in calls)
+    assert math.exp(32 * res.strength ** 3) == pytest.approx(1.3, rel=0.01)  # layer 0's own crossing of the aim

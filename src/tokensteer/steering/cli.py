@@ -120,6 +120,7 @@ def search(
     prompts: int = typer.Option(48, help="How many of the built-in neutral search prompts (varied kinds of text, held out from the eval suite's) to continue per dose."),
     tokens: int = typer.Option(32, help="Tokens generated per continuation (the eval suite's default is 32)."),
     bisect_steps: int = typer.Option(3, help="Bisection steps after the doubling phase."),
+    layer_trials: int = typer.Option(1, help="With --layers auto: how many of the best separated layers get a short strength search on 24 prompts, the best dose within the budget choosing the layer (1: the best separated, no trials)."),
     confidence: float = typer.Option(0.5, help="A dose passes when this one-sided bootstrap bound of its perplexity ratio is ≤ --factor (0.5: the plain estimate, so --aim decides)."),
     positions: str = typer.Option("all", help="Positions steered: all, prompt or generated."),
     guard: float = typer.Option(DEFAULT_GUARD, help="Sample only within the unsteered model's top-p nucleus: stronger doses stay fluent on prompts the search never saw, each token costs a second forward. Saved with the recommendation; 0 searches without a guard."),
@@ -130,8 +131,8 @@ def search(
     Coherence is the eval suite's perplexity of the steered text over the uncontrolled text's, on
     neutral prompts that are not the eval's: at most --aim, a margin below the --factor budget for
     prompts the search never saw; the KL from the unsteered model and the text's distinct-2
-    (repetition) are bounded as well. Each candidate layer gets a short strength search on a few
-    prompts, and the one whose strongest coherent dose moves the attribute most is searched on all.
+    (repetition) are bounded as well. The layer is the best separated by the training's held-out
+    probe (--layer-trials N: the best dose within the budget among the N best).
     By default it searches with a guard (sampling within the unsteered model's top-0.8), which is
     saved with the recommendation, so `--steer VEC` and `steer:VEC` apply it too.
 
@@ -162,8 +163,8 @@ def search(
         for flag, x in (("--factor", factor), ("--aim", aim), ("--kl-max", kl_max), ("--max-strength", max_strength)):
             if not 0 < x < float("inf"):
                 raise UserError(f"{flag} must be a finite number > 0, got {x}")
-        if tokens < 1 or bisect_steps < 0:
-            raise UserError(f"--tokens must be ≥ 1 and --bisect-steps ≥ 0, got {tokens} and {bisect_steps}")
+        if tokens < 1 or bisect_steps < 0 or layer_trials < 1:
+            raise UserError(f"--tokens and --layer-trials must be ≥ 1 and --bisect-steps ≥ 0, got {tokens}, {layer_trials} and {bisect_steps}")
         if not 2 <= prompts <= len(S.SEARCH_PROMPTS):
             raise UserError(f"--prompts must be between 2 and {len(S.SEARCH_PROMPTS)}, got {prompts}")
         if not 0 <= min_distinct <= 1:
@@ -180,7 +181,7 @@ def search(
         from tokensteer.sampling import SamplingConfig
 
         cfg = SamplingConfig(max_tokens=tokens, temperature=1.0, top_p=0.9, stop=("\n",), seed=1234)
-        res = S.search(lm, v, factor=factor, aim=aim, kl_max=kl_max, min_distinct=min_distinct, layers=parse_layers(layers, lm.n_layers),
+        res = S.search(lm, v, factor=factor, aim=aim, kl_max=kl_max, n_layer_trials=layer_trials, min_distinct=min_distinct, layers=parse_layers(layers, lm.n_layers),
                        prompts=S.SEARCH_PROMPTS[:prompts], cfg=cfg, bisect_steps=bisect_steps,
                        confidence=confidence, positions=positions, guard=guard,
                        max_strength=max_strength, say=lambda m: (say(m), err.print(f"[dim]{m}[/]", highlight=False)))
