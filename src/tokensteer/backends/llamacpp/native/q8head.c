@@ -69,7 +69,7 @@ static int with_quantised(rows_fn fn, const uint8_t *w, int64_t n_vocab, int64_t
 #if VNNI
 #define PANEL 16  /* weight rows whose values one vector holds (4 values each) */
 #define PACK_ROWS 8 /* rows that meet each loaded weight vector */
-#define UNIT 576    /* one block of a panel: 8 vectors, 16 fp16 scales, padding to 64 bytes */
+#define UNIT 544    /* one block of a panel: 8 vectors and 16 fp16 scales (the file's own 16 x 34 bytes) */
 #ifndef PANEL_PREFETCH
 #define PANEL_PREFETCH 2048 /* bytes ahead of the weight vector being read */
 #endif
@@ -122,9 +122,9 @@ static inline __attribute__((always_inline)) void panel(const uint8_t *pn, int64
         __m512i wq[8];
         for (int g = 0; g < 8; g++) {
             _mm_prefetch((const char *) (blk + PANEL_PREFETCH + g * 64), _MM_HINT_T0);
-            wq[g] = _mm512_load_si512(blk + g * 64);
+            wq[g] = _mm512_loadu_si512(blk + g * 64); /* every other block starts half-way into a cache line */
         }
-        const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (blk + 8 * 64)));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (blk + 8 * 64)));
         for (int r = 0; r < m; r++) {
             const int32_t *x4 = (const int32_t *) (xq + r * n_embd + b * BLOCK);
             __m512i s = _mm512_set1_epi32(xc[r * nb + b]), t = _mm512_setzero_si512(); /* two chains */
