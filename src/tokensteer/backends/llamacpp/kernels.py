@@ -22,7 +22,6 @@ from functools import cache
 import numpy as np
 
 TYPES = {"Q8_0": 8, "Q5_0": 6, "Q4_K": 12, "Q6_K": 14}  # ggml type ids the kernel takes
-PREFILL_ROWS = 16  # past this many tokens in one call llama.cpp's own matrix kernels are faster
 
 
 @cache

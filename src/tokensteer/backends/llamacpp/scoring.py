@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Sequence
 import llama_cpp
 import torch
 
-from tokensteer.backends.llamacpp.kernels import PREFILL_ROWS
 from tokensteer.errors import UserError
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ class _Packer:
         c = self.c
         c.batch.c.n_tokens = self.n
         if c.capture is not None:
-            c.capture.limit(PREFILL_ROWS)
+            c.capture.limit(self.n)
         rc = llama_cpp.llama_decode(c.ptr, c.batch.c)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")

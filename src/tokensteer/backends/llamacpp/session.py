@@ -11,7 +11,6 @@ import torch
 
 from tokensteer.backends.base import Session
 from tokensteer.backends.llamacpp.context import logits_address
-from tokensteer.backends.llamacpp.kernels import PREFILL_ROWS
 from tokensteer.backends.rowmix import RowMix
 from tokensteer.errors import UserError
 from tokensteer.hooks import ResidualEdit
@@ -84,16 +83,14 @@ class LlamaSession(Session):
             "set TOKENSTEER_N_CTX higher, or shorten the prompt or --max-tokens"
         )
 
-    def _decode(self, n: int, capture: bool = False, prefill: bool = False) -> None:
+    def _decode(self, n: int, capture: bool = False) -> None:
         """Decode the batch's first n tokens; with ``capture``, stop after the final norm (``_hidden``).
-        Our matrix kernels (``matmul``) run every step and short prefills: at every row count, so
-        a row's step is the same in any batch, but past ``PREFILL_ROWS`` tokens of one prompt
-        llama.cpp's own kernels are faster (a prompt is prefilled alone, so it is still the same
-        prompt in any batch)."""
+        Our matrix kernels (``matmul``) run every product at every row count, steps and prefills
+        alike, so a row's step is the same in any batch."""
         batch = self.c.batch
         batch.c.n_tokens = n
         if self.c.capture is not None:
-            self.c.capture.limit(PREFILL_ROWS if prefill else n)
+            self.c.capture.limit(n)
         if capture:
             self.c.capture.arm()
         try:
@@ -197,7 +194,7 @@ class LlamaSession(Session):
                 batch.seq[:k] = seq
                 batch.logits[:k] = 0
                 batch.logits[k - 1] = start + k == len(tokens)
-                self._decode(k, capture and start + k == len(tokens), prefill=True)
+                self._decode(k, capture and start + k == len(tokens))
                 if self.b.progress is not None:
                     self.b.progress(start + k, len(tokens))
             out[i] = torch.from_numpy(self._hidden(1)[0] if capture else self._logits(1)[0].copy())

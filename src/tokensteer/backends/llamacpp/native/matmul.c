@@ -1,4 +1,4 @@
-/* The matrix products of llama.cpp's transformer blocks for a few rows, in our own kernels.
+/* The matrix products of llama.cpp's transformer blocks, in our own kernels.
  *
  * llama.cpp multiplies a quantised weight matrix by each activation row separately, decoding every
  * weight block again for every row, so a step of 4 rows costs nearly twice a step of 1. Here each
@@ -8,7 +8,7 @@
  * the same result alone or in a batch.
  *
  * `tokensteer_splice` runs in llama.cpp's eval callback before a graph is computed: it turns each
- * matrix product it can do (Q8_0, Q5_0, Q4_K or Q6_K weights, few rows) into a ggml custom op that
+ * matrix product it can do (Q8_0, Q5_0, Q4_K or Q6_K weights, up to the rows it is told) into a ggml custom op that
  * calls `tokensteer_matmul_slice`, so llama.cpp's own threads run it in place, with no extra
  * synchronisation. Activations are quantised to 8 bits per value with one scale per 32 values
  * (like llama.cpp's Q8_0). Needs AVX-512 F/BW/DQ/VL/VNNI/VBMI; setup.py builds it where the compiler

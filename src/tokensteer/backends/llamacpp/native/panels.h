@@ -31,6 +31,9 @@ static pthread_mutex_t pack_lock = PTHREAD_MUTEX_INITIALIZER;
 
 void tokensteer_weights_moved(void) { __atomic_add_fetch(&load_gen, 1, __ATOMIC_ACQ_REL); }
 
+#define MAX_PANEL_VALUES ((int64_t) 64 << 20) /* larger matrices (output layers) stay llama.cpp's: sessions
+                                                 run theirs in q8head, so a packed copy would double it */
+
 static bool panel_type(int type) {
     return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q5_0 || type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K;
 }
@@ -146,7 +149,7 @@ static uint8_t *pack(int type, const uint8_t *w, int64_t n_out, int64_t n) {
 /* The panels of matrix w, packing it (or repacking it, when other bytes now sit at its address)
  * as needed; NULL where it is not packed. Called from the splice, before a graph runs. */
 static const uint8_t *prepare_panels(int type, const uint8_t *w, int64_t n_out, int64_t n) {
-    if (!panel_type(type) || n % (k_quant(type) ? 256 : 32)) return NULL;
+    if (!panel_type(type) || n % (k_quant(type) ? 256 : 32) || n_out * n > MAX_PANEL_VALUES) return NULL;
     const int gen = __atomic_load_n(&load_gen, __ATOMIC_ACQUIRE);
     const size_t size = (size_t) n_out * file_bytes(type, n);
     pthread_mutex_lock(&pack_lock);
