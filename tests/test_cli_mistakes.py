@@ -184,7 +184,8 @@ def test_vector_path_that_is_a_folder(tmp_path):
         (["--kl-max", "nan"], "--kl-max must be a finite number > 0"),
         (["--max-strength", "0"], "--max-strength must be a finite number > 0"),
         (["--tokens", "0"], "--tokens must be ≥ 1"),
-        (["--bisect-steps", "-1"], "--bisect-steps ≥ 0"),
+        (["--bisect-steps", "-1"], "--bisect-steps must be ≥ 0"),
+        (["--layer-trials", "0"], "--layer-trials must be ≥ 1"),
     ],
 )
 def test_search_bad_numbers(tiny_dir, files, args, fragment):
@@ -212,7 +213,7 @@ def test_search_says_what_it_does_from_the_start(tiny_dir, files, tmp_path):
     assert r.exit_code == 0, r.output
     lines = r.stderr.splitlines()
     steps = [next(i for i, line in enumerate(lines) if line.startswith(s))
-             for s in ("loaded", "continuing 2 prompts without steering for the baseline", "trying layers", "layer ",
+             for s in ("loaded", "continuing 2 prompts without steering for the baseline", "layer 0: the best separated",
                        "searching the strength at layer", "strength 0.125:", "chosen")]
     assert steps == sorted(steps), lines
 

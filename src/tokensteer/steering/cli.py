@@ -163,8 +163,9 @@ def search(
         for flag, x in (("--factor", factor), ("--aim", aim), ("--kl-max", kl_max), ("--max-strength", max_strength)):
             if not 0 < x < float("inf"):
                 raise UserError(f"{flag} must be a finite number > 0, got {x}")
-        if tokens < 1 or bisect_steps < 0 or layer_trials < 1:
-            raise UserError(f"--tokens and --layer-trials must be ≥ 1 and --bisect-steps ≥ 0, got {tokens}, {layer_trials} and {bisect_steps}")
+        for flag, x, least in (("--tokens", tokens, 1), ("--layer-trials", layer_trials, 1), ("--bisect-steps", bisect_steps, 0)):
+            if x < least:
+                raise UserError(f"{flag} must be ≥ {least}, got {x}")
         if not 2 <= prompts <= len(S.SEARCH_PROMPTS):
             raise UserError(f"--prompts must be between 2 and {len(S.SEARCH_PROMPTS)}, got {prompts}")
         if not 0 <= min_distinct <= 1:
