@@ -30,6 +30,20 @@
 #define BLOCK_BYTES 34 /* fp16 scale + 32 int8 */
 #define PREFETCH 1024  /* bytes ahead of the weight block being read */
 
+/* CALL(k) with k a constant equal to m (1 .. 7), else CALL(dflt): a constant row count lets the
+ * compiler keep every row's sums in registers and unroll the row loop. */
+#define BY_ROWS(m, dflt, CALL)                                                                                 \
+    switch (m) {                                                                                               \
+    case 1: CALL(1); break;                                                                                    \
+    case 2: CALL(2); break;                                                                                    \
+    case 3: CALL(3); break;                                                                                    \
+    case 4: CALL(4); break;                                                                                    \
+    case 5: CALL(5); break;                                                                                    \
+    case 6: CALL(6); break;                                                                                    \
+    case 7: CALL(7); break;                                                                                    \
+    default: CALL(dflt); break;                                                                                \
+    }
+
 /* Quantise rows like llama.cpp's quantize_row_q8_0: per block of 32 values, the int8 values (xq),
  * the scale (xd) and -128 times the values' sum (xc, which VNNI's unsigned operand needs). */
 static void quantize_rows(const float *x, int64_t n_rows, int64_t n_embd, int8_t *xq, float *xd, int32_t *xc) {
@@ -151,16 +165,9 @@ static int packed_rows(const uint8_t *packed, int64_t n_vocab, int64_t nb, const
             const float *d = xd + r0 * nb;
             const int32_t *c = xc + r0 * nb;
             float *o = out + r0 * n_vocab;
-            switch (n_rows - r0 < PACK_ROWS ? n_rows - r0 : PACK_ROWS) { /* constant row counts unroll */
-            case 1: panel(pn, nb, q, n_embd, d, c, 1, o, n_vocab, g * PANEL); break;
-            case 2: panel(pn, nb, q, n_embd, d, c, 2, o, n_vocab, g * PANEL); break;
-            case 3: panel(pn, nb, q, n_embd, d, c, 3, o, n_vocab, g * PANEL); break;
-            case 4: panel(pn, nb, q, n_embd, d, c, 4, o, n_vocab, g * PANEL); break;
-            case 5: panel(pn, nb, q, n_embd, d, c, 5, o, n_vocab, g * PANEL); break;
-            case 6: panel(pn, nb, q, n_embd, d, c, 6, o, n_vocab, g * PANEL); break;
-            case 7: panel(pn, nb, q, n_embd, d, c, 7, o, n_vocab, g * PANEL); break;
-            default: panel(pn, nb, q, n_embd, d, c, PACK_ROWS, o, n_vocab, g * PANEL); break;
-            }
+#define PANEL_CALL(k) panel(pn, nb, q, n_embd, d, c, k, o, n_vocab, g * PANEL)
+            BY_ROWS(n_rows - r0 < PACK_ROWS ? n_rows - r0 : PACK_ROWS, PACK_ROWS, PANEL_CALL)
+#undef PANEL_CALL
         }
     }
     return 0;
@@ -186,8 +193,8 @@ static inline float hsum8(__m256 a) {
 /* AVX2: one block per iteration; |q| times x with q's sign, in pairs of int16 then int32 lanes. */
 static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, int64_t nb, const int8_t *xq,
                                                          const float *xd, const int nr, float *out, int64_t stride) {
-    __m256 acc[GROUP];
-    for (int r = 0; r < GROUP; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[8]; /* BY_ROWS instantiates row counts up to 8; only up to GROUP run */
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * BLOCK_BYTES;
@@ -217,12 +224,9 @@ static int plain_rows(const uint8_t *w, int64_t n_vocab, int64_t nb, const int8_
             const int8_t *q = xq + r0 * n_embd;
             const float *d = xd + r0 * nb;
             float *o = out + r0 * n_vocab + v;
-            switch (n_rows - r0 < GROUP ? n_rows - r0 : GROUP) { /* constant row counts unroll the inner loop */
-            case 1: dot_rows(wv, nb, q, d, 1, o, n_vocab); break;
-            case 2: dot_rows(wv, nb, q, d, 2, o, n_vocab); break;
-            case 3: dot_rows(wv, nb, q, d, 3, o, n_vocab); break;
-            default: dot_rows(wv, nb, q, d, GROUP, o, n_vocab); break;
-            }
+#define DOT_CALL(k) dot_rows(wv, nb, q, d, k, o, n_vocab)
+            BY_ROWS(n_rows - r0 < GROUP ? n_rows - r0 : GROUP, GROUP, DOT_CALL)
+#undef DOT_CALL
         }
     }
     return 0;
