@@ -12,7 +12,7 @@
 
 #define PANEL 16        /* weight rows per panel */
 #define PANEL_ROWS 8    /* activation rows that meet each decoded weight vector */
-#define MAX_PACKED 4096 /* matrices a process keeps packed (more run unpacked) */
+#define MAX_PACKED 4096 /* matrices a process keeps packed (products of more stay llama.cpp's) */
 #define HUGE_PAGE ((size_t) 2 << 20)
 #define HUGE_FROM ((size_t) 16 << 20) /* panels this large are aligned to huge pages (smaller ones would waste most of one) */
 
