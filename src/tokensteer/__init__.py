@@ -14,9 +14,11 @@ for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_flag] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tokensteer.allocator import keep_freed_memory  # noqa: E402
 from tokensteer.openmp import bound_spinning  # noqa: E402
 
 bound_spinning()  # before torch loads the OpenMP runtime, which reads it once
+keep_freed_memory()  # each step's megabyte tensors are reused instead of faulted in again
 
 from tokensteer.api import generate, load, stream  # noqa: E402
 from tokensteer.errors import UserError  # noqa: E402
