@@ -70,8 +70,8 @@ class Q8Head:
 
         from tokensteer.backends.llamacpp.gguf import layout
 
-        self._lib = kernel()
-        if self._lib is None:
+        best = kernel()
+        if best is None:
             raise ValueError("the Q8_0 output kernel is not built for this machine")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             tensors = {t[0]: t[1:] for t in layout(buf).tensors}
@@ -83,7 +83,7 @@ class Q8Head:
         self._w: np.memmap | None = np.memmap(path, np.uint8, mode="r", offset=start, shape=(size,))
         self._kernel: ctypes.CDLL | None = None  # the library that computes the logits
         self._packed: int | None = None  # the matrix repacked for it (C memory, freed by ``free``)
-        for lib in ([amx_kernel()] if amx else []) + [self._lib]:
+        for lib in ([amx_kernel()] if amx else []) + [best]:
             if lib is None:
                 continue
             if not hasattr(lib, "tokensteer_q8_0_pack"):
