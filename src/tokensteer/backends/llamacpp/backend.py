@@ -276,8 +276,6 @@ class LlamaCppBackend(Backend):
         context, with our block kernels spliced in when ``splice`` is set; None if llama.cpp fails."""
         c = Context(self.model, 256, 1, self.n_threads, splice=splice)
         try:
-            if c.capture is not None:
-                c.capture.limit(len(ids))
             n, b = len(ids), c.batch
             b.token[:n], b.pos[:n], b.seq[:n], b.logits[:n] = ids, np.arange(n), 0, 1
             b.c.n_tokens = n

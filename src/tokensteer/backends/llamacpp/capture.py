@@ -22,7 +22,7 @@ class _CaptureState(ctypes.Structure):
     """The C callback's state (``capture_state`` in native/evalstop.c)."""
 
     _fields_ = [("on", ctypes.c_int32), ("status", ctypes.c_int32), ("n", ctypes.c_int64), ("cap", ctypes.c_int64),
-                ("dst", ctypes.POINTER(ctypes.c_float)), ("splice", ctypes.c_void_p), ("max_rows", ctypes.c_int64)]
+                ("dst", ctypes.POINTER(ctypes.c_float)), ("splice", ctypes.c_void_p)]
 
 
 class Capture:
@@ -31,8 +31,8 @@ class Capture:
 
     llama.cpp calls it for every node of every step, so it runs as a small C function where the
     install built one (``native``), else as the Python ``_call`` below, which does the same. The C one
-    also offers every node to ``splice`` (``matmul.splice_function``), which runs the blocks'
-    matrix products of at most ``limit`` rows in our own kernels.
+    also offers every node to ``splice`` (``kernels.splice_function``), which runs the blocks'
+    matrix products in our own kernels.
     """
 
     def __init__(self, room: int, splice: int | None = None) -> None:
@@ -44,17 +44,12 @@ class Capture:
         self.native = lib is not None
         if self.native:
             self._buf = np.empty(room, np.float32)  # room: floats of the largest result_norm
-            self._state = _CaptureState(0, 0, 0, room, self._buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), splice, 0)
+            self._state = _CaptureState(0, 0, 0, room, self._buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), splice)
             self.cfunc = ctypes.cast(lib.tokensteer_capture, llama_cpp.ggml_backend_sched_eval_callback)
             self.user_data = ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p)
         else:
             self.cfunc = llama_cpp.ggml_backend_sched_eval_callback(self._call)
             self.user_data = None
-
-    def limit(self, rows: int) -> None:
-        """Splice matrix products of at most ``rows`` rows (tokens) in the next decodes."""
-        if self.native:
-            self._state.max_rows = rows
 
     def arm(self) -> None:
         self.on, self.h = True, None

@@ -4,7 +4,8 @@ llama.cpp multiplies a quantised weight matrix by each row of a batch separately
 weight block again for every row, so a decode step costs more with every row it carries.
 ``native/matmul.c`` repacks each Q8_0, Q5_0, Q4_K or Q6_K matrix once into panels of 16 weight
 rows (``native/panels.h``, a copy of about the matrix's size kept for the process), where one
-AVX-512 VNNI instruction serves 16 weight rows and each decoded weight vector meets up to 8 rows. It is spliced into llama.cpp's own graphs: the eval
+AVX-512 VNNI instruction serves 16 weight rows and each decoded weight vector meets up to 8 rows.
+It is spliced into llama.cpp's own graphs: the eval
 callback (``Capture``) offers each node to ``tokensteer_splice`` before llama.cpp computes the
 graph, which turns a matching product into a ggml custom op that llama.cpp's threads run in place.
 

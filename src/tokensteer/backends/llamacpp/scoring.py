@@ -45,8 +45,6 @@ class _Packer:
             return
         c = self.c
         c.batch.c.n_tokens = self.n
-        if c.capture is not None:
-            c.capture.limit(self.n)
         rc = llama_cpp.llama_decode(c.ptr, c.batch.c)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")

@@ -89,8 +89,6 @@ class LlamaSession(Session):
         alike, so a row's step is the same in any batch."""
         batch = self.c.batch
         batch.c.n_tokens = n
-        if self.c.capture is not None:
-            self.c.capture.limit(n)
         if capture:
             self.c.capture.arm()
         try:

@@ -3,7 +3,7 @@
  * While `on`, it asks for the final norm's output ("result_norm"), copies it to `dst` and stops the
  * graph there, so the output layer is skipped; while off it asks for nothing. Mirrors Capture._call.
  * With `splice` set, it first offers every node to it (native/matmul.c), which may turn a matrix
- * product of at most `max_rows` rows into our own kernel's op before llama.cpp computes the graph. */
+ * product into our own kernel's op before llama.cpp computes the graph. */
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -22,13 +22,12 @@ typedef struct {
     int64_t n;       /* out: floats copied */
     int64_t cap;     /* in: room in dst, in floats */
     float * dst;     /* in */
-    bool (*splice)(struct ggml_tensor *, int64_t);  /* in: NULL, or native/matmul.c's tokensteer_splice */
-    int64_t max_rows;                               /* in: most rows a spliced product may have */
+    bool (*splice)(struct ggml_tensor *);  /* in: NULL, or native/matmul.c's tokensteer_splice */
 } capture_state;
 
 bool tokensteer_capture(struct ggml_tensor * t, bool ask, void * user) {
     capture_state * s = (capture_state *) user;
-    if (ask && s->splice && s->splice(t, s->max_rows)) {
+    if (ask && s->splice && s->splice(t)) {
         return false;  /* our kernel computes it in place: nothing to look at */
     }
     if (!s->on) {

@@ -8,7 +8,7 @@
  * the same result alone or in a batch.
  *
  * `tokensteer_splice` runs in llama.cpp's eval callback before a graph is computed: it turns each
- * matrix product it can do (Q8_0, Q5_0, Q4_K or Q6_K weights, up to the rows it is told) into a ggml custom op that
+ * matrix product it can do (Q8_0, Q5_0, Q4_K or Q6_K weights) into a ggml custom op that
  * calls `tokensteer_matmul_slice`, so llama.cpp's own threads run it in place, with no extra
  * synchronisation. Activations are quantised to 8 bits per value with one scale per 32 values
  * (like llama.cpp's Q8_0). Needs AVX-512 F/BW/DQ/VL/VNNI/VBMI; setup.py builds it where the compiler
@@ -131,26 +131,19 @@ static bool splice_geglu(struct ggml_tensor *t) {
     return true;
 }
 
-/* Called for each node before llama.cpp computes a graph: a matrix product of at most max_rows
- * rows that these kernels do becomes a custom op running them, and one of ours with more rows (a
- * graph llama.cpp reuses with another limit) goes back to ggml's product; a GEGLU becomes ours.
- * True when the node is (now) ours. */
-bool tokensteer_splice(struct ggml_tensor *t, int64_t max_rows) {
+/* Called for each node before llama.cpp computes a graph: a matrix product these kernels do
+ * becomes a custom op running them, and so does a GEGLU. True when the node is (now) ours. */
+bool tokensteer_splice(struct ggml_tensor *t) {
     if (t->op != GGML_OP_MUL_MAT && t->op != GGML_OP_CUSTOM && t->op != GGML_OP_GLU) return false;
     if (!prepare()) return false;
     if (splice_geglu(t)) return true;
     if (t->op == GGML_OP_GLU) return false;
     const bool ours = t->op == GGML_OP_CUSTOM;
     if (ours && memcmp(t->op_params, matmul_params, sizeof(matmul_params)) != 0) return false; /* someone else's */
+    if (ours) return true; /* a graph llama.cpp reuses */
     const struct ggml_tensor *w = t->src[0], *x = t->src[1];
-    if (ours && x->ne[1] > max_rows) {
-        t->op = GGML_OP_MUL_MAT;
-        memset(t->op_params, 0, sizeof(t->op_params));
-        return false;
-    }
-    if (ours) return true;
     if (!w || !x || !panel_type(w->type) || x->type != GGML_TYPE_F32 || t->type != GGML_TYPE_F32) return false;
-    if (w->ne[2] != 1 || w->ne[3] != 1 || x->ne[2] != 1 || x->ne[3] != 1 || x->ne[1] > max_rows) return false;
+    if (w->ne[2] != 1 || w->ne[3] != 1 || x->ne[2] != 1 || x->ne[3] != 1) return false;
     if (!ggml_is_contiguous(w) || !w->buffer || !ggml_backend_buffer_is_host(w->buffer) || !f32_host(t) || x->nb[0] != sizeof(float)) return false;
     if (!x->buffer || !ggml_backend_buffer_is_host(x->buffer)) return false;
     if (!prepare_panels(w->type, w->data, w->ne[1], w->ne[0])) return false; /* another shape, or no memory */
