@@ -313,3 +313,32 @@ def test_a_request_joining_as_the_last_one_leaves(tiny):
         assert first.next() is not None  # it finishes at its next step, as the next request joins
         assert eng.submit(["a dog ran"], cfg).result()[0].tokens == want
         first.result()
+
+
+def test_plain_requests_are_sampled_together_as_they_would_be_alone(tiny, monkeypatch):
+    """Requests no control rewrites, masks or follows share one normalisation and one draw per
+    sampling setting; each still gets the tokens and log-probabilities it gets alone, and a
+    request with a control beside them decides on its own."""
+    from tokensteer.engine import stages
+
+    sizes: list[int] = []
+    real = stages.sample_plain
+    monkeypatch.setattr(stages, "sample_plain", lambda reqs: sizes.append(len(reqs)) or real(reqs))
+    specs = [
+        (["the dog ran", "a cat"], ts.SamplingConfig(max_tokens=9, temperature=1.0, seed=5, ignore_eos=True, top_logprobs=3), []),
+        (["hello there"], ts.SamplingConfig(max_tokens=6, temperature=1.0, seed=6, ignore_eos=True), []),
+        (["one two"], ts.SamplingConfig(max_tokens=7, ignore_eos=True), []),  # greedy
+        (["good day"], ts.SamplingConfig(max_tokens=8, temperature=0.7, top_p=0.8, seed=7, ignore_eos=True), []),
+        (["sad rude"], ts.SamplingConfig(max_tokens=5, temperature=1.0, seed=8, ignore_eos=True), [BanToken(5)]),
+    ]
+    alone = [Engine(tiny).submit(p, c, ctl).result() for p, c, ctl in specs]
+    eng = Engine(tiny)
+    with eng.hold():
+        handles = [eng.submit(p, c, ctl) for p, c, ctl in specs]
+    for h, want in zip(handles, alone):
+        got = h.result()
+        assert [g.tokens for g in got] == [g.tokens for g in want]
+        # torch's products round differently at other batch sizes: log-probabilities agree closely
+        assert [g.logprobs for g in got] == [pytest.approx(g.logprobs, abs=1e-5) for g in want]
+        assert [[t for t, _ in alts] for g in got for alts in g.top_logprobs] == [[t for t, _ in alts] for g in want for alts in g.top_logprobs]
+    assert max(sizes) == 4  # the four plain requests, not the banning one

@@ -90,11 +90,23 @@ class Group:
             self.forward()
 
     def decide(self, reqs: Sequence[Request]) -> None:
-        for req in reqs:
-            if req.done:
-                continue
+        """Each live request picks its next tokens: plain ones sampled together
+        (``stages.sample_plain``), the others one by one; a request whose stages fail, fails alone."""
+        live = [r for r in reqs if not r.done]
+        plain = [r for r in live if stages.is_plain(r)]
+        picks: dict[int, tuple] = {}
+        if len(plain) > 1:
             try:
-                stages.decide(req)
+                picks = {id(r): p for r, p in zip(plain, stages.sample_plain(plain))}
+            except Exception as e:  # noqa: BLE001 - their shared tensor work failed: like a failed forward, for all of them
+                for r in plain:
+                    r.error = e
+        for req in live:
+            try:
+                if id(req) in picks:
+                    stages.accept_plain(req, *picks[id(req)])
+                elif req.error is None:
+                    stages.decide(req)
             except Exception as e:  # noqa: BLE001 - the request fails alone
                 req.error = e
             self.sink.events(req)

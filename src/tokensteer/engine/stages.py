@@ -7,12 +7,15 @@ a wrong shape, NaN or no possible token is an error naming that control.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from tokensteer.engine.events import TokenEvent
 from tokensteer.engine.request import Request, control_name
 from tokensteer.errors import UserError
 from tokensteer.hooks import Control
+from tokensteer.sampling import SamplingConfig
 
 
 def rewrite(req: Request) -> torch.Tensor:
@@ -84,6 +87,47 @@ def decide(req: Request) -> None:
     tokens = sample(req, x)
     accept(req, tokens, x)
     req.tokens = tokens
+
+
+def is_plain(req: Request) -> bool:
+    """True when a request's step is only normalise → sample → emit: no control rewrites, masks or
+    follows its tokens, and each prompt has one row."""
+    return not (req.rewriters or req.maskers or req.followers) and req.state.rows_per_prompt == 1
+
+
+def sample_plain(reqs: Sequence[Request]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The rewrite → mask → sample stages of many plain requests at once, each request's ([B]
+    tokens, [B, V] log-probabilities): one normalisation over all their rows and one draw per
+    sampling setting, so a step of many small requests makes a few large tensor calls instead of
+    many small ones. Every operation is row-wise, so each row gets exactly the numbers ``decide``
+    gives it alone."""
+    spans, start = [], 0
+    for r in reqs:
+        spans.append(slice(start, start + r.state.batch_size))
+        start += r.state.batch_size
+    logits = [r.state.logits.float() for r in reqs]
+    x = torch.log_softmax(logits[0] if len(logits) == 1 else torch.cat(logits), dim=-1)
+    tokens = torch.empty(len(x), dtype=torch.long)
+    buckets: dict[tuple, list[int]] = {}
+    for i, r in enumerate(reqs):
+        buckets.setdefault(_sampling_key(r.cfg), []).append(i)
+    for members in buckets.values():
+        rows = [b for i in members for b in range(spans[i].start, spans[i].stop)]
+        gens = [g for i in members for g in reqs[i].generators]
+        tokens[rows] = reqs[members[0]].sampler(x if len(rows) == len(x) else x[rows], gens)
+    return [(tokens[span], x[span]) for span in spans]
+
+
+def accept_plain(req: Request, tokens: torch.Tensor, x: torch.Tensor) -> None:
+    """The accept stage of a plain request after ``sample_plain``."""
+    req.state.step = req.state.confirmed
+    req.tokens = repeat_finished(req, tokens)
+    emit(req, [(req.tokens, x)])
+
+
+def _sampling_key(cfg: SamplingConfig) -> tuple:
+    """Configs with equal keys sample with the same function (their seeds live in the generators)."""
+    return ("greedy",) if cfg.is_greedy else (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
 
 
 def emit(req: Request, confirmed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
