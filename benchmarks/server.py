@@ -17,7 +17,7 @@ interleaved rounds:
 * ``same_text_under_load``: a seeded sampled request gives the same text alone and as one of 8;
 * ``failed``: requests that raised or came back short.
 
-    .venv/bin/python benchmarks/server.py [--tokens 48] [--single-tokens 128] [--rounds 3] [--single-pairs 2]
+    .venv/bin/python benchmarks/server.py [--tokens 48] [--single-tokens 128] [--rounds 3] [--single-pairs 2] [--stream-interval S]
 
 The last line of output is one JSON object.
 """
@@ -39,6 +39,7 @@ os.environ.setdefault("TOKENSTEER_THREADS", "2")
 import openai  # noqa: E402
 
 import tokensteer as ts  # noqa: E402
+from tokensteer.server.cli import STREAM_INTERVAL_S  # noqa: E402
 from common import PROMPTS, cpu_name, start_server  # noqa: E402
 
 MODEL = "gemma-3-270m"
@@ -107,9 +108,11 @@ def main() -> None:
     ap.add_argument("--single-tokens", type=int, default=128, help="tokens of the single request for http_overhead")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--single-pairs", type=int, default=2, help="single-request pairs (server, API) per round")
+    ap.add_argument("--stream-interval", type=float, default=None, help="the server's --stream-interval (default: serve's own)")
     args = ap.parse_args()
 
-    proc, url = start_server(["serve", "--port", "0", "--log-level", "warning"])
+    extra = [] if args.stream_interval is None else ["--stream-interval", str(args.stream_interval)]
+    proc, url = start_server(["serve", "--port", "0", "--log-level", "warning", *extra])
     try:
         lm = ts.load(None, backend="llamacpp")
         clients = [openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) for _ in PROMPTS]
@@ -172,6 +175,7 @@ def main() -> None:
         "http_overhead_best": round(max(speeds["server"]) / max(speeds["api"]), 3),
         "same_text_under_load": all(same),
         "tokens": args.tokens,
+        "stream_interval": STREAM_INTERVAL_S if args.stream_interval is None else args.stream_interval,
         "backend": "llamacpp",
         "threads": int(os.environ["TOKENSTEER_THREADS"]),
         "cpu": cpu_name(),

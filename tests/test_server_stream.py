@@ -78,6 +78,23 @@ def test_interval_groups_tokens_and_a_finished_choice_goes_at_once():
     assert got[-1][0] - stamps[-1] < 0.45  # the finishing token did not wait out the interval
 
 
+def test_tokens_held_for_a_write_wake_no_event_loop(monkeypatch):
+    """While a write waits out the interval, new tokens wake nothing: the stream costs per write,
+    not per token (the last token still wakes it at once)."""
+    from tokensteer.engine import handle as handle_module
+
+    woken: list[int] = []
+    real = handle_module._wake
+    monkeypatch.setattr(handle_module, "_wake", lambda wakers: (woken.append(len(wakers)), real(wakers)))
+    job, handle = make_job(0.5)
+    stamps: list[float] = []
+    pusher(handle, [(0.05, 1)] + [(0.01, 1)] * 11, stamps)
+    got = asyncio.run(timed_batches(job))
+    assert [t for _, b in got for t in b] == list(range(12)) and len(got) == 2
+    assert sum(1 for n in woken if n) <= 3  # the first token, the finishing one, the end
+    assert got[-1][0] - stamps[-1] < 0.3
+
+
 def test_sse_writes_carry_every_ready_frame():
     job, handle = make_job(0.0)
     handle.push([ev(0), ev(1), ev(2, last=True)])

@@ -25,7 +25,11 @@ class Handle:
         self._cancel, self._collect = cancel, collect
         self._queue: deque[TokenEvent] = deque()
         self._cv = threading.Condition()
+        # asyncio readers waiting now, woken once (by the next push or the end) and then dropped, so
+        # events pushed while nobody waits wake no event loop; ``_end_wakers`` wait for a finished
+        # choice or the end only (``wait_end``)
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._end_wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.events: list[TokenEvent] = []  # every event so far, in order
         self.done = False
         self.cancelled = False
@@ -41,16 +45,24 @@ class Handle:
             self._queue.extend(events)
             self.events.extend(events)
             self._cv.notify_all()
-        self._wake()
+            wake = self._take_wakers(any(e.finish_reason is not None for e in events))
+        _wake(wake)
 
     def close(self, error: BaseException | None, total_s: float) -> None:
         with self._cv:
             self.done, self.error, self.total_s = True, error, total_s
             callbacks, self._done_callbacks = self._done_callbacks, []
             self._cv.notify_all()
-        self._wake()
+            wake = self._take_wakers(True)
+        _wake(wake)
         for fn in callbacks:
             fn()
+
+    def _take_wakers(self, ending: bool) -> list:
+        out, self._wakers = self._wakers, []
+        if ending:
+            out, self._end_wakers = out + self._end_wakers, []
+        return out
 
     def when_done(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` once the request has ended (at once if it has); it runs on the engine's thread."""
@@ -59,13 +71,6 @@ class Handle:
                 self._done_callbacks.append(fn)
                 return
         fn()
-
-    def _wake(self) -> None:
-        for loop, ev in list(self._wakers):
-            try:
-                loop.call_soon_threadsafe(ev.set)
-            except RuntimeError:  # the client's event loop is closed
-                pass
 
     # -- the client's side ----------------------------------------------------------------
     def cancel(self, wait: bool = True) -> None:
@@ -98,23 +103,52 @@ class Handle:
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         loop, ev = asyncio.get_running_loop(), asyncio.Event()
-        self._wakers.append((loop, ev))
+        while True:
+            with self._cv:
+                item = self._queue.popleft() if self._queue else None
+                finished = self.done and item is None
+                if item is None and not finished:  # wait: the next push or the end wakes this loop once
+                    ev.clear()
+                    self._wakers.append((loop, ev))
+            if item is not None:
+                yield item
+            elif finished:
+                if self.error is not None:
+                    raise self.error
+                return
+            else:
+                await self._wait("_wakers", loop, ev)
+
+    def drain(self) -> list[TokenEvent]:
+        """Every event queued now, without waiting (for a reader that writes them out together)."""
+        with self._cv:
+            out = list(self._queue)
+            self._queue.clear()
+        return out
+
+    async def wait_end(self, timeout: float) -> None:
+        """Wait (asyncio) until a choice finishes, the request ends, or ``timeout`` seconds pass;
+        tokens pushed meanwhile do not wake it."""
+        loop, ev = asyncio.get_running_loop(), asyncio.Event()
+        with self._cv:
+            if self.done or any(e.finish_reason is not None for e in self._queue):
+                return
+            self._end_wakers.append((loop, ev))
         try:
-            while True:
-                ev.clear()
-                with self._cv:
-                    item = self._queue.popleft() if self._queue else None
-                    finished = self.done and item is None
-                if item is not None:
-                    yield item
-                elif finished:
-                    if self.error is not None:
-                        raise self.error
-                    return
-                else:
-                    await ev.wait()
+            await asyncio.wait_for(self._wait("_end_wakers", loop, ev), timeout)
+        except TimeoutError:
+            pass
+
+    async def _wait(self, kind: str, loop: asyncio.AbstractEventLoop, ev: asyncio.Event) -> None:
+        """Wait on ``ev``, registered in the list named ``kind``; still there afterwards means not
+        woken (cancelled or timed out), so it leaves."""
+        try:
+            await ev.wait()
         finally:
-            self._wakers.remove((loop, ev))
+            with self._cv:
+                wakers = getattr(self, kind)
+                if (loop, ev) in wakers:
+                    wakers.remove((loop, ev))
 
     def result(self) -> list[Generation]:
         """Wait for the end; one Generation per prompt (raises the request's error, or Cancelled)."""
@@ -126,3 +160,11 @@ class Handle:
         if self.cancelled:
             raise Cancelled("the request was cancelled")
         return self._collect(self.events, self.total_s)
+
+
+def _wake(wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+    for loop, ev in wakers:
+        try:
+            loop.call_soon_threadsafe(ev.set)
+        except RuntimeError:  # the reader's event loop is closed
+            pass

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
 from tokensteer.server import errors
+from tokensteer.server.cli import STREAM_INTERVAL_S
 from tokensteer.server.controls import Vectors
 from tokensteer.server.errors import APIError
 from tokensteer.server.limits import Gate, Limits
@@ -43,7 +44,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     max_batch_rows: int = 32
     kv_select: KVSelectConfig | None = None  # TokenSelect for requests that do not name their own (serve --kv-select)
-    stream_interval: float = 0.0  # seconds a stream's write may wait for more tokens (serve --stream-interval)
+    stream_interval: float = STREAM_INTERVAL_S  # seconds a stream's write may wait for more tokens (serve --stream-interval)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ServerContext:
     lock: threading.Lock = field(default_factory=threading.Lock)
     engines: Engines | None = None  # the engine per kv_select setting (``engine`` for the server's own)
     stores: Stores = field(default_factory=lambda: Stores(None))  # document stores for tokensteer.retrieve
-    stream_interval: float = 0.0  # see Settings
+    stream_interval: float = STREAM_INTERVAL_S  # see Settings
     closed: bool = False
 
 

@@ -60,7 +60,6 @@ class Job:
         self.id, self.created = new_id("cmpl"), now()
         self.choices = [Choice() for _ in range(len(plan.prompts) * plan.n)]
         self.first = True
-        self.taken = 0  # events read from the handle so far
         self._closed = False
 
     def record(self, ev: TokenEvent) -> dict | None:
@@ -82,54 +81,36 @@ class Job:
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """The request's events as they come, counted in the server's metrics."""
-        m = self.ctx.metrics
-        completion = m.tokens.labels("completion")
         async for ev in self.handle:
-            self.taken += 1
-            if self.first:
-                self.first = False
-                m.ttft.observe(ev.t)
-            if ev.finish_reason != "eos":
-                completion.inc()
+            self._count([ev])
             yield ev
+
+    def _count(self, events: list[TokenEvent]) -> None:
+        m = self.ctx.metrics
+        if self.first and events:
+            self.first = False
+            m.ttft.observe(events[0].t)
+        generated = sum(1 for ev in events if ev.finish_reason != "eos")
+        if generated:
+            m.tokens.labels("completion").inc(generated)
 
     async def batches(self) -> AsyncIterator[list[TokenEvent]]:
         """The request's events in lists, one list per write to the client: every event already
         queued goes with the one that woke the stream. With the server's ``stream_interval`` > 0
-        (seconds), a list also waits until that long after the previous one for more events (a
-        finished choice goes at once), so a hop that costs per message (a Ray Serve proxy) carries
-        several tokens."""
-        it, interval = aiter(self.events()), self.ctx.stream_interval
-        batch: list[TokenEvent] = []
-        last = -math.inf
-        pending: asyncio.Future | None = None
-        try:
-            while True:
-                if batch and len(self.handle.events) <= self.taken:  # nothing more queued: write now, or wait a little for more
-                    wait = last + interval - time.monotonic()
-                    if wait > 0 and batch[-1].finish_reason is None:
-                        pending = pending or asyncio.ensure_future(anext(it))
-                        await asyncio.wait((pending,), timeout=wait)
-                    if pending is None or not pending.done():
-                        yield batch
-                        batch, last = [], time.monotonic()
-                        continue
-                try:
-                    ev = await pending if pending is not None else await anext(it)
-                except StopAsyncIteration:
-                    break
-                except Exception:  # the request failed: the tokens before the error still go out
-                    pending = None
-                    if batch:
-                        yield batch
-                    raise
-                pending = None
-                batch.append(ev)
-            if batch:
-                yield batch
-        finally:
-            if pending is not None:
-                pending.cancel()
+        (seconds), a list also waits until that long after the previous write, and tokens arriving
+        meanwhile wake nothing (a finished choice or the request's end goes at once), so a stream
+        costs per write rather than per token, and a hop that costs per message (a Ray Serve
+        proxy) carries several tokens."""
+        interval, last = self.ctx.stream_interval, -math.inf
+        async for first in self.handle:
+            batch = [first, *self.handle.drain()]
+            wait = last + interval - time.monotonic()
+            if wait > 0 and all(e.finish_reason is None for e in batch):
+                await self.handle.wait_end(wait)
+                batch += self.handle.drain()
+            self._count(batch)
+            yield batch
+            last = time.monotonic()
 
     async def collect(self, request: Request) -> None:
         """Run to the end (non-streaming); a client that hangs up meanwhile cancels the request."""
