@@ -105,8 +105,7 @@ def sample_plain(reqs: Sequence[Request]) -> list[tuple[torch.Tensor, torch.Tens
     for r in reqs:
         spans.append(slice(start, start + r.state.batch_size))
         start += r.state.batch_size
-    logits = [r.state.logits.float() for r in reqs]
-    x = torch.log_softmax(logits[0] if len(logits) == 1 else torch.cat(logits), dim=-1)
+    x = torch.log_softmax(_stacked([r.state.logits.float() for r in reqs]), dim=-1)
     tokens = torch.empty(len(x), dtype=torch.long)
     buckets: dict[tuple, list[int]] = {}
     for i, r in enumerate(reqs):
@@ -116,6 +115,22 @@ def sample_plain(reqs: Sequence[Request]) -> list[tuple[torch.Tensor, torch.Tens
         gens = [g for i in members for g in reqs[i].generators]
         tokens[rows] = reqs[members[0]].sampler(x if len(rows) == len(x) else x[rows], gens)
     return [(tokens[span], x[span]) for span in spans]
+
+
+def _stacked(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The [N, V] rows of ``blocks`` as one tensor: a view where they lie back to back in one buffer
+    (a step's logits, sliced per request), else a copy."""
+    first = blocks[0]
+    if len(blocks) == 1:
+        return first
+    storage = first.untyped_storage()
+    end = first.data_ptr()
+    for b in blocks:
+        if not b.is_contiguous() or b.data_ptr() != end or b.untyped_storage().data_ptr() != storage.data_ptr():
+            return torch.cat(blocks)
+        end += b.numel() * b.element_size()
+    rows = sum(len(b) for b in blocks)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (rows, first.shape[1]), (first.shape[1], 1))
 
 
 def accept_plain(req: Request, tokens: torch.Tensor, x: torch.Tensor) -> None:
