@@ -78,20 +78,28 @@ def test_interval_groups_tokens_and_a_finished_choice_goes_at_once():
     assert got[-1][0] - stamps[-1] < 0.45  # the finishing token did not wait out the interval
 
 
-def test_tokens_held_for_a_write_wake_no_event_loop(monkeypatch):
+def test_tokens_held_for_a_write_wake_no_event_loop():
     """While a write waits out the interval, new tokens wake nothing: the stream costs per write,
     not per token (the last token still wakes it at once)."""
-    from tokensteer.engine import handle as handle_module
-
-    woken: list[int] = []
-    real = handle_module._wake
-    monkeypatch.setattr(handle_module, "_wake", lambda wakers: (woken.append(len(wakers)), real(wakers)))
     job, handle = make_job(0.5)
     stamps: list[float] = []
-    pusher(handle, [(0.05, 1)] + [(0.01, 1)] * 11, stamps)
-    got = asyncio.run(timed_batches(job))
+    wakes = [0]
+
+    async def counted() -> list[tuple[float, list[int]]]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def count(*args, **kw):
+            wakes[0] += 1
+            return real(*args, **kw)
+
+        loop.call_soon_threadsafe = count  # the engine's thread wakes a reader only through this
+        pusher(handle, [(0.05, 1)] + [(0.01, 1)] * 11, stamps)
+        return await timed_batches(job)
+
+    got = asyncio.run(counted())
     assert [t for _, b in got for t in b] == list(range(12)) and len(got) == 2
-    assert sum(1 for n in woken if n) <= 3  # the first token, the finishing one, the end
+    assert wakes[0] <= 3  # the first token, the finishing one, the end; not one per token
     assert got[-1][0] - stamps[-1] < 0.3
 
 
