@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from tokensteer.hooks import ResidualEdit
@@ -60,6 +62,15 @@ class Tokenizer(ABC):
         return self.decode([token_id]).encode("utf-8")
 
 
+@dataclass
+class Pending:
+    """A forward pass whose output layer may not have run yet: its [N, V] ``logits``, or the rows
+    (final hidden states, mixed where the session mixes) that ``Session.outputs`` turns into them."""
+
+    logits: torch.Tensor | None = None
+    rows: np.ndarray | None = None
+
+
 class Session(ABC):
     """One batch of rows and their KV caches: a running group of the engine, or a control's own."""
 
@@ -86,6 +97,20 @@ class Session(ABC):
     @abstractmethod
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row ([N] long) and return the next [N, V] float logits."""
+
+    def step_pending(self, tokens: torch.Tensor) -> Pending:
+        """``step`` with its output layer left for ``outputs``, which may run the output layers of
+        several passes (a step's and the prefills of the rows joining it) in one call."""
+        return Pending(logits=self.step(tokens))
+
+    def add_pending(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = (), mix: torch.Tensor | None = None) -> Pending:
+        """``add`` with its output layer left for ``outputs``."""
+        return Pending(logits=self.add(rows, edits, mix))
+
+    def outputs(self, pending: Sequence[Pending]) -> list[torch.Tensor]:
+        """The [N, V] logits of each pending pass, in as few output-layer calls as the backend can;
+        valid until the next step."""
+        return [p.logits for p in pending]
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append k tokens per row ([N, k] long) and return the [N, k, V] logits after each of them.

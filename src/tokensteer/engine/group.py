@@ -1,8 +1,8 @@
 """A group: requests that share one backend session, so one forward pass a step serves all their rows.
 
-Each engine iteration advances a group once: the requests decide their next tokens on the logits
-they hold, finished rows leave the session, new requests are prefilled beside the others and
-decide their first token, then one forward pass feeds every live row its token.
+Each engine iteration advances a group once: one forward pass feeds every live row its token, new
+requests are prefilled beside the others, one output-layer call gives every row's logits, every
+request decides its next tokens, and finished rows leave the session.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from tokensteer.backends.base import Backend
+from tokensteer.backends.base import Backend, Pending
 from tokensteer.engine import stages
 from tokensteer.engine.request import Request
 
@@ -59,35 +59,50 @@ class Group:
 
     def join(self, reqs: Sequence[Request]) -> list[Request]:
         """Prefill each request's rows beside the live ones and start its controls; return those that joined."""
-        joined = []
+        joined = self._prefill(reqs)
+        self._start(joined, self.session.outputs([p for _, p in joined]))
+        return [r for r, _ in joined if r.error is None]
+
+    def _prefill(self, reqs: Sequence[Request]) -> list[tuple[Request, Pending]]:
+        """Each request's rows into the session, their output layer pending; a request that does not fit fails alone."""
+        out = []
         for req in reqs:
             try:
-                logits = self.session.add(req.rows, req.edits if req.row_edits else (), req.mix)
+                pending = self.session.add_pending(req.rows, req.edits if req.row_edits else (), req.mix)
             except Exception as e:  # noqa: BLE001 - the request fails alone (add leaves no rows behind)
                 req.error = e
                 self.sink.finished(req)
                 continue
             self.requests.append(req)  # from here its rows are in the session: ``leave`` takes them out
+            out.append((req, pending))
+        return out
+
+    def _start(self, joined: list[tuple[Request, Pending]], logits: list[torch.Tensor]) -> None:
+        for (req, _), x in zip(joined, logits):
             try:
-                req.set_logits(logits)
+                req.set_logits(x)
                 req.state.forward_calls += 1
                 req.started = True
                 for c in req.controls:
                     c.start(req.state)
-                joined.append(req)
             except Exception as e:  # noqa: BLE001
                 req.error = e
-        return joined
 
     # -- the step -------------------------------------------------------------------------
     def advance(self, joining: Sequence[Request]) -> None:
-        """decide → leave → join → decide (joiners) → leave → forward."""
+        """leave → forward → join → output layer → decide → leave. The step's rows and the joiners'
+        last prompt positions meet the output layer in one call where the session can
+        (``Session.outputs``), so a request joining costs no pass of its own over that layer."""
+        self.leave()  # cancelled since the last step
+        running = list(self.requests)
+        pending = [self.session.step_pending(torch.cat([r.feed() for r in running]))] if running else []
+        joined = self._prefill(joining)
+        logits = self.session.outputs(pending + [p for _, p in joined])
+        if running:
+            self._spread(running, logits[0])
+        self._start(joined, logits[len(pending):])
         self.decide(list(self.requests))
         self.leave()
-        self.decide(self.join(joining))
-        self.leave()
-        if self.requests:
-            self.forward()
 
     def decide(self, reqs: Sequence[Request]) -> None:
         """Each live request picks its next tokens: plain ones sampled together
@@ -113,11 +128,13 @@ class Group:
 
     def forward(self) -> None:
         """One forward pass: every live row takes its request's token; each request gets its logits back."""
-        tokens = torch.cat([r.feed() for r in self.requests])
-        logits = self.session.step(tokens)
+        self._spread(self.requests, self.session.step(torch.cat([r.feed() for r in self.requests])))
+
+    def _spread(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
+        """A step's logits to the requests whose rows it took, in order."""
         self.steps += 1
         start = 0
-        for r in self.requests:  # rows out per prompt: R, or R' when the session mixes rows
+        for r in reqs:  # rows out per prompt: R, or R' when the session mixes rows
             n = len(r.live) * r.state.rows_per_prompt
             r.set_logits(logits[start : start + n])
             r.state.forward_calls += 1

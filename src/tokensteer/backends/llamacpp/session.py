@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 import torch
 
-from tokensteer.backends.base import Session
+from tokensteer.backends.base import Pending, Session
 from tokensteer.backends.llamacpp.context import logits_address
 from tokensteer.backends.rowmix import RowMix
 from tokensteer.errors import UserError
@@ -111,8 +111,13 @@ class LlamaSession(Session):
     def _mixed(self, h: torch.Tensor | np.ndarray, mix: RowMix, reuse: bool = False) -> torch.Tensor:
         """Logits of the mixed rows of final hidden states ``h`` [N, H], through the head model
         (``reuse``: into the step's buffer, which the next step overwrites)."""
-        u = np.ascontiguousarray(mix.apply(np.asarray(h, np.float32)), np.float32)
+        u = self._head_rows(h, mix)
         return torch.from_numpy(self.head.logits(u, self._buffer(len(u)) if reuse else None))
+
+    def _head_rows(self, h: torch.Tensor | np.ndarray, mix: RowMix) -> np.ndarray:
+        """The rows final hidden states ``h`` [N, H] give the output layer (mixed where ``mix``
+        mixes), as a new array: the next captured decode overwrites ``h``."""
+        return np.array(mix.apply(np.asarray(h, np.float32)), np.float32)
 
     def _buffer(self, n: int) -> np.ndarray:
         """The reused [n, V] buffer a step's logits are written into."""
@@ -144,6 +149,17 @@ class LlamaSession(Session):
     def add(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = (), mix: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill new rows, one sequence id each, beside the live ones (edits are the session's:
         llama.cpp's control vector applies to every row)."""
+        out, new = self._add(rows, mix)
+        return self._mixed(out, new) if self.head is not None else self._mix_logits(out, new)
+
+    def add_pending(self, rows: list[list[int]], edits: Sequence[ResidualEdit] = (), mix: torch.Tensor | None = None) -> Pending:
+        if self.head is None:
+            return Pending(logits=self.add(rows, edits, mix))
+        out, new = self._add(rows, mix)
+        return Pending(rows=self._head_rows(out, new))
+
+    def _add(self, rows: list[list[int]], mix: torch.Tensor | None) -> tuple[torch.Tensor, RowMix]:
+        """Prefill the rows; their [n, H] final hidden states (capturing) or [n, V] logits, and their mix."""
         if not rows or any(len(r) == 0 for r in rows):
             raise UserError("every prompt needs at least one token")
         if self.c is None:
@@ -166,9 +182,8 @@ class LlamaSession(Session):
         self.seqs = np.concatenate([self.seqs, np.asarray(free, np.int32)])
         self.pos = np.concatenate([self.pos, np.array([len(r) for r in rows], np.int32)])
         self._set_perm()
-        new = RowMix.of(mix, len(rows))
         self.mix.add(mix, len(rows))
-        return self._mixed(out, new) if self.head is not None else self._mix_logits(out, new)
+        return out, RowMix.of(mix, len(rows))
 
     def _prefill_rows(self, rows: list[list[int]], seqs: list[int]) -> torch.Tensor:
         """Decode each row into its sequence id; [n, H] final hidden states (capturing) or [n, V] logits."""
@@ -199,6 +214,41 @@ class LlamaSession(Session):
         return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return self.outputs([self.step_pending(tokens)])[0]
+        n, perm = self._feed(tokens), self._perm
+        self._decode(n)
+        self.pos += 1
+        if perm is not None:
+            return self._mix_logits(torch.from_numpy(self._logits(n)[perm]), self.mix)
+        if self.mix.mixes:
+            return self._mix_logits(torch.from_numpy(self._logits(n)), self.mix)
+        addr = logits_address(self.c.ptr)
+        if self._view is None or self._view[:2] != (addr, n):  # llama.cpp reuses its buffer: keep the view
+            self._view = (addr, n, torch.from_numpy(self._logits(n)))
+        return self._view[2]
+
+    def step_pending(self, tokens: torch.Tensor) -> Pending:
+        if self.head is None:
+            return Pending(logits=self.step(tokens))
+        n = self._feed(tokens)
+        self._decode(n, True)
+        self.pos += 1
+        h = self._hidden(n) if self._perm is None else self._hidden(n)[self._perm]
+        return Pending(rows=self._head_rows(h, self.mix))
+
+    def outputs(self, pending: Sequence[Pending]) -> list[torch.Tensor]:
+        """One call of our output kernel for every pending pass's rows, into the step's buffer."""
+        if self.head is None or not pending:
+            return [p.logits for p in pending]
+        rows = [p.rows for p in pending]
+        u = rows[0] if len(rows) == 1 else np.concatenate(rows)
+        out = torch.from_numpy(self.head.logits(u, self._buffer(len(u))))
+        bounds = np.cumsum([0, *(len(r) for r in rows)])
+        return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _feed(self, tokens: torch.Tensor) -> int:
+        """Put one token per row into the batch (isolated: in sequence-id order); the row count."""
         n = len(self.seqs)
         if tokens.shape[0] != n:
             raise ValueError(f"step got {tokens.shape[0]} tokens for {n} rows")
@@ -209,21 +259,7 @@ class LlamaSession(Session):
         batch.pos[at] = self.pos
         batch.seq[at] = self.seqs
         batch.logits[:n] = 1
-        self._decode(n, self.head is not None)
-        self.pos += 1
-        if self.head is not None:
-            h = self._hidden(n) if perm is None else self._hidden(n)[perm]
-            if self.mix.mixes:
-                return self._mixed(h, self.mix, reuse=True)
-            return torch.from_numpy(self.head.logits(h, self._buffer(n)))
-        if perm is not None:
-            return self._mix_logits(torch.from_numpy(self._logits(n)[perm]), self.mix)
-        if self.mix.mixes:
-            return self._mix_logits(torch.from_numpy(self._logits(n)), self.mix)
-        addr = logits_address(self.c.ptr)
-        if self._view is None or self._view[:2] != (addr, n):  # llama.cpp reuses its buffer: keep the view
-            self._view = (addr, n, torch.from_numpy(self._logits(n)))
-        return self._view[2]
+        return n
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         """k tokens per row in one llama_decode call: [N, k] -> [N, k, V] logits (a copy)."""
