@@ -249,7 +249,7 @@ def test_token_table_recovers_byte_pieces(tiny):
 
 
 class _CountingSessions:
-    """Wraps ``lm.session`` so a test can count forward passes (step and extend calls)."""
+    """Wraps ``lm.session`` so a test can count forward passes (step, step_pending and extend calls)."""
 
     def __init__(self, lm) -> None:
         self.inner, self.calls = lm.session, 0
@@ -264,6 +264,10 @@ class _CountingSessions:
             def step(self, tokens):
                 outer.calls += 1
                 return sess.step(tokens)
+
+            def step_pending(self, tokens):
+                outer.calls += 1
+                return sess.step_pending(tokens)
 
             def extend(self, tokens):
                 outer.calls += 1
