@@ -95,7 +95,7 @@ class Group:
         (``Session.outputs``), so a request joining costs no pass of its own over that layer."""
         self.leave()  # cancelled since the last step
         running = list(self.requests)
-        pending = [self.session.step_pending(torch.cat([r.feed() for r in running]))] if running else []
+        pending = [self.session.step_pending(_tokens(running))] if running else []
         joined = self._prefill(joining)
         logits = self.session.outputs(pending + [p for _, p in joined])
         if running:
@@ -128,7 +128,7 @@ class Group:
 
     def forward(self) -> None:
         """One forward pass: every live row takes its request's token; each request gets its logits back."""
-        self._spread(self.requests, self.session.step(torch.cat([r.feed() for r in self.requests])))
+        self._spread(self.requests, self.session.step(_tokens(self.requests)))
 
     def _spread(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
         """A step's logits to the requests whose rows it took, in order."""
@@ -168,3 +168,8 @@ class Group:
             self.sink.finished(r)
         self.requests = []
         self.session.close()
+
+
+def _tokens(reqs: Sequence[Request]) -> torch.Tensor:
+    """The tokens every live row of ``reqs`` takes at the next forward pass, in row order."""
+    return reqs[0].feed() if len(reqs) == 1 else torch.cat([r.feed() for r in reqs])

@@ -158,7 +158,8 @@ class Request:
 
     def feed(self) -> torch.Tensor:
         """The tokens the live rows take at the next forward pass."""
-        return self.tokens[self.live].repeat_interleave(self.R)
+        tokens = self.tokens if len(self.live) == len(self.prompts) else self.tokens[self.live]
+        return tokens if self.R == 1 else tokens.repeat_interleave(self.R)
 
     def now(self) -> float:
         return time.perf_counter() - self.t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 from typing import TYPE_CHECKING, Sequence
 
 import llama_cpp
@@ -244,7 +245,9 @@ class LlamaSession(Session):
         rows = [p.rows for p in pending]
         u = rows[0] if len(rows) == 1 else np.concatenate(rows)
         out = torch.from_numpy(self.head.logits(u, self._buffer(len(u))))
-        bounds = np.cumsum([0, *(len(r) for r in rows)])
+        if len(rows) == 1:
+            return [out]
+        bounds = list(itertools.accumulate((len(r) for r in rows), initial=0))
         return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _feed(self, tokens: torch.Tensor) -> int:
