@@ -237,6 +237,10 @@ def test_llamacpp_rows_keep_their_tokens_in_a_running_batch():
 def test_llamacpp_requests_arriving_at_random_keep_their_samples():
     """Seeded requests of different lengths, some with several samples (rows forked from one
     prompt), arrive at random times and leave as they finish: each gets exactly what it gets alone."""
+    from tokensteer.backends.llamacpp.kernels import kernel
+
+    if kernel() is None:  # TOKENSTEER_NO_NATIVE, or no build for this CPU
+        pytest.skip("the rule holds with our kernels: llama.cpp's own products change with the rows in a call")
     lm = ts.load(None, backend="llamacpp")
     try:
         rng = random.Random(3)
