@@ -164,6 +164,27 @@ def test_eval_fast_top_p_is_the_nucleus(seed, p, scale):
         assert row[~keep].max() <= row[keep].min() if (~keep).any() else True
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.05, 0.99), st.floats(0.3, 15.0), st.integers(2, 40_000))
+def test_nucleus_is_the_sorted_prefix_that_reaches_p(seed, p, scale, vocab):
+    """Sorting only the tokens above a threshold gives the nucleus a full sort gives, peaked rows and flat ones."""
+    from tokensteer.sampling import nucleus_mask
+
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.randn(3, vocab, generator=g) * scale
+    # a third row with a few likely tokens over a long tail of unlikely ones (each below every
+    # threshold but the last), so the candidates above a threshold may hold less than p
+    head = torch.randint(0, vocab, (max(1, vocab // 100),), generator=g)
+    lp[2] = torch.log(torch.rand(vocab, generator=g) * 1e-7 + 1e-9)
+    lp[2, head] = torch.log(torch.rand(len(head), generator=g) + 0.1) + math.log(max(1.0, 5e-4 * vocab))
+    for row, kept in zip(torch.softmax(lp, dim=-1), nucleus_mask(lp, p)):
+        vals, order = torch.sort(row, descending=True)
+        cum = vals.cumsum(0)
+        want = torch.zeros(vocab, dtype=torch.bool)
+        want[order[(cum - vals) < p]] = True
+        assert torch.equal(kept, want)
+
+
 @pytest.mark.model
 def test_eval_perplexity_ranks_fluent_text_lower_on_bundled(bundled):
     prompts = ["The weather today is", "The weather today is"]

@@ -122,30 +122,31 @@ def top_k(logprobs: torch.Tensor, k: int) -> torch.Tensor:
     return logprobs.masked_fill(logprobs < kth, NEG_INF)
 
 
+#: probability thresholds tried in turn for a row's nucleus candidates (0: the whole row)
+NUCLEUS_THRESHOLDS = (1e-4, 1e-6, 0.0)
+
+
 def nucleus_mask(logprobs: torch.Tensor, p: float) -> torch.Tensor:
     """Bool [B, V]: each row's nucleus, the smallest set of most likely tokens whose probability
     reaches p (rows need not be normalised).
 
-    Looks at the top 256, then 4096 tokens before sorting a whole row, so a large vocabulary is
-    rarely sorted; rows are handled separately so one flat row does not slow the others.
+    The tokens above a probability threshold whose mass reaches p hold the nucleus, so only those
+    are sorted (``NUCLEUS_THRESHOLDS``, highest first; a flat row sorts all). Row by row, so a row's
+    nucleus does not depend on the others.
     """
     if p >= 1.0:
         return torch.ones_like(logprobs, dtype=torch.bool)
-    V = logprobs.shape[-1]
-    log_z = torch.logsumexp(logprobs, dim=-1, keepdim=True)
+    probs = torch.softmax(logprobs.float(), dim=-1)
     out = torch.zeros_like(logprobs, dtype=torch.bool)
-    todo = torch.arange(logprobs.shape[0])
-    for k in (min(256, V), min(4096, V), V):
-        vals, idx = torch.topk(logprobs[todo], k, dim=-1)  # sorted, most likely first
-        probs = (vals - log_z[todo]).exp()
-        cum = probs.cumsum(-1)
-        done = (cum[:, -1] >= p) | (k == V)
-        if bool(done.any()):
-            keep = (cum[done] - probs[done]) < p  # the mass before this token is still short of p
-            out[todo[done]] = torch.zeros_like(out[todo[done]]).scatter_(-1, idx[done], keep)
-        todo = todo[~done]
-        if len(todo) == 0:
-            break
+    for b, row in enumerate(probs):
+        for tau in NUCLEUS_THRESHOLDS:
+            idx = (row >= tau).nonzero().squeeze(1) if tau > 0 else None
+            vals, order = torch.sort(row if idx is None else row[idx], descending=True)
+            cum = vals.cumsum(0)
+            if idx is None or (len(cum) and float(cum[-1]) >= p):
+                break
+        keep = order[(cum - vals) < p]  # the mass before each kept token is still short of p
+        out[b, keep if idx is None else idx[keep]] = True
     return out
 
 
