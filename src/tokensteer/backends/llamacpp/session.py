@@ -109,11 +109,10 @@ class LlamaSession(Session):
             raise RuntimeError("llama.cpp did not stop at the final norm of this model")
         return h.reshape(n, -1)
 
-    def _mixed(self, h: torch.Tensor | np.ndarray, mix: RowMix, reuse: bool = False) -> torch.Tensor:
-        """Logits of the mixed rows of final hidden states ``h`` [N, H], through the head model
-        (``reuse``: into the step's buffer, which the next step overwrites)."""
-        u = self._head_rows(h, mix)
-        return torch.from_numpy(self.head.logits(u, self._buffer(len(u)) if reuse else None))
+    def _mixed(self, h: torch.Tensor | np.ndarray, mix: RowMix) -> torch.Tensor:
+        """Logits of the mixed rows of final hidden states ``h`` [N, H], through the head model, in
+        a new array (a step's go into its reused buffer: ``outputs``)."""
+        return torch.from_numpy(self.head.logits(self._head_rows(h, mix)))
 
     def _head_rows(self, h: torch.Tensor | np.ndarray, mix: RowMix) -> np.ndarray:
         """The rows final hidden states ``h`` [N, H] give the output layer (mixed where ``mix``
