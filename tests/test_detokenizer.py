@@ -60,3 +60,17 @@ def test_no_stops_concatenates_to_the_whole_text(tokenizers):
     text = "".join(d.push(ids[:n], n == len(ids))[0] for n in range(1, len(ids) + 1))
     assert text == tok.decode(ids)
     assert d.start > len(ids) - 5  # the window moved along: later pushes decode a few ids only
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=ids_st, cands=st.lists(st.one_of(st.sampled_from(TRICKY), st.integers(0, 262143)), min_size=1, max_size=8),
+       which=st.sampled_from(["hf", "llamacpp"]))
+def test_continuations_equal_decoding_each_extended_sequence(tokenizers, ids, cands, which):
+    """A guide's candidate texts decode only a window of the newest ids; each equals decoding the
+    whole sequence with the candidate (byte-fallback pieces and special tokens included)."""
+    tok = tokenizers[which]
+    cands = [c % tok.vocab_size for c in cands]
+    ids = [i % tok.vocab_size for i in ids]
+    text, extended = tok.continuations(ids, cands)
+    assert text == tok.decode(ids)
+    assert extended == [tok.decode([*ids, c]) for c in cands]

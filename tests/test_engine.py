@@ -346,3 +346,37 @@ def test_plain_requests_are_sampled_together_as_they_would_be_alone(tiny, monkey
         assert [g.logprobs for g in got] == [pytest.approx(g.logprobs, abs=1e-5) for g in want]
         assert [[t for t, _ in alts] for g in got for alts in g.top_logprobs] == [[t for t, _ in alts] for g in want for alts in g.top_logprobs]
     assert max(sizes) == 4  # the four plain requests, not the banning one
+
+
+class Tilt(Control):
+    """Rewrites the distribution: one token made far likelier."""
+
+    stages = frozenset({"rewrite"})
+
+    def logprobs(self, state, lp):
+        out = lp.clone()
+        out[:, 7] += 5.0
+        return torch.log_softmax(out, dim=-1)
+
+
+def test_each_token_carries_the_uncontrolled_models_log_probability(tiny):
+    """``model_logprob``: the token under the prompt's own row before any control rewrote or masked
+    it (the same number a plain request reports as its log-probability); None where a control
+    steered the forward pass itself."""
+    cfg = ts.SamplingConfig(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    hidden = int(tiny.hidden_size)
+    eng = Engine(tiny)
+    plain, tilted, masked, steered = (
+        eng.submit(["the dog ran"], cfg, ctl).result()[0] for ctl in ([], [Tilt()], [BanToken(5)], [Steer(hidden, 1)])
+    )
+    assert plain.model_logprobs == plain.logprobs and len(plain.logprobs) == 6
+    assert steered.model_logprobs == [None] * 6
+    for g in (tilted, masked):  # the uncontrolled model's numbers for the tokens this request chose
+        s = tiny.session()
+        logits, want = s.prefill([tiny.tokenizer.encode("the dog ran")]), []
+        for t in g.tokens:
+            want.append(float(torch.log_softmax(logits.float(), -1)[0, t]))
+            logits = s.step(torch.tensor([t]))
+        assert g.model_logprobs == pytest.approx(want, abs=1e-5)
+    assert tilted.model_logprobs != pytest.approx(tilted.logprobs, abs=1e-3)
+    eng.close()

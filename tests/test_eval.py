@@ -258,3 +258,26 @@ def test_eval_damaged_cache_records_are_regenerated_not_fatal(tiny, tiny_dir, tm
         assert {k: v for k, v in again.items() if k != "tok_s"} == {k: v for k, v in good["methods"]["none"].items() if k != "tok_s"}
     path.write_bytes(b"\xff\xfe garbage\n" + "\n".join(lines[1:]).encode())
     assert run("count", ["none"], out=tmp_path, **kw)["methods"]["none"]["n"] == 2
+
+
+@pytest.mark.model
+def test_eval_reads_the_uncontrolled_samples_perplexity_off_their_generation(tmp_path, monkeypatch):
+    """Samples the uncontrolled model generated on their item's own prompt get their perplexity
+    from the log-probabilities their tokens were drawn with, the number the scorer gives each text
+    alone; only the others (here the prompt method's) are scored again."""
+    import tokensteer as ts
+    from tokensteer.eval import scorers
+
+    lm = ts.load(None, backend="llamacpp")
+    scored: list[str] = []
+    real = scorers.perplexity
+    monkeypatch.setattr(scorers, "perplexity", lambda m, ps, texts, bs=16: scored.extend(ps) or real(m, ps, texts, bs))
+    try:
+        run("sentiment-positive", ["none", "prompt"], n=4, samples=1, out=tmp_path / "r", lm=lm, report=False)
+        samples = [json.loads(line) for line in (tmp_path / "r" / "cache" / "samples.jsonl").read_text().splitlines()]
+        assert all(s["perplexity"] is not None for s in samples if s["text"])
+        none = [s for s in samples if s["method"] == "none"]
+        assert 4 <= len(scored) <= 5  # the prompt method's four; a none text that does not re-tokenize to itself is rare
+        assert [s["perplexity"] for s in none] == pytest.approx([real(lm, [s["prompt"]], [s["text"]])[0] for s in none], rel=1e-4)
+    finally:
+        lm.close()

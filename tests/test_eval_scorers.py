@@ -191,3 +191,46 @@ def test_eval_perplexity_ranks_fluent_text_lower_on_bundled(bundled):
     texts = [" sunny and warm, with a light breeze.", " breeze warm light sunny, a with and."]
     fluent, scrambled = scorers.perplexity(bundled, prompts, texts)
     assert fluent < scrambled / 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.05, 0.99), st.floats(0.05, 12.0), st.sampled_from([1.0, 0.7, 1.3]))
+def test_top_p_sampler_draws_what_the_masked_distribution_draws(seed, p, scale, temperature):
+    """The top-p sampler draws from each row's nucleus directly; with the same generators it picks
+    the tokens the general path picks from the whole masked, renormalised row (flat rows, whose
+    nucleus is most of the vocabulary, included)."""
+    from tokensteer.sampling import SamplingConfig, draw, make_sampler, sampling_probs
+
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(4, 20_000, generator=g) * scale, dim=-1)
+    cfg = SamplingConfig(temperature=temperature, top_p=p)
+    gens = lambda: [torch.Generator().manual_seed(seed * 10 + i) for i in range(4)]  # noqa: E731
+    fast = make_sampler(cfg)(lp, gens())
+    assert torch.equal(fast, draw(sampling_probs(cfg, lp), gens()))
+
+
+@pytest.mark.model
+def test_a_samples_perplexity_is_read_off_its_generation():
+    """The uncontrolled model's log-probabilities of the generated tokens give the perplexity the
+    scorer gives the text alone; None when the text does not re-tokenize to those tokens or one
+    lacks its number (steered rows)."""
+    from tokensteer.engine import Engine
+
+    lm = ts.load(None, backend="llamacpp")
+    prompts = ["The weather today is", "My favourite food is", "The old house on the hill"]
+    cfg = ts.SamplingConfig(max_tokens=16, temperature=1.0, top_p=0.9, seed=(1, 2, 3), stop=("\n",))
+    try:
+        eng = Engine(lm)
+        gens = eng.submit(prompts, cfg).result()
+        eng.close()
+        tok = lm.tokenizer
+        got = [scorers.generated_perplexity(tok, p, g.text, g.tokens, g.model_logprobs) for p, g in zip(prompts, gens)]
+        want = [scorers.perplexity(lm, [p], [g.text])[0] for p, g in zip(prompts, gens)]
+        assert sum(x is not None for x in got) >= 2  # real text nearly always re-tokenizes to itself
+        assert [x for x in got if x is not None] == pytest.approx([w for x, w in zip(got, want) if x is not None], rel=1e-4)
+        p, g = prompts[0], gens[0]
+        assert scorers.generated_perplexity(tok, p, g.text, g.tokens, [None] * len(g.tokens)) is None
+        assert scorers.generated_perplexity(tok, p, g.text, [t + 1 for t in g.tokens], g.model_logprobs) is None
+        assert math.isnan(scorers.generated_perplexity(tok, p, "", [], []))
+    finally:
+        lm.close()

@@ -14,6 +14,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from tokensteer.errors import UserError
@@ -122,32 +123,74 @@ def top_k(logprobs: torch.Tensor, k: int) -> torch.Tensor:
     return logprobs.masked_fill(logprobs < kth, NEG_INF)
 
 
+#: nuclei larger than this are drawn from by a pass over the whole row instead of sorted indices
+LARGE_NUCLEUS = 4096
 #: probability thresholds tried in turn for a row's nucleus candidates (0: the whole row)
 NUCLEUS_THRESHOLDS = (1e-4, 1e-6, 0.0)
 
 
 def nucleus_mask(logprobs: torch.Tensor, p: float) -> torch.Tensor:
     """Bool [B, V]: each row's nucleus, the smallest set of most likely tokens whose probability
-    reaches p (rows need not be normalised).
+    reaches p (rows need not be normalised)."""
+    out = torch.zeros_like(logprobs, dtype=torch.bool)
+    if p >= 1.0:
+        return out.fill_(True)
+    out[nucleus_entries(torch.softmax(logprobs.float(), dim=-1), p)] = True
+    return out
+
+
+def nucleus_entries(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, tokens) of every row's nucleus of [B, V] probabilities, by row, then token.
 
     The tokens above a probability threshold whose mass reaches p hold the nucleus, so only those
-    are sorted (``NUCLEUS_THRESHOLDS``, highest first; a flat row sorts all). Row by row, so a row's
-    nucleus does not depend on the others.
+    are sorted: one comparison and one sort order every row's candidates at the first threshold
+    (``NUCLEUS_THRESHOLDS``), and a row they fall short for tries the lower ones alone (a flat row
+    sorts all). Each row's sums run over its own tokens, so its nucleus does not depend on the others.
     """
-    if p >= 1.0:
-        return torch.ones_like(logprobs, dtype=torch.bool)
-    probs = torch.softmax(logprobs.float(), dim=-1)
-    out = torch.zeros_like(logprobs, dtype=torch.bool)
-    for b, row in enumerate(probs):
-        for tau in NUCLEUS_THRESHOLDS:
-            idx = (row >= tau).nonzero().squeeze(1) if tau > 0 else None
-            vals, order = torch.sort(row if idx is None else row[idx], descending=True)
-            cum = vals.cumsum(0)
-            if idx is None or (len(cum) and float(cum[-1]) >= p):
-                break
-        keep = order[(cum - vals) < p]  # the mass before each kept token is still short of p
-        out[b, keep if idx is None else idx[keep]] = True
-    return out
+    B, V = probs.shape
+    above = probs >= NUCLEUS_THRESHOLDS[0]
+    if above.device.type == "cpu":  # numpy's flat nonzero is several times faster than torch's
+        flat = torch.from_numpy(np.flatnonzero(above.numpy()))
+        rows, cols = flat // V, flat % V
+    else:
+        rows, cols = above.nonzero(as_tuple=True)
+    vals = probs[rows, cols]
+    order = torch.argsort(rows.to(torch.float64) * 2 - vals.to(torch.float64))  # by row, likeliest first
+    r, table, slot = _by_row(rows[order], vals[order], B)
+    cum = table.cumsum(1)
+    short = cum[:, -1] < p if table.shape[1] else torch.ones(B, dtype=torch.bool)
+    keep = torch.empty_like(r, dtype=torch.bool)
+    keep[order] = ((cum - table) < p)[r, slot] & ~short[r]  # the mass before each kept token is still short of p
+    rows, cols = rows[keep], cols[keep]
+    if bool(short.any()):
+        extra = [(b, _nucleus(probs[b], p)) for b in short.nonzero().squeeze(1).tolist()]
+        rows = torch.cat([rows, *(torch.full_like(k, b) for b, k in extra)])
+        cols = torch.cat([cols, *(k for _, k in extra)])
+        order = torch.argsort(rows * V + cols)
+        rows, cols = rows[order], cols[order]
+    return rows, cols
+
+
+def _by_row(rows: torch.Tensor, vals: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries grouped by row (``rows`` ascending) laid out as an [n, longest] table, zero-padded:
+    (rows, table, each entry's column in it)."""
+    counts = torch.bincount(rows, minlength=n)
+    slot = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]
+    table = vals.new_zeros(n, int(counts.max()) if len(rows) else 0)
+    table[rows, slot] = vals
+    return rows, table, slot
+
+
+def _nucleus(row: torch.Tensor, p: float) -> torch.Tensor:
+    """One row's nucleus from the lower thresholds (the first one's candidates fell short of p)."""
+    for tau in NUCLEUS_THRESHOLDS[1:]:
+        idx = (row >= tau).nonzero().squeeze(1) if tau > 0 else None
+        vals, order = torch.sort(row if idx is None else row[idx], descending=True)
+        cum = vals.cumsum(0)
+        if idx is None or (len(cum) and float(cum[-1]) >= p):
+            break
+    keep = order[(cum - vals) < p]
+    return keep if idx is None else idx[keep]
 
 
 def top_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
@@ -211,12 +254,12 @@ def uniforms(gen: Generators, rows: int, n: int = 1) -> torch.Tensor:
     return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gen])
 
 
-def draw(probs: torch.Tensor, gen: Generators = None, block: int = 512) -> torch.Tensor:
+def draw(probs: torch.Tensor, gen: Generators = None, block: int = 512, u: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of [B, V] non-negative weights, by a two-level inverse CDF.
 
     Same distribution as ``torch.multinomial(probs, 1)``, which is slow on a large vocabulary: here
     one pass sums blocks of ``block`` weights, a search picks the block and a second search the
-    token inside it. Zero-weight tokens are never drawn.
+    token inside it. Zero-weight tokens are never drawn. ``u``: the [B, 1] uniforms, if already drawn.
     """
     B, V = probs.shape
     pad = (-V) % block
@@ -224,7 +267,7 @@ def draw(probs: torch.Tensor, gen: Generators = None, block: int = 512) -> torch
     p = p.reshape(B, -1, block)
     sums = p.sum(dim=-1).to(torch.float64)  # [B, n_blocks]
     cum = sums.cumsum(dim=-1)
-    u = uniforms(gen, B) * cum[:, -1:]
+    u = (uniforms(gen, B) if u is None else u) * cum[:, -1:]
     j = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[-1] - 1)  # [B, 1]
     before = torch.where(j > 0, cum.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(u))
     inner = p[torch.arange(B), j.squeeze(-1)].to(torch.float64).cumsum(dim=-1)  # [B, block]
@@ -233,10 +276,40 @@ def draw(probs: torch.Tensor, gen: Generators = None, block: int = 512) -> torch
     return (j * block + k).squeeze(-1)
 
 
+def draw_nucleus(logprobs: torch.Tensor, p: float, gen: Generators = None) -> torch.Tensor:
+    """One index per row from each row's nucleus (``nucleus_entries``), renormalised: what ``draw``
+    picks from ``sampling_probs`` with top-p alone (the same uniform, the same inverse CDF in token
+    order), without building and normalising a [B, V] masked copy."""
+    probs = torch.softmax(logprobs.float(), dim=-1)
+    B = len(probs)
+    u = uniforms(gen, B)
+    rows, cols = nucleus_entries(probs, p)
+    counts = torch.bincount(rows, minlength=B)
+    large = counts > LARGE_NUCLEUS  # drawn by a pass over the row: cheaper than a table that wide
+    small = ~large[rows]
+    r, table, slot = _by_row(rows[small], probs[rows[small], cols[small]].to(torch.float64), B)
+    tokens = torch.zeros(table.shape, dtype=torch.long)
+    tokens[r, slot] = cols[small]
+    cum = table.cumsum(1)
+    k = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+    out = tokens.gather(1, torch.minimum(k, torch.where(large, 0, counts - 1)[:, None])).squeeze(1) if table.shape[1] else torch.zeros(B, dtype=torch.long)
+    for b in large.nonzero().squeeze(1).tolist():
+        keep = cols[rows == b]
+        w = torch.zeros_like(probs[b]).index_copy_(0, keep, probs[b, keep])
+        out[b] = draw(w[None], u=u[b : b + 1])[0]
+    return out
+
+
 def make_sampler(cfg: SamplingConfig) -> Sampler:
     """Build the sampler for a config: argmax when greedy (temperature below MIN_TEMPERATURE), else filtered sampling."""
     if cfg.is_greedy:
         return greedy
+    if cfg.top_p < 1.0 and not cfg.top_k and not cfg.min_p:
+
+        def sample_top_p(lp: torch.Tensor, gen: Generators) -> torch.Tensor:
+            return draw_nucleus(lp if cfg.temperature == 1.0 else lp / cfg.temperature, cfg.top_p, gen)
+
+        return sample_top_p
 
     def sample(lp: torch.Tensor, gen: Generators) -> torch.Tensor:
         return draw(sampling_probs(cfg, lp), gen)

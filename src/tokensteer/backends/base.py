@@ -29,6 +29,9 @@ HEAD_MIX = "head_mix"  # run the output layer on linear combinations of rows (``
 ROW_EDITS = "row_edits"  # additive edits given per row with ``Session.add``, so differently steered rows share a batch
 
 
+#: ids before a candidate token that ``Tokenizer.continuations`` decodes with it
+CONTINUATION_WINDOW = 4
+
 #: user-defined tokens that mark media or turns rather than write text ("<start_of_image>", "[multimodal]")
 MARKER = re.compile(r"^(\[[a-z_]+\]|<(start|end)_of_[a-z_]+>)$")
 
@@ -48,6 +51,19 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """The text of ``ids``; special tokens (``special_ids``) are left out unless ``skip_special`` is False."""
+
+    def continuations(self, ids: Sequence[int], candidates: Sequence[int]) -> tuple[str, list[str]]:
+        """The text of ``ids``, and of ``ids`` followed by each candidate token. A candidate decodes
+        only the last few ids with it (decoding is local), or the whole text where that window's
+        text is not a prefix of the extended window's (an unfinished character)."""
+        ids = list(ids)
+        text, window = self.decode(ids), ids[-CONTINUATION_WINDOW:]
+        before = self.decode(window)
+        out = []
+        for c in candidates:
+            after = self.decode([*window, c])
+            out.append(text + after[len(before) :] if after.startswith(before) else self.decode([*ids, c]))
+        return text, out
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (for top-n alternatives and traces)."""

@@ -17,6 +17,9 @@ class TokenEvent:
     top: list[tuple[int, float]] = field(default_factory=list)  # top-n alternatives
     finish_reason: str | None = None  # "eos", "stop" or "length" on the last event
     t: float = 0.0  # seconds since the request was submitted
+    # under the uncontrolled model (each prompt's own row before any control rewrote or masked it);
+    # None where the forward pass itself was controlled (steering, mixed rows) or not computed
+    model_logprob: float | None = None
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Generation:
     prefill_s: float
     decode_s: float
     backend: str
+    model_logprobs: list[float | None] = field(default_factory=list)  # TokenEvent.model_logprob of each token
 
     @property
     def tok_s(self) -> float:
@@ -110,6 +114,7 @@ def collect(prompts: Sequence[str], events: Sequence[TokenEvent], prompt_tokens:
                 prefill_s=first,
                 decode_s=(evs[-1].t - first) if evs else 0.0,
                 backend=backend,
+                model_logprobs=[e.model_logprob for e in kept],
             )
         )
     return out

@@ -61,6 +61,10 @@ class Request:
             missing = c.requires - backend.capabilities
             if missing:
                 raise UserError(f"{type(c).__name__} needs {', '.join(sorted(missing))}, which the {backend.name} backend lacks")
+        # each prompt's own row is the uncontrolled model's (no residual edits, no mixed rows): its
+        # log-probabilities go out with each token (TokenEvent.model_logprob)
+        self.model_rows = not self.edits and self.mix is None
+        self.model_lp: torch.Tensor | None = None  # this step's [B, V] of them, set by the stages
         self.rewriters = [c for c in controls if c.takes("rewrite")]
         self.maskers = [c for c in controls if c.takes("mask")]
         self.followers = [c for c in controls if c.takes("accept")]
@@ -147,12 +151,14 @@ class Request:
         self.state.set_logits(self.expand(logits))
 
     def expand(self, logits: torch.Tensor) -> torch.Tensor:
-        """The live prompts' logit rows as rows for every prompt: finished prompts get zero rows,
-        which no stage reads (their tokens are replaced by their last token)."""
+        """The live prompts' logit rows as rows for every prompt. A finished prompt's rows, which no
+        stage reads (its tokens are replaced by its last token), hold one certain token: a flat row
+        would cost any nucleus a sort of the whole vocabulary."""
         per, B = self.state.rows_per_prompt, len(self.prompts)
         if len(self.live) == B:
             return logits
-        full = logits.new_zeros(B * per, logits.shape[-1])
+        full = logits.new_full((B * per, logits.shape[-1]), DEAD_LOGIT)
+        full[:, 0] = 0.0
         idx = torch.tensor([b * per + r for b in self.live for r in range(per)], dtype=torch.long)
         return full.index_copy_(0, idx, logits)
 
@@ -163,6 +169,10 @@ class Request:
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
+
+
+#: the logits of a finished prompt's rows, but for token 0 (finite, so no stage meets a NaN)
+DEAD_LOGIT = -1e4
 
 
 def _fingerprint(edits: Sequence[ResidualEdit]) -> tuple:

@@ -22,10 +22,13 @@ def rewrite(req: Request) -> torch.Tensor:
     """[B, V] next-token scores: the rewriters' log-probabilities, or the raw logits of each
     prompt's own row when nothing rewrites (``mask`` then normalises once)."""
     st = req.state
+    req.model_lp = None
     if not req.rewriters:
         return st.logits.float().view(st.batch_size, st.rows_per_prompt, -1)[:, 0]
     # only the prompts' own rows: a rewriter that reads the others normalises them on first use (st.rows)
     x = torch.log_softmax(st.logits.float().view(st.batch_size, st.rows_per_prompt, -1)[:, 0], dim=-1)
+    if req.model_rows:
+        req.model_lp = x
     for c in req.rewriters:
         x = _checked(c, c.logprobs(st, x), x, st.finished)
     return x
@@ -44,7 +47,13 @@ def mask(req: Request, x: torch.Tensor) -> torch.Tensor:
             raise UserError(f"{control_name(c)} gave a mask of {got}; it must be a bool tensor of shape {tuple(x.shape)}")
         allowed = m if allowed is None else allowed & m
     if allowed is None:
-        return x if req.rewriters else torch.log_softmax(x, dim=-1)
+        if req.rewriters:
+            return x
+        x = torch.log_softmax(x, dim=-1)
+        req.model_lp = x if req.model_rows else None
+        return x
+    if req.model_rows and not req.rewriters:
+        req.model_lp = torch.log_softmax(x, dim=-1)
     if any(st.finished):  # finished prompts only repeat their last token
         allowed = allowed | torch.tensor(st.finished)[:, None]
     unmasked, x = x, torch.log_softmax(torch.where(allowed, x, float("-inf")), dim=-1)
@@ -58,7 +67,13 @@ def mask(req: Request, x: torch.Tensor) -> torch.Tensor:
 
 def sample(req: Request, x: torch.Tensor) -> torch.Tensor:
     """[B] tokens drawn from ``x`` with each prompt's own generator; finished prompts repeat their last."""
-    tokens = req.sampler(x, req.generators)
+    st = req.state
+    if not any(st.finished):
+        return req.sampler(x, req.generators)
+    live = [b for b, done in enumerate(st.finished) if not done]
+    tokens = torch.zeros(st.batch_size, dtype=torch.long)
+    if live:
+        tokens[live] = req.sampler(x[live], [req.generators[b] for b in live])
     return repeat_finished(req, tokens)
 
 
@@ -106,14 +121,15 @@ def sample_plain(reqs: Sequence[Request]) -> list[tuple[torch.Tensor, torch.Tens
         spans.append(slice(start, start + r.state.batch_size))
         start += r.state.batch_size
     x = torch.log_softmax(_stacked([r.state.logits.float() for r in reqs]), dim=-1)
-    tokens = torch.empty(len(x), dtype=torch.long)
     buckets: dict[tuple, list[int]] = {}
     for i, r in enumerate(reqs):
         buckets.setdefault(_sampling_key(r.cfg), []).append(i)
-    for members in buckets.values():
-        rows = [b for i in members for b in range(spans[i].start, spans[i].stop)]
-        gens = [g for i in members for g in reqs[i].generators]
-        tokens[rows] = reqs[members[0]].sampler(x if len(rows) == len(x) else x[rows], gens)
+    tokens = torch.zeros(len(x), dtype=torch.long)
+    for members in buckets.values():  # the live rows of each sampling setting (finished ones repeat their last token)
+        live = [(spans[i].start + b, g) for i in members for b, g in enumerate(reqs[i].generators) if not reqs[i].state.finished[b]]
+        if live:
+            rows = [r for r, _ in live]
+            tokens[rows] = reqs[members[0]].sampler(x if len(rows) == len(x) else x[rows], [g for _, g in live])
     return [(tokens[span], x[span]) for span in spans]
 
 
@@ -137,6 +153,7 @@ def accept_plain(req: Request, tokens: torch.Tensor, x: torch.Tensor) -> None:
     """The accept stage of a plain request after ``sample_plain``."""
     req.state.step = req.state.confirmed
     req.tokens = repeat_finished(req, tokens)
+    req.model_lp = x if req.model_rows else None
     emit(req, [(req.tokens, x)])
 
 
@@ -147,11 +164,14 @@ def _sampling_key(cfg: SamplingConfig) -> tuple:
 
 def emit(req: Request, confirmed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Turn confirmed steps, each ([B] tokens, [B, V] log-probabilities they were chosen under),
-    into TokenEvents on ``req.events``."""
+    into TokenEvents on ``req.events``; a single step also carries the model's own log-probability
+    of each token (``req.model_lp``) where the step computed it."""
     st, k = req.state, req.cfg.top_logprobs
     now = req.now()
+    model = req.model_lp if len(confirmed) == 1 else None
     for tokens, x in confirmed:
         chosen = x.gather(1, tokens[:, None]).squeeze(1)
+        base = model.gather(1, tokens[:, None]).squeeze(1).tolist() if model is not None else [None] * st.batch_size
         top = torch.topk(x, k, dim=-1) if k else None
         last = st.confirmed == req.cfg.max_tokens - 1
         st.confirmed += 1
@@ -163,13 +183,13 @@ def emit(req: Request, confirmed: list[tuple[torch.Tensor, torch.Tensor]]) -> No
             if t in req.eos:
                 st.finished[b] = True
                 new, _ = req.detoks[b].push(st.generated[b], final=True)
-                req.events.append(TokenEvent(b, t, new, float(chosen[b]), alts, "eos", now))
+                req.events.append(TokenEvent(b, t, new, float(chosen[b]), alts, "eos", now, base[b]))
                 continue
             st.generated[b].append(t)
             new, hit = req.detoks[b].push(st.generated[b], final=last)
             reason = "stop" if hit else "length" if last else None
             st.finished[b] = reason is not None
-            req.events.append(TokenEvent(b, t, new, float(chosen[b]), alts, reason, now))
+            req.events.append(TokenEvent(b, t, new, float(chosen[b]), alts, reason, now, base[b]))
 
 
 def _checked(c: Control, out, like: torch.Tensor, finished: list[bool]) -> torch.Tensor:

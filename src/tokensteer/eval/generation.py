@@ -9,6 +9,7 @@ at once, and a finished batch makes room for the next.
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 from collections import deque
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from tokensteer.eval.methods import Method, make_method
+from tokensteer.eval.scorers import generated_perplexity
 from tokensteer.eval.tasks import Item, Task
 from tokensteer.sampling import SamplingConfig
 
@@ -84,7 +86,7 @@ def run_batches(lm: Any, batches: Sequence[Batch], cfg: SamplingConfig, batch_si
             submit(free.popleft())
         while running:
             b, h, t0 = running.pop(ended.get())
-            on_records(_records(b, h.result(), h, time.perf_counter() - t0))
+            on_records(_records(b, h.result(), h, time.perf_counter() - t0, lm.tokenizer))
             if b.controls and waiting[id(b.controls)]:
                 submit(waiting[id(b.controls)].popleft())
             while free and len(running) < eng.max_running:
@@ -95,7 +97,9 @@ def run_batches(lm: Any, batches: Sequence[Batch], cfg: SamplingConfig, batch_si
         eng.close()
 
 
-def _records(batch: Batch, gens: list, handle: Any, seconds: float) -> list[dict[str, Any]]:
+def _records(batch: Batch, gens: list, handle: Any, seconds: float, tok: Any) -> list[dict[str, Any]]:
+    """One cache record per unit; a sample generated on its item's own prompt by the uncontrolled
+    model's rows gets its perplexity here, from the log-probabilities its tokens were drawn beside."""
     n_tokens = sum(len(g.tokens) for g in gens)
     longest = max((len(g.tokens) for g in gens), default=0)
     out = []
@@ -120,6 +124,9 @@ def _records(batch: Batch, gens: list, handle: Any, seconds: float) -> list[dict
                 "backend": g.backend,
             }
         )
+        ppl = generated_perplexity(tok, u.prompt, g.text, g.tokens, g.model_logprobs) if u.prompt == u.item.prompt else None
+        if ppl is not None:
+            out[-1]["perplexity"] = None if math.isnan(ppl) else ppl
     return out
 
 

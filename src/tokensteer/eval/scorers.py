@@ -159,6 +159,20 @@ def perplexity(lm: Backend, prompts: Sequence[str], texts: Sequence[str], batch_
     return out
 
 
+def generated_perplexity(tok: Any, prompt: str, text: str, tokens: Sequence[int], model_logprobs: Sequence[float | None]) -> float | None:
+    """The perplexity ``perplexity`` gives ``text`` after ``prompt``, read off the log-probabilities
+    the uncontrolled model gave the generated ``tokens`` (``Generation.model_logprobs``), so a sample
+    needs no second pass; None when the text does not re-tokenize to those tokens or one lacks its
+    log-probability (score it then)."""
+    if not text:
+        return float("nan")
+    cont = continuation_tokens(tok, prompt, text, tok.encode(prompt))
+    lps = model_logprobs[: len(cont)]
+    if list(tokens[: len(cont)]) != cont or len(lps) != len(cont) or any(v is None for v in lps):
+        return None
+    return math.exp(-sum(lps) / len(cont))
+
+
 def continuation_tokens(tok: Any, prompt: str, text: str, ctx: list[int]) -> list[int]:
     """Token ids of ``text`` after ``prompt``: from the joint encoding unless it merges across the seam."""
     if not text:

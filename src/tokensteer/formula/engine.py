@@ -332,10 +332,12 @@ class FormulaControl(Control):
         out = torch.zeros_like(lp)
         texts = []
         for b in range(state.batch_size):
-            gen = state.generated[b]
+            if state.finished[b]:  # its row is not read: no texts to decode and score
+                texts += [""] * (k + 1)
+                continue
             head = self._prompt_text[b] if hasattr(self, "_prompt_text") else tok.decode(state.prompt_tokens[b])
-            texts.append((head + tok.decode(gen))[-TAIL:])
-            texts += [(head + tok.decode(gen + [int(c)]))[-TAIL:] for c in cand[b]]
+            text, extended = tok.continuations(state.generated[b], cand[b].tolist())
+            texts += [(head + t)[-TAIL:] for t in (text, *extended)]
         scores = guide.logprob(texts).view(state.batch_size, k + 1)
         out.scatter_(-1, cand, (scores[:, 1:] - scores[:, :1]).to(out.dtype))
         return out
