@@ -75,3 +75,28 @@ def test_sentiment_guides_still_prefer_their_own_class(name):
     good, bad = "we had a wonderful happy day", "we had a terrible miserable day"
     lp = g.logprob([good, bad])
     assert (float(lp[0]) > float(lp[1])) == (name == "positive")
+
+
+def test_word_weights_are_trained_once_and_kept_in_the_cache(tmp_path, monkeypatch):
+    """A word guide's regression is trained on first use and read back afterwards (the same
+    numbers); a damaged cache file is trained again, not fatal."""
+    import json
+
+    monkeypatch.setenv("TOKENSTEER_HOME", str(tmp_path))
+    first = WordGuide(DATA, "good", LISTS)
+    (saved,) = (tmp_path / "guides").iterdir()
+    assert json.loads(saved.read_text()) == {"weights": first.weights, "bias": first.bias}
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr("sklearn.linear_model.LogisticRegression.fit", no_training)
+    again = WordGuide(DATA, "good", LISTS)
+    assert (again.weights, again.bias) == (first.weights, first.bias)
+    monkeypatch.undo()
+    monkeypatch.setenv("TOKENSTEER_HOME", str(tmp_path))
+    saved.write_text('{"weights": [1, 2')
+    assert WordGuide(DATA, "good", LISTS).weights == first.weights
+    assert json.loads(saved.read_text())["bias"] == first.bias
+    assert WordGuide(DATA, "bad", LISTS).weights != first.weights  # another target: another entry
+    assert len(list((tmp_path / "guides").iterdir())) == 2

@@ -92,17 +92,8 @@ class WordGuide:
         counts ``FLIP`` times its weight ("not happy" leans negative, "not to cry" no longer does)."""
         import re
 
-        from sklearn.feature_extraction.text import CountVectorizer
-        from sklearn.linear_model import LogisticRegression
-
         examples = {c: list(ts) + list((lists or {}).get(c, ())) for c, ts in data.items()}
-        texts = [t for ts in examples.values() for t in ts]
-        labels = [c == target for c, ts in examples.items() for _ in ts]
-        vec = CountVectorizer(token_pattern=self.WORD, lowercase=True, binary=True)
-        lr = LogisticRegression(C=10.0, max_iter=2000).fit(vec.fit_transform(texts), labels)
-        # classes_ is [False, True]: the coefficients point towards the target
-        self.weights = {w: float(c) for w, c in zip(vec.get_feature_names_out(), lr.coef_[0])}
-        self.bias = float(lr.intercept_[0])
+        self.weights, self.bias = _word_weights(examples, target, self.WORD)
         self._split = re.compile(self.WORD).findall
         self.finish, self.margin, self.cap = float(finish), float(margin), cap
         others = {w for c, ws in (lists or {}).items() if c != target for w in ws}
@@ -154,6 +145,42 @@ class WordGuide:
             x = z if self.steady else z + loss
             out.append(min(x, 0.0) - math.log1p(math.exp(-abs(x))) + (loss if self.steady else 0.0))
         return torch.tensor(out, dtype=torch.float32)
+
+
+def _word_weights(examples: dict[str, list[str]], target: str, word: str) -> tuple[dict[str, float], float]:
+    """Each word's weight towards ``target`` and the bias of a logistic regression over whole words
+    of ``examples``; trained once per data set and kept in the cache, since training (scikit-learn's
+    import above all) takes longer than a short generation."""
+    import hashlib
+    import json
+    from importlib.metadata import version
+
+    from tokensteer.files import atomic_write
+    from tokensteer.models import home
+
+    spec = json.dumps([examples, target, word, version("scikit-learn")], sort_keys=True)
+    path = home() / "guides" / f"words-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(saved.get("weights"), dict) and isinstance(saved.get("bias"), float):
+            return saved["weights"], saved["bias"]
+    except (OSError, ValueError, AttributeError):
+        pass  # none yet, or damaged: train again
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    texts = [t for ts in examples.values() for t in ts]
+    labels = [c == target for c, ts in examples.items() for _ in ts]
+    vec = CountVectorizer(token_pattern=word, lowercase=True, binary=True)
+    lr = LogisticRegression(C=10.0, max_iter=2000).fit(vec.fit_transform(texts), labels)
+    # classes_ is [False, True]: the coefficients point towards the target
+    weights = {w: float(c) for w, c in zip(vec.get_feature_names_out(), lr.coef_[0])}
+    bias = float(lr.intercept_[0])
+    try:
+        atomic_write(path, json.dumps({"weights": weights, "bias": bias}), user_error=False)
+    except OSError:
+        pass  # a read-only cache: train again next time
+    return weights, bias
 
 
 #: negators, how many words after one are negated, and the factor on a negated word's weight
