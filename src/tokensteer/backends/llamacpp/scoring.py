@@ -1,9 +1,11 @@
-"""Log-likelihood of given continuations in packed prefills: many texts per llama_decode call.
+"""Log-likelihood of given continuations: each text one prefill (teacher forcing) in a fresh cache.
 
 Scoring needs the logits at every continuation position but no sampling, so each text is decoded
-as one prompt (teacher forcing), several texts side by side under their own sequence ids, instead
-of one decode step per token. Where our output kernel runs (``Q8Head``), the graph stops at the
-final norm and the kernel computes the scored rows' logits, as it does for every step.
+as one prompt instead of one decode step per token. Each text has its call to itself: llama.cpp's
+attention rounds differently once a call holds more tokens, so texts packed side by side would get
+scores that depend on their neighbours (and bigger calls are no faster here). Where our output
+kernel runs (``Q8Head``), the graph stops at the final norm and the kernel computes the scored
+rows' logits, as it does for every step.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ MAX_OUTPUTS = 64  # logit rows per call: bounds llama.cpp's output buffer (rows 
 
 class _Packer:
     """Fills a context's batch with (token, position, sequence, owner of the output) and decodes it
-    when full, adding each output row's negative log-likelihood to its owner."""
+    when full (or flushed), adding each output row's negative log-likelihood to its owner."""
 
     def __init__(self, c: Context, n_vocab: int, nll: list[float], head: Q8Head | None) -> None:
         self.c, self.n_vocab, self.nll, self.head = c, n_vocab, nll, head
@@ -82,23 +84,18 @@ def continuation_nll(b: LlamaCppBackend, ctx: Sequence[Sequence[int]], cont: Seq
     head = b.plain_head()
     c = b.acquire(1, capture=head is not None)
     try:
-        c.reset()
-        pack, seq, cells = _Packer(c, b.n_vocab, nll, head), 0, 0
+        pack = _Packer(c, b.n_vocab, nll, head)
         for i, (x, y) in enumerate(zip(ctx, cont)):
             if not y:
                 continue
             toks = [*x, *y]
             if len(toks) > c.n_ctx:
                 raise UserError(f"a text of {len(toks)} tokens does not fit the {c.n_ctx}-token llama.cpp context")
-            if seq == c.n_seq or cells + len(toks) > c.n_ctx:  # out of ids or cells: start over
-                pack.flush()
-                c.reset()
-                seq, cells = 0, 0
+            c.reset()
             for p in range(len(toks) - 1):  # position p's logits predict token p + 1
                 scored = p >= len(x) - 1
-                pack.add(toks[p], p, seq, i if scored else None, toks[p + 1] if scored else None)
-            seq, cells = seq + 1, cells + len(toks)
-        pack.flush()
+                pack.add(toks[p], p, 0, i if scored else None, toks[p + 1] if scored else None)
+            pack.flush()
     finally:
         b.release(c)
     return nll
