@@ -2,6 +2,10 @@
 tokens above a probability threshold) against the previous method (top 256, then 4,096, then
 every token by ``torch.topk``), side by side in one run.
 
+It also times the top-p sampler, which draws from each row's nucleus directly
+(``sampling.draw_nucleus``), against the general path (mask, renormalise, ``sampling.draw``) with
+the same generators, and checks both pick the same tokens.
+
 The rows are the bundled model's next-token log-probabilities after 16 short prompts (llama.cpp);
 it reports the rows where the two keep a different number of tokens (rounding at the boundary: the old method
 normalised with ``logsumexp``, the new with ``softmax``).
@@ -25,7 +29,7 @@ import torch  # noqa: E402
 
 import tokensteer as ts  # noqa: E402
 from common import cpu_name  # noqa: E402
-from tokensteer.sampling import nucleus_mask  # noqa: E402
+from tokensteer.sampling import SamplingConfig, draw, make_sampler, nucleus_mask, sampling_probs  # noqa: E402
 
 PROMPTS = ["The movie was", "I think that", "Yesterday I went to the", "The food at this restaurant", "My favourite thing about",
            "When I was young,", "The weather today is", "This book is about", "He said that the", "In my opinion, the",
@@ -72,6 +76,17 @@ def main() -> None:
     for _ in range(args.repeats):
         times["threshold"].append(timed(nucleus_mask, x, args.p))
         times["topk"].append(timed(by_topk, x, args.p))
+    cfg = SamplingConfig(temperature=1.0, top_p=args.p)
+    direct = make_sampler(cfg)
+    arms = {"draw_nucleus": lambda: direct(x, gens()), "mask_then_draw": lambda: draw(sampling_probs(cfg, x), gens())}
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(x))]  # noqa: E731
+    same = all(torch.equal(arms["draw_nucleus"](), arms["mask_then_draw"]()) for _ in range(3))
+    times.update({k: [] for k in arms})
+    for _ in range(args.repeats):
+        for k, fn in arms.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     print(json.dumps({
         "rows": len(PROMPTS),
@@ -80,6 +95,10 @@ def main() -> None:
         "threshold_ms": round(med["threshold"], 2),
         "topk_ms": round(med["topk"], 2),
         "speedup": round(med["topk"] / med["threshold"], 2),
+        "draw_nucleus_ms": round(med["draw_nucleus"], 2),
+        "mask_then_draw_ms": round(med["mask_then_draw"], 2),
+        "sampler_speedup": round(med["mask_then_draw"] / med["draw_nucleus"], 2),
+        "sampler_same_tokens": same,
         "cpu": cpu_name(),
     }))
 

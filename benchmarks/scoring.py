@@ -1,8 +1,8 @@
 """Perplexity scoring on llama.cpp: our output kernel on the captured final norms against
 llama.cpp's own output layer, side by side in one run.
 
-Scores seeded random continuations (10–32 tokens after 9–17 context tokens, 16 texts per call,
-as ``tokensteer eval`` does) on the bundled model, alternating the two arms for ``--rounds``
+Scores seeded random continuations (10–32 tokens after 9–17 context tokens, handed over 16 at a
+time as ``tokensteer eval`` does; each text is its own prefill) on the bundled model, alternating the two arms for ``--rounds``
 rounds; reports the fastest round of each and checks both give the same log-likelihoods.
 
     .venv/bin/python benchmarks/scoring.py [--texts 90] [--rounds 3]
