@@ -73,12 +73,24 @@ def texts(out: Path) -> dict[str, str]:
     return {r["key"]: r["text"] for r in recs}
 
 
+PPL = ("perplexity", "perplexity_median")
+
+
 def same_results(a: dict, b: dict) -> bool:
-    """Equal but for timings (and the Ray report)."""
+    """Equal but for timings (and the Ray report); perplexities up to rounding: each sample's is read
+    off its generation, whose float sums depend on the threads of the process that generated it."""
     def strip(r):
-        return {k: ({m: {x: y for x, y in v.items() if x != "tok_s"} for m, v in r[k].items()} if k == "methods" else r[k])
+        return {k: ({m: {x: y for x, y in v.items() if x not in ("tok_s", *PPL)} for m, v in r[k].items()} if k == "methods" else r[k])
                 for k in r if k not in ("seconds", "date", "ray")}
-    return strip(a) == strip(b)
+    ppl = [[v[x] for v in r["methods"].values() for x in PPL] for r in (a, b)]
+    return strip(a) == strip(b) and ppl[0] == pytest.approx(ppl[1], rel=1e-5)
+
+
+def same_scores(a: Path, b: Path) -> bool:
+    """The same scored records (``same_results``' rounding allowed in perplexities)."""
+    recs = [[json.loads(line) for line in (out / "cache" / "scored-count.jsonl").read_text().splitlines()] for out in (a, b)]
+    ppl = [[r.pop("perplexity") for r in rs] for rs in recs]
+    return recs[0] == recs[1] and ppl[0] == pytest.approx(ppl[1], rel=1e-5)
 
 
 # ---- eval -----------------------------------------------------------------------------------
@@ -94,7 +106,7 @@ def test_eval_ray_cli_writes_what_the_in_process_run_writes(cluster, tiny_dir, m
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["ray"]["workers"] == 2 and res["ray"]["workers_died"] == 0 and res["ray"]["units_rerun"] == 0
     assert texts(tmp_path) == texts(ref_out) and len(texts(tmp_path)) == 24
-    assert (tmp_path / "cache" / "scored-count.jsonl").read_text() == (ref_out / "cache" / "scored-count.jsonl").read_text()
+    assert same_scores(tmp_path, ref_out)
     assert same_results(res, ref)
 
 
