@@ -197,7 +197,7 @@ class FormulaControl(Control):
         guide_vals = []
         for w, t in terms:
             if isinstance(t, Guide):
-                delta = self.guide_delta(state, t, torch.log_softmax(s, -1))
+                delta = self.guide_delta(state, t, s)
                 guide_vals.append((w, delta))
                 s = s + w * delta
         x = s
@@ -305,7 +305,7 @@ class FormulaControl(Control):
             s = combine([(w / div, self.eval(t)) for w, t in n.terms if not isinstance(t, Guide)], may_exclude(n))
             for w, t in n.terms:
                 if isinstance(t, Guide):
-                    s = s + w * self.guide_delta(self._state, t, torch.log_softmax(s, -1))
+                    s = s + w * self.guide_delta(self._state, t, s)
             return s
         if isinstance(n, Op):
             if n.param is not None:
@@ -314,22 +314,23 @@ class FormulaControl(Control):
         raise UserError(f"{to_string(n)} cannot be evaluated here")
 
     def filter(self, f: Op, x: torch.Tensor) -> torch.Tensor:
+        if f.name == "nucleus":  # the base's nucleus: x's own scale does not matter (normalised later)
+            return x.masked_fill(~nucleus_mask(self._base_rows, f.param), NEG_INF)
         lp = torch.log_softmax(x, -1)
         if f.name == "topk":
             return top_k(lp, int(f.param))
         if f.name == "topp":
             return lp.masked_fill(~nucleus_mask(lp, f.param), NEG_INF)
-        if f.name == "nucleus":
-            return lp.masked_fill(~nucleus_mask(self._base_rows, f.param), NEG_INF)
         return torch.log_softmax(lp / f.param, -1)  # temp
 
-    def guide_delta(self, state: LoopState, g: Guide, lp: torch.Tensor) -> torch.Tensor:
-        """λ-free guide term: log C(text + candidate) − log C(text) on the top-k candidates, else 0."""
+    def guide_delta(self, state: LoopState, g: Guide, scores: torch.Tensor) -> torch.Tensor:
+        """λ-free guide term: log C(text + candidate) − log C(text) on the k candidates the [B, V]
+        ``scores`` rank highest (log-probabilities up to a constant per row), else 0."""
         guide = self.guides[g.name]
         tok = state.tokenizer
-        k = min(g.k, lp.shape[-1])
-        cand = torch.topk(lp, k, dim=-1).indices
-        out = torch.zeros_like(lp)
+        k = min(g.k, scores.shape[-1])
+        cand = torch.topk(scores, k, dim=-1).indices
+        out = torch.zeros_like(scores)
         texts = []
         for b in range(state.batch_size):
             if state.finished[b]:  # its row is not read: no texts to decode and score
