@@ -218,6 +218,9 @@ def test_a_samples_perplexity_is_read_off_its_generation():
     from tokensteer.engine import Engine
 
     lm = ts.load(None, backend="llamacpp")
+    if not lm.generation_scores:
+        lm.close()
+        pytest.skip("without our kernels llama.cpp's products round differently with the rows per call")
     prompts = ["The weather today is", "My favourite food is", "The old house on the hill"]
     cfg = ts.SamplingConfig(max_tokens=16, temperature=1.0, top_p=0.9, seed=(1, 2, 3), stop=("\n",))
     try:

@@ -159,6 +159,9 @@ class Backend(ABC):
     context_length: int | None = None  # most positions one row may hold (prompt + generated), if known
     context_hint: str = ""  # how to get a longer context, for the error message
     shared_cells: int | None = None  # KV cells all rows of one session share, where they share one cache
+    # a row's log-probabilities while generating equal scoring its text (``continuation_nll``) up to
+    # float rounding, so a sample's perplexity can be read off its generation
+    generation_scores: bool = True
 
     @abstractmethod
     def session(

@@ -86,7 +86,7 @@ def run_batches(lm: Any, batches: Sequence[Batch], cfg: SamplingConfig, batch_si
             submit(free.popleft())
         while running:
             b, h, t0 = running.pop(ended.get())
-            on_records(_records(b, h.result(), h, time.perf_counter() - t0, lm.tokenizer))
+            on_records(_records(b, h.result(), h, time.perf_counter() - t0, lm.tokenizer if lm.generation_scores else None))
             if b.controls and waiting[id(b.controls)]:
                 submit(waiting[id(b.controls)].popleft())
             while free and len(running) < eng.max_running:
@@ -98,8 +98,9 @@ def run_batches(lm: Any, batches: Sequence[Batch], cfg: SamplingConfig, batch_si
 
 
 def _records(batch: Batch, gens: list, handle: Any, seconds: float, tok: Any) -> list[dict[str, Any]]:
-    """One cache record per unit; a sample generated on its item's own prompt by the uncontrolled
-    model's rows gets its perplexity here, from the log-probabilities its tokens were drawn beside."""
+    """One cache record per unit; with the tokenizer ``tok`` (where the backend's generation scores
+    like its scoring pass), a sample generated on its item's own prompt by the uncontrolled model's
+    rows gets its perplexity here, from the log-probabilities its tokens were drawn beside."""
     n_tokens = sum(len(g.tokens) for g in gens)
     longest = max((len(g.tokens) for g in gens), default=0)
     out = []
@@ -124,7 +125,7 @@ def _records(batch: Batch, gens: list, handle: Any, seconds: float, tok: Any) ->
                 "backend": g.backend,
             }
         )
-        ppl = generated_perplexity(tok, u.prompt, g.text, g.tokens, g.model_logprobs) if u.prompt == u.item.prompt else None
+        ppl = generated_perplexity(tok, u.prompt, g.text, g.tokens, g.model_logprobs) if tok is not None and u.prompt == u.item.prompt else None
         if ppl is not None:
             out[-1]["perplexity"] = None if math.isnan(ppl) else ppl
     return out

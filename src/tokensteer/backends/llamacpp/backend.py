@@ -256,6 +256,12 @@ class LlamaCppBackend(Backend):
         return float(buf.value) if llama_cpp.llama_model_meta_val_str(self.model, key, buf, 64) > 0 else 1e-6
 
     @property
+    def generation_scores(self) -> bool:  # type: ignore[override]
+        """Only with our kernels for the blocks and the output layer: llama.cpp's own products
+        round differently with the rows per call (a step's one row against a prefill's many)."""
+        return self.splices and self.plain_head() is not None
+
+    @property
     def splices(self) -> bool:
         """True when our kernels run the blocks' matrix products (see ``matmul``)."""
         return self._splice is not None
