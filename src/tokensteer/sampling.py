@@ -156,7 +156,8 @@ def nucleus_entries(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.
         rows, cols = above.nonzero(as_tuple=True)
     vals = probs[rows, cols]
     order = torch.argsort(rows.to(torch.float64) * 2 - vals.to(torch.float64))  # by row, likeliest first
-    r, table, slot = _by_row(rows[order], vals[order], B)
+    r = rows[order]
+    table, slot = _by_row(r, vals[order], B)
     cum = table.cumsum(1)
     short = cum[:, -1] < p if table.shape[1] else torch.ones(B, dtype=torch.bool)
     keep = torch.empty_like(r, dtype=torch.bool)
@@ -171,14 +172,14 @@ def nucleus_entries(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.
     return rows, cols
 
 
-def _by_row(rows: torch.Tensor, vals: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _by_row(rows: torch.Tensor, vals: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Entries grouped by row (``rows`` ascending) laid out as an [n, longest] table, zero-padded:
-    (rows, table, each entry's column in it)."""
+    (table, each entry's column in it)."""
     counts = torch.bincount(rows, minlength=n)
     slot = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]
     table = vals.new_zeros(n, int(counts.max()) if len(rows) else 0)
     table[rows, slot] = vals
-    return rows, table, slot
+    return table, slot
 
 
 def _nucleus(row: torch.Tensor, p: float) -> torch.Tensor:
@@ -287,7 +288,8 @@ def draw_nucleus(logprobs: torch.Tensor, p: float, gen: Generators = None) -> to
     counts = torch.bincount(rows, minlength=B)
     large = counts > LARGE_NUCLEUS  # drawn by a pass over the row: cheaper than a table that wide
     small = ~large[rows]
-    r, table, slot = _by_row(rows[small], probs[rows[small], cols[small]].to(torch.float64), B)
+    r = rows[small]
+    table, slot = _by_row(r, probs[r, cols[small]].to(torch.float64), B)
     tokens = torch.zeros(table.shape, dtype=torch.long)
     tokens[r, slot] = cols[small]
     cum = table.cumsum(1)

@@ -64,7 +64,7 @@ class Request:
         # each prompt's own row is the uncontrolled model's (no residual edits, no mixed rows): its
         # log-probabilities go out with each token (TokenEvent.model_logprob)
         self.model_rows = not self.edits and self.mix is None
-        self.model_lp: torch.Tensor | None = None  # this step's [B, V] of them, set by the stages
+        self.model_lp: torch.Tensor | None = None  # this step's [B, V] of them, from rewrite/mask to accept
         self.rewriters = [c for c in controls if c.takes("rewrite")]
         self.maskers = [c for c in controls if c.takes("mask")]
         self.followers = [c for c in controls if c.takes("accept")]

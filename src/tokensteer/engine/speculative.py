@@ -52,7 +52,6 @@ class SpeculativeGroup(Group):
                     del st.generated[b][len(st.generated[b]) - st.tentative :]
             confirmed = list(zip(self.held[: verdict.keep] + [tokens], verdict.logprobs))
             self.held, st.tentative = [], 0
-            req.model_lp = None  # the drafting steps' distributions are not the verified ones
             stages.emit(req, confirmed)
         else:
             x = stages.mask(req, stages.rewrite(req))

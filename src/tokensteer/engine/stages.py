@@ -92,7 +92,7 @@ def accept(req: Request, tokens: torch.Tensor, x: torch.Tensor) -> None:
     """Tell the following controls, then emit the tokens (EOS, stop strings and max tokens end a prompt)."""
     for c in req.followers:
         c.on_token(req.state, tokens)
-    emit(req, [(tokens, x)])
+    emit(req, [(tokens, x)], req.model_lp)
 
 
 def decide(req: Request) -> None:
@@ -153,8 +153,7 @@ def accept_plain(req: Request, tokens: torch.Tensor, x: torch.Tensor) -> None:
     """The accept stage of a plain request after ``sample_plain``."""
     req.state.step = req.state.confirmed
     req.tokens = repeat_finished(req, tokens)
-    req.model_lp = x if req.model_rows else None
-    emit(req, [(req.tokens, x)])
+    emit(req, [(req.tokens, x)], x if req.model_rows else None)
 
 
 def _sampling_key(cfg: SamplingConfig) -> tuple:
@@ -162,13 +161,12 @@ def _sampling_key(cfg: SamplingConfig) -> tuple:
     return ("greedy",) if cfg.is_greedy else (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
 
 
-def emit(req: Request, confirmed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def emit(req: Request, confirmed: list[tuple[torch.Tensor, torch.Tensor]], model: torch.Tensor | None = None) -> None:
     """Turn confirmed steps, each ([B] tokens, [B, V] log-probabilities they were chosen under),
-    into TokenEvents on ``req.events``; a single step also carries the model's own log-probability
-    of each token (``req.model_lp``) where the step computed it."""
+    into TokenEvents on ``req.events``; ``model``, for a single step, holds the uncontrolled model's
+    [B, V] log-probabilities (``TokenEvent.model_logprob``)."""
     st, k = req.state, req.cfg.top_logprobs
     now = req.now()
-    model = req.model_lp if len(confirmed) == 1 else None
     for tokens, x in confirmed:
         chosen = x.gather(1, tokens[:, None]).squeeze(1)
         base = model.gather(1, tokens[:, None]).squeeze(1).tolist() if model is not None else [None] * st.batch_size
