@@ -12,6 +12,7 @@
 
 #define PANEL 16        /* weight rows per panel */
 #define PANEL_ROWS 8    /* activation rows that meet each decoded weight vector */
+#define PREFETCH_UNITS 8 /* blocks ahead a panel slice asks for: with several rows the products stall on memory otherwise */
 #define MAX_PACKED 4096 /* matrices a process keeps packed (products of more stay llama.cpp's) */
 #define HUGE_PAGE ((size_t) 2 << 20)
 #define HUGE_FROM ((size_t) 16 << 20) /* panels this large are aligned to huge pages (smaller ones would waste most of one) */
@@ -195,6 +196,7 @@ static inline __attribute__((always_inline)) void panel_rows(int type, const uin
     const __m512i lo4 = _mm512_set1_epi8(15), c16 = _mm512_set1_epi8(16);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = pn + b * unit;
+        for (int64_t l = 0; l < unit; l += 64) _mm_prefetch((const char *) (blk + PREFETCH_UNITS * unit + l), _MM_HINT_T0);
         __m512i u[8];
         if (!nibbles(type)) {
             for (int g = 0; g < 8; g++) u[g] = _mm512_load_si512(blk + g * 64);
