@@ -8,7 +8,8 @@ On the bundled model (llama.cpp, ``TOKENSTEER_THREADS`` threads, 2 by default), 
 * ``ttft_p50_ms`` / ``ttft_p95_ms``: time from submit to first token under that load;
 * ``single_overhead``: one request through the engine ÷ the same request through the fixed-batch
   loop the engine replaced (read from git at ``--baseline``), seconds per decoded token (prefill
-  left out), interleaved rounds, both driven from a worker thread;
+  left out), interleaved rounds (which of the two runs first alternates), both driven from a
+  worker thread;
 * ``rss_growth_mb``: resident memory after ``--sequential`` short requests one after another, less
   after the first 50 (warm-up).
 
@@ -131,8 +132,13 @@ def main() -> None:
     single = ts.SamplingConfig(max_tokens=args.tokens * 2, ignore_eos=True)
     overheads = []
     for r in range(args.rounds):
-        t_engine = per_token(lambda: list(Engine(lm).submit([PROMPTS[0]], single)))
-        t_loop = per_token(lambda: list(loop.stream(lm, [PROMPTS[0]], single)))
+        runs = {
+            "engine": lambda: per_token(lambda: list(Engine(lm).submit([PROMPTS[0]], single))),
+            "loop": lambda: per_token(lambda: list(loop.stream(lm, [PROMPTS[0]], single))),
+        }
+        order = ("engine", "loop") if r % 2 == 0 else ("loop", "engine")  # neither side always runs first
+        t = {name: runs[name]() for name in order}
+        t_engine, t_loop = t["engine"], t["loop"]
         overheads.append(t_engine / t_loop)
         print(f"single request: engine {t_engine * 1000:.1f} ms/token, old loop {t_loop * 1000:.1f} ms/token, ratio {overheads[-1]:.3f}", flush=True)
 
