@@ -131,11 +131,11 @@ def main() -> None:
     loop = old_loop(args.baseline)
     single = ts.SamplingConfig(max_tokens=args.tokens * 2, ignore_eos=True)
     overheads = []
+    runs = {
+        "engine": lambda: per_token(lambda: list(Engine(lm).submit([PROMPTS[0]], single))),
+        "loop": lambda: per_token(lambda: list(loop.stream(lm, [PROMPTS[0]], single))),
+    }
     for r in range(args.rounds):
-        runs = {
-            "engine": lambda: per_token(lambda: list(Engine(lm).submit([PROMPTS[0]], single))),
-            "loop": lambda: per_token(lambda: list(loop.stream(lm, [PROMPTS[0]], single))),
-        }
         order = ("engine", "loop") if r % 2 == 0 else ("loop", "engine")  # neither side always runs first
         t = {name: runs[name]() for name in order}
         t_engine, t_loop = t["engine"], t["loop"]

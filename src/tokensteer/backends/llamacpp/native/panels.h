@@ -270,8 +270,7 @@ static int8_t *quantize_panel_rows(const float *x, int64_t n_rows, int64_t ldx, 
             const float d = amax / 127.f;
             const __m512 id = _mm512_set1_ps(d ? 1.f / d : 0.f);
             /* |values| <= 127 by the scale, so the int8 saturation never bites and the halves' sums
-               are taken on the int32 vectors (a scalar loop over the stored bytes chains through
-               memory, and multi-row products spent much of their time in it) */
+               come from the int32 vectors (a loop over the stored bytes chains through memory) */
             const __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, id)), ic = _mm512_cvtps_epi32(_mm512_mul_ps(c, id));
             int8_t *dst = q + r * n + b * 32;
             _mm_storeu_si128((__m128i *) dst, _mm512_cvtsepi32_epi8(ia));
